@@ -1,0 +1,196 @@
+"""The Python API, mirroring the CLI: ``inspect_model``, ``compress`` and ``verify``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnx_arsvd.candidates import filter_layers, find_layers
+from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.model_io import load_model, model_file_bytes, save_model, to_model, weight_stats
+from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, plan_layers
+from onnx_arsvd.rank import EnergyPolicy, RankPolicy
+from onnx_arsvd.report import ENERGY_NOTE, Report
+from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.verify import (
+    VerificationReport,
+    compare_models,
+    generated_batches,
+    load_data,
+    make_session,
+    split_batches,
+)
+
+__all__ = ["compress", "inspect_model", "verify"]
+
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+
+def _describe(model: ModelLike) -> str:
+    return os.fspath(model) if isinstance(model, (str, os.PathLike)) else f"<in-memory {type(model).__name__}>"
+
+
+def _plan(
+    model: ir.Model,
+    policy: RankPolicy,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    max_rank_fraction: float,
+    with_factors: bool,
+    progress: bool,
+):
+    layers, skipped = find_layers(model)
+    if not layers:
+        reasons = "; ".join(sorted({f"{s.op_type} {s.name!r}: {s.reason}" for s in skipped})[:3])
+        raise UnsupportedModelError("no factorable layer (MatMul/Gemm with a 2-D float constant weight)"
+                                    + (f"; skipped: {reasons}" if reasons else ""))
+    layers, dropped = filter_layers(layers, include, exclude)
+    if not layers:
+        raise InvalidInputError("--include/--exclude left no layer to factor")
+    plans = plan_layers(layers, policy, max_rank_fraction=max_rank_fraction, with_factors=with_factors, progress=progress)
+    return plans, skipped + dropped
+
+
+def _new_report(source: ModelLike, model: ir.Model, policy: RankPolicy, max_rank_fraction: float, plans, skipped) -> Report:
+    params, nbytes = weight_stats(model)
+    report = Report(
+        model=_describe(source),
+        policy=policy.describe(),
+        max_rank_fraction=max_rank_fraction,
+        layers=[d for plan in plans for d in plan.decisions],
+        skipped=skipped,
+        params_before=params,
+        params_after=params,
+        weight_bytes_before=nbytes,
+        weight_bytes_after=nbytes,
+    )
+    if isinstance(policy, EnergyPolicy) and policy.tau >= 0.95 and report.factored == 0:
+        report.notes.append(ENERGY_NOTE)
+    return report
+
+
+def inspect_model(
+    model: ModelLike,
+    *,
+    policy: RankPolicy | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
+    progress: bool = False,
+) -> Report:
+    """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
+    policy = policy or EnergyPolicy()
+    loaded = to_model(model)
+    plans, skipped = _plan(loaded, policy, include, exclude, max_rank_fraction, False, progress)
+    report = _new_report(model, loaded, policy, max_rank_fraction, plans, skipped)
+    if isinstance(model, (str, os.PathLike)):
+        report.file_bytes_before = model_file_bytes(model)
+    return report
+
+
+def _check_output_path(source: ModelLike, output: str | os.PathLike) -> None:
+    if isinstance(source, (str, os.PathLike)):
+        src, dst = Path(source), Path(output)
+        if src.resolve() == dst.resolve() or (dst.exists() and os.path.samefile(src, dst)):
+            raise InvalidInputError(f"{output}: the output path is the input model; choose another path")
+
+
+def compress(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    policy: RankPolicy | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
+    external_data: bool | None = None,
+    check: bool = True,
+    progress: bool = False,
+    data: str | os.PathLike | None = None,
+    labels: np.ndarray | str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    samples: int = 16,
+) -> tuple[onnx.ModelProto | ir.Model, Report]:
+    """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
+
+    Returns the compressed model, of the kind given (``onnx.ModelProto`` for a ModelProto, else an
+    ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
+    never modified. ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`.
+    """
+    policy = policy or EnergyPolicy()
+    if output is not None:
+        _check_output_path(model, output)
+    loaded = to_model(model)
+    plans, skipped = _plan(loaded, policy, include, exclude, max_rank_fraction, True, progress)
+    report = _new_report(model, loaded, policy, max_rank_fraction, plans, skipped)
+    apply_plans(loaded, plans)
+    loaded.metadata_props["onnx_arsvd.policy"] = policy.describe()
+    report.params_after, report.weight_bytes_after = weight_stats(loaded)
+    if output is not None:
+        save_model(loaded, output, external_data=external_data)
+        report.output = os.fspath(output)
+        report.file_bytes_after = model_file_bytes(output)
+        if isinstance(model, (str, os.PathLike)):
+            report.file_bytes_before = model_file_bytes(model)
+    if check:
+        original = model if isinstance(model, (str, os.PathLike)) else to_model(model)
+        report.verification = verify(original, output if output is not None else loaded,
+                                     data=data, labels=labels, dims=dims, samples=samples)
+    result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
+    return result, report
+
+
+def _source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
+    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand."""
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise InvalidInputError(f"{os.fspath(model)}: no such file")
+        return os.fspath(model), None
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
+
+
+def verify(
+    original: ModelLike,
+    compressed: ModelLike,
+    *,
+    data: str | os.PathLike | None = None,
+    labels: np.ndarray | str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    samples: int = 16,
+    batch_size: int = 256,
+    seed: int = 0,
+    provider: str = "CPUExecutionProvider",
+) -> VerificationReport:
+    """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs."""
+    original_source, original_ir = _source(original)
+    compressed_source, _ = _source(compressed)
+    session_a = make_session(original_source, provider)
+    session_b = make_session(compressed_source, provider)
+    if data is not None:
+        feed, data_labels = load_data(data, session_a)
+        batches = list(split_batches(feed, session_a, batch_size))
+        described = os.fspath(data)
+    else:
+        if samples < 1:
+            raise InvalidInputError(f"samples must be at least 1, got {samples}")
+        ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
+        batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
+        data_labels = None
+        described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
+    if isinstance(labels, (str, os.PathLike)):
+        labels = _load_labels(labels)
+    return compare_models(session_a, session_b, batches,
+                          labels=labels if labels is not None else data_labels, inputs=described)
+
+
+def _load_labels(path: str | os.PathLike) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise InvalidInputError(f"{path}: cannot read labels ({error})") from None

@@ -1,0 +1,170 @@
+"""The ``onnx-arsvd`` command line: inspect | compress | verify.
+
+``main(argv) -> int`` never raises for bad input: our errors become one line on stderr, exit 2 for
+a usage error (bad argument, missing file), 1 for a model that cannot be handled. Heavy imports
+(onnx, onnxruntime) happen inside the handlers so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnx_arsvd.errors import ArsvdError, InvalidInputError
+
+__all__ = ["main"]
+
+_POLICY_PARAMS = {"energy": "tau", "entropy": "scale", "rank": "rank", "ratio": "ratio"}
+
+
+def _add_policy_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("rank policy")
+    group.add_argument("--policy", default="energy", help="energy (default), entropy, rank or ratio")
+    group.add_argument("--tau", type=float, help="energy policy: share of sum(s^2) to keep, in (0, 1] (default 0.99)")
+    group.add_argument("--scale", type=float, help="entropy policy: multiplier of the effective rank (default 1)")
+    group.add_argument("--rank", type=int, help="rank policy: the rank of every layer")
+    group.add_argument("--ratio", type=float, help="ratio policy: rank = ratio * min(m, n), in (0, 1]")
+    group.add_argument("--max-rank-fraction", type=float, default=0.8, metavar="F",
+                       help="factor a layer only if rank <= F * m*n/(m+n) (default 0.8: demand a real saving)")
+    group.add_argument("--include", action="append", default=[], metavar="GLOB",
+                       help="only layers whose node or weight name matches (repeatable)")
+    group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="skip layers whose node or weight name matches (repeatable)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("verification inputs")
+    group.add_argument("--data", help=".npz of arrays keyed by input name (first axis = samples), optional 'labels'")
+    group.add_argument("--labels", help=".npy of integer labels: adds top-1 accuracy and macro-F1")
+    group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
+                       help="value of a dynamic dimension for generated inputs (default 1; repeatable)")
+    group.add_argument("--samples", type=int, default=16, help="generated input batches (default 16)")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    parser.add_argument("--report", metavar="PATH", help="also write the JSON report to PATH")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its three subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="onnx-arsvd", description="Factor the dense layers of an ONNX model with adaptive-rank SVD."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="list the factorable layers and what the policy would do")
+    inspect.add_argument("model")
+    _add_policy_options(inspect)
+    _add_output_options(inspect)
+
+    compress = commands.add_parser("compress", help="factor the dense layers, write the model, verify it")
+    compress.add_argument("model")
+    compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    compress.add_argument("--external-data", action="store_true",
+                          help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
+    compress.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    _add_policy_options(compress)
+    _add_data_options(compress)
+    _add_output_options(compress)
+
+    verify = commands.add_parser("verify", help="compare a compressed model with its original in onnxruntime")
+    verify.add_argument("original")
+    verify.add_argument("compressed")
+    _add_data_options(verify)
+    _add_output_options(verify)
+    return parser
+
+
+def _policy(args: argparse.Namespace):
+    from onnx_arsvd.rank import make_policy
+
+    name = args.policy
+    for other, param in _POLICY_PARAMS.items():
+        if other != name and getattr(args, param) is not None:
+            raise InvalidInputError(f"--{param} does not apply to --policy {name}")
+    param = _POLICY_PARAMS.get(name)
+    value = getattr(args, param) if param else None
+    return make_policy(name, **({param: value} if value is not None else {}))
+
+
+def _dims(pairs: Sequence[str]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
+            raise InvalidInputError(f"--dim expects NAME=POSITIVE_INTEGER, got {pair!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write atomically: a temporary file beside ``path``, then rename."""
+    target = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=".onnx-arsvd-", dir=target.parent if target.parent.is_dir() else None)
+    if not target.parent.is_dir():
+        os.close(descriptor)
+        os.unlink(temporary)
+        raise InvalidInputError(f"{target.parent}: report folder does not exist")
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text + "\n")
+    os.replace(temporary, target)
+
+
+def _emit(args: argparse.Namespace, human: str, machine: str) -> None:
+    if args.report:
+        _write_text(args.report, machine)
+    print(machine if args.json else human)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from onnx_arsvd import api
+    from onnx_arsvd.report import format_report, format_verification, report_to_json
+
+    if args.command == "inspect":
+        report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
+                                   max_rank_fraction=args.max_rank_fraction, progress=not args.quiet)
+        _emit(args, format_report(report, args.markdown), report_to_json(report))
+    elif args.command == "compress":
+        _, report = api.compress(
+            args.model, args.output, policy=_policy(args), include=args.include, exclude=args.exclude,
+            max_rank_fraction=args.max_rank_fraction, external_data=True if args.external_data else None,
+            check=not args.no_verify, progress=not args.quiet, data=args.data, labels=args.labels,
+            dims=_dims(args.dim), samples=args.samples,
+        )
+        _emit(args, format_report(report, args.markdown), report_to_json(report))
+    else:
+        import dataclasses
+        import json
+
+        verification = api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
+                                  dims=_dims(args.dim), samples=args.samples)
+        machine = json.dumps(dataclasses.asdict(verification) | {"accuracy_drop_points": verification.accuracy_drop}, indent=2)
+        _emit(args, format_verification(verification, args.markdown), machine)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        return _run(args)
+    except InvalidInputError as error:
+        print(f"onnx-arsvd: error: {error}", file=sys.stderr)
+        return 2
+    except ArsvdError as error:
+        print(f"onnx-arsvd: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnx-arsvd: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,146 @@
+"""The compression report: one dataclass, rendered as a terminal table, JSON or Markdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+from onnx_arsvd.candidates import Skipped
+from onnx_arsvd.plan import LayerDecision
+from onnx_arsvd.verify import VerificationReport
+
+__all__ = ["Report", "format_report", "format_verification", "report_to_json"]
+
+ENERGY_NOTE = (
+    "note: on ordinarily trained weights, energy thresholds of 0.95 and above often select ranks near or above "
+    "break-even, so layers stay dense; try a lower --tau, --policy entropy or --policy ratio."
+)
+
+
+@dataclass
+class Report:
+    """What inspect found or compress did, with the verification when one ran."""
+
+    model: str
+    policy: str
+    max_rank_fraction: float
+    layers: list[LayerDecision]
+    skipped: list[Skipped]
+    params_before: int
+    params_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    output: str | None = None
+    file_bytes_before: int | None = None
+    file_bytes_after: int | None = None
+    verification: VerificationReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def _unique(self) -> list[LayerDecision]:
+        seen: dict[str, LayerDecision] = {}
+        for layer in self.layers:
+            seen.setdefault(f"{layer.weight}/{layer.shape}", layer)
+        return list(seen.values())
+
+    @property
+    def dense_params_before(self) -> int:
+        """Parameters of the candidate layers' weights (each shared weight once)."""
+        return sum(layer.params for layer in self._unique())
+
+    @property
+    def dense_params_after(self) -> int:
+        return sum(layer.params_after for layer in self._unique())
+
+    @property
+    def factored(self) -> int:
+        return sum(layer.factored for layer in self.layers)
+
+
+def report_to_json(report: Report) -> str:
+    """The report as JSON, with derived totals spelled out for machines."""
+    data = dataclasses.asdict(report)
+    for row, layer in zip(data["layers"], report.layers):
+        row.update(params=layer.params, params_after=layer.params_after, saving=layer.saving)
+    data.update(
+        dense_params_before=report.dense_params_before,
+        dense_params_after=report.dense_params_after,
+        factored_layers=report.factored,
+    )
+    if report.verification is not None:
+        data["verification"]["accuracy_drop_points"] = report.verification.accuracy_drop
+    return json.dumps(data, indent=2)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k" if n >= 10_000 else str(n)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _layer_rows(layers: list[LayerDecision]) -> list[list[object]]:
+    rows = []
+    for layer in layers:
+        action = "factor" if layer.factored else f"keep: {layer.reason}"
+        rows.append([
+            layer.name + (f" (shares weight x{layer.shared_by})" if layer.shared_by > 1 else ""),
+            layer.op_type,
+            f"{layer.shape[0]}x{layer.shape[1]}",
+            _count(layer.params),
+            f"{layer.break_even:.1f}",
+            f"{layer.rank}/{layer.full_rank}",
+            f"{layer.energy_kept:.4f}",
+            f"{layer.saving:+.1%}",
+            action,
+        ])
+    return rows
+
+
+def format_verification(verification: VerificationReport, markdown: bool = False) -> str:
+    """Per-output errors and, with labels, accuracy and macro-F1 of both models."""
+    style = "github" if markdown else "simple"
+    rows = [[o.name, f"{o.max_abs_error:.3g}", f"{o.relative_error:.3g}", f"{o.mean_cosine:.6f}", f"{o.min_cosine:.6f}"]
+            for o in verification.outputs]
+    lines = [
+        f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})",
+        tabulate(rows, ["output", "max abs err", "rel err", "cosine (mean)", "cosine (min)"], tablefmt=style),
+    ]
+    if verification.original is not None and verification.compressed is not None:
+        o, c = verification.original, verification.compressed
+        lines.append(tabulate(
+            [["original", f"{o.accuracy:.2%}", f"{o.macro_f1:.4f}"], ["compressed", f"{c.accuracy:.2%}", f"{c.macro_f1:.4f}"]],
+            ["model", "top-1 accuracy", "macro-F1"], tablefmt=style,
+        ))
+        lines.append(f"accuracy change: {100 * (c.accuracy - o.accuracy):+.2f} points")
+    return "\n\n".join(lines)
+
+
+def format_report(report: Report, markdown: bool = False) -> str:
+    """A human-readable report: layer table, skipped nodes, totals, verification."""
+    style = "github" if markdown else "simple"
+    headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving", "decision"]
+    parts = [f"model: {report.model}   policy: {report.policy}   factor only at rank <= "
+             f"{report.max_rank_fraction:g} x break-even"]
+    parts.append(tabulate(_layer_rows(report.layers), headers, tablefmt=style, disable_numparse=True))
+    if report.skipped:
+        parts.append("not factored:\n" + tabulate([[s.name, s.op_type, s.reason] for s in report.skipped],
+                                                   ["node", "op", "reason"], tablefmt=style))
+    before, after = report.dense_params_before, report.dense_params_after
+    totals = [
+        f"layers factored: {report.factored} of {len(report.layers)}",
+        f"dense-layer parameters: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else "",
+        f"model parameters: {_count(report.params_before)} -> {_count(report.params_after)}; "
+        f"weight bytes: {_bytes(report.weight_bytes_before)} -> {_bytes(report.weight_bytes_after)}",
+    ]
+    if report.file_bytes_before is not None and report.file_bytes_after is not None:
+        totals.append(f"file size: {_bytes(report.file_bytes_before)} -> {_bytes(report.file_bytes_after)}"
+                      + (f"  ({report.output})" if report.output else ""))
+    parts.append("\n".join(t for t in totals if t))
+    if report.verification is not None:
+        parts.append(format_verification(report.verification, markdown))
+    parts.extend(report.notes)
+    return "\n\n".join(parts)

@@ -1,0 +1,237 @@
+"""Run the original and the compressed model in onnxruntime on the same inputs and compare."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_arsvd.candidates import constant_tensor
+from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+
+__all__ = [
+    "OutputComparison",
+    "TaskScores",
+    "VerificationReport",
+    "compare_models",
+    "generated_batches",
+    "load_data",
+    "macro_f1",
+    "make_session",
+]
+
+Feed = dict[str, np.ndarray]
+ModelSource = str | os.PathLike | bytes
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How far one output of the compressed model is from the original's."""
+
+    name: str
+    max_abs_error: float
+    relative_error: float
+    mean_cosine: float
+    min_cosine: float
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """Top-1 accuracy and macro-F1 of a classifier's first output against labels."""
+
+    accuracy: float
+    macro_f1: float
+
+
+@dataclass
+class VerificationReport:
+    """Original vs compressed on one execution provider."""
+
+    provider: str
+    inputs: str
+    samples: int
+    outputs: list[OutputComparison] = field(default_factory=list)
+    original: TaskScores | None = None
+    compressed: TaskScores | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Accuracy points lost (original - compressed, in percentage points)."""
+        if self.original is None or self.compressed is None:
+            return None
+        return 100.0 * (self.original.accuracy - self.compressed.accuracy)
+
+
+def make_session(source: ModelSource, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime session with thread spinning off, so live sessions do not slow each other."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    model = source if isinstance(source, bytes) else os.fspath(source)
+    try:
+        return ort.InferenceSession(model, options, providers=[provider])
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line}") from None
+
+
+def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
+    type_name = node_arg.type.removeprefix("tensor(").removesuffix(")")
+    aliases = {"float": "float32", "double": "float64", "bool": "bool_"}
+    try:
+        return np.dtype(aliases.get(type_name, type_name))
+    except TypeError:
+        raise UnsupportedModelError(f"input {node_arg.name!r} has unsupported type {node_arg.type}") from None
+
+
+def load_data(path: str | os.PathLike, session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
+    """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{path}: no such data file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as error:
+        raise InvalidInputError(f"{path}: not a readable .npz file ({error})") from None
+    feed: Feed = {}
+    for node_arg in session.get_inputs():
+        if node_arg.name not in arrays:
+            raise InvalidInputError(f"{path}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
+        array, dtype = arrays[node_arg.name], _input_dtype(node_arg)
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise InvalidInputError(f"{path}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
+        feed[node_arg.name] = array.astype(dtype, copy=False)
+    counts = {len(a) for a in feed.values()}
+    if len(counts) != 1:
+        raise InvalidInputError(f"{path}: input arrays have different sample counts {sorted(counts)}")
+    return feed, arrays.get("labels")
+
+
+def _index_bounds(model: ir.Model) -> dict[str, int]:
+    """For integer inputs that index an embedding table (Gather on a constant), the table's size."""
+    bounds: dict[str, int] = {}
+    for value in model.graph.inputs:
+        for user, index in value.uses():
+            if user.op_type == "Gather" and index == 1 and constant_tensor(user.inputs[0]) is not None:
+                axis = user.attributes.get("axis")
+                size = int(constant_tensor(user.inputs[0]).shape[axis.value if axis else 0])
+                bounds[value.name] = min(size, bounds.get(value.name, size))
+    return bounds
+
+
+def generated_batches(
+    session: ort.InferenceSession,
+    model: ir.Model | None,
+    dims: Mapping[str, int],
+    samples: int,
+    seed: int = 0,
+) -> list[Feed]:
+    """``samples`` random feeds built from the input types and shapes; dynamic dims from ``dims`` (default 1).
+
+    Floats are standard normal; integers index validly into the embedding table they feed, else 0 or 1.
+    """
+    rng = np.random.default_rng(seed)
+    bounds = _index_bounds(model) if model is not None else {}
+    batches: list[Feed] = []
+    for _ in range(samples):
+        feed: Feed = {}
+        for node_arg in session.get_inputs():
+            shape = [d if isinstance(d, int) and d >= 0 else dims.get(str(d), 1) for d in node_arg.shape]
+            dtype = _input_dtype(node_arg)
+            if np.issubdtype(dtype, np.floating):
+                feed[node_arg.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                feed[node_arg.name] = rng.integers(0, 2, shape).astype(bool)
+            elif np.issubdtype(dtype, np.integer):
+                feed[node_arg.name] = rng.integers(0, bounds.get(node_arg.name, 2), shape).astype(dtype)
+            else:
+                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; pass --data")
+        batches.append(feed)
+    return batches
+
+
+def split_batches(feed: Feed, session: ort.InferenceSession, batch_size: int) -> Iterator[Feed]:
+    """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
+    first_dims = [arg.shape[0] if arg.shape else None for arg in session.get_inputs()]
+    fixed = next((d for d in first_dims if isinstance(d, int) and d > 0), None)
+    step = fixed or batch_size
+    total = len(next(iter(feed.values())))
+    stop = total - total % step if fixed else total
+    for start in range(0, stop, step):
+        yield {name: array[start : start + step] for name, array in feed.items()}
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over every class seen in labels or predictions."""
+    scores = []
+    for cls in np.union1d(labels, predictions):
+        tp = np.sum((predictions == cls) & (labels == cls))
+        wrong = np.sum((predictions == cls) != (labels == cls))
+        scores.append(2 * tp / (2 * tp + wrong) if (2 * tp + wrong) else 0.0)
+    return float(np.mean(scores))
+
+
+def _scores(logits: np.ndarray, labels: np.ndarray) -> TaskScores:
+    predictions = logits.reshape(len(labels), -1).argmax(axis=1)
+    return TaskScores(accuracy=float(np.mean(predictions == labels)), macro_f1=macro_f1(labels, predictions))
+
+
+def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) -> OutputComparison:
+    rows_e = np.concatenate([e.reshape(e.shape[0] if e.ndim > 1 else 1, -1) for e in expected]).astype(np.float64)
+    rows_a = np.concatenate([a.reshape(a.shape[0] if a.ndim > 1 else 1, -1) for a in actual]).astype(np.float64)
+    diff = rows_a - rows_e
+    norm_e = np.linalg.norm(rows_e)
+    dots = np.sum(rows_e * rows_a, axis=1)
+    norms = np.linalg.norm(rows_e, axis=1) * np.linalg.norm(rows_a, axis=1)
+    cosines = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(np.any(diff != 0, axis=1), 0.0, 1.0))
+    return OutputComparison(
+        name=name,
+        max_abs_error=float(np.max(np.abs(diff))) if diff.size else 0.0,
+        relative_error=float(np.linalg.norm(diff) / norm_e) if norm_e > 0 else float(np.linalg.norm(diff)),
+        mean_cosine=float(np.mean(cosines)),
+        min_cosine=float(np.min(cosines)),
+    )
+
+
+def compare_models(
+    original: ort.InferenceSession,
+    compressed: ort.InferenceSession,
+    batches: Sequence[Feed],
+    *,
+    labels: np.ndarray | None = None,
+    inputs: str = "",
+) -> VerificationReport:
+    """Run both sessions batch by batch (one at a time) and compare every output."""
+    names = [o.name for o in original.get_outputs()]
+    if names != [o.name for o in compressed.get_outputs()]:
+        raise UnsupportedModelError(f"the models have different outputs: {names} vs {[o.name for o in compressed.get_outputs()]}")
+    expected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    actual: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    samples = 0
+    for feed in batches:
+        for name, value in zip(names, original.run(names, feed)):
+            expected[name].append(np.asarray(value))
+        for name, value in zip(names, compressed.run(names, feed)):
+            actual[name].append(np.asarray(value))
+        samples += len(next(iter(feed.values()))) if feed else 1
+    report = VerificationReport(
+        provider=original.get_providers()[0],
+        inputs=inputs,
+        samples=samples,
+        outputs=[_compare(n, expected[n], actual[n]) for n in names],
+    )
+    if labels is not None:
+        first = names[0]
+        logits_e, logits_a = np.concatenate(expected[first]), np.concatenate(actual[first])
+        labels = np.asarray(labels).reshape(-1)[: len(logits_e)]
+        if len(labels) != len(logits_e):
+            raise InvalidInputError(f"{len(labels)} labels for {len(logits_e)} samples")
+        report.original, report.compressed = _scores(logits_e, labels), _scores(logits_a, labels)
+    return report

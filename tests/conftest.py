@@ -1,0 +1,127 @@
+"""Small real ONNX models built in the tests, and helpers to run them in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+
+_DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+
+def random_weight(m: int, n: int, true_rank: int | None = None, seed: int = 0, decay: float = 0.0) -> np.ndarray:
+    """A float64 m x n matrix: exactly of ``true_rank`` when given, else with spectrum s_i ~ exp(-decay * i)."""
+    rng = np.random.default_rng(seed)
+    if true_rank is not None:
+        return rng.standard_normal((m, true_rank)) @ rng.standard_normal((true_rank, n)) / np.sqrt(m)
+    u, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+    s = np.exp(-decay * np.arange(min(m, n)))
+    return (u * s) @ v.T
+
+
+def make_linear_model(
+    m: int = 32,
+    n: int = 24,
+    *,
+    op: str = "Gemm",
+    trans_b: bool = False,
+    bias: str | None = "n",
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    true_rank: int | None = None,
+    decay: float = 0.05,
+    dtype: type = np.float32,
+    x_shape: tuple[int | str, ...] | None = None,
+    weight_as_constant_node: bool = False,
+    opset: int = 17,
+    ir_version: int = 8,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """One dense layer Y = X @ W (+ bias), as ``Gemm`` (every attribute form) or ``MatMul``.
+
+    ``bias`` is the shape of Gemm's C: "n" -> (n,), "1n" -> (1, n), "scalar" -> (), "bn" -> (4, n), None -> absent.
+    """
+    w = random_weight(m, n, true_rank, seed, decay).astype(dtype)
+    stored = w.T.copy() if trans_b else w
+    elem = _DTYPES[dtype]
+    x_shape = x_shape or (("batch", m) if op == "Gemm" else ("batch", "seq", m))
+    y_shape = (*x_shape[:-1], n)
+    initializers = []
+    nodes = []
+    if weight_as_constant_node:
+        nodes.append(helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(stored, "W_value")))
+    else:
+        initializers.append(numpy_helper.from_array(stored, "W"))
+    inputs = ["X", "W"]
+    if op == "Gemm":
+        attrs = {"transB": int(trans_b), "alpha": alpha, "beta": beta}
+        if bias is not None:
+            bias_shape = {"n": (n,), "1n": (1, n), "scalar": (), "bn": (4, n)}[bias]
+            rng = np.random.default_rng(seed + 1)
+            initializers.append(numpy_helper.from_array(rng.standard_normal(bias_shape).astype(dtype), "C"))
+            inputs.append("C")
+        nodes.append(helper.make_node("Gemm", inputs, ["Y"], name="dense", **attrs))
+    else:
+        nodes.append(helper.make_node("MatMul", inputs, ["Y"], name="dense"))
+    graph = helper.make_graph(
+        nodes, "linear",
+        [helper.make_tensor_value_info("X", elem, list(x_shape))],
+        [helper.make_tensor_value_info("Y", elem, list(y_shape))],
+        initializer=initializers,
+    )
+    if ir_version < 4:  # IR 3 lists every initializer among the graph inputs, as old exporters did
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def make_mlp(sizes: tuple[int, ...] = (48, 40, 32, 10), seed: int = 0, decay: float = 0.08) -> onnx.ModelProto:
+    """A Gemm/Relu MLP with a dynamic batch, weights with a decaying spectrum."""
+    nodes, initializers = [], []
+    current = "X"
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+        initializers += [
+            numpy_helper.from_array(random_weight(m, n, seed=seed + i, decay=decay).astype(np.float32), f"W{i}"),
+            numpy_helper.from_array(np.full(n, 0.1, np.float32), f"b{i}"),
+        ]
+        last = i == len(sizes) - 2
+        gemm_out = "Y" if last else f"g{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"b{i}"], [gemm_out], name=f"fc{i}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [gemm_out], [f"h{i}"], name=f"relu{i}"))
+            current = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", sizes[-1]])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def run(model: onnx.ModelProto | str | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``model`` in an onnxruntime CPU session."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def initializer_names(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer}
+
+
+@pytest.fixture
+def mlp_path(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), path)
+    return path
