@@ -192,7 +192,9 @@ def verify_onnx(model: Any, tokenizer: Any, path: Path) -> float:
             raise RuntimeError(f"shape mismatch: {onnx_out.shape} vs {torch_out.shape}")
         mask = feed["attention_mask"].astype(bool)
         diff = float(np.abs(onnx_out - torch_out)[mask].max())
-        print(f"  batch {tuple(feed['input_ids'].shape)}: max |onnx - torch| = {diff:.3e}")
+        print(
+            f"  batch {tuple(feed['input_ids'].shape)}: max |onnx - torch| = {diff:.3e}"
+        )
         worst = max(worst, diff)
     if worst > MAX_ABS_DIFF:
         raise RuntimeError(f"ONNX output differs from PyTorch by {worst:.3e}")
@@ -274,7 +276,9 @@ def tokenize(
         max_length=max_length,
         return_tensors="np",
     )
-    arrays = {name: np.ascontiguousarray(enc[name], dtype=np.int64) for name in INPUT_NAMES}
+    arrays = {
+        name: np.ascontiguousarray(enc[name], dtype=np.int64) for name in INPUT_NAMES
+    }
     return arrays, sum(length > max_length for length in full_lengths)
 
 
@@ -288,7 +292,8 @@ def write_dataset(
     """Tokenize ``texts`` and save them with ``labels`` to ``path`` (.npz)."""
     arrays, truncated = tokenize(tokenizer, texts, max_length)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, labels=labels.astype(np.int64), **arrays)
+    payload: dict[str, Any] = {**arrays, "labels": labels.astype(np.int64)}
+    np.savez_compressed(tmp, **payload)
     tmp.replace(path)
     counts = np.bincount(labels)
     print(
@@ -350,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         model = load_torch_model()
         # Export to a temporary name and only move it into place once it has
         # passed the check, so a failed run never leaves a bad model behind.
-        check_path = onnx_path.with_name(onnx_path.name + ".tmp") if need_export else onnx_path
+        check_path = (
+            onnx_path.with_name(onnx_path.name + ".tmp") if need_export else onnx_path
+        )
         if need_export:
             seconds = export_onnx(model, tokenizer, check_path)
             size_mb = check_path.stat().st_size / 1e6

@@ -100,6 +100,13 @@ def _check_output_path(source: ModelLike, output: str | os.PathLike) -> None:
             raise InvalidInputError(f"{output}: the output path is the input model; choose another path")
 
 
+def _check_files(**paths: object) -> None:
+    """Fail before any work when a named input file is missing."""
+    for kind, path in paths.items():
+        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+            raise InvalidInputError(f"{os.fspath(path)}: no such {kind} file")
+
+
 def compress(
     model: ModelLike,
     output: str | os.PathLike | None = None,
@@ -125,6 +132,7 @@ def compress(
     policy = policy or EnergyPolicy()
     if output is not None:
         _check_output_path(model, output)
+    _check_files(data=data, labels=labels)
     loaded = to_model(model)
     plans, skipped = _plan(loaded, policy, include, exclude, max_rank_fraction, True, progress)
     report = _new_report(model, loaded, policy, max_rank_fraction, plans, skipped)
@@ -168,6 +176,7 @@ def verify(
     provider: str = "CPUExecutionProvider",
 ) -> VerificationReport:
     """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs."""
+    _check_files(data=data, labels=labels)
     original_source, original_ir = _source(original)
     compressed_source, _ = _source(compressed)
     session_a = make_session(original_source, provider)

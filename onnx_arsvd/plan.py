@@ -106,7 +106,7 @@ def plan_layers(
         limit = max_rank_fraction * break_even_rank(shape)
         factored = rank <= limit
         reason = "" if factored else (
-            f"rank {rank} > {max_rank_fraction:g} x break-even {break_even_rank(shape):.1f}: too little saving"
+            f"saves too little (rank > {max_rank_fraction:g} x break-even)"
         )
         decisions = [
             LayerDecision(

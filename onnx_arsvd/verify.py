@@ -93,8 +93,6 @@ def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
 def load_data(path: str | os.PathLike, session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
     """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"{path}: no such data file")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}

@@ -1,0 +1,153 @@
+"""The command line on real files: reports, JSON, and every kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_arsvd.cli import main
+from tests.conftest import make_linear_model, make_mlp, run
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_inspect_prints_one_row_per_layer(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(mlp_path), "--policy", "rank", "--rank", "4", "-q"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fc0", "fc1", "fc2"):
+        assert name in out
+    assert "break-even" in out and "energy kept" in out
+
+
+def test_inspect_json_has_every_column(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(mlp_path), "--tau", "0.9", "--json", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    first = data["layers"][0]
+    assert first["name"] == "fc0" and first["shape"] == [48, 40]
+    assert first["break_even"] == pytest.approx(48 * 40 / 88)
+    assert {"rank", "energy_kept", "params", "params_after", "saving", "factored", "reason"} <= set(first)
+    assert data["policy"] == "energy(tau=0.9)"
+
+
+def test_compress_writes_verified_model_and_report(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    before = _digest(mlp_path)
+    assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "ratio", "--ratio", "0.25",
+                 "--dim", "batch=4", "--report", str(report), "-q"]) == 0
+    assert "verification on CPUExecutionProvider" in capsys.readouterr().out
+    assert _digest(mlp_path) == before
+    onnx.checker.check_model(str(out), full_check=True)
+    data = json.loads(report.read_text())
+    assert data["factored_layers"] == 3 and data["verification"]["samples"] == 64
+    assert data["dense_params_after"] < data["dense_params_before"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".onnx-arsvd")] == []
+
+
+def test_verify_with_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_path = tmp_path / "m.onnx"
+    onnx.save(make_mlp(), model_path)
+    x = np.random.default_rng(0).standard_normal((50, 48)).astype(np.float32)
+    labels = run(make_mlp(), {"X": x})[0].argmax(axis=1)
+    np.savez(tmp_path / "data.npz", X=x, labels=labels)
+    assert main(["verify", str(model_path), str(model_path), "--data", str(tmp_path / "data.npz"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["original"]["accuracy"] == 1.0 and data["accuracy_drop_points"] == 0.0
+    assert data["outputs"][0]["max_abs_error"] == 0.0
+
+
+def _write(path: Path, model: onnx.ModelProto) -> Path:
+    onnx.save(model, path)
+    return path
+
+
+def _model_with_weight(weight: np.ndarray) -> onnx.ModelProto:
+    model = make_linear_model(op="MatMul", x_shape=("batch", 32))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "W"))
+    return model
+
+
+def _no_layer_model() -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Relu", ["X"], ["Y"])], "relu",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph)
+
+
+def _nan_weight() -> np.ndarray:
+    weight = np.ones((32, 24), np.float32)
+    weight[3, 4] = np.nan
+    return weight
+
+
+BAD_MODELS = {
+    "missing": (None, 2, "no such file"),
+    "not-onnx": (b"hello, this is not a model\n", 1, "not a readable ONNX model"),
+    "empty-file": (b"", 1, "not an ONNX model (no graph found)"),
+    "truncated": ("truncate", 1, "not a readable ONNX model"),
+    "no-layer": (_no_layer_model, 1, "no factorable layer"),
+    "integer-weight": (lambda: _model_with_weight(np.ones((32, 24), np.int32)), 1, "weight has dtype INT32"),
+    "nan-weight": (lambda: _model_with_weight(_nan_weight()), 1, "contains NaN or Inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+@pytest.mark.parametrize("command", ["inspect", "compress"])
+def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    content, code, message = BAD_MODELS[case]
+    path = tmp_path / "model.onnx"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "truncate":
+        path.write_bytes(make_mlp().SerializeToString()[:700])
+    elif content is not None:
+        _write(path, content())
+    before = _digest(path) if path.exists() else None
+    out = tmp_path / "out.onnx"
+    argv = [command, str(path), "-q"] + (["-o", str(out)] if command == "compress" else [])
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-arsvd: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == (["model.onnx"] if before else [])
+    assert (_digest(path) if path.exists() else None) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tau", "0"], "tau must be in (0, 1]"),
+        (["--tau", "1.01"], "tau must be in (0, 1]"),
+        (["--policy", "magic"], "unknown policy 'magic'"),
+        (["--policy", "ratio", "--tau", "0.9"], "--tau does not apply to --policy ratio"),
+        (["--dim", "batch"], "--dim expects NAME=POSITIVE_INTEGER"),
+        (["--data", "missing.npz"], "no such data file"),
+        (["--labels", "missing.npy"], "no such labels file"),
+        (["--max-rank-fraction", "0"], "max rank fraction must be positive"),
+    ],
+)
+def test_bad_options_are_usage_errors(options: list[str], message: str, mlp_path: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(mlp_path), "-o", str(out), "-q", *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_output_equal_to_input_is_refused(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _digest(mlp_path)
+    assert main(["compress", str(mlp_path), "-o", str(mlp_path), "-q"]) == 2
+    assert "the output path is the input model" in capsys.readouterr().err
+    assert _digest(mlp_path) == before
+
+
+def test_usage_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compress"]) == 2
+    assert main(["--help"]) == 0

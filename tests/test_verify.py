@@ -1,0 +1,72 @@
+"""Verification metrics and inputs, on real onnxruntime sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_arsvd import verify
+from onnx_arsvd.verify import _compare, generated_batches, macro_f1, make_session, split_batches
+from tests.conftest import make_mlp
+
+
+def test_macro_f1_by_hand() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predictions = np.array([0, 1, 1, 1, 2, 0])
+    # class 0: tp 1, fp 1, fn 1 -> 0.5; class 1: tp 2, fp 1 -> 0.8; class 2: tp 1, fn 1 -> 2/3
+    assert macro_f1(labels, predictions) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert macro_f1(labels, labels) == 1.0
+
+
+def test_comparison_metrics() -> None:
+    expected = [np.array([[3.0, 4.0], [1.0, 0.0]])]
+    actual = [np.array([[3.0, 4.0], [0.0, 1.0]])]
+    result = _compare("y", expected, actual)
+    assert result.max_abs_error == 1.0
+    assert result.relative_error == pytest.approx(np.sqrt(2) / np.sqrt(26))
+    assert result.mean_cosine == pytest.approx(0.5) and result.min_cosine == pytest.approx(0.0)
+
+
+def _embedding_model(vocab: int = 7) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"]),
+         helper.make_node("MatMul", ["emb", "W"], ["Y"])],
+        "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "seq", 3])],
+        initializer=[numpy_helper.from_array(np.ones((vocab, 4), np.float32), "table"),
+                     numpy_helper.from_array(np.ones((4, 3), np.float32), "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_generated_token_ids_index_the_embedding_table() -> None:
+    model = _embedding_model(vocab=7)
+    session = make_session(model.SerializeToString())
+    batches = generated_batches(session, ir.from_proto(model), {"batch": 3, "seq": 50}, samples=4)
+    ids = np.stack([b["ids"] for b in batches])
+    assert ids.shape == (4, 3, 50) and ids.min() >= 0 and ids.max() == 6
+
+
+def test_fixed_batch_dim_sets_the_slice_size(tmp_path: Path) -> None:
+    model = make_mlp()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    session = make_session(model.SerializeToString())
+    feed = {"X": np.zeros((10, 48), np.float32)}
+    assert [b["X"].shape[0] for b in split_batches(feed, session, batch_size=256)] == [4, 4]
+
+
+def test_verify_detects_a_changed_model() -> None:
+    original = make_mlp()
+    changed = make_mlp()
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        numpy_helper.to_array(changed.graph.initializer[0]) * 1.5, changed.graph.initializer[0].name))
+    identical = verify(original, make_mlp(), samples=3, dims={"batch": 5})
+    different = verify(original, changed, samples=3, dims={"batch": 5})
+    assert identical.samples == 15 and identical.outputs[0].max_abs_error == 0.0
+    assert different.outputs[0].max_abs_error > 0.01 and different.outputs[0].mean_cosine < 1.0
