@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_arsvd.candidates import filter_layers, find_layers
+from onnx_arsvd.candidates import Skipped, filter_layers, find_layers
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, model_file_bytes, save_model, to_model, weight_stats
-from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, plan_layers
+from onnx_arsvd.plan import (
+    DEFAULT_MAX_RANK_FRACTION,
+    DEFAULT_MIN_PARAMS,
+    LayerDecision,
+    WeightPlan,
+    dense_decision,
+    plan_layers,
+)
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
-from onnx_arsvd.report import ENERGY_NOTE, Report
+from onnx_arsvd.report import NOTHING_FACTORED_NOTE, Report
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.verify import (
     VerificationReport,
@@ -35,42 +43,51 @@ def _describe(model: ModelLike) -> str:
     return os.fspath(model) if isinstance(model, (str, os.PathLike)) else f"<in-memory {type(model).__name__}>"
 
 
-def _plan(
-    model: ir.Model,
-    policy: RankPolicy,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    max_rank_fraction: float,
-    with_factors: bool,
-    progress: bool,
-):
+@dataclass(frozen=True)
+class _Settings:
+    """What decides each layer's fate: shared by inspect and compress."""
+
+    policy: RankPolicy
+    include: Sequence[str]
+    exclude: Sequence[str]
+    max_rank_fraction: float
+    min_params: int
+
+
+def _plan(model: ir.Model, settings: _Settings, with_factors: bool, progress: bool) -> tuple[list[WeightPlan], list[LayerDecision], list[Skipped]]:
+    """Plans for the layers to consider, every layer's decision in graph order, and the nodes skipped."""
     layers, skipped = find_layers(model)
     if not layers:
         reasons = "; ".join(sorted({f"{s.op_type} {s.name!r}: {s.reason}" for s in skipped})[:3])
         raise UnsupportedModelError("no factorable layer (MatMul/Gemm with a 2-D float constant weight)"
                                     + (f"; skipped: {reasons}" if reasons else ""))
-    layers, dropped = filter_layers(layers, include, exclude)
-    if not layers:
-        raise InvalidInputError("--include/--exclude left no layer to factor")
-    plans = plan_layers(layers, policy, max_rank_fraction=max_rank_fraction, with_factors=with_factors, progress=progress)
-    return plans, skipped + dropped
+    considered, excluded = filter_layers(layers, settings.include, settings.exclude)
+    plans = plan_layers(considered, settings.policy, max_rank_fraction=settings.max_rank_fraction,
+                        min_params=settings.min_params, with_factors=with_factors, progress=progress)
+    rows = [(layer, decision) for plan in plans for layer, decision in zip(plan.layers, plan.decisions)]
+    rows += [(layer, dense_decision(layer, reason)) for layer, reason in excluded]
+    order = {id(layer.node): index for index, layer in enumerate(layers)}
+    rows.sort(key=lambda row: order[id(row[0].node)])
+    return plans, [decision for _, decision in rows], skipped
 
 
-def _new_report(source: ModelLike, model: ir.Model, policy: RankPolicy, max_rank_fraction: float, plans, skipped) -> Report:
+def _new_report(source: ModelLike, model: ir.Model, settings: _Settings, decisions: list[LayerDecision],
+                skipped: list[Skipped]) -> Report:
     params, nbytes = weight_stats(model)
     report = Report(
         model=_describe(source),
-        policy=policy.describe(),
-        max_rank_fraction=max_rank_fraction,
-        layers=[d for plan in plans for d in plan.decisions],
+        policy=settings.policy.describe(),
+        max_rank_fraction=settings.max_rank_fraction,
+        min_params=settings.min_params,
+        layers=decisions,
         skipped=skipped,
         params_before=params,
         params_after=params,
         weight_bytes_before=nbytes,
         weight_bytes_after=nbytes,
     )
-    if isinstance(policy, EnergyPolicy) and policy.tau >= 0.95 and report.factored == 0:
-        report.notes.append(ENERGY_NOTE)
+    if report.factored == 0:
+        report.notes.append(NOTHING_FACTORED_NOTE)
     return report
 
 
@@ -81,13 +98,14 @@ def inspect_model(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
+    min_params: int = DEFAULT_MIN_PARAMS,
     progress: bool = False,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
-    policy = policy or EnergyPolicy()
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params)
     loaded = to_model(model)
-    plans, skipped = _plan(loaded, policy, include, exclude, max_rank_fraction, False, progress)
-    report = _new_report(model, loaded, policy, max_rank_fraction, plans, skipped)
+    _, decisions, skipped = _plan(loaded, settings, False, progress)
+    report = _new_report(model, loaded, settings, decisions, skipped)
     if isinstance(model, (str, os.PathLike)):
         report.file_bytes_before = model_file_bytes(model)
     return report
@@ -115,6 +133,7 @@ def compress(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
+    min_params: int = DEFAULT_MIN_PARAMS,
     external_data: bool | None = None,
     check: bool = True,
     progress: bool = False,
@@ -129,15 +148,15 @@ def compress(
     ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
     never modified. ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`.
     """
-    policy = policy or EnergyPolicy()
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params)
     if output is not None:
         _check_output_path(model, output)
     _check_files(data=data, labels=labels)
     loaded = to_model(model)
-    plans, skipped = _plan(loaded, policy, include, exclude, max_rank_fraction, True, progress)
-    report = _new_report(model, loaded, policy, max_rank_fraction, plans, skipped)
-    apply_plans(loaded, plans)
-    loaded.metadata_props["onnx_arsvd.policy"] = policy.describe()
+    plans, decisions, skipped = _plan(loaded, settings, True, progress)
+    report = _new_report(model, loaded, settings, decisions, skipped)
+    if apply_plans(loaded, plans):
+        loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
     report.params_after, report.weight_bytes_after = weight_stats(loaded)
     if output is not None:
         save_model(loaded, output, external_data=external_data)

@@ -208,15 +208,15 @@ def _matches(layer: Layer, patterns: Sequence[str]) -> bool:
 
 def filter_layers(
     layers: list[Layer], include: Sequence[str] = (), exclude: Sequence[str] = ()
-) -> tuple[list[Layer], list[Skipped]]:
-    """Keep layers whose node or weight name matches an ``include`` glob and no ``exclude`` glob."""
+) -> tuple[list[Layer], list[tuple[Layer, str]]]:
+    """Split layers into those matching an ``include`` glob and no ``exclude`` glob, and the rest with why."""
     kept: list[Layer] = []
-    dropped: list[Skipped] = []
+    excluded: list[tuple[Layer, str]] = []
     for layer in layers:
         if include and not _matches(layer, include):
-            dropped.append(Skipped(layer.name, layer.op_type, "not matched by --include"))
+            excluded.append((layer, "not matched by --include"))
         elif exclude and _matches(layer, exclude):
-            dropped.append(Skipped(layer.name, layer.op_type, "matched by --exclude"))
+            excluded.append((layer, "matched by --exclude"))
         else:
             kept.append(layer)
-    return kept, dropped
+    return kept, excluded

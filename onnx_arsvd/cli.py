@@ -30,6 +30,8 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ratio", type=float, help="ratio policy: rank = ratio * min(m, n), in (0, 1]")
     group.add_argument("--max-rank-fraction", type=float, default=0.8, metavar="F",
                        help="factor a layer only if rank <= F * m*n/(m+n) (default 0.8: demand a real saving)")
+    group.add_argument("--min-params", type=int, default=4096, metavar="N",
+                       help="leave weights with fewer than N parameters dense (default 4096; heads are often this small)")
     group.add_argument("--include", action="append", default=[], metavar="GLOB",
                        help="only layers whose node or weight name matches (repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -125,28 +127,27 @@ def _emit(args: argparse.Namespace, human: str, machine: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from onnx_arsvd import api
-    from onnx_arsvd.report import format_report, format_verification, report_to_json
+    from onnx_arsvd.report import format_report, format_verification, report_to_json, verification_to_dict
 
     if args.command == "inspect":
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
-                                   max_rank_fraction=args.max_rank_fraction, progress=not args.quiet)
+                                   max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
+                                   progress=not args.quiet)
         _emit(args, format_report(report, args.markdown), report_to_json(report))
     elif args.command == "compress":
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), include=args.include, exclude=args.exclude,
-            max_rank_fraction=args.max_rank_fraction, external_data=True if args.external_data else None,
+            max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, external_data=True if args.external_data else None,
             check=not args.no_verify, progress=not args.quiet, data=args.data, labels=args.labels,
             dims=_dims(args.dim), samples=args.samples,
         )
         _emit(args, format_report(report, args.markdown), report_to_json(report))
     else:
-        import dataclasses
         import json
 
         verification = api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
                                   dims=_dims(args.dim), samples=args.samples)
-        machine = json.dumps(dataclasses.asdict(verification) | {"accuracy_drop_points": verification.accuracy_drop}, indent=2)
-        _emit(args, format_verification(verification, args.markdown), machine)
+        _emit(args, format_verification(verification, args.markdown), json.dumps(verification_to_dict(verification), indent=2))
     return 0
 
 

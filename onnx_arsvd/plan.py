@@ -14,10 +14,22 @@ from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.factorize import factors_at_rank, spectrum
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
 
-__all__ = ["DEFAULT_MAX_RANK_FRACTION", "LayerDecision", "WeightPlan", "plan_layers"]
+__all__ = [
+    "DEFAULT_MAX_RANK_FRACTION",
+    "DEFAULT_MIN_PARAMS",
+    "LayerDecision",
+    "WeightPlan",
+    "dense_decision",
+    "plan_layers",
+]
 
 DEFAULT_MAX_RANK_FRACTION = 0.8
 """Factor only at k <= 0.8 m*n/(m+n): a rank just under break-even measured 1.16x slower at batch 1."""
+
+DEFAULT_MIN_PARAMS = 4096
+"""Leave weights under 64 x 64 dense: they save a few KiB, add an operator's fixed cost, and are most
+often a classifier head (n = classes), whose truncation costs far more accuracy than any other layer's
+(benchmarks/mlp_table.py)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,8 @@ class LayerDecision:
 
     @property
     def saving(self) -> float:
-        """Fraction of this weight's parameters removed (negative when factors would be larger)."""
+        """Fraction of the weight's parameters that factors at ``rank`` remove (whether or not factored;
+        negative when they would be larger)."""
         return 1.0 - self.rank * sum(self.shape) / self.params
 
 
@@ -63,6 +76,25 @@ class WeightPlan:
     @property
     def factored(self) -> bool:
         return self.decisions[0].factored
+
+
+def dense_decision(layer: Layer, reason: str) -> LayerDecision:
+    """The row of a layer left dense without looking at its spectrum (e.g. excluded by name)."""
+    shape = layer.shape
+    return LayerDecision(
+        name=layer.name, op_type=layer.op_type, weight=layer.weight_name, shape=shape,
+        dtype=layer.dtype.name.lower(), break_even=break_even_rank(shape), full_rank=min(shape),
+        rank=min(shape), energy_kept=1.0, factored=False, reason=reason, shared_by=1,
+    )
+
+
+def _keep_reason(shape: tuple[int, int], rank: int, max_rank_fraction: float, min_params: int) -> str:
+    """Why a layer at ``rank`` stays dense, or "" when factoring it pays."""
+    if shape[0] * shape[1] < min_params:
+        return f"too small to pay off (< {min_params} parameters)"
+    if rank > max_rank_fraction * break_even_rank(shape):
+        return f"saves too little (rank > {max_rank_fraction:g} x break-even)"
+    return ""
 
 
 def _weight_matrix(layer: Layer) -> np.ndarray:
@@ -84,16 +116,20 @@ def plan_layers(
     policy: RankPolicy,
     *,
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
+    min_params: int = DEFAULT_MIN_PARAMS,
     with_factors: bool = True,
     progress: bool = False,
 ) -> list[WeightPlan]:
     """Rank and decision for every distinct weight; factors too when ``with_factors``.
 
-    Without factors only the singular values are computed (about 3x cheaper), which is all
-    ``inspect`` needs. A weight shared by several nodes is factored once.
+    A layer is factored when its rank is at most ``max_rank_fraction`` of break-even and its weight
+    has at least ``min_params`` parameters. Without factors only the singular values are computed
+    (about 3x cheaper), which is all ``inspect`` needs. A weight shared by several nodes is factored once.
     """
     if not max_rank_fraction > 0:
         raise InvalidInputError(f"max rank fraction must be positive, got {max_rank_fraction}")
+    if min_params < 0:
+        raise InvalidInputError(f"min params must be zero or more, got {min_params}")
     plans: list[WeightPlan] = []
     groups = _group_by_weight(layers)
     for group in tqdm(groups, desc="factoring" if with_factors else "spectra", unit="weight", disable=None if progress else True):
@@ -103,11 +139,8 @@ def plan_layers(
         singular_values = spec.s if spec is not None else scipy.linalg.svdvals(matrix.astype(np.float64))
         shape = first.shape
         rank = policy.choose(singular_values, shape)
-        limit = max_rank_fraction * break_even_rank(shape)
-        factored = rank <= limit
-        reason = "" if factored else (
-            f"saves too little (rank > {max_rank_fraction:g} x break-even)"
-        )
+        reason = _keep_reason(shape, rank, max_rank_fraction, min_params)
+        factored = not reason
         decisions = [
             LayerDecision(
                 name=layer.name,

@@ -12,11 +12,12 @@ from onnx_arsvd.candidates import Skipped
 from onnx_arsvd.plan import LayerDecision
 from onnx_arsvd.verify import VerificationReport
 
-__all__ = ["Report", "format_report", "format_verification", "report_to_json"]
+__all__ = ["Report", "format_report", "format_verification", "report_to_json", "verification_to_dict"]
 
-ENERGY_NOTE = (
-    "note: on ordinarily trained weights, energy thresholds of 0.95 and above often select ranks near or above "
-    "break-even, so layers stay dense; try a lower --tau, --policy entropy or --policy ratio."
+NOTHING_FACTORED_NOTE = (
+    "note: no layer was factored. On ordinarily trained weights, energy thresholds of 0.95 and above (and the "
+    "entropy rank at scale 1) often select ranks near or above break-even; try a lower --tau or --scale, "
+    "or --policy ratio, and check accuracy with --data."
 )
 
 
@@ -27,6 +28,7 @@ class Report:
     model: str
     policy: str
     max_rank_fraction: float
+    min_params: int
     layers: list[LayerDecision]
     skipped: list[Skipped]
     params_before: int
@@ -70,8 +72,14 @@ def report_to_json(report: Report) -> str:
         factored_layers=report.factored,
     )
     if report.verification is not None:
-        data["verification"]["accuracy_drop_points"] = report.verification.accuracy_drop
+        data["verification"] = verification_to_dict(report.verification)
     return json.dumps(data, indent=2)
+
+
+def verification_to_dict(verification: VerificationReport) -> dict[str, object]:
+    """The verification as plain data; ``accuracy_drop_points`` is original - compressed (positive = lost)."""
+    drop = verification.accuracy_drop
+    return dataclasses.asdict(verification) | {"accuracy_drop_points": None if drop is None else round(drop, 6)}
 
 
 def _count(n: int) -> str:
@@ -115,7 +123,7 @@ def format_verification(verification: VerificationReport, markdown: bool = False
             [["original", f"{o.accuracy:.2%}", f"{o.macro_f1:.4f}"], ["compressed", f"{c.accuracy:.2%}", f"{c.macro_f1:.4f}"]],
             ["model", "top-1 accuracy", "macro-F1"], tablefmt=style,
         ))
-        lines.append(f"accuracy change: {100 * (c.accuracy - o.accuracy):+.2f} points")
+        lines.append(f"accuracy drop: {verification.accuracy_drop:.2f} points (original - compressed)")
     return "\n\n".join(lines)
 
 
@@ -124,7 +132,7 @@ def format_report(report: Report, markdown: bool = False) -> str:
     style = "github" if markdown else "simple"
     headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving", "decision"]
     parts = [f"model: {report.model}   policy: {report.policy}   factor only at rank <= "
-             f"{report.max_rank_fraction:g} x break-even"]
+             f"{report.max_rank_fraction:g} x break-even and >= {report.min_params} parameters"]
     parts.append(tabulate(_layer_rows(report.layers), headers, tablefmt=style, disable_numparse=True))
     if report.skipped:
         parts.append("not factored:\n" + tabulate([[s.name, s.op_type, s.reason] for s in report.skipped],

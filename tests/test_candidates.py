@@ -119,9 +119,9 @@ def test_shared_weight_gives_one_key() -> None:
 
 def test_include_and_exclude_patterns() -> None:
     layers, _ = _find(make_linear_model(op="MatMul"))
-    kept, dropped = filter_layers(layers, include=["nothing*"])
-    assert kept == [] and dropped[0].reason == "not matched by --include"
-    kept, dropped = filter_layers(layers, exclude=["dens*"])
-    assert kept == [] and dropped[0].reason == "matched by --exclude"
+    kept, excluded = filter_layers(layers, include=["nothing*"])
+    assert kept == [] and excluded == [(layers[0], "not matched by --include")]
+    kept, excluded = filter_layers(layers, exclude=["dens*"])
+    assert kept == [] and excluded == [(layers[0], "matched by --exclude")]
     kept, _ = filter_layers(layers, include=["W"])  # weight names match too
     assert len(kept) == 1

@@ -41,7 +41,7 @@ def test_compress_writes_verified_model_and_report(mlp_path: Path, tmp_path: Pat
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     before = _digest(mlp_path)
     assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "ratio", "--ratio", "0.25",
-                 "--dim", "batch=4", "--report", str(report), "-q"]) == 0
+                 "--dim", "batch=4", "--min-params", "0", "--report", str(report), "-q"]) == 0
     assert "verification on CPUExecutionProvider" in capsys.readouterr().out
     assert _digest(mlp_path) == before
     onnx.checker.check_model(str(out), full_check=True)
@@ -49,6 +49,20 @@ def test_compress_writes_verified_model_and_report(mlp_path: Path, tmp_path: Pat
     assert data["factored_layers"] == 3 and data["verification"]["samples"] == 64
     assert data["dense_params_after"] < data["dense_params_before"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".onnx-arsvd")] == []
+
+
+def test_small_and_excluded_layers_stay_in_the_table(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(mlp_path), "--policy", "rank", "--rank", "2", "--min-params", "1500",
+                 "--exclude", "fc1", "--json", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    decisions = {row["name"]: (row["factored"], row["reason"]) for row in data["layers"]}
+    assert decisions == {
+        "fc0": (True, ""),  # 48 x 40 = 1920 parameters
+        "fc1": (False, "matched by --exclude"),
+        "fc2": (False, "too small to pay off (< 1500 parameters)"),  # 32 x 10 = 320
+    }
+    assert data["dense_params_before"] == 48 * 40 + 40 * 32 + 32 * 10
+    assert data["dense_params_after"] == 2 * (48 + 40) + 40 * 32 + 32 * 10
 
 
 def test_verify_with_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,7 +37,7 @@ def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> No
     digest = hashlib.sha256((tmp_path / "weights.bin").read_bytes()).hexdigest()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    _, report = compress(source, out_dir / "small.onnx", policy=FixedRankPolicy(4), samples=2)
+    _, report = compress(source, out_dir / "small.onnx", policy=FixedRankPolicy(4), min_params=0, samples=2)
     assert _files(out_dir) == ["small.onnx", "small.onnx.data"]
     assert hashlib.sha256((tmp_path / "weights.bin").read_bytes()).hexdigest() == digest
     onnx.checker.check_model(str(out_dir / "small.onnx"), full_check=True)

@@ -43,7 +43,7 @@ def _feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _compressed(model: onnx.ModelProto, rank: int) -> onnx.ModelProto:
-    result, report = compress(model, policy=FixedRankPolicy(rank), check=False)
+    result, report = compress(model, policy=FixedRankPolicy(rank), min_params=0, check=False)
     assert report.factored == 1
     return result
 
@@ -111,7 +111,7 @@ def test_shared_weight_is_factored_once() -> None:
     model = make_linear_model(op="MatMul", x_shape=("batch", 32), true_rank=4)
     model.graph.node.append(onnx.helper.make_node("MatMul", ["X", "W"], ["Y2"], name="dense2"))
     model.graph.output.append(onnx.helper.make_tensor_value_info("Y2", onnx.TensorProto.FLOAT, ["batch", 24]))
-    compressed, report = compress(model, policy=FixedRankPolicy(4), check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
     assert report.factored == 2 and report.dense_params_before == 32 * 24
     assert len(compressed.graph.initializer) == 2  # one A and one B for both nodes
     feed = _feed(model)
@@ -122,7 +122,7 @@ def test_shared_weight_is_factored_once() -> None:
 def test_tau_one_reproduces_the_original_mlp() -> None:
     """tau = 1.0 keeps every singular value; forcing every layer to be factored must change nothing."""
     model = make_mlp()
-    compressed, report = compress(model, policy=EnergyPolicy(1.0), max_rank_fraction=1e9, check=False)
+    compressed, report = compress(model, policy=EnergyPolicy(1.0), max_rank_fraction=1e9, min_params=0, check=False)
     assert report.factored == 3 and all(d.rank == d.full_rank for d in report.layers)
     feed = {"X": np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)}
     (expected,), (actual,) = run(model, feed), run(compressed, feed)
@@ -132,5 +132,5 @@ def test_tau_one_reproduces_the_original_mlp() -> None:
 def test_in_memory_model_is_not_modified() -> None:
     model = make_mlp()
     before = model.SerializeToString()
-    compress(model, policy=FixedRankPolicy(4), check=False)
+    compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
     assert model.SerializeToString() == before
