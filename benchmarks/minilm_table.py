@@ -1,0 +1,83 @@
+"""ARSVD on a real transformer: all-MiniLM-L6-v2, measured on real labelled text.
+
+For each policy, compress ``models/build/minilm.onnx`` (built by ``models/build_minilm.py``) and
+measure, on gensim's polarity (200 movie-review sentences) and newsgroups (200 posts) sets: the
+sentence-embedding cosine with the original (attention-mask mean pooling; mean and minimum over
+sentences) and a 5-fold logistic-regression probe's accuracy on the compressed embeddings.
+
+Usage: python benchmarks/minilm_table.py [--out benchmarks/results/minilm_table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+from text_eval import BUILD, cosine_rows, load_text_set, probe_accuracy, sentence_embeddings
+
+from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress
+from onnx_arsvd.rank import RankPolicy
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_table.md"
+SETS = ("polarity", "newsgroups")
+POLICIES: list[RankPolicy] = [
+    EnergyPolicy(0.99), EnergyPolicy(0.95), EnergyPolicy(0.9), EnergyPolicy(0.85), EnergyPolicy(0.8),
+    EntropyPolicy(1.0), EntropyPolicy(0.5), RatioPolicy(0.25),
+]
+
+
+def _row(label: str, kept: str, scores: list[str]) -> str:
+    return "| " + " | ".join([label, kept, *scores]) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    model = BUILD / "minilm.onnx"
+    if not model.exists():
+        print(f"{model} missing: run python models/build_minilm.py first", file=sys.stderr)
+        return 1
+    data = {name: load_text_set(name) for name in SETS}
+    originals = {name: sentence_embeddings(model, feed) for name, (feed, _) in data.items()}
+    headers = ["policy", "dense params kept", *(f"{n} cosine mean / min" for n in SETS), *(f"{n} probe" for n in SETS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines.append(_row("original", "100%", ["1 / 1"] * len(SETS)
+                      + [f"{probe_accuracy(originals[n], data[n][1]):.3f}" for n in SETS]))
+    with tempfile.TemporaryDirectory(prefix="minilm_table_") as tmp:
+        for policy in POLICIES:
+            out = Path(tmp) / "compressed.onnx"
+            _, report = compress(model, out, policy=policy, check=False)
+            cosines, probes = [], []
+            for name, (feed, labels) in data.items():
+                embeddings = sentence_embeddings(out, feed)
+                similarity = cosine_rows(originals[name], embeddings)
+                cosines.append(f"{similarity.mean():.4f} / {similarity.min():.4f}")
+                probes.append(f"{probe_accuracy(embeddings, labels):.3f}")
+            kept = f"{report.dense_params_after / report.dense_params_before:.1%} ({report.factored}/{len(report.layers)} factored)"
+            lines.append(_row(policy.describe(), kept, cosines + probes))
+    versions = ", ".join(f"{p} {version(p)}" for p in ("onnx-arsvd", "onnx", "onnxruntime", "onnx-ir", "numpy"))
+    text = "\n".join([
+        "# ARSVD on all-MiniLM-L6-v2 (36 MatMul weights, 10.6M dense parameters)",
+        "",
+        f"- command: `python benchmarks/minilm_table.py`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; versions: {versions}",
+        "- defaults: factor only at rank <= 0.8 x break-even; probe = 5-fold logistic regression on mean-pooled"
+        " embeddings (200 sentences: fold-to-fold spread is 4-6 points on polarity)",
+        "",
+        *lines,
+    ]) + "\n"
+    print(text, end="")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
