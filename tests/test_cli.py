@@ -95,6 +95,20 @@ def _no_layer_model() -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
+def _quantized_model() -> onnx.ModelProto:
+    """A QDQ model: the MatMul's weight is an int8 initializer behind DequantizeLinear."""
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["Wq", "scale"], ["W"]),
+         helper.make_node("MatMul", ["X", "W"], ["Y"], name="qdense")],
+        "qdq",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])],
+        initializer=[numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq"),
+                     numpy_helper.from_array(np.array(0.1, np.float32), "scale")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _nan_weight() -> np.ndarray:
     weight = np.ones((32, 24), np.float32)
     weight[3, 4] = np.nan
@@ -109,6 +123,7 @@ BAD_MODELS = {
     "no-layer": (_no_layer_model, 1, "no factorable layer"),
     "integer-weight": (lambda: _model_with_weight(np.ones((32, 24), np.int32)), 1, "weight has dtype INT32"),
     "nan-weight": (lambda: _model_with_weight(_nan_weight()), 1, "contains NaN or Inf"),
+    "quantized-weight": (_quantized_model, 1, "weight comes from DequantizeLinear (quantized model)"),
 }
 
 
