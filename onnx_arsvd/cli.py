@@ -47,10 +47,22 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--samples", type=int, default=16, help="generated input batches (default 16)")
 
 
+def _add_bench_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--batch", default="1,32", metavar="B1,B2",
+                       help="batch sizes for dynamic batch dims (default 1,32; fixed dims are respected)")
+    group.add_argument("--providers", metavar="P1,P2",
+                       help="execution providers: cpu, cuda, tensorrt or full names (default: all that run here)")
+    group.add_argument("--threads", type=int, default=0, help="intra-op threads per session (default: onnxruntime's)")
+    group.add_argument("--seconds", type=float, default=1.0, help="minimum measuring time per batch size (default 1)")
+    group.add_argument("--no-memory", action="store_true", help="skip the child-process memory probe")
+    group.add_argument("--plot", metavar="PNG", help="write a plot of the ratios (needs the 'plot' extra)")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
-    parser.add_argument("--report", metavar="PATH", help="also write the JSON report to PATH")
+    parser.add_argument("--report", metavar="PATH", help="also write the report to PATH: Markdown if it ends in .md, else JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -72,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--external-data", action="store_true",
                           help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
     compress.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    compress.add_argument("--bench", action="store_true", help="benchmark the original and the written model")
     _add_policy_options(compress)
     _add_data_options(compress)
+    _add_bench_options(compress)
     _add_output_options(compress)
 
     verify = commands.add_parser("verify", help="compare a compressed model with its original in onnxruntime")
@@ -81,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("compressed")
     _add_data_options(verify)
     _add_output_options(verify)
+
+    bench = commands.add_parser("bench", help="latency, memory and accuracy of both models on every execution provider")
+    bench.add_argument("original")
+    bench.add_argument("compressed")
+    _add_data_options(bench)
+    _add_bench_options(bench)
+    _add_output_options(bench)
     return parser
 
 
@@ -119,13 +140,35 @@ def _write_text(path: str, text: str) -> None:
     os.replace(temporary, target)
 
 
-def _emit(args: argparse.Namespace, human: str, machine: str) -> None:
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise InvalidInputError(f"--batch expects positive integers separated by commas, got {text!r}")
+    return batches
+
+
+def _bench(args: argparse.Namespace, original: str, compressed: str):
+    from onnx_arsvd.benchmark import benchmark_models
+
+    return benchmark_models(
+        original, compressed, batches=_batches(args.batch), threads=args.threads, dims=_dims(args.dim),
+        providers=args.providers.split(",") if args.providers else None, min_seconds=args.seconds,
+        memory=not args.no_memory, accuracy_data=args.data, progress=not args.quiet,
+    )
+
+
+def _emit(args: argparse.Namespace, human: str, markdown: str, machine: str) -> None:
     if args.report:
-        _write_text(args.report, machine)
-    print(machine if args.json else human)
+        _write_text(args.report, markdown if args.report.endswith(".md") else machine)
+    print(machine if args.json else markdown if args.markdown else human)
 
 
 def _run(args: argparse.Namespace) -> int:
+    import json
+
     from onnx_arsvd import api
     from onnx_arsvd.report import format_report, format_verification, report_to_json, verification_to_dict
 
@@ -133,22 +176,45 @@ def _run(args: argparse.Namespace) -> int:
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
                                    progress=not args.quiet)
-        _emit(args, format_report(report, args.markdown), report_to_json(report))
+        _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
+        if args.bench:
+            _batches(args.batch)  # a bad --batch must fail before anything is written
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), include=args.include, exclude=args.exclude,
-            max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, external_data=True if args.external_data else None,
-            check=not args.no_verify, progress=not args.quiet, data=args.data, labels=args.labels,
-            dims=_dims(args.dim), samples=args.samples,
+            max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
+            external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
+            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
         )
-        _emit(args, format_report(report, args.markdown), report_to_json(report))
-    else:
-        import json
+        human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
+        if args.bench:
+            from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
 
+            result = _bench(args, args.model, args.output)
+            human += "\n\n" + format_benchmark(result)
+            markdown += "\n\n" + format_benchmark(result, True)
+            machine = json.dumps(json.loads(machine) | {"benchmark": json.loads(benchmark_to_json(result))}, indent=2)
+            _plot(args, result)
+        _emit(args, human, markdown, machine)
+    elif args.command == "verify":
         verification = api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
                                   dims=_dims(args.dim), samples=args.samples)
-        _emit(args, format_verification(verification, args.markdown), json.dumps(verification_to_dict(verification), indent=2))
+        _emit(args, format_verification(verification), format_verification(verification, True),
+              json.dumps(verification_to_dict(verification), indent=2))
+    else:
+        from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
+
+        result = _bench(args, args.original, args.compressed)
+        _plot(args, result)
+        _emit(args, format_benchmark(result), format_benchmark(result, True), benchmark_to_json(result))
     return 0
+
+
+def _plot(args: argparse.Namespace, result) -> None:
+    if args.plot:
+        from onnx_arsvd.bench_report import plot_benchmark
+
+        plot_benchmark(result, args.plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,93 @@
+"""A benchmark result as a terminal table, Markdown, JSON and (with matplotlib) a PNG."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from pathlib import Path
+
+import onnxruntime as ort
+from tabulate import tabulate
+
+from onnx_arsvd.benchmark import BenchmarkResult
+from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.report import format_verification, verification_to_dict
+
+__all__ = ["benchmark_to_json", "format_benchmark", "plot_benchmark"]
+
+
+def _short(provider: str) -> str:
+    return provider.removesuffix("ExecutionProvider")
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f}"
+
+
+def benchmark_to_json(result: BenchmarkResult) -> str:
+    """The result as JSON, with the machine it ran on."""
+    data = dataclasses.asdict(result)
+    data["accuracy"] = {p: verification_to_dict(v) for p, v in result.accuracy.items()}
+    data["machine"] = _machine()
+    return json.dumps(data, indent=2)
+
+
+def _machine() -> dict[str, object]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "onnxruntime": ort.__version__}
+
+
+def format_benchmark(result: BenchmarkResult, markdown: bool = False) -> str:
+    """Latency per provider and batch with the limit beside it, memory, and accuracy per provider."""
+    style = "github" if markdown else "simple"
+    limit = result.dense_flop_ratio
+    rows = [[_short(c.provider), c.batch, f"{c.original.median_ms:.4g}", f"{c.compressed.median_ms:.4g}",
+             f"{c.original.p90_ms:.4g} / {c.original.p99_ms:.4g}", f"{c.compressed.p90_ms:.4g} / {c.compressed.p99_ms:.4g}",
+             f"{c.compressed.throughput:,.0f}", f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]",
+             f"{limit:.3f}", f"{(1 - c.ratio) / (1 - limit):.0%}" if limit < 1 else "n/a"]
+            for c in result.latency]
+    headers = ["provider", "batch", "orig median ms", "comp median ms", "orig p90/p99", "comp p90/p99",
+               "comp samples/s", "ratio comp/orig [p10, p90]", "limit", "of possible gain"]
+    machine = _machine()
+    parts = [f"machine: {machine['platform']}, {machine['cpus']} CPUs, onnxruntime {machine['onnxruntime']}",
+             tabulate(rows, headers, tablefmt=style, disable_numparse=True),
+             f"limit = dense-layer multiply-adds, compressed / original ({limit:.3f}); "
+             "'of possible gain' = (1 - ratio) / (1 - limit)"]
+    memory = [[name, f"{m.file_bytes:,}", f"{m.weight_params:,}", f"{m.weight_bytes:,}", _mib(m.peak_rss_bytes),
+               _mib(m.rss_increase_bytes)] for name, m in result.memory.items()]
+    parts.append(tabulate(memory, ["model", "file bytes", "weight params", "weight bytes", "peak RSS MiB",
+                                   "RSS increase MiB"], tablefmt=style, disable_numparse=True))
+    parts += [format_verification(v, markdown) for v in result.accuracy.values()]
+    parts += [f"note: {n}" for n in result.notes]
+    return "\n\n".join(parts)
+
+
+def plot_benchmark(result: BenchmarkResult, path: str | os.PathLike) -> Path:
+    """Bars of the latency ratio per provider and batch size, with the size ratio and the limit as lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidInputError("--plot needs matplotlib: pip install 'onnx-arsvd[plot]'") from None
+    labels = [f"{_short(c.provider)}\nbatch {c.batch}" for c in result.latency]
+    ratios = [c.ratio for c in result.latency]
+    errors = [[c.ratio - c.ratio_p10 for c in result.latency], [c.ratio_p90 - c.ratio for c in result.latency]]
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 2), 3.5))
+    axes.bar(labels, ratios, yerr=errors, capsize=4, color="tab:blue", label="latency ratio (median, p10-p90)")
+    axes.axhline(result.dense_flop_ratio, color="tab:green", linestyle="--", label="dense multiply-add ratio (limit)")
+    memory = result.memory
+    if "original" in memory and "compressed" in memory:
+        size = memory["compressed"].file_bytes / memory["original"].file_bytes
+        axes.axhline(size, color="tab:orange", linestyle=":", label=f"file size ratio ({size:.2f})")
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_ylabel("compressed / original")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    target = Path(path)
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target

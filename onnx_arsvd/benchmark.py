@@ -1,0 +1,275 @@
+"""Latency and memory of an original and a compressed model on every available execution provider.
+
+Latency: after a warm-up, the two sessions run the same feed interleaved (A B, B A, A B, ...) so
+machine drift hits both alike; the ratio's spread comes from the per-pair ratios. Both sessions are
+live at once, so intra-op thread spinning is turned off (idle spinning threads of one session slow
+the other badly). Memory: each model is loaded and run in a fresh child process
+(:mod:`onnx_arsvd.memory_probe`), so the two never share a heap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from onnx_arsvd.candidates import find_layers
+from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.model_io import load_model, model_file_bytes, weight_stats
+from onnx_arsvd.verify import Feed, VerificationReport, generated_batches, make_session
+
+__all__ = [
+    "BenchmarkResult",
+    "LatencyComparison",
+    "LatencyStats",
+    "MemoryStats",
+    "benchmark_models",
+    "dense_flop_ratio",
+    "discover_providers",
+    "interleaved_times",
+    "latency_stats",
+    "measure_memory",
+]
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_NOT_COMPUTE = frozenset({"AzureExecutionProvider"})  # remote-call provider: no local kernels to time
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-call latency of one model: milliseconds, and samples per second at the median."""
+
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Original vs compressed on one provider at one batch size."""
+
+    provider: str
+    batch: int
+    original: LatencyStats
+    compressed: LatencyStats
+    ratio: float
+    ratio_p10: float
+    ratio_p90: float
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """What a model costs in bytes: on disk, in weights, and as resident memory of a fresh process."""
+
+    file_bytes: int
+    weight_params: int
+    weight_bytes: int
+    peak_rss_bytes: int | None
+    rss_increase_bytes: int | None
+
+
+@dataclass
+class BenchmarkResult:
+    """Everything ``bench`` measured."""
+
+    threads: int
+    providers: list[str]
+    dense_flop_ratio: float
+    latency: list[LatencyComparison] = field(default_factory=list)
+    memory: dict[str, MemoryStats] = field(default_factory=dict)
+    accuracy: dict[str, VerificationReport] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _resolve(name: str) -> str:
+    return PROVIDER_ALIASES.get(name.lower(), name)
+
+
+def discover_providers(requested: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """Providers that really run here (a session on a tiny model keeps them), and notes on those that don't.
+
+    ``requested`` names providers (``cpu``, ``cuda``, ``tensorrt`` or full names); None means every
+    provider onnxruntime offers. onnxruntime-gpu lists CUDA even without a GPU and then silently
+    falls back to the CPU, which is why each candidate is tried.
+    """
+    available = [p for p in ort.get_available_providers() if p not in _NOT_COMPUTE]
+    wanted = [_resolve(p) for p in requested] if requested else available
+    usable: list[str] = []
+    notes: list[str] = []
+    probe = _identity_model()
+    for provider in dict.fromkeys(wanted):
+        if provider not in available:
+            notes.append(f"{provider} skipped: not offered by this onnxruntime build ({ort.__version__})")
+            continue
+        try:
+            session = ort.InferenceSession(probe, providers=[provider])
+            if session.get_providers()[0] != provider:
+                raise RuntimeError("fell back to " + session.get_providers()[0])
+        except Exception as error:  # a missing driver or library surfaces as any exception type
+            notes.append(f"{provider} skipped: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+            continue
+        usable.append(provider)
+    if not usable:
+        raise InvalidInputError("no requested execution provider can run here; " + "; ".join(notes))
+    return usable, notes
+
+
+def _identity_model() -> bytes:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+    node = ir.Node("", "Identity", [x], num_outputs=1)
+    node.outputs[0].name, node.outputs[0].type, node.outputs[0].shape = "y", x.type, x.shape
+    graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 17})
+    return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
+
+
+def interleaved_times(
+    first: ort.InferenceSession,
+    second: ort.InferenceSession,
+    feed: Feed,
+    *,
+    warmup: int = 5,
+    min_runs: int = 20,
+    max_runs: int = 2000,
+    min_seconds: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds per call of each session, measured in alternating pairs until enough time has passed."""
+    for _ in range(warmup):
+        first.run(None, feed)
+        second.run(None, feed)
+    times: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    pair = 0
+    while pair < min_runs or (pair < max_runs and time.perf_counter() - started < min_seconds):
+        order = (0, 1) if pair % 2 == 0 else (1, 0)  # alternate who goes first, so neither always runs warm
+        for index in order:
+            session = (first, second)[index]
+            tick = time.perf_counter()
+            session.run(None, feed)
+            times[index].append(time.perf_counter() - tick)
+        pair += 1
+    return np.asarray(times[0]), np.asarray(times[1])
+
+
+def latency_stats(seconds: np.ndarray, batch: int) -> LatencyStats:
+    """Median, p90, p99 in milliseconds and samples per second at the median."""
+    median = float(np.median(seconds))
+    return LatencyStats(
+        median_ms=1e3 * median,
+        p90_ms=1e3 * float(np.percentile(seconds, 90)),
+        p99_ms=1e3 * float(np.percentile(seconds, 99)),
+        throughput=batch / median if median > 0 else float("inf"),
+        runs=len(seconds),
+    )
+
+
+def compare_latency(provider: str, batch: int, original: np.ndarray, compressed: np.ndarray) -> LatencyComparison:
+    """Stats of both, and the compressed/original ratio: median and p10-p90 of the per-pair ratios."""
+    ratios = compressed / original
+    return LatencyComparison(
+        provider=provider,
+        batch=batch,
+        original=latency_stats(original, batch),
+        compressed=latency_stats(compressed, batch),
+        ratio=float(np.median(ratios)),
+        ratio_p10=float(np.percentile(ratios, 10)),
+        ratio_p90=float(np.percentile(ratios, 90)),
+    )
+
+
+def dense_flop_ratio(original: ir.Model, compressed: ir.Model) -> float:
+    """Multiply-adds per row of all constant-weight MatMul/Gemm layers, compressed / original.
+
+    A factored layer contributes k(m+n) where it had m*n: this is the best latency ratio the dense
+    layers alone can give, the limit that measured ratios are compared with.
+    """
+    def macs(model: ir.Model) -> int:
+        return sum(layer.shape[0] * layer.shape[1] for layer in find_layers(model)[0])
+
+    before = macs(original)
+    return macs(compressed) / before if before else 1.0
+
+
+def batch_feed(session: ort.InferenceSession, model: ir.Model, batch: int, dims: Mapping[str, int], seed: int = 0) -> Feed:
+    """One generated feed whose dynamic first dims are ``batch``; fixed dims are respected."""
+    batch_dims = {str(arg.shape[0]): batch for arg in session.get_inputs() if arg.shape and not isinstance(arg.shape[0], int)}
+    return generated_batches(session, model, {**dims, **batch_dims}, samples=1, seed=seed)[0]
+
+
+def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed, threads: int = 0) -> tuple[int, int | None]:
+    """(peak RSS, its increase over the process before the session) of a fresh process running ``model_path``.
+
+    The increase is None where the kernel would not reset the high-water mark (it would then include
+    the onnxruntime import's own peak).
+    """
+    with tempfile.TemporaryDirectory(prefix="onnx-arsvd-memory-") as folder:
+        feed_path = Path(folder) / "feed.npz"
+        np.savez(feed_path, **feed)
+        command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path), str(threads)]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if completed.returncode != 0:
+        last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UnsupportedModelError(f"memory probe failed for {model_path}: {last}")
+    numbers = json.loads(completed.stdout.strip().splitlines()[-1])
+    return numbers["peak"], (numbers["peak"] - numbers["baseline"]) if numbers["peak_reset"] else None
+
+
+def benchmark_models(
+    original: str | os.PathLike,
+    compressed: str | os.PathLike,
+    *,
+    batches: Sequence[int] = (1, 32),
+    providers: Sequence[str] | None = None,
+    threads: int = 0,
+    dims: Mapping[str, int] | None = None,
+    min_seconds: float = 1.0,
+    memory: bool = True,
+    accuracy_data: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> BenchmarkResult:
+    """Latency at each batch size and provider, memory of each model, and accuracy on each provider."""
+    from onnx_arsvd.api import verify  # api imports this module's callers; import here to keep layers one-way
+
+    if not batches or any(b < 1 for b in batches):
+        raise InvalidInputError(f"batch sizes must be positive integers, got {list(batches)}")
+    dims = dict(dims or {})
+    paths = {"original": Path(original), "compressed": Path(compressed)}
+    models = {name: load_model(path) for name, path in paths.items()}
+    usable, notes = discover_providers(providers)
+    result = BenchmarkResult(threads=threads, providers=usable,
+                             dense_flop_ratio=dense_flop_ratio(models["original"], models["compressed"]), notes=notes)
+    result.notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off, "
+                        f"runs interleaved pairwise for at least {min_seconds:g} s per batch size")
+    steps = [(p, b) for p in usable for b in batches]
+    for provider, batch in tqdm(steps, desc="latency", unit="case", disable=None if progress else True):
+        session_a = make_session(paths["original"], provider, threads)
+        session_b = make_session(paths["compressed"], provider, threads)
+        feed = batch_feed(session_a, models["original"], batch, dims)
+        actual = len(next(iter(feed.values()))) if feed else batch
+        if actual != batch:
+            result.notes.append(f"batch {batch} asked, the model's fixed batch dim gives {actual}")
+        times_a, times_b = interleaved_times(session_a, session_b, feed, min_seconds=min_seconds)
+        result.latency.append(compare_latency(provider, actual, times_a, times_b))
+    for provider in usable:
+        result.accuracy[provider] = verify(paths["original"], paths["compressed"], data=accuracy_data, dims=dims,
+                                           samples=8, provider=provider)
+    for name, path in paths.items():
+        params, nbytes = weight_stats(models[name])
+        peak = increase = None
+        if memory:  # resident memory is a host-side measure: always probed on the CPU provider
+            feed = batch_feed(make_session(path), models[name], max(batches), dims)
+            peak, increase = measure_memory(path, "CPUExecutionProvider", feed, threads)
+        result.memory[name] = MemoryStats(model_file_bytes(path), params, nbytes, peak, increase)
+    return result
