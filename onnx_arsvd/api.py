@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_arsvd.candidates import Skipped, filter_layers, find_layers
+from onnx_arsvd.candidates import Layer, Skipped, filter_layers, find_layers
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.guard import LatencyGuard
 from onnx_arsvd.model_io import load_model, model_file_bytes, save_model, to_model, weight_stats
 from onnx_arsvd.plan import (
     DEFAULT_MAX_RANK_FRACTION,
@@ -54,8 +55,10 @@ class _Settings:
     min_params: int
 
 
-def _plan(model: ir.Model, settings: _Settings, with_factors: bool, progress: bool) -> tuple[list[WeightPlan], list[LayerDecision], list[Skipped]]:
-    """Plans for the layers to consider, every layer's decision in graph order, and the nodes skipped."""
+def _plan(
+    model: ir.Model, settings: _Settings, with_factors: bool, progress: bool
+) -> tuple[list[WeightPlan], list[tuple[Layer, LayerDecision]], dict[int, int], list[Skipped]]:
+    """Plans for the layers to consider, rows for the layers excluded by name, graph order, nodes skipped."""
     layers, skipped = find_layers(model)
     if not layers:
         reasons = "; ".join(sorted({f"{s.op_type} {s.name!r}: {s.reason}" for s in skipped})[:3])
@@ -64,11 +67,15 @@ def _plan(model: ir.Model, settings: _Settings, with_factors: bool, progress: bo
     considered, excluded = filter_layers(layers, settings.include, settings.exclude)
     plans = plan_layers(considered, settings.policy, max_rank_fraction=settings.max_rank_fraction,
                         min_params=settings.min_params, with_factors=with_factors, progress=progress)
-    rows = [(layer, decision) for plan in plans for layer, decision in zip(plan.layers, plan.decisions)]
-    rows += [(layer, dense_decision(layer, reason)) for layer, reason in excluded]
     order = {id(layer.node): index for index, layer in enumerate(layers)}
+    return plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], order, skipped
+
+
+def _decisions(plans: list[WeightPlan], excluded: list[tuple[Layer, LayerDecision]], order: dict[int, int]) -> list[LayerDecision]:
+    """Every layer's decision, in graph order."""
+    rows = [(layer, decision) for plan in plans for layer, decision in zip(plan.layers, plan.decisions)] + excluded
     rows.sort(key=lambda row: order[id(row[0].node)])
-    return plans, [decision for _, decision in rows], skipped
+    return [decision for _, decision in rows]
 
 
 def _new_report(source: ModelLike, model: ir.Model, settings: _Settings, decisions: list[LayerDecision],
@@ -104,8 +111,8 @@ def inspect_model(
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
     settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params)
     loaded = to_model(model)
-    _, decisions, skipped = _plan(loaded, settings, False, progress)
-    report = _new_report(model, loaded, settings, decisions, skipped)
+    plans, excluded, order, skipped = _plan(loaded, settings, False, progress)
+    report = _new_report(model, loaded, settings, _decisions(plans, excluded, order), skipped)
     if isinstance(model, (str, os.PathLike)):
         report.file_bytes_before = model_file_bytes(model)
     return report
@@ -141,20 +148,26 @@ def compress(
     labels: np.ndarray | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
+    guard: LatencyGuard | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
     Returns the compressed model, of the kind given (``onnx.ModelProto`` for a ModelProto, else an
     ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
-    never modified. ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`.
+    never modified. ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a
+    ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
+    the whole model is timed against the original at the end (``report.latency_check``).
     """
     settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params)
     if output is not None:
         _check_output_path(model, output)
     _check_files(data=data, labels=labels)
+    provider = guard.provider() if guard is not None else None
     loaded = to_model(model)
-    plans, decisions, skipped = _plan(loaded, settings, True, progress)
-    report = _new_report(model, loaded, settings, decisions, skipped)
+    plans, excluded, order, skipped = _plan(loaded, settings, True, progress)
+    if guard is not None:
+        guard.apply(plans, provider, dims or {}, progress)
+    report = _new_report(model, loaded, settings, _decisions(plans, excluded, order), skipped)
     if apply_plans(loaded, plans):
         loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
     report.params_after, report.weight_bytes_after = weight_stats(loaded)
@@ -164,6 +177,11 @@ def compress(
         report.file_bytes_after = model_file_bytes(output)
         if isinstance(model, (str, os.PathLike)):
             report.file_bytes_before = model_file_bytes(model)
+    if guard is not None:
+        original_source = _source(model)[0]
+        compressed_source = os.fspath(output) if output is not None else _source(loaded)[0]
+        report.latency_check = guard.check_model(original_source, compressed_source, provider, dims or {}, loaded)
+        report.notes += guard.regressions(report.latency_check)
     if check:
         original = model if isinstance(model, (str, os.PathLike)) else to_model(model)
         report.verification = verify(original, output if output is not None else loaded,

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
     compress.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     compress.add_argument("--bench", action="store_true", help="benchmark the original and the written model")
+    compress.add_argument("--guard", choices=["latency"],
+                          help="latency: keep each layer dense where factoring it is not faster on --target, "
+                               "then time the whole model (batch sizes from --batch)")
+    compress.add_argument("--target", default="cpu", help="execution provider the guard times on: cpu (default), cuda, ...")
+    compress.add_argument("--guard-seconds", type=float, default=0.3,
+                          help="minimum measuring time per layer and batch size (default 0.3)")
     _add_policy_options(compress)
     _add_data_options(compress)
     _add_bench_options(compress)
@@ -178,14 +184,23 @@ def _run(args: argparse.Namespace) -> int:
                                    progress=not args.quiet)
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
-        if args.bench:
-            _batches(args.batch)  # a bad --batch must fail before anything is written
+        guard = None
+        if args.bench or args.guard:
+            batches = _batches(args.batch)  # a bad --batch must fail before anything is written
+        if args.guard:
+            from onnx_arsvd.guard import LatencyGuard
+
+            guard = LatencyGuard(target=args.target, batches=tuple(batches), threads=args.threads,
+                                 layer_seconds=args.guard_seconds, model_seconds=args.seconds)
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
             external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
-            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
+            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples, guard=guard,
         )
+        for note in report.notes:
+            if note.startswith("WARNING"):
+                print(f"onnx-arsvd: {note}", file=sys.stderr)
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:
             from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark

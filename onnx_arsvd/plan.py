@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
@@ -48,6 +48,8 @@ class LayerDecision:
     factored: bool
     reason: str
     shared_by: int
+    timings: tuple = field(default=())
+    """Latency-guard measurements (:class:`onnx_arsvd.guard.LayerTiming`), when the guard ran."""
 
     @property
     def params(self) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
+from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.candidates import Skipped
 from onnx_arsvd.plan import LayerDecision
 from onnx_arsvd.verify import VerificationReport
@@ -39,6 +40,7 @@ class Report:
     file_bytes_before: int | None = None
     file_bytes_after: int | None = None
     verification: VerificationReport | None = None
+    latency_check: list[LatencyComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def _unique(self) -> list[LayerDecision]:
@@ -90,8 +92,13 @@ def _bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _guard_cell(layer: LayerDecision) -> str:
+    return "  ".join(f"b{t.batch} {t.ratio:.2f}x" for t in layer.timings)
+
+
 def _layer_rows(layers: list[LayerDecision]) -> list[list[object]]:
     rows = []
+    guarded = any(layer.timings for layer in layers)
     for layer in layers:
         action = "factor" if layer.factored else f"keep: {layer.reason}"
         rows.append([
@@ -103,6 +110,7 @@ def _layer_rows(layers: list[LayerDecision]) -> list[list[object]]:
             f"{layer.rank}/{layer.full_rank}",
             f"{layer.energy_kept:.4f}",
             f"{layer.saving:+.1%}",
+            *([_guard_cell(layer)] if guarded else []),
             action,
         ])
     return rows
@@ -130,7 +138,8 @@ def format_verification(verification: VerificationReport, markdown: bool = False
 def format_report(report: Report, markdown: bool = False) -> str:
     """A human-readable report: layer table, skipped nodes, totals, verification."""
     style = "github" if markdown else "simple"
-    headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving", "decision"]
+    headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving",
+               *(["factored/dense time"] if any(layer.timings for layer in report.layers) else []), "decision"]
     parts = [f"model: {report.model}   policy: {report.policy}   factor only at rank <= "
              f"{report.max_rank_fraction:g} x break-even and >= {report.min_params} parameters"]
     parts.append(tabulate(_layer_rows(report.layers), headers, tablefmt=style, disable_numparse=True))
@@ -148,6 +157,13 @@ def format_report(report: Report, markdown: bool = False) -> str:
         totals.append(f"file size: {_bytes(report.file_bytes_before)} -> {_bytes(report.file_bytes_after)}"
                       + (f"  ({report.output})" if report.output else ""))
     parts.append("\n".join(t for t in totals if t))
+    if report.latency_check:
+        parts.append("whole model, timed against the original:\n" + tabulate(
+            [[c.provider.removesuffix("ExecutionProvider"), c.batch, f"{c.original.median_ms:.4g}",
+              f"{c.compressed.median_ms:.4g}", f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]"]
+             for c in report.latency_check],
+            ["provider", "batch", "orig median ms", "comp median ms", "ratio [p10, p90]"], tablefmt=style,
+            disable_numparse=True))
     if report.verification is not None:
         parts.append(format_verification(report.verification, markdown))
     parts.extend(report.notes)

@@ -1,0 +1,191 @@
+"""Latency guard: time each layer dense and factored on the target provider, keep the faster.
+
+Each candidate layer is timed as a one-node model with its real weights (the original node form
+against MatMul -> MatMul [-> Add]) at every batch size asked for, interleaved like ``bench``. A layer
+is factored only where the factored form is faster at every batch size by at least ``margin``: a
+layer within the noise is not demonstrably faster, and two thin MatMuls near break-even are slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, discover_providers, interleaved_times
+from onnx_arsvd.candidates import Layer, read_array
+from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.plan import WeightPlan
+from onnx_arsvd.verify import make_session
+
+__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LayerTiming", "activation_rows", "guard_verdict", "time_layer"]
+
+DEFAULT_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """Median milliseconds of one layer, dense and factored, at one batch size (``rows`` activation rows)."""
+
+    batch: int
+    rows: int
+    dense_ms: float
+    factored_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.factored_ms / self.dense_ms
+
+
+def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float = DEFAULT_MARGIN) -> str:
+    """"" when factoring is faster by ``margin`` at every batch size, else why the layer stays dense."""
+    slow = [t for t in timings if t.factored_ms > (1.0 - margin) * t.dense_ms]
+    if not slow:
+        return ""
+    worst = max(slow, key=lambda t: t.ratio)
+    verdict = "slower" if worst.ratio > 1.0 else f"not {margin:.0%} faster"
+    return (f"latency guard: factored {verdict} at batch {worst.batch} on {provider.removesuffix('ExecutionProvider')} "
+            f"({worst.factored_ms:.3g} vs {worst.dense_ms:.3g} ms)")
+
+
+def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
+    """Rows of X the layer multiplies per call: batch times the activation's inner dims."""
+    shape = layer.node.inputs[0].shape
+    if shape is None or len(shape) < 2:
+        return batch
+    inner = [d if isinstance(d, int) else dims.get(str(d), 1) for d in shape[1:-1]]
+    return batch * int(np.prod(inner, dtype=np.int64))
+
+
+def _single_layer_model(nodes: list[ir.Node], x: ir.Value, y: ir.Value, initializers: list[ir.Value]) -> bytes:
+    graph = ir.Graph([x], [y], nodes=nodes, initializers=initializers, opset_imports={"": 17})
+    return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
+
+
+def _constant(name: str, array: np.ndarray) -> ir.Value:
+    return ir.Value(name=name, const_value=ir.tensor(array, name=name))
+
+
+def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, bytes]:
+    """The layer as it is (its own op and attributes) and as MatMul -> MatMul [-> Add]."""
+    dtype = layer.dtype
+    m, n = layer.shape
+    np_dtype = dtype.numpy()
+
+    def tensor_value(name: str) -> ir.Value:
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(["rows", m if name == "x" else n]))
+
+    x, y = tensor_value("x"), tensor_value("y")
+    weight = _constant("w", read_array(layer.weight))
+    inputs = [x, weight]
+    initializers = [weight]
+    if layer.op_type == "Gemm" and layer.bias is not None:
+        bias = _constant("c", read_array(layer.bias))
+        inputs.append(bias)
+        initializers.append(bias)
+    attributes = [a_ for a_ in layer.node.attributes.values()]
+    dense = _single_layer_model([ir.Node("", layer.op_type, inputs, attributes, outputs=[y])], x, y, initializers)
+
+    x2, y2 = tensor_value("x"), tensor_value("y")
+    a_value, b_value = _constant("a", (layer.alpha * a).astype(np_dtype)), _constant("b", b.astype(np_dtype))
+    low = ir.Value(name="low")
+    nodes = [ir.Node("", "MatMul", [x2, a_value], outputs=[low])]
+    initializers = [a_value, b_value]
+    if layer.bias is None:
+        nodes.append(ir.Node("", "MatMul", [low, b_value], outputs=[y2]))
+    else:
+        bias = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
+        bias_value = _constant("c", bias.astype(np_dtype))
+        product = ir.Value(name="product")
+        nodes += [ir.Node("", "MatMul", [low, b_value], outputs=[product]),
+                  ir.Node("", "Add", [product, bias_value], outputs=[y2])]
+        initializers.append(bias_value)
+    return dense, _single_layer_model(nodes, x2, y2, initializers)
+
+
+def time_layer(
+    layer: Layer,
+    factors: tuple[np.ndarray, np.ndarray],
+    *,
+    provider: str,
+    batches: Sequence[int],
+    dims: Mapping[str, int],
+    threads: int = 0,
+    min_seconds: float = 0.3,
+) -> list[LayerTiming]:
+    """Median latency of the layer dense and factored, at each batch size, on ``provider``."""
+    dense_model, factored_model = _layer_models(layer, *factors)
+    dense = make_session(dense_model, provider, threads)
+    factored = make_session(factored_model, provider, threads)
+    rng = np.random.default_rng(0)
+    timings = []
+    for batch in batches:
+        rows = activation_rows(layer, batch, dims)
+        feed = {"x": rng.standard_normal((rows, layer.shape[0])).astype(layer.dtype.numpy())}
+        dense_s, factored_s = interleaved_times(dense, factored, feed, min_runs=10, min_seconds=min_seconds)
+        timings.append(LayerTiming(batch, rows, 1e3 * float(np.median(dense_s)), 1e3 * float(np.median(factored_s))))
+    return timings
+
+
+@dataclass(frozen=True)
+class LatencyGuard:
+    """Settings of the latency guard: where to time, at which batch sizes, and how strictly."""
+
+    target: str = "cpu"
+    batches: tuple[int, ...] = (1, 32)
+    threads: int = 0
+    margin: float = DEFAULT_MARGIN
+    layer_seconds: float = 0.3
+    model_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.batches or min(self.batches) < 1:
+            raise InvalidInputError(f"guard batch sizes must be positive, got {list(self.batches)}")
+        if not 0.0 <= self.margin < 1.0:
+            raise InvalidInputError(f"guard margin must be in [0, 1), got {self.margin}")
+        if self.layer_seconds <= 0 or self.model_seconds <= 0:
+            raise InvalidInputError("guard measuring times must be positive")
+
+    def provider(self) -> str:
+        """The target's execution provider, or a clear error when it cannot run here."""
+        try:
+            return discover_providers([self.target])[0][0]
+        except InvalidInputError as error:
+            raise InvalidInputError(f"--target {self.target}: {error}") from None
+
+    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
+        """Time every factored plan's layer; keep it dense where factoring is not faster."""
+        factored = [plan for plan in plans if plan.factored and plan.factors is not None]
+        for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
+            timings = tuple(time_layer(plan.layers[0], plan.factors, provider=provider, batches=self.batches,
+                                       dims=dims, threads=self.threads, min_seconds=self.layer_seconds))
+            reason = guard_verdict(timings, provider, self.margin)
+            plan.decisions = [dataclasses.replace(d, factored=not reason, reason=reason, timings=timings)
+                              for d in plan.decisions]
+            if reason:
+                plan.factors = None
+
+    def check_model(
+        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model
+    ) -> list[LatencyComparison]:
+        """The whole models timed against each other at the guard's batch sizes."""
+        comparisons = []
+        for batch in self.batches:
+            first, second = make_session(original, provider, self.threads), make_session(compressed, provider, self.threads)
+            feed = batch_feed(first, model, batch, dims)
+            times = interleaved_times(first, second, feed, min_seconds=self.model_seconds)
+            comparisons.append(compare_latency(provider, batch, *times))
+        return comparisons
+
+    @staticmethod
+    def regressions(comparisons: Sequence[LatencyComparison]) -> list[str]:
+        """A loud warning for each batch size where the compressed model's median is not faster."""
+        return [f"WARNING: the compressed model is SLOWER than the original at batch {c.batch} on "
+                f"{c.provider.removesuffix('ExecutionProvider')}: median {c.compressed.median_ms:.4g} ms vs "
+                f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]); "
+                "the layers' gains did not survive in the whole graph: do not ship it for this target"
+                for c in comparisons if c.ratio > 1.0]
