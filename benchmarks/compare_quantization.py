@@ -70,7 +70,7 @@ SAFE, UNSAFE = "safe", "unsafe"  # INT8 settings: per-channel signed weights wit
 QUANT_SETTINGS = {SAFE: {"per_channel": True, "reduce_range": True}, UNSAFE: {"per_channel": True, "reduce_range": False}}
 INT8_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-OP_PATTERN = re.compile(r"MatMul|Gemm|Quantiz|Attention")  # the ops worth listing in the op table
+OP_PATTERN = re.compile(r"matmul|gemm|quantiz|attention", re.IGNORECASE)  # the ops worth listing in the op table
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,11 @@ class Measured:
     ops_runtime: Counter = field(default_factory=Counter)
 
 
+_STARTED = time.perf_counter()
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(f"{time.perf_counter() - _STARTED:6.1f}s {message}", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -196,11 +199,11 @@ def take_rows(feed: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 
 
 def time_against_original(original: Path, variant: Path, feed: dict[str, np.ndarray], threads: int,
-                          seconds: float) -> tuple[np.ndarray, np.ndarray]:
+                          seconds: float, pairs: int) -> tuple[np.ndarray, np.ndarray]:
     """Seconds per call of (original, variant), interleaved; only these two sessions are live."""
     session_a = make_session(original, PROVIDER, threads)
     session_b = make_session(variant, PROVIDER, threads)
-    times = interleaved_times(session_a, session_b, feed, min_seconds=seconds)
+    times = interleaved_times(session_a, session_b, feed, min_runs=pairs, min_seconds=seconds)
     del session_a, session_b
     gc.collect()
     return times

@@ -83,7 +83,12 @@ def test_cuda_bench_runs(tmp_path: Path) -> None:
 
 
 def _big_weight_model(m: int, n: int) -> onnx.ModelProto:
-    model = make_linear_model(m, n, op="MatMul", x_shape=("batch", m))
+    """One MatMul with an m x n float32 weight (random normal: no decomposition needed to build it)."""
+    model = make_linear_model(8, 8, op="MatMul", x_shape=("batch", 8))
+    weight = np.random.default_rng(0).standard_normal((m, n), dtype=np.float32)
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(weight, "W"))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = m
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = n
     return model
 
 
