@@ -21,7 +21,7 @@ quantization ops in each file and after onnxruntime's graph optimizations, which
 ``quantize_dynamic`` did to the factored MatMul pairs.
 
 Usage: python benchmarks/compare_quantization.py [--models digits fashion minilm] [--seconds 2]
-       [--threads 0] [--batches 1 32] [--out benchmarks/results/quantization.md]
+       [--threads 0] [--pairs 10] [--batches 1 32] [--out benchmarks/results/quantization.md]
 """
 
 from __future__ import annotations
@@ -123,6 +123,15 @@ class Measured:
 _STARTED = time.perf_counter()
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How sessions are made and how long each case is timed."""
+
+    threads: int  # intra-op threads, 0 = onnxruntime default
+    seconds: float  # at least this long per variant and batch size
+    pairs: int  # and at least this many interleaved pairs
+
+
 def log(message: str) -> None:
     print(f"{time.perf_counter() - _STARTED:6.1f}s {message}", file=sys.stderr, flush=True)
 
@@ -198,26 +207,26 @@ def take_rows(feed: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     return {name: np.take(array, np.arange(rows) % len(array), axis=0) for name, array in feed.items()}
 
 
-def time_against_original(original: Path, variant: Path, feed: dict[str, np.ndarray], threads: int,
-                          seconds: float, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+def time_against_original(original: Path, variant: Path, feed: dict[str, np.ndarray],
+                          timing: Timing) -> tuple[np.ndarray, np.ndarray]:
     """Seconds per call of (original, variant), interleaved; only these two sessions are live."""
-    session_a = make_session(original, PROVIDER, threads)
-    session_b = make_session(variant, PROVIDER, threads)
-    times = interleaved_times(session_a, session_b, feed, min_runs=pairs, min_seconds=seconds)
+    session_a = make_session(original, PROVIDER, timing.threads)
+    session_b = make_session(variant, PROVIDER, timing.threads)
+    times = interleaved_times(session_a, session_b, feed, min_runs=timing.pairs, min_seconds=timing.seconds)
     del session_a, session_b
     gc.collect()
     return times
 
 
-def measure_latency(results: list[Measured], feeds: dict[int, dict[str, np.ndarray]], threads: int,
-                    seconds: float, name: str) -> dict[int, np.ndarray]:
+def measure_latency(results: list[Measured], feeds: dict[int, dict[str, np.ndarray]], timing: Timing,
+                    name: str) -> dict[int, np.ndarray]:
     """Each variant against the original at each batch size; returns the original's pooled times."""
     original = results[0].path
     pooled: dict[int, list[np.ndarray]] = {batch: [] for batch in feeds}
     for result in results[1:]:
         for batch, feed in feeds.items():
             log(f"[{name}] timing {result.variant.label} vs original, batch {batch}")
-            times_a, times_b = time_against_original(original, result.path, feed, threads, seconds)
+            times_a, times_b = time_against_original(original, result.path, feed, timing)
             result.latency[batch] = compare_latency(PROVIDER, batch, times_a, times_b)
             pooled[batch].append(times_a)
     return {batch: np.concatenate(parts) for batch, parts in pooled.items() if parts}
@@ -251,13 +260,14 @@ def measure_common(name: str, source: Path, variants: list[Variant], workdir: Pa
     return results
 
 
-def run_mlp(name: str, batches: Sequence[int], threads: int, seconds: float, workdir: Path) -> tuple[list[Measured], dict]:
+def run_mlp(name: str, batches: Sequence[int], timing: Timing, workdir: Path) -> tuple[list[Measured], dict]:
+    threads = timing.threads
     source, data = MODELS / f"{name}_mlp.onnx", MODELS / f"{name}_test.npz"
     results = measure_common(name, source, mlp_variants(), workdir, threads)
     reference = make_session(source, PROVIDER, threads)
     feed, labels = load_data(data, reference)
     del reference
-    pooled = measure_latency(results, {b: take_rows(feed, b) for b in batches}, threads, seconds, name)
+    pooled = measure_latency(results, {b: take_rows(feed, b) for b in batches}, timing, name)
     log(f"[{name}] accuracy on {data.name} ({len(labels):,} samples)")
     accuracy: dict[Variant, float] = {}
     for result in results:
@@ -278,13 +288,13 @@ def run_mlp(name: str, batches: Sequence[int], threads: int, seconds: float, wor
     return results, extra
 
 
-def run_minilm(batches: Sequence[int], threads: int, seconds: float, workdir: Path) -> tuple[list[Measured], dict]:
+def run_minilm(batches: Sequence[int], timing: Timing, workdir: Path) -> tuple[list[Measured], dict]:
     from text_eval import BUILD, cosine_rows, load_text_set, probe_accuracy, sentence_embeddings
 
-    results = measure_common("minilm", MINILM, minilm_variants(), workdir, threads)
+    results = measure_common("minilm", MINILM, minilm_variants(), workdir, timing.threads)
     with np.load(BUILD / "newsgroups.npz") as archive:
         tokens = {k: archive[k][:, :MINILM_SEQ] for k in TEXT_INPUTS}
-    pooled = measure_latency(results, {b: take_rows(tokens, b) for b in batches}, threads, seconds, "minilm")
+    pooled = measure_latency(results, {b: take_rows(tokens, b) for b in batches}, timing, "minilm")
     data = {name: load_text_set(name) for name in TEXT_SETS}
     log("[minilm] sentence embeddings and probes on " + ", ".join(TEXT_SETS))
     originals = {name: sentence_embeddings(MINILM, feed) for name, (feed, _) in data.items()}
@@ -383,7 +393,7 @@ def header(argv: list[str], args: argparse.Namespace, started: str, load_before:
         f"- sessions: {PROVIDER}, intra-op threads {threads}, inter-op threads default (sequential executor),"
         " intra-op thread spinning off (`session.intra_op.allow_spinning=0`), graph optimization level default (ALL)",
         f"- latency: each variant is timed interleaved against the original (A B, B A, ...; 5 warm-up calls each;"
-        f" at least {args.seconds:g} s and 20 pairs per batch size), one pair of sessions live at a time;"
+        f" at least {args.seconds:g} s and {args.pairs} pairs per variant and batch size), one pair of sessions live at a time;"
         " `bN ms` = median ms per call at batch N; ratio = median of the per-pair variant/original ratios"
         " (below 1 = faster) with the p10-p90 of those ratios; the original's ms is the median of its runs"
         " pooled over all its pairs",
@@ -402,11 +412,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: all available (MiniLM only when models/build/minilm.onnx exists)")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum measuring time per variant and batch size")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = onnxruntime default")
+    parser.add_argument("--pairs", type=int, default=10, help="minimum interleaved pairs per variant and batch size")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batches):
         parser.error("batch sizes must be positive")
+    if args.pairs < 1 or args.seconds < 0 or args.threads < 0:
+        parser.error("--pairs must be positive, --seconds and --threads not negative")
+    timing = Timing(args.threads, args.seconds, args.pairs)
     models = list(dict.fromkeys(args.models or ALL_MODELS))
     notes = []
     if "minilm" in models and not MINILM.exists():
@@ -423,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         for name in models:
             if name == "minilm":
-                results, extra = run_minilm(args.batches, args.threads, args.seconds, workdir)
+                results, extra = run_minilm(args.batches, timing, workdir)
                 lengths = ", ".join(f"{n} {length}" for n, length in extra["lengths"].items())
                 intro = (f"`models/build/minilm.onnx` (all-MiniLM-L6-v2). Latency feeds: the first N newsgroups rows"
                          f" at sequence length {MINILM_SEQ} (real tokens, padded to {MINILM_SEQ}). Quality: mean-pooled"
@@ -433,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                          f" on polarity).")
                 quality = [*(f"{n} cos mean / min" for n in TEXT_SETS), *(f"{n} probe" for n in TEXT_SETS)]
             else:
-                results, extra = run_mlp(name, args.batches, args.threads, args.seconds, workdir)
+                results, extra = run_mlp(name, args.batches, timing, workdir)
                 intro = (f"`models/{name}_mlp.onnx`. Latency feeds: the first N rows of `{extra['data']}`."
                          f" Quality on all {extra['samples']:,} test samples: top-1 accuracy, macro-F1, accuracy"
                          f" change vs the original in points, and mean cosine of the logits with the original's.")

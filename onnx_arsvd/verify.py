@@ -135,6 +135,11 @@ def generated_batches(
 
     Floats are standard normal; integers index validly into the embedding table they feed, else 0 or 1.
     """
+    dynamic = {str(d) for arg in session.get_inputs() for d in arg.shape if not (isinstance(d, int) and d >= 0)}
+    unknown = sorted(set(dims) - dynamic)
+    if unknown:
+        raise InvalidInputError(f"--dim {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
+                                f"{', '.join(sorted(dynamic)) or 'none'}")
     rng = np.random.default_rng(seed)
     bounds = _index_bounds(model) if model is not None else {}
     batches: list[Feed] = []

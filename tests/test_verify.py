@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import verify
+from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.verify import _compare, generated_batches, macro_f1, make_session, split_batches
 from tests.conftest import make_mlp
 
@@ -70,3 +71,10 @@ def test_verify_detects_a_changed_model() -> None:
     different = verify(original, changed, samples=3, dims={"batch": 5})
     assert identical.samples == 15 and identical.outputs[0].max_abs_error == 0.0
     assert different.outputs[0].max_abs_error > 0.01 and different.outputs[0].mean_cosine < 1.0
+
+
+def test_unknown_dim_name_is_an_error() -> None:
+    model = _embedding_model()
+    session = make_session(model.SerializeToString())
+    with pytest.raises(InvalidInputError, match=r"--dim sequence: no dynamic dimension of that name; the model's are: batch, seq"):
+        generated_batches(session, ir.from_proto(model), {"sequence": 16}, samples=1)
