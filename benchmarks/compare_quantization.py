@@ -65,6 +65,7 @@ TEXT_SETS = ("polarity", "newsgroups")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MINILM_SEQ = 128  # latency feeds: newsgroups rows at the length they were tokenized to (padded to 128)
 COMBINED_TAU = 0.9
+WARMUP = 3  # untimed calls of each session before timing (MiniLM at batch 32 takes about 0.4 s a call)
 PROVIDER = "CPUExecutionProvider"
 SAFE, UNSAFE = "safe", "unsafe"  # INT8 settings: per-channel signed weights with / without reduce_range
 QUANT_SETTINGS = {SAFE: {"per_channel": True, "reduce_range": True}, UNSAFE: {"per_channel": True, "reduce_range": False}}
@@ -212,7 +213,8 @@ def time_against_original(original: Path, variant: Path, feed: dict[str, np.ndar
     """Seconds per call of (original, variant), interleaved; only these two sessions are live."""
     session_a = make_session(original, PROVIDER, timing.threads)
     session_b = make_session(variant, PROVIDER, timing.threads)
-    times = interleaved_times(session_a, session_b, feed, min_runs=timing.pairs, min_seconds=timing.seconds)
+    times = interleaved_times(session_a, session_b, feed, warmup=WARMUP, min_runs=timing.pairs,
+                              min_seconds=timing.seconds)
     del session_a, session_b
     gc.collect()
     return times
@@ -232,15 +234,20 @@ def measure_latency(results: list[Measured], feeds: dict[int, dict[str, np.ndarr
     return {batch: np.concatenate(parts) for batch, parts in pooled.items() if parts}
 
 
+def ms(value: float) -> str:
+    return f"{value:.4f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
 def latency_cells(result: Measured, pooled: dict[int, np.ndarray], batches: Sequence[int]) -> list[str]:
+    """Per batch size: 'variant ms / original ms in the same pairs', and the ratio with [p10, p90]."""
     cells = []
     for batch in batches:
         if result.variant == ORIGINAL:
             stats = latency_stats(pooled[batch], batch) if batch in pooled else None
-            cells += [f"{stats.median_ms:.3f}" if stats else "—", "1"]
+            cells += [ms(stats.median_ms) if stats else "—", "1"]
         else:
             comparison = result.latency[batch]
-            cells += [f"{comparison.compressed.median_ms:.3f}",
+            cells += [f"{ms(comparison.compressed.median_ms)} / {ms(comparison.original.median_ms)}",
                       f"{comparison.ratio:.2f} [{comparison.ratio_p10:.2f}, {comparison.ratio_p90:.2f}]"]
     return cells
 
@@ -326,7 +333,7 @@ def table(headers: list[str], rows: list[list[str]], left: int = 2) -> str:
 
 
 def latency_headers(batches: Sequence[int]) -> list[str]:
-    return [h for b in batches for h in (f"b{b} ms", f"b{b} ratio [p10, p90]")]
+    return [h for b in batches for h in (f"b{b} ms (vs orig)", f"b{b} ratio [p10, p90]")]
 
 
 def model_section(title: str, results: list[Measured], extra: dict, batches: Sequence[int], quality: list[str],
@@ -392,11 +399,12 @@ def header(argv: list[str], args: argparse.Namespace, started: str, load_before:
         f"- versions: {package_versions(('onnx-arsvd', 'onnx', 'onnxruntime', 'onnx-ir', 'numpy', 'scikit-learn'))}",
         f"- sessions: {PROVIDER}, intra-op threads {threads}, inter-op threads default (sequential executor),"
         " intra-op thread spinning off (`session.intra_op.allow_spinning=0`), graph optimization level default (ALL)",
-        f"- latency: each variant is timed interleaved against the original (A B, B A, ...; 5 warm-up calls each;"
+        f"- latency: each variant is timed interleaved against the original (A B, B A, ...;"
         f" at least {args.seconds:g} s and {args.pairs} pairs per variant and batch size), one pair of sessions live at a time;"
-        " `bN ms` = median ms per call at batch N; ratio = median of the per-pair variant/original ratios"
-        " (below 1 = faster) with the p10-p90 of those ratios; the original's ms is the median of its runs"
-        " pooled over all its pairs",
+        f" {WARMUP} warm-up calls each; `bN ms (vs orig)` = median ms per call at batch N of the variant / of the"
+        " original in the same pairs (the original row: the median of its runs pooled over all pairs); ratio ="
+        " median of the per-pair variant/original ratios (below 1 = faster) with the p10-p90 of those ratios."
+        " Compare ratios, not ms across rows: the load on the machine can change between pairs",
         f"- INT8 = `onnxruntime.quantization.quantize_dynamic(model, out, weight_type=QuantType.QInt8,"
         f" per_channel=True, reduce_range=True)` unless marked unsafe (`reduce_range=False`); other arguments"
         " default (every op type it supports, so Gather on constant tables is quantized too)",

@@ -177,7 +177,7 @@ def compress(
         report.file_bytes_after = model_file_bytes(output)
         if isinstance(model, (str, os.PathLike)):
             report.file_bytes_before = model_file_bytes(model)
-    if guard is not None:
+    if guard is not None and report.factored:
         original_source = _source(model)[0]
         compressed_source = os.fspath(output) if output is not None else _source(loaded)[0]
         report.latency_check = guard.check_model(original_source, compressed_source, provider, dims or {}, loaded)

@@ -59,7 +59,11 @@ class LatencyStats:
 
 @dataclass(frozen=True)
 class LatencyComparison:
-    """Original vs compressed on one provider at one batch size."""
+    """Original vs compressed on one provider at one batch size.
+
+    ``ratio`` is the median of the per-pair ratios compressed / original; ``slower_pairs`` counts the
+    pairs in which the compressed model took longer.
+    """
 
     provider: str
     batch: int
@@ -68,6 +72,13 @@ class LatencyComparison:
     ratio: float
     ratio_p10: float
     ratio_p90: float
+    slower_pairs: int
+    pairs: int
+
+    @property
+    def significantly_slower(self) -> bool:
+        """One-sided sign test at the 1% level: compressed slower in more pairs than chance explains."""
+        return self.slower_pairs > 0.5 * self.pairs + 1.163 * self.pairs**0.5
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,8 @@ def compare_latency(provider: str, batch: int, original: np.ndarray, compressed:
         ratio=float(np.median(ratios)),
         ratio_p10=float(np.percentile(ratios, 10)),
         ratio_p90=float(np.percentile(ratios, 90)),
+        slower_pairs=int(np.sum(compressed > original)),
+        pairs=len(ratios),
     )
 
 

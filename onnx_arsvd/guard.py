@@ -183,9 +183,14 @@ class LatencyGuard:
 
     @staticmethod
     def regressions(comparisons: Sequence[LatencyComparison]) -> list[str]:
-        """A loud warning for each batch size where the compressed model's median is not faster."""
+        """A loud warning for each batch size where the compressed model is slower beyond the noise.
+
+        Slower means: a higher median, and slower in more interleaved pairs than chance explains
+        (one-sided sign test at 1%), so an unchanged model's jitter never raises the alarm.
+        """
         return [f"WARNING: the compressed model is SLOWER than the original at batch {c.batch} on "
                 f"{c.provider.removesuffix('ExecutionProvider')}: median {c.compressed.median_ms:.4g} ms vs "
-                f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]); "
-                "the layers' gains did not survive in the whole graph: do not ship it for this target"
-                for c in comparisons if c.ratio > 1.0]
+                f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}], slower in "
+                f"{c.slower_pairs} of {c.pairs} pairs); the layers' gains did not survive in the whole graph: "
+                "do not ship it for this target"
+                for c in comparisons if c.ratio > 1.0 and c.significantly_slower]

@@ -50,6 +50,15 @@ def test_ratio_comes_from_the_pairs() -> None:
     assert result.ratio == 0.5
     assert result.ratio_p10 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 10))
     assert result.ratio_p90 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 90))
+    assert (result.slower_pairs, result.pairs) == (0, 5) and not result.significantly_slower
+
+
+def test_slower_needs_more_than_chance() -> None:
+    base = np.ones(100)
+    barely = compare_latency("CPUExecutionProvider", 1, base, np.where(np.arange(100) < 55, 1.01, 0.99))
+    clearly = compare_latency("CPUExecutionProvider", 1, base, np.where(np.arange(100) < 70, 1.01, 0.99))
+    assert barely.slower_pairs == 55 and not barely.significantly_slower  # 55 of 100: chance
+    assert clearly.significantly_slower  # 70 of 100 > 50 + 11.6
 
 
 def test_interleaved_times_measure_both_sessions_equally() -> None:
@@ -183,8 +192,8 @@ def test_guard_keeps_the_decision_its_measurements_support(tmp_path: Path) -> No
     assert [t.batch for t in decision.timings] == [1, 8]
     assert decision.factored == (guard_verdict(decision.timings, "CPUExecutionProvider") == "")
     assert decision.factored == (report.factored == 1)
-    assert [c.batch for c in report.latency_check] == [1, 8]
-    slower = [c for c in report.latency_check if c.ratio > 1.0]
+    assert [c.batch for c in report.latency_check] == ([1, 8] if decision.factored else [])
+    slower = [c for c in report.latency_check if c.ratio > 1.0 and c.significantly_slower]
     assert len([n for n in report.notes if "SLOWER" in n]) == len(slower)
 
 

@@ -1,0 +1,647 @@
+"""Do onnxruntime's graph optimisations still apply after the ARSVD rewrite, and what does a lost fusion cost?
+
+Each factored layer becomes MatMul(X, A) -> MatMul(., B) [-> Add(bias)]. This script checks, on the
+shipped MLP (``models/fashion_mlp.onnx``, 3 Gemm) and on all-MiniLM-L6-v2
+(``models/build/minilm.onnx``, 36 MatMul weights), original and energy tau 0.9 / 0.8:
+
+1. session-level optimisation: op counts of the graph onnxruntime saves at ORT_ENABLE_BASIC,
+   ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL (``optimized_model_filepath``);
+2. MiniLM only: the offline transformer optimiser
+   (``onnxruntime.transformers.optimizer.optimize_model``, model_type bert, 12 heads, hidden 384),
+   its fused-operator statistics, and which encoder layers get an Attention node. The shipped
+   export never gets Attention, even uncompressed (see the notes in the output), so a second,
+   "fusable" export is made here: the same model with the attention scale ``Mul(QK, 1/sqrt(32))``
+   written as ``Div(QK, sqrt(32))``, the pattern the fuser knows. Two routes that could keep the
+   fusion are measured too: compressing with Q/K/V excluded, and optimising first (with
+   MultiHeadAttention, which leaves the Q/K/V MatMul nodes in place) and compressing the optimised
+   graph;
+3. latency, original vs compressed, at default session optimisation and after the transformer
+   optimiser, batch 1 and 32 (MiniLM seq 128), timed pairwise interleaved with spinning off
+   (never more than two live sessions); and max |difference| of every optimised compressed model
+   from the same compressed model run with all graph optimisation disabled.
+
+Usage: python benchmarks/fusion_check.py [--seconds 2] [--threads 0] [--out benchmarks/results/fusion.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from onnx_arsvd import EnergyPolicy, compress
+from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, interleaved_times
+from onnx_arsvd.model_io import load_model
+from onnx_arsvd.verify import make_session
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = ROOT / "models" / "fashion_mlp.onnx"
+MINILM = ROOT / "models" / "build" / "minilm.onnx"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fusion.md"
+PROVIDER = "CPUExecutionProvider"
+TAUS = (0.9, 0.8)
+SEQ = 128
+NUM_HEADS, HIDDEN = 12, 384
+LEVELS = ("ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+BERT_OPT_LEVELS = (0, 1, 2)  # 1 is optimize_model's default for bert; timed models use it
+TIMED_OPT_LEVEL = 1
+# Op types worth a column (shown when some row has one), in this order.
+OPS = ["Gemm", "FusedGemm", "MatMul", "FusedMatMul", "MatMulNBits", "Add", "BiasGelu", "FastGelu", "Gelu",
+       "LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization", "Attention",
+       "MultiHeadAttention"]
+QKV = ("query", "key", "value")
+QKV_GLOB = "*/attention/self/*"
+LAYER_RE = re.compile(r"layer\.(\d+)/")
+
+
+def log(message: str) -> None:
+    print(f"[fusion_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph inspection
+# ---------------------------------------------------------------------------------------------
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def session_optimised(path: Path, level: str, out: Path) -> tuple[Counter, str]:
+    """Op counts of the graph onnxruntime saves at ``level``; falls back to EXTENDED if ALL cannot be saved."""
+    for attempt in (level, "ORT_ENABLE_EXTENDED") if level == "ORT_ENABLE_ALL" else (level,):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, attempt)
+        options.optimized_model_filepath = os.fspath(out)
+        options.log_severity_level = 3  # ALL warns that the saved graph may be hardware-specific
+        try:
+            ort.InferenceSession(os.fspath(path), options, providers=[PROVIDER])
+            return op_counts(onnx.load(os.fspath(out))), attempt
+        except Exception as error:  # onnxruntime raises its own types
+            log(f"saving {path.name} at {attempt} failed: {str(error).splitlines()[0]}")
+    raise RuntimeError(f"onnxruntime could not save an optimised {path.name}")
+
+
+@contextlib.contextmanager
+def quiet_logging() -> Iterator[None]:
+    """The transformer optimiser logs every failed pattern match at DEBUG and misses at WARNING."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@dataclass
+class BertResult:
+    """One run of the transformer optimiser."""
+
+    stats: dict[str, int]
+    counts: Counter
+    attention_layers: set[int]
+    seconds: float
+
+
+def bert_optimise(path: Path, opt_level: int, out: Path | None = None, mha: bool = False) -> BertResult:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = mha
+    started = time.perf_counter()
+    with quiet_logging():
+        optimised = optimize_model(os.fspath(path), model_type="bert", num_heads=NUM_HEADS, hidden_size=HIDDEN,
+                                   opt_level=opt_level, optimization_options=options)
+        stats = {op: n for op, n in optimised.get_fused_operator_statistics().items() if n}
+    if out is not None:
+        optimised.save_model_to_file(os.fspath(out))
+    model = optimised.model
+    return BertResult(stats, op_counts(model), attention_layers(model), time.perf_counter() - started)
+
+
+def attention_layers(model: onnx.ModelProto) -> set[int]:
+    """Encoder layers whose self-attention became one Attention / MultiHeadAttention node."""
+    layers = set()
+    for node in model.graph.node:
+        if node.op_type in ("Attention", "MultiHeadAttention"):
+            match = LAYER_RE.search(" ".join(node.output))
+            if match:
+                layers.add(int(match.group(1)))
+    return layers
+
+
+def fusable_export(source: Path, target: Path) -> int:
+    """Write ``source`` with each attention-scale ``Mul(QK, c)`` as ``Div(QK, 1/c)``; returns how many.
+
+    transformers 5 eager attention scales the scores with Mul after Q @ K^T, so the Add before the
+    Softmax has two Mul parents (scale and mask bias). The fuser takes the first Mul parent for
+    both the score path and the mask path, so one of the two never matches. With Div the match
+    is unambiguous. 1/c = sqrt(32) is not exact in float32, so outputs move by float rounding.
+    """
+    model = onnx.load(os.fspath(source))
+    constants = {node.output[0]: node.attribute[0].t for node in model.graph.node
+                 if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"}
+    initializers = {init.name: init for init in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Mul" or not node.name.endswith("attention/self/Mul"):
+            continue
+        name = node.input[1]
+        tensor = constants.get(name) or initializers.get(name)
+        if tensor is None:
+            continue
+        value = numpy_helper.to_array(tensor)
+        if value.size != 1:
+            continue
+        recip = f"{node.name}/arsvd_fusion_check_reciprocal"
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(1.0 / value, dtype=value.dtype), recip))
+        node.op_type, node.input[1] = "Div", recip
+        changed += 1
+    onnx.save(model, os.fspath(target))
+    return changed
+
+
+def qkv_factored(report) -> dict[int, tuple[bool, bool, bool]]:
+    """Per encoder layer: is each of query/key/value factored?"""
+    flags: dict[int, dict[str, bool]] = {}
+    for layer in report.layers:
+        match = LAYER_RE.search(layer.name)
+        proj = next((p for p in QKV if f"/self/{p}/" in layer.name), None)
+        if match and proj:
+            flags.setdefault(int(match.group(1)), {})[proj] = layer.factored
+    return {i: tuple(f.get(p, False) for p in QKV) for i, f in sorted(flags.items())}
+
+
+def ranks(report) -> list[int | None]:
+    return [layer.rank if layer.factored else None for layer in report.layers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def unoptimised_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A session with every graph optimisation off (make_session cannot set the level)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), options, providers=[PROVIDER])
+
+
+@dataclass
+class Timed:
+    group: str
+    label_a: str
+    label_b: str
+    comparison: LatencyComparison
+
+
+@dataclass
+class Diff:
+    model: str
+    against: str
+    max_abs: float
+    ref_max: float
+
+
+@dataclass
+class Section:
+    """Everything measured for one model."""
+
+    name: str
+    lines: list[str] = field(default_factory=list)
+    timed: list[Timed] = field(default_factory=list)
+    diffs: list[Diff] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
+
+
+def time_pair(paths: dict[str, Path], a: str, b: str, batch: int, dims: dict[str, int], args, ir_model,
+              heavy: bool) -> LatencyComparison:
+    session_a = make_session(paths[a], PROVIDER, args.threads)
+    session_b = make_session(paths[b], PROVIDER, args.threads)
+    try:
+        feed = batch_feed(session_a, ir_model, batch, dims)
+        # a MiniLM batch of 32 x 128 tokens takes seconds on 2 cores: fewer pairs, the time budget rules
+        warmup, min_runs = (1, 3) if heavy else (3, 10)
+        times_a, times_b = interleaved_times(session_a, session_b, feed, warmup=warmup, min_runs=min_runs,
+                                             min_seconds=args.seconds)
+    finally:
+        del session_a, session_b
+        gc.collect()
+    return compare_latency(PROVIDER, batch, times_a, times_b)
+
+
+def max_diffs(paths: dict[str, Path], reference: str, tests: Sequence[str], dims: dict[str, int], batch: int,
+              threads: int, ir_model, against: str | None = None) -> list[Diff]:
+    """max |test - reference| where reference runs with graph optimisation off, each test at the default level."""
+    ref_session = unoptimised_session(paths[reference], threads)
+    feed = batch_feed(ref_session, ir_model, batch, dims, seed=1)
+    expected = ref_session.run(None, feed)
+    out = []
+    for test in tests:
+        session = make_session(paths[test], PROVIDER, threads)
+        actual = session.run(None, feed)
+        del session
+        diff = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                   for x, y in zip(actual, expected))
+        ref_max = max(float(np.max(np.abs(y))) for y in expected)
+        out.append(Diff(test, against or f"{reference} (ORT_DISABLE_ALL)", diff, ref_max))
+    del ref_session
+    gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "l") -> list[str]:
+    spec = ["---"] + [("---:" if align == "r" else "---")] * (len(headers) - 1)
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join(spec) + "|",
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def count_table(rows: list[tuple[str, str, Counter]]) -> list[str]:
+    ops = [op for op in OPS if any(counts.get(op) for _, _, counts in rows)]
+    for must in ("MatMul", "Add"):
+        if must not in ops:
+            ops.append(must)
+    ops = [op for op in OPS if op in ops]
+    never = [op for op in OPS if op not in ops]
+    body = [[variant, level, *(counts.get(op, 0) for op in ops), sum(counts.values())]
+            for variant, level, counts in rows]
+    lines = table(["variant", "level", *ops, "all nodes"], body, align="r")
+    if never:
+        lines.append(f"\nNever present in these graphs: {', '.join(never)}.")
+    return lines
+
+
+def timing_table(timed: list[Timed]) -> list[str]:
+    rows = []
+    for t in timed:
+        c = t.comparison
+        rows.append([t.group, c.batch, t.label_a, t.label_b, f"{c.original.median_ms:.3g}", f"{c.compressed.median_ms:.3g}",
+                     f"**{c.ratio:.3f}** ({c.ratio_p10:.2f}-{c.ratio_p90:.2f})", c.original.runs])
+    return table(["comparison", "batch", "A", "B", "A median ms", "B median ms", "B/A (p10-p90 of pair ratios)", "pairs"],
+                 rows, align="r")
+
+
+def diff_table(diffs: list[Diff]) -> list[str]:
+    return table(["model (default session optimisation)", "reference", "max abs diff", "reference max abs"],
+                 [[d.model, d.against, f"{d.max_abs:.3g}", f"{d.ref_max:.3g}"] for d in diffs], align="r")
+
+
+def ratio(section: Section, a: str, b: str, batch: int) -> float | None:
+    for t in section.timed:
+        if t.label_a == a and t.label_b == b and t.comparison.batch == batch:
+            return t.comparison.ratio
+    return None
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The two models
+# ---------------------------------------------------------------------------------------------
+
+def compress_variants(source: Path, folder: Path, stem: str, exclude: Sequence[str] = ()) -> tuple[dict[str, Path], dict]:
+    paths, reports = {}, {}
+    for tau in TAUS:
+        label = f"tau {tau}"
+        paths[label] = folder / f"{stem}_{tau}.onnx"
+        _, reports[label] = compress(source, paths[label], policy=EnergyPolicy(tau), exclude=exclude, check=False)
+    return paths, reports
+
+
+def session_section(title: str, variants: dict[str, Path], folder: Path) -> tuple[list[str], dict[tuple[str, str], Counter], list[str]]:
+    rows, counts, notes = [], {}, []
+    for variant, path in variants.items():
+        for level in LEVELS:
+            got, used = session_optimised(path, level, folder / f"session_{path.stem}_{level}.onnx")
+            shown = level.removeprefix("ORT_ENABLE_") if used == level else f"{level.removeprefix('ORT_ENABLE_')} (saved at {used})"
+            if used != level:
+                notes.append(f"{variant}: {level} could not be saved; counted {used} instead")
+            rows.append((variant, shown, got))
+            counts[(variant, level)] = got
+    return [f"### {title}: session-level optimisation (saved optimised graph)", "", *count_table(rows), *(f"- {n}" for n in notes)], counts, notes
+
+
+def mlp_section(args, folder: Path) -> Section:
+    section = Section("fashion MLP")
+    log("MLP: compressing")
+    paths, reports = compress_variants(MLP, folder, "mlp")
+    variants = {"original": MLP, **paths}
+    lines, counts, _ = session_section("fashion MLP", variants, folder)
+    section.lines += [f"MLP ranks (None = dense): " + "; ".join(f"{k}: {ranks(r)}" for k, r in reports.items()), "", *lines, ""]
+    fused = {v: counts[(v, "ORT_ENABLE_ALL")].get("FusedGemm", 0) for v in variants}
+    gemm_basic = {v: counts[(v, "ORT_ENABLE_BASIC")].get("Gemm", 0) for v in variants}
+    fmm = {v: counts[(v, "ORT_ENABLE_ALL")].get("FusedMatMul", 0) for v in variants}
+    section.facts.append(
+        "MLP, session level: FusedGemm (Gemm+Relu) count at ALL is "
+        + ", ".join(f"{v} {n}" for v, n in fused.items())
+        + "; Gemm count at BASIC " + ", ".join(f"{v} {n}" for v, n in gemm_basic.items())
+        + " (onnxruntime turns the factored MatMul(., B) + Add(bias) back into a Gemm for 2-D input at BASIC)"
+        + "; FusedMatMul at ALL " + ", ".join(f"{v} {n}" for v, n in fmm.items())
+        + " (the first factor's MatMul absorbs the input Div by 255, which the original Gemm could not)."
+    )
+    log("MLP: timing")
+    ir_model = load_model(MLP)
+    for batch in (1, 32):
+        for tau in TAUS:
+            c = time_pair(variants, "original", f"tau {tau}", batch, {}, args, ir_model, heavy=False)
+            section.timed.append(Timed("plain (default session optimisation)", "original", f"tau {tau}", c))
+    section.diffs += max_diffs(variants, "original", ["original"], {}, 4, args.threads, ir_model)
+    for tau in TAUS:
+        section.diffs += max_diffs(variants, f"tau {tau}", [f"tau {tau}"], {}, 4, args.threads, ir_model)
+    return section
+
+
+def minilm_section(args, folder: Path) -> Section:
+    section = Section("MiniLM")
+    dims = {"seq": SEQ}
+    ir_model = load_model(MINILM)
+
+    log("MiniLM: compressing the shipped export")
+    shipped, shipped_reports = compress_variants(MINILM, folder, "minilm")
+    variants = {"original": MINILM, **shipped}
+    log("MiniLM: session-level optimisation")
+    lines, counts, _ = session_section("MiniLM (shipped export)", variants, folder)
+    section.lines += [*lines, ""]
+    for tau in TAUS:
+        r = shipped_reports[f"tau {tau}"]
+        section.facts.append(
+            f"MiniLM tau {tau} factors {r.factored}/{len(r.layers)} layers; at every session level its MatMul count "
+            f"is the original's + {counts[(f'tau {tau}', 'ORT_ENABLE_ALL')]['MatMul'] - counts[('original', 'ORT_ENABLE_ALL')]['MatMul']}"
+            f" and its FusedMatMul / BiasGelu / LayerNormalization counts at ALL are "
+            f"{counts[(f'tau {tau}', 'ORT_ENABLE_ALL')].get('FusedMatMul', 0)} / {counts[(f'tau {tau}', 'ORT_ENABLE_ALL')].get('BiasGelu', 0)}"
+            f" / {counts[(f'tau {tau}', 'ORT_ENABLE_ALL')].get('LayerNormalization', 0)} (original: "
+            f"{counts[('original', 'ORT_ENABLE_ALL')].get('FusedMatMul', 0)} / {counts[('original', 'ORT_ENABLE_ALL')].get('BiasGelu', 0)}"
+            f" / {counts[('original', 'ORT_ENABLE_ALL')].get('LayerNormalization', 0)}).")
+
+    # ---- the fusable export and its variants
+    log("MiniLM: fusable export and its variants")
+    fusable = folder / "minilm_fusable.onnx"
+    changed = fusable_export(MINILM, fusable)
+    f_paths, f_reports = compress_variants(fusable, folder, "minilm_fusable")
+    same_ranks = all(ranks(f_reports[k]) == ranks(shipped_reports[k]) for k in f_reports)
+    excl_path = folder / "minilm_fusable_qkv_dense_0.8.onnx"
+    _, excl_report = compress(fusable, excl_path, policy=EnergyPolicy(0.8), exclude=[QKV_GLOB], check=False)
+
+    # ---- transformer optimiser statistics
+    log("MiniLM: transformer optimiser")
+    bert_rows = []
+    paths: dict[str, Path] = {"original": MINILM, **shipped,
+                              "fusable original": fusable, **{f"fusable {k}": p for k, p in f_paths.items()},
+                              "fusable tau 0.8, Q/K/V dense": excl_path}
+    bert: dict[tuple[str, int], BertResult] = {}
+    for label in paths:
+        for level in BERT_OPT_LEVELS:
+            target = None
+            if level == TIMED_OPT_LEVEL:
+                target = folder / f"bert_{Path(paths[label]).stem}.onnx"
+            result = bert_optimise(paths[label], level, target)
+            bert[(label, level)] = result
+            if target is not None:
+                paths[f"{label} +opt"] = target
+            bert_rows.append((label, level, result))
+    # optimise first with MultiHeadAttention (Q/K/V MatMul nodes stay), then compress the optimised graph
+    mha_original = folder / "bert_mha_fusable.onnx"
+    mha_result = bert_optimise(fusable, TIMED_OPT_LEVEL, mha_original, mha=True)
+    paths["MHA-opt original"] = mha_original
+    bert_rows.append(("MHA-opt original", TIMED_OPT_LEVEL, mha_result))
+    mha_reports = {}
+    for tau in TAUS:
+        label = f"MHA-opt then tau {tau}"
+        paths[label] = folder / f"bert_mha_fusable_then_{tau}.onnx"
+        _, mha_reports[tau] = compress(mha_original, paths[label], policy=EnergyPolicy(tau), check=False)
+        model = onnx.load(os.fspath(paths[label]))
+        bert_rows.append((label, "(compressed after)", BertResult({op: n for op, n in op_counts(model).items()
+                                                                    if op in ("EmbedLayerNormalization", "MultiHeadAttention",
+                                                                              "BiasGelu", "SkipLayerNormalization",
+                                                                              "LayerNormalization")},
+                                                                   op_counts(model), attention_layers(model), 0.0)))
+    stat_ops = sorted({op for _, _, r in bert_rows for op in r.stats},
+                      key=lambda op: (OPS.index(op) if op in OPS else len(OPS), op))
+    body = [[label, level, *(r.stats.get(op, 0) for op in stat_ops), r.counts.get("MatMul", 0),
+             ", ".join(map(str, sorted(r.attention_layers))) or "-"] for label, level, r in bert_rows]
+    section.lines += [
+        "### MiniLM: transformer optimiser (`optimize_model(..., model_type='bert', num_heads=12, hidden_size=384)`)",
+        "",
+        f"`get_fused_operator_statistics()` (non-zero entries), plain MatMul count, and the encoder layers whose self-attention "
+        f"became one Attention/MultiHeadAttention node. 'fusable' = the shipped export with the {changed} attention-scale Mul "
+        f"nodes written as Div (see notes); its compressed variants have the same ranks as the shipped export's: "
+        f"{'yes' if same_ranks else 'NO'}. 'MHA-opt' = optimised with `use_multi_head_attention=True` at opt_level "
+        f"{TIMED_OPT_LEVEL}; 'then tau' rows compress that optimised graph (counts read from the compressed file).",
+        "",
+        *table(["variant", "opt_level", *stat_ops, "MatMul", "Attention in layers"], body, align="r"),
+        "",
+    ]
+    # per-layer table
+    per_layer = []
+    flags = {k: qkv_factored(r) for k, r in f_reports.items()}
+    flags["tau 0.8, Q/K/V dense"] = qkv_factored(excl_report)
+    lost_rule_ok = True
+    for i in sorted(flags["tau 0.9"]):
+        row = [i]
+        for key, label in (("tau 0.9", "fusable tau 0.9"), ("tau 0.8", "fusable tau 0.8"),
+                           ("tau 0.8, Q/K/V dense", "fusable tau 0.8, Q/K/V dense")):
+            q = flags[key][i]
+            fused = i in bert[(label, TIMED_OPT_LEVEL)].attention_layers
+            lost_rule_ok &= fused == (not any(q))
+            row += ["".join(p[0] for p, f in zip(("q", "k", "v"), q) if f) or "-", "yes" if fused else "**no**"]
+        row += ["yes" if i in r.attention_layers else "**no**" for _, lvl, r in bert_rows if lvl == "(compressed after)"]
+        per_layer.append(row)
+    section.lines += [
+        f"### MiniLM: Attention per encoder layer (fusable export, opt_level {TIMED_OPT_LEVEL})",
+        "",
+        "Factored = which of the query/key/value projections the rewrite factored.",
+        "",
+        *table(["layer", "tau 0.9 factored", "tau 0.9 Attention", "tau 0.8 factored", "tau 0.8 Attention",
+                "tau 0.8 Q/K/V dense: factored", "Attention", *(f"MHA-opt then tau {t}: MHA" for t in TAUS)], per_layer),
+        "",
+    ]
+    orig_att = len(bert[("fusable original", TIMED_OPT_LEVEL)].attention_layers)
+    shipped_att = len(bert[("original", TIMED_OPT_LEVEL)].attention_layers)
+    for tau in TAUS:
+        kept = len(bert[(f"fusable tau {tau}", TIMED_OPT_LEVEL)].attention_layers)
+        with_qkv = sum(any(v) for v in flags[f"tau {tau}"].values())
+        section.facts.append(
+            f"Transformer optimiser, fusable export, tau {tau}: Attention fusion is lost in {orig_att - kept} of {orig_att} "
+            f"layers; {with_qkv} layers have at least one of Q/K/V factored. EmbedLayerNormalization: original "
+            f"{bert[('fusable original', TIMED_OPT_LEVEL)].stats.get('EmbedLayerNormalization', 0)}, compressed "
+            f"{bert[(f'fusable tau {tau}', TIMED_OPT_LEVEL)].stats.get('EmbedLayerNormalization', 0)}.")
+    section.facts.append(
+        "Rule 'a layer keeps Attention exactly when none of its Q/K/V projections is factored' holds in every layer and "
+        f"variant measured: {'yes' if lost_rule_ok else 'NO'}. (The fuser requires the three projection MatMul nodes to "
+        "read the LayerNorm output directly; a factored projection's second MatMul reads the rank-k intermediate.)")
+    section.facts.append(
+        f"Shipped export: Attention fused in {shipped_att} of 6 layers even uncompressed; SkipLayerNormalization / BiasGelu "
+        f"after the optimiser: original {bert[('original', TIMED_OPT_LEVEL)].stats.get('SkipLayerNormalization', 0)} / "
+        f"{bert[('original', TIMED_OPT_LEVEL)].stats.get('BiasGelu', 0)}, "
+        + ", ".join(f"tau {t} {bert[(f'tau {t}', TIMED_OPT_LEVEL)].stats.get('SkipLayerNormalization', 0)} / "
+                    f"{bert[(f'tau {t}', TIMED_OPT_LEVEL)].stats.get('BiasGelu', 0)}" for t in TAUS) + ".")
+    excl = bert[("fusable tau 0.8, Q/K/V dense", TIMED_OPT_LEVEL)]
+    section.facts.append(
+        f"Excluding Q/K/V (`exclude=['{QKV_GLOB}']`, tau 0.8: {excl_report.factored}/{len(excl_report.layers)} layers factored, "
+        f"dense params kept {excl_report.dense_params_after / excl_report.dense_params_before:.1%} vs "
+        f"{f_reports['tau 0.8'].dense_params_after / f_reports['tau 0.8'].dense_params_before:.1%} with Q/K/V factored) keeps "
+        f"Attention in {len(excl.attention_layers)} of 6 layers.")
+    section.facts.append(
+        "Optimising first with MultiHeadAttention and compressing the optimised graph: "
+        + ", ".join(f"tau {t} factors {mha_reports[t].factored}/{len(mha_reports[t].layers)} layers and keeps "
+                    f"MultiHeadAttention in {len(next(r for l, lv, r in bert_rows if l == f'MHA-opt then tau {t}').attention_layers)} of 6"
+                    for t in TAUS) + ".")
+
+    # ---- latency
+    log("MiniLM: timing")
+    plan = [  # (group, A, B, batches)
+        ("plain (default session optimisation)", "original", "tau 0.9", (1,)),
+        ("plain (default session optimisation)", "original", "tau 0.8", (1, 32)),
+        ("optimiser, shipped export (no Attention in either)", "original +opt", "tau 0.9 +opt", (1,)),
+        ("optimiser, shipped export (no Attention in either)", "original +opt", "tau 0.8 +opt", (1, 32)),
+        ("optimiser, fusable export (Attention lost where Q/K/V factored)", "fusable original +opt", "fusable tau 0.9 +opt", (1,)),
+        ("optimiser, fusable export (Attention lost where Q/K/V factored)", "fusable original +opt", "fusable tau 0.8 +opt", (1, 32)),
+        ("optimise (MHA) first, then compress", "MHA-opt original", "MHA-opt then tau 0.9", (1,)),
+        ("optimise (MHA) first, then compress", "MHA-opt original", "MHA-opt then tau 0.8", (1, 32)),
+        ("what the optimiser buys", "original", "original +opt", (1,)),
+        ("what the optimiser buys", "fusable original", "fusable original +opt", (1, 32)),
+        ("what the optimiser buys", "fusable tau 0.8", "fusable tau 0.8 +opt", (1,)),
+        ("what the optimiser buys", "fusable original +opt", "MHA-opt original", (1,)),
+    ]
+    paths.update({f"fusable {k}": p for k, p in f_paths.items()})
+    for batch in (1, 32):
+        for group, a, b, batches in plan:
+            if batch not in batches:
+                continue
+            log(f"  batch {batch}: {a} vs {b}")
+            c = time_pair(paths, a, b, batch, dims, args, ir_model, heavy=batch >= 32)
+            section.timed.append(Timed(group, a, b, c))
+
+    # ---- numerics: every optimised compressed model against the same compressed model, unoptimised
+    log("MiniLM: numerical checks")
+    section.diffs += max_diffs(paths, "original", ["original", "original +opt", "fusable original",
+                                                   "fusable original +opt", "MHA-opt original"], dims, 2, args.threads, ir_model)
+    for tau in TAUS:
+        section.diffs += max_diffs(paths, f"tau {tau}", [f"tau {tau}", f"tau {tau} +opt"], dims, 2, args.threads, ir_model)
+        section.diffs += max_diffs(paths, f"fusable tau {tau}", [f"fusable tau {tau}", f"fusable tau {tau} +opt",
+                                                                 f"MHA-opt then tau {tau}"], dims, 2, args.threads, ir_model)
+    return section
+
+
+def header(argv: list[str], args, seconds_total: float | None) -> list[str]:
+    threads = args.threads or f"onnxruntime default ({os.cpu_count()} CPUs)"
+    versions = ", ".join(f"{p} {version(p)}" for p in ("onnx-arsvd", "onnx", "onnxruntime", "onnx-ir", "numpy"))
+    return [
+        "# Do onnxruntime's fusions survive the ARSVD rewrite?",
+        "",
+        f"- command: `{shlex.join(['python', *argv])}`",
+        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        + (f"; wall time {seconds_total:.0f} s" if seconds_total is not None else ""),
+        f"- platform: {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}",
+        f"- versions: {versions}",
+        f"- provider {PROVIDER}; intra-op threads: {threads}; thread spinning off; timing: pairs run interleaved "
+        f"(A B, B A, ...) for at least {args.seconds:g} s per row (MiniLM batch 32: at least 3 pairs after 1 warm-up pair); "
+        f"ratio = median of per-pair B/A; MiniLM feeds are generated, batch x {SEQ} tokens.",
+        "- timings come from one run; on a shared or busy machine they are noisy, and p10-p90 shows how much.",
+        "",
+    ]
+
+
+NOTES = [
+    "## Notes",
+    "",
+    "- The shipped export gets no Attention fusion, even uncompressed: transformers 5 eager attention scales the scores with "
+    "`Mul` after Q @ K^T, so the `Add` before the Softmax has two `Mul` parents (scale, and the mask bias). "
+    "`fusion_attention.py` matches both the score path (`Softmax <- Add <- Mul <- MatMul`) and the mask path "
+    "(`Add <- Mul <- Sub <- Cast <- Unsqueeze <- Unsqueeze`) with 'first `Mul` parent', so one of them fails whatever the "
+    "input order ('failed to match mask path', or 'failed to match qk path' with the inputs swapped). The fusable export "
+    "writes the scale as `Div(QK, sqrt(32))`, which the fuser's path1 matches; it is an experiment made by this script, "
+    "not a change to the model file.",
+    "- Session-level counts at ORT_ENABLE_ALL come from a graph onnxruntime saves with a warning that it may contain "
+    "hardware-specific (NCHWc) changes; on this CPU and these models saving worked (a row says so if it fell back to EXTENDED).",
+    "- Transformer-optimised models are saved at opt_level 1 (the default for bert) and then loaded with the default "
+    "session optimisation (ORT_ENABLE_ALL) for timing and numerics.",
+    "",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="minimum seconds of interleaved timing per row")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    argv_shown = ["benchmarks/fusion_check.py", *(sys.argv[1:] if argv is None else argv)]
+    for path in (MLP, MINILM):
+        if not path.exists():
+            print(f"{path} missing (MiniLM: run python models/build_minilm.py first)", file=sys.stderr)
+            return 1
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fusion_check_") as tmp:
+        folder = Path(tmp)
+        mlp = mlp_section(args, folder)
+        minilm = minilm_section(args, folder)
+    elapsed = time.perf_counter() - started
+
+    lines = header(argv_shown, args, elapsed)
+    lines += ["## Conclusion (measured in this run)", ""]
+    lines += [f"- {fact}" for fact in mlp.facts + minilm.facts]
+    for tau in TAUS:
+        for batch in (1, 32):
+            plain = ratio(minilm, "original", f"tau {tau}", batch)
+            shipped_opt = ratio(minilm, "original +opt", f"tau {tau} +opt", batch)
+            att = ratio(minilm, "fusable original +opt", f"fusable tau {tau} +opt", batch)
+            mha = ratio(minilm, "MHA-opt original", f"MHA-opt then tau {tau}", batch)
+            if plain is None and att is None:
+                continue
+            lines.append(
+                f"- MiniLM tau {tau}, batch {batch}: compressed/original latency {fmt(plain)} at default session "
+                f"optimisation; {fmt(shipped_opt)} after the optimiser on the shipped export (same fusions on both sides); "
+                f"{fmt(att)} after the optimiser on the fusable export (original has Attention, compressed loses it where "
+                f"Q/K/V are factored); {fmt(mha)} when optimised with MultiHeadAttention first and compressed after.")
+    gain_att = {b: ratio(minilm, "fusable original", "fusable original +opt", b) for b in (1, 32)}
+    lines.append("- Optimiser on the fusable original (Attention, EmbedLayerNorm, SkipLayerNorm, BiasGelu) vs default session "
+                 "optimisation: latency ratio " + ", ".join(f"batch {b} {fmt(v)}" for b, v in gain_att.items()) + ".")
+    worst = max((d for d in mlp.diffs + minilm.diffs), key=lambda d: d.max_abs / max(d.ref_max, 1e-30))
+    lines.append(f"- Numerics: the largest max |optimised - unoptimised| over all {len(mlp.diffs) + len(minilm.diffs)} checks is "
+                 f"{worst.max_abs:.3g} ({worst.model} vs {worst.against}; outputs reach {worst.ref_max:.3g}).")
+    lines.append("")
+    lines += NOTES
+    lines += ["## fashion MLP", "", *mlp.lines, "#### Latency", "", *timing_table(mlp.timed), "",
+              "#### Numerics (generated feed, batch 4)", "", *diff_table(mlp.diffs), ""]
+    lines += ["## MiniLM", "", *minilm.lines, "#### Latency", "", *timing_table(minilm.timed), "",
+              f"#### Numerics (generated feed, batch 2 x {SEQ})", "",
+              "Each model at default session optimisation against the named model with all graph optimisation off.",
+              "", *diff_table(minilm.diffs), ""]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    log(f"wrote {args.out} in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
