@@ -133,7 +133,9 @@ def generated_batches(
 ) -> list[Feed]:
     """``samples`` random feeds built from the input types and shapes; dynamic dims from ``dims`` (default 1).
 
-    Floats are standard normal; integers index validly into the embedding table they feed, else 0 or 1.
+    Floats are standard normal; inputs named like ``*mask*`` are all ones (a random 0/1 mask has holes
+    that fused attention kernels, which read it as sequence lengths, do not support); other integers
+    index validly into the embedding table they feed, else are 0 or 1.
     """
     dynamic = {str(d) for arg in session.get_inputs() for d in arg.shape if not (isinstance(d, int) and d >= 0)}
     unknown = sorted(set(dims) - dynamic)
@@ -152,6 +154,8 @@ def generated_batches(
                 feed[node_arg.name] = rng.standard_normal(shape).astype(dtype)
             elif dtype == np.bool_:
                 feed[node_arg.name] = rng.integers(0, 2, shape).astype(bool)
+            elif "mask" in node_arg.name.lower():  # attention masks: fused attention assumes right padding
+                feed[node_arg.name] = np.ones(shape, dtype)
             elif np.issubdtype(dtype, np.integer):
                 feed[node_arg.name] = rng.integers(0, bounds.get(node_arg.name, 2), shape).astype(dtype)
             else:

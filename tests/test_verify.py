@@ -78,3 +78,13 @@ def test_unknown_dim_name_is_an_error() -> None:
     session = make_session(model.SerializeToString())
     with pytest.raises(InvalidInputError, match=r"--dim sequence: no dynamic dimension of that name; the model's are: batch, seq"):
         generated_batches(session, ir.from_proto(model), {"sequence": 16}, samples=1)
+
+
+def test_generated_masks_are_all_ones() -> None:
+    model = _embedding_model()
+    model.graph.input.append(onnx.helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]))
+    model.graph.node.append(onnx.helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("mask_f", TensorProto.FLOAT, ["batch", "seq"]))
+    session = make_session(model.SerializeToString())
+    (feed,) = generated_batches(session, ir.from_proto(model), {"batch": 2, "seq": 9}, samples=1)
+    assert np.all(feed["attention_mask"] == 1) and feed["attention_mask"].dtype == np.int64
