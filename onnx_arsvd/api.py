@@ -28,6 +28,7 @@ from onnx_arsvd.report import NOTHING_FACTORED_NOTE, Report
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.verify import (
     VerificationReport,
+    check_dims,
     compare_models,
     generated_batches,
     load_data,
@@ -164,6 +165,7 @@ def compress(
     _check_files(data=data, labels=labels)
     provider = guard.provider() if guard is not None else None
     loaded = to_model(model)
+    check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
     plans, excluded, order, skipped = _plan(loaded, settings, True, progress)
     if guard is not None:
         guard.apply(plans, provider, dims or {}, progress)

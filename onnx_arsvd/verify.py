@@ -18,6 +18,7 @@ __all__ = [
     "OutputComparison",
     "TaskScores",
     "VerificationReport",
+    "check_dims",
     "compare_models",
     "generated_batches",
     "load_data",
@@ -124,6 +125,14 @@ def _index_bounds(model: ir.Model) -> dict[str, int]:
     return bounds
 
 
+def check_dims(dynamic: set[str], dims: Mapping[str, int]) -> None:
+    """Every name in ``dims`` must be one of the model's dynamic input dimensions."""
+    unknown = sorted(set(dims) - dynamic)
+    if unknown:
+        raise InvalidInputError(f"--dim {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
+                                f"{', '.join(sorted(dynamic)) or 'none'}")
+
+
 def generated_batches(
     session: ort.InferenceSession,
     model: ir.Model | None,
@@ -137,11 +146,7 @@ def generated_batches(
     that fused attention kernels, which read it as sequence lengths, do not support); other integers
     index validly into the embedding table they feed, else are 0 or 1.
     """
-    dynamic = {str(d) for arg in session.get_inputs() for d in arg.shape if not (isinstance(d, int) and d >= 0)}
-    unknown = sorted(set(dims) - dynamic)
-    if unknown:
-        raise InvalidInputError(f"--dim {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
-                                f"{', '.join(sorted(dynamic)) or 'none'}")
+    check_dims({str(d) for arg in session.get_inputs() for d in arg.shape if not (isinstance(d, int) and d >= 0)}, dims)
     rng = np.random.default_rng(seed)
     bounds = _index_bounds(model) if model is not None else {}
     batches: list[Feed] = []

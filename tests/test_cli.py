@@ -156,6 +156,7 @@ def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_pat
         (["--policy", "magic"], "unknown policy 'magic'"),
         (["--policy", "ratio", "--tau", "0.9"], "--tau does not apply to --policy ratio"),
         (["--dim", "batch"], "--dim expects NAME=POSITIVE_INTEGER"),
+        (["--dim", "sequence=16"], "--dim sequence: no dynamic dimension of that name; the model's are: batch"),
         (["--data", "missing.npz"], "no such data file"),
         (["--labels", "missing.npy"], "no such labels file"),
         (["--max-rank-fraction", "0"], "max rank fraction must be positive"),
