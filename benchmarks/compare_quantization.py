@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # text_eval, whether run as a script or with -m
 
 from onnx_arsvd import EnergyPolicy, compress
-from onnx_arsvd.benchmark import LatencyComparison, compare_latency, interleaved_times, latency_stats
+from onnx_arsvd.benchmark import LatencyComparison, compare_latency, latency_stats, timed_rounds
 from onnx_arsvd.model_io import model_file_bytes
 from onnx_arsvd.verify import compare_models, load_data, make_session, split_batches
 
@@ -207,15 +207,12 @@ def take_rows(feed: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 
 
 def time_against_original(original: Path, variant: Path, feed: dict[str, np.ndarray],
-                          timing: Timing) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds per call of (original, variant), interleaved; only these two sessions are live."""
-    session_a = make_session(original, PROVIDER, timing.threads)
-    session_b = make_session(variant, PROVIDER, timing.threads)
-    times = interleaved_times(session_a, session_b, feed, warmup=WARMUP, min_runs=timing.pairs,
-                              min_seconds=timing.seconds)
-    del session_a, session_b
+                          timing: Timing) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seconds per call of (original, variant), interleaved, in 3 rounds of fresh sessions (two live at a time)."""
+    rounds = timed_rounds(original, variant, feed, provider=PROVIDER, threads=timing.threads,
+                          min_seconds=timing.seconds, min_runs=timing.pairs)
     gc.collect()
-    return times
+    return rounds
 
 
 def measure_latency(results: list[Measured], feeds: dict[int, dict[str, np.ndarray]], timing: Timing,
@@ -226,9 +223,9 @@ def measure_latency(results: list[Measured], feeds: dict[int, dict[str, np.ndarr
     for result in results[1:]:
         for batch, feed in feeds.items():
             log(f"[{name}] timing {result.variant.label} vs original, batch {batch}")
-            times_a, times_b = time_against_original(original, result.path, feed, timing)
-            result.latency[batch] = compare_latency(PROVIDER, batch, times_a, times_b)
-            pooled[batch].append(times_a)
+            rounds = time_against_original(original, result.path, feed, timing)
+            result.latency[batch] = compare_latency(PROVIDER, batch, rounds)
+            pooled[batch] += [times_a for times_a, _ in rounds]
     return {batch: np.concatenate(parts) for batch, parts in pooled.items() if parts}
 
 

@@ -55,7 +55,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnx_arsvd import EnergyPolicy, compress
-from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, interleaved_times
+from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, timed_rounds
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.verify import make_session
 
@@ -276,18 +276,12 @@ class Section:
 
 def time_pair(paths: dict[str, Path], a: str, b: str, batch: int, dims: dict[str, int], args, ir_model,
               heavy: bool) -> LatencyComparison:
-    session_a = make_session(paths[a], PROVIDER, args.threads)
-    session_b = make_session(paths[b], PROVIDER, args.threads)
-    try:
-        feed = with_mask(batch_feed(session_a, ir_model, batch, dims), "ones")  # no padding
-        # a MiniLM batch of 32 x 128 tokens takes seconds on 2 cores: fewer pairs, the time budget rules
-        warmup, min_runs = (1, 5) if heavy else (3, 10)
-        times_a, times_b = interleaved_times(session_a, session_b, feed, warmup=warmup, min_runs=min_runs,
-                                             min_seconds=args.seconds)
-    finally:
-        del session_a, session_b
-        gc.collect()
-    return compare_latency(PROVIDER, batch, times_a, times_b)
+    feed = with_mask(batch_feed(make_session(paths[a], PROVIDER, args.threads), ir_model, batch, dims), "ones")
+    # a MiniLM batch of 32 x 128 tokens takes seconds on 2 cores: fewer pairs, the time budget rules
+    rounds = timed_rounds(paths[a], paths[b], feed, provider=PROVIDER, threads=args.threads,
+                          min_seconds=args.seconds, min_runs=2 if heavy else 10)
+    gc.collect()
+    return compare_latency(PROVIDER, batch, rounds)
 
 
 def max_diffs(paths: dict[str, Path], reference: str, tests: Sequence[str], dims: dict[str, int], batch: int,

@@ -62,7 +62,8 @@ def cases() -> list[Case]:
 
 def _ratio(result: BenchmarkResult, batch: int) -> str:
     (c,) = [c for c in result.latency if c.batch == batch]
-    return f"{c.ratio:.3f} [{c.ratio_p10:.2f}, {c.ratio_p90:.2f}]" + (" **slower**" if c.ratio > 1.0 and c.significantly_slower else "")
+    rounds = ", ".join(f"{r:.2f}" for r in c.round_ratios)
+    return f"{c.ratio:.3f} [{c.ratio_p10:.2f}, {c.ratio_p90:.2f}] ({rounds})" + (" **slower**" if c.consistently_slower else "")
 
 
 def _quality(result: BenchmarkResult) -> str:
@@ -120,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         f" --threads {args.threads}`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; {versions}",
         f"- CPU execution provider, intra-op threads {args.threads or 'default'}, spinning off; two sessions live, runs"
-        f" interleaved pairwise for >= {seconds:g} s per batch size; ratio = compressed / original per pair, median [p10, p90]",
-        "- **slower**: higher median and slower in more pairs than chance explains (one-sided sign test, 1%)",
+        f" interleaved pairwise for >= {seconds:g} s per batch size in all; ratio = compressed / original per pair",
+        "- each ratio cell: median of the per-pair ratios [p10, p90] (median of each of 3 rounds with fresh sessions);"
+        " **slower**: slower overall and in every round. Two sessions of one unchanged file differ by up to ~5% at"
+        " batch 1, so smaller differences are not resolved",
         "- limit = multiply-adds of the dense layers, compressed / original: the best ratio the factoring alone can give",
         "- RSS increase: resident memory a fresh process gains loading and running the model (batch 32)",
         "- MiniLM at sequence length 128; its quality is the cosine of last_hidden_state on generated token ids",

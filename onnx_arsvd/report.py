@@ -160,10 +160,11 @@ def format_report(report: Report, markdown: bool = False) -> str:
     if report.latency_check:
         parts.append("whole model, timed against the original:\n" + tabulate(
             [[c.provider.removesuffix("ExecutionProvider"), c.batch, f"{c.original.median_ms:.4g}",
-              f"{c.compressed.median_ms:.4g}", f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]"]
+              f"{c.compressed.median_ms:.4g}", f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]",
+              ", ".join(f"{r:.3f}" for r in c.round_ratios)]
              for c in report.latency_check],
-            ["provider", "batch", "orig median ms", "comp median ms", "ratio [p10, p90]"], tablefmt=style,
-            disable_numparse=True))
+            ["provider", "batch", "orig median ms", "comp median ms", "ratio [p10, p90]", "ratio per round"],
+            tablefmt=style, disable_numparse=True))
     if report.verification is not None:
         parts.append(format_verification(report.verification, markdown))
     parts.extend(report.notes)

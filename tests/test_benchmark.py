@@ -24,6 +24,7 @@ from onnx_arsvd.benchmark import (
     interleaved_times,
     latency_stats,
     measure_memory,
+    timed_rounds,
 )
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
@@ -46,19 +47,28 @@ def test_latency_stats() -> None:
 def test_ratio_comes_from_the_pairs() -> None:
     original = np.array([1.0, 2.0, 4.0, 1.0, 2.0])
     compressed = np.array([0.5, 1.0, 2.0, 1.0, 0.2])  # pair ratios .5 .5 .5 1 .1
-    result = compare_latency("CPUExecutionProvider", 1, original, compressed)
+    result = compare_latency("CPUExecutionProvider", 1, [(original[:3], compressed[:3]), (original[3:], compressed[3:])])
     assert result.ratio == 0.5
     assert result.ratio_p10 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 10))
     assert result.ratio_p90 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 90))
-    assert (result.slower_pairs, result.pairs) == (0, 5) and not result.significantly_slower
+    assert result.round_ratios == (0.5, pytest.approx(0.55))
+    assert result.original.runs == 5 and not result.consistently_slower
 
 
-def test_slower_needs_more_than_chance() -> None:
-    base = np.ones(100)
-    barely = compare_latency("CPUExecutionProvider", 1, base, np.where(np.arange(100) < 55, 1.01, 0.99))
-    clearly = compare_latency("CPUExecutionProvider", 1, base, np.where(np.arange(100) < 70, 1.01, 0.99))
-    assert barely.slower_pairs == 55 and not barely.significantly_slower  # 55 of 100: chance
-    assert clearly.significantly_slower  # 70 of 100 > 50 + 11.6
+def test_slower_only_when_every_round_agrees() -> None:
+    base = np.ones(10)
+    two_of_three = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.1), (base, base * 1.1), (base, base * 0.95)])
+    every_round = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.1), (base, base * 1.02), (base, base * 1.05)])
+    single_round = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.5)])
+    assert two_of_three.ratio > 1.0 and not two_of_three.consistently_slower
+    assert every_round.consistently_slower
+    assert not single_round.consistently_slower  # one pair of sessions cannot tell session noise apart
+
+
+def test_rounds_use_fresh_sessions() -> None:
+    model = make_mlp().SerializeToString()
+    rounds = timed_rounds(model, model, {"X": np.ones((2, 48), np.float32)}, rounds=3, min_seconds=0.0, min_runs=4)
+    assert len(rounds) == 3 and all(len(a) == len(b) == 4 for a, b in rounds)
 
 
 def test_interleaved_times_measure_both_sessions_equally() -> None:
@@ -193,7 +203,7 @@ def test_guard_keeps_the_decision_its_measurements_support(tmp_path: Path) -> No
     assert decision.factored == (guard_verdict(decision.timings, "CPUExecutionProvider") == "")
     assert decision.factored == (report.factored == 1)
     assert [c.batch for c in report.latency_check] == ([1, 8] if decision.factored else [])
-    slower = [c for c in report.latency_check if c.ratio > 1.0 and c.significantly_slower]
+    slower = [c for c in report.latency_check if c.consistently_slower]
     assert len([n for n in report.notes if "SLOWER" in n]) == len(slower)
 
 
