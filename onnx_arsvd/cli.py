@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--target", default="cpu", help="execution provider the guard times on: cpu (default), cuda, ...")
     compress.add_argument("--guard-seconds", type=float, default=0.3,
                           help="minimum measuring time per layer and batch size (default 0.3)")
+    compress.add_argument("--guard-margin", type=float, default=0.0, metavar="M",
+                          help="factor a layer only if it is at least M faster, e.g. 0.05 (default 0: any gain)")
     _add_policy_options(compress)
     _add_data_options(compress)
     _add_bench_options(compress)
@@ -191,7 +193,8 @@ def _run(args: argparse.Namespace) -> int:
             from onnx_arsvd.guard import LatencyGuard
 
             guard = LatencyGuard(target=args.target, batches=tuple(batches), threads=args.threads,
-                                 layer_seconds=args.guard_seconds, model_seconds=args.seconds)
+                                 margin=args.guard_margin, layer_seconds=args.guard_seconds,
+                                 model_seconds=args.seconds)
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
