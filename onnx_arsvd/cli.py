@@ -135,17 +135,17 @@ def _dims(pairs: Sequence[str]) -> dict[str, int]:
     return dims
 
 
+def _check_report_path(path: str | None) -> None:
+    if path and not Path(path).parent.is_dir():
+        raise InvalidInputError(f"{Path(path).parent}: report folder does not exist")
+
+
 def _write_text(path: str, text: str) -> None:
     """Write atomically: a temporary file beside ``path``, then rename."""
-    target = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=".onnx-arsvd-", dir=target.parent if target.parent.is_dir() else None)
-    if not target.parent.is_dir():
-        os.close(descriptor)
-        os.unlink(temporary)
-        raise InvalidInputError(f"{target.parent}: report folder does not exist")
+    descriptor, temporary = tempfile.mkstemp(prefix=".onnx-arsvd-", dir=Path(path).parent)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text + "\n")
-    os.replace(temporary, target)
+    os.replace(temporary, path)
 
 
 def _batches(text: str) -> list[int]:
@@ -158,12 +158,16 @@ def _batches(text: str) -> list[int]:
     return batches
 
 
+def _providers(args: argparse.Namespace) -> list[str] | None:
+    return args.providers.split(",") if args.providers else None
+
+
 def _bench(args: argparse.Namespace, original: str, compressed: str):
     from onnx_arsvd.benchmark import benchmark_models
 
     return benchmark_models(
         original, compressed, batches=_batches(args.batch), threads=args.threads, dims=_dims(args.dim),
-        providers=args.providers.split(",") if args.providers else None, min_seconds=args.seconds,
+        providers=_providers(args), min_seconds=args.seconds,
         memory=not args.no_memory, accuracy_data=args.data, progress=not args.quiet,
     )
 
@@ -180,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnx_arsvd import api
     from onnx_arsvd.report import format_report, format_verification, report_to_json, verification_to_dict
 
+    _check_report_path(args.report)
     if args.command == "inspect":
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
@@ -187,8 +192,12 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
-        if args.bench or args.guard:
-            batches = _batches(args.batch)  # a bad --batch must fail before anything is written
+        if args.bench or args.guard:  # bad benchmark options must fail before anything is written
+            batches = _batches(args.batch)
+        if args.bench:
+            from onnx_arsvd.benchmark import discover_providers
+
+            discover_providers(_providers(args))
         if args.guard:
             from onnx_arsvd.guard import LatencyGuard
 

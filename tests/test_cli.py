@@ -160,6 +160,9 @@ def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_pat
         (["--data", "missing.npz"], "no such data file"),
         (["--labels", "missing.npy"], "no such labels file"),
         (["--max-rank-fraction", "0"], "max rank fraction must be positive"),
+        (["--report", "nowhere/report.json"], "nowhere: report folder does not exist"),
+        (["--bench", "--providers", "nonesuch"], "no requested execution provider can run here"),
+        (["--bench", "--batch", "0"], "--batch expects positive integers"),
     ],
 )
 def test_bad_options_are_usage_errors(options: list[str], message: str, mlp_path: Path, tmp_path: Path,
@@ -181,3 +184,13 @@ def test_output_equal_to_input_is_refused(mlp_path: Path, capsys: pytest.Capture
 def test_usage_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compress"]) == 2
     assert main(["--help"]) == 0
+
+
+def test_compress_with_bench_reports_both(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "rank", "--rank", "4", "--min-params", "0",
+                 "--bench", "--batch", "2", "--seconds", "0.01", "--no-memory", "--json", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["factored_layers"] == 3
+    assert [c["batch"] for c in data["benchmark"]["latency"]] == [2]
+    assert data["benchmark"]["dense_flop_ratio"] == pytest.approx(data["dense_params_after"] / data["dense_params_before"])
