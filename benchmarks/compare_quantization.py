@@ -52,6 +52,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # text_eval, whether run as a script or with -m
 
+from results_io import write_result
 from onnx_arsvd import EnergyPolicy, compress
 from onnx_arsvd.benchmark import LatencyComparison, compare_latency, latency_stats, timed_rounds
 from onnx_arsvd.model_io import model_file_bytes
@@ -497,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                             *(f"- {line}" for line in pitfalls)]))
     text = "\n\n".join(parts) + "\n"
     print(text, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    write_result(text, args.out)
     return 0
 
 

@@ -40,7 +40,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 # The SVDs inside compress() use OpenBLAS; with its default thread count on a busy 2-core machine
@@ -54,6 +53,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from results_io import package_versions, write_result
 from onnx_arsvd import EnergyPolicy, compress
 from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, timed_rounds
 from onnx_arsvd.model_io import load_model
@@ -637,7 +637,7 @@ def minilm_section(args, folder: Path) -> Section:
 
 def header(argv: list[str], args, seconds_total: float | None) -> list[str]:
     threads = args.threads or f"onnxruntime default ({os.cpu_count()} CPUs)"
-    versions = ", ".join(f"{p} {version(p)}" for p in ("onnx-arsvd", "onnx", "onnxruntime", "onnx-ir", "numpy"))
+    versions = package_versions()
     return [
         "# Do onnxruntime's fusions survive the ARSVD rewrite?",
         "",
@@ -756,8 +756,7 @@ def main(argv: list[str] | None = None) -> int:
               "", *diff_table(minilm.diffs), ""]
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    write_result(text, args.out)
     log(f"wrote {args.out} in {elapsed:.0f} s")
     return 0
 

@@ -18,9 +18,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
+from results_io import package_versions, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
 from onnx_arsvd.benchmark import BenchmarkResult, benchmark_models
 from onnx_arsvd.guard import LatencyGuard
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                           dims=case.dims, min_seconds=seconds, accuracy_data=case.data)
                 lines.append(row(case, guarded, report, result))
                 print(lines[-1], flush=True)
-    versions = ", ".join(f"{p} {version(p)}" for p in ("onnx-arsvd", "onnxruntime", "onnx-ir", "numpy"))
+    versions = package_versions()
     text = "\n".join([
         "# Latency, memory and accuracy on the CPU, with and without the latency guard",
         "",
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *lines,
     ]) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    write_result(text, args.out)
     print(text)
     return 0
 

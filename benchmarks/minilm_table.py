@@ -16,11 +16,11 @@ import platform
 import sys
 import tempfile
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 from text_eval import BUILD, cosine_rows, load_text_set, probe_accuracy, sentence_embeddings
 
+from results_io import package_versions, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress
 from onnx_arsvd.rank import RankPolicy
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 probes.append(f"{probe_accuracy(embeddings, labels):.3f}")
             kept = f"{report.dense_params_after / report.dense_params_before:.1%} ({report.factored}/{len(report.layers)} factored)"
             lines.append(_row(policy.describe(), kept, cosines + probes))
-    versions = ", ".join(f"{p} {version(p)}" for p in ("onnx-arsvd", "onnx", "onnxruntime", "onnx-ir", "numpy"))
+    versions = package_versions()
     text = "\n".join([
         "# ARSVD on all-MiniLM-L6-v2 (36 MatMul weights, 10.6M dense parameters)",
         "",
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         *lines,
     ]) + "\n"
     print(text, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    write_result(text, args.out)
     return 0
 
 

@@ -23,11 +23,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from results_io import package_versions, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, Report, compress
 from onnx_arsvd.plan import DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import RankPolicy
@@ -111,7 +111,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def header(argv: list[str]) -> str:
-    versions = ", ".join(f"{p} {version(p)}" for p in ("onnx-arsvd", "onnx", "onnxruntime", "onnx-ir", "numpy"))
+    versions = package_versions()
     return "\n".join([
         "# ARSVD on the shipped MLPs",
         "",
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                           markdown_table(rows), best_line(rows)]
     text = "\n\n".join(parts) + "\n"
     print(text, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    write_result(text, args.out)
     return 0
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
-from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
+
+from onnx_eval import evaluate  # models/onnx_eval.py: this folder is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "digits_mlp.onnx"
@@ -99,16 +99,6 @@ def to_onnx(clf: MLPClassifier) -> onnx.ModelProto:
     return model
 
 
-def evaluate(onnx_path: Path, npz_path: Path) -> tuple[float, float]:
-    """Accuracy and macro-F1 of the ONNX model on the saved test split."""
-    data = np.load(npz_path)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (logits,) = sess.run(None, {INPUT_NAME: data[INPUT_NAME]})
-    pred = logits.argmax(axis=1)
-    labels = data["labels"]
-    return accuracy_score(labels, pred), f1_score(labels, pred, average="macro")
-
-
 def main() -> None:
     t0 = time.perf_counter()
     digits = load_digits()
@@ -120,7 +110,7 @@ def main() -> None:
     clf = train(x_train, y_train)
     onnx.save_model(to_onnx(clf), ONNX_PATH)
     np.savez_compressed(NPZ_PATH, **{INPUT_NAME: x_test, "labels": y_test})
-    acc, f1 = evaluate(ONNX_PATH, NPZ_PATH)
+    acc, f1 = evaluate(ONNX_PATH, NPZ_PATH, INPUT_NAME)
     print(f"train={len(y_train)} test={len(y_test)} sklearn_iters={clf.n_iter_}")
     print(f"wrote {ONNX_PATH.name} ({ONNX_PATH.stat().st_size} B), "
           f"{NPZ_PATH.name} ({NPZ_PATH.stat().st_size} B)")

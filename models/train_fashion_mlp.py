@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
+
+from onnx_eval import evaluate  # models/onnx_eval.py: this folder is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "fashion_mlp.onnx"
@@ -129,16 +129,6 @@ def export(model: FashionMLP) -> None:
         raise RuntimeError(f"expected 3 Gemm(transB=1), got transB={trans_b}")
 
 
-def evaluate(onnx_path: Path, npz_path: Path) -> tuple[float, float]:
-    """Accuracy and macro-F1 of the ONNX model on the saved test split."""
-    data = np.load(npz_path)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (logits,) = sess.run(None, {INPUT_NAME: data[INPUT_NAME]})
-    pred = logits.argmax(axis=1)
-    labels = data["labels"]
-    return accuracy_score(labels, pred), f1_score(labels, pred, average="macro")
-
-
 def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(SEED)
@@ -149,7 +139,7 @@ def main() -> None:
     model = train(x_train, y_train)
     export(model)
     np.savez_compressed(NPZ_PATH, **{INPUT_NAME: x_test, "labels": y_test})
-    acc, f1 = evaluate(ONNX_PATH, NPZ_PATH)
+    acc, f1 = evaluate(ONNX_PATH, NPZ_PATH, INPUT_NAME)
     print(f"train={len(y_train)} test={len(y_test)} epochs={EPOCHS}")
     print(f"wrote {ONNX_PATH.name} ({ONNX_PATH.stat().st_size} B), "
           f"{NPZ_PATH.name} ({NPZ_PATH.stat().st_size} B)")
