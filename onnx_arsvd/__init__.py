@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from onnx_arsvd.api import compress, inspect_model, verify
+from onnx_arsvd.api import METHODS, compress, inspect_model, verify
+from onnx_arsvd.calibration import CalibrationDataReader
 from onnx_arsvd.errors import ArsvdError, InvalidInputError, UnsupportedModelError
 from onnx_arsvd.rank import POLICIES, EnergyPolicy, EntropyPolicy, FixedRankPolicy, RatioPolicy, make_policy
 from onnx_arsvd.report import Report, format_report, report_to_json
 from onnx_arsvd.verify import VerificationReport
 
 __all__ = [
+    "METHODS",
     "POLICIES",
+    "CalibrationDataReader",
     "ArsvdError",
     "EnergyPolicy",
     "EntropyPolicy",

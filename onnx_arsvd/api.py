@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_arsvd.calibration import CalibrationDataReader, capture_grams
 from onnx_arsvd.candidates import Layer, Skipped, filter_layers, find_layers
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.guard import LatencyGuard
@@ -36,7 +37,9 @@ from onnx_arsvd.verify import (
     split_batches,
 )
 
-__all__ = ["compress", "inspect_model", "verify"]
+__all__ = ["METHODS", "compress", "inspect_model", "verify"]
+
+METHODS = ("svd", "whitened")
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -54,6 +57,24 @@ class _Settings:
     exclude: Sequence[str]
     max_rank_fraction: float
     min_params: int
+    method: str = "svd"
+    calibration: str | os.PathLike | CalibrationDataReader | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInputError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method == "whitened" and self.calibration is None:
+            raise InvalidInputError("--method whitened needs calibration inputs (--calibration inputs.npz)")
+        if self.method == "svd" and self.calibration is not None:
+            raise InvalidInputError("calibration inputs are only used by --method whitened")
+        if isinstance(self.calibration, (str, os.PathLike)) and not Path(self.calibration).is_file():
+            raise InvalidInputError(f"{os.fspath(self.calibration)}: no such calibration file")
+
+    def describe(self) -> str:
+        if self.method == "svd":
+            return "svd"
+        source = os.fspath(self.calibration) if isinstance(self.calibration, (str, os.PathLike)) else "a reader"
+        return f"whitened (calibration: {source})"
 
 
 def _plan(
@@ -66,8 +87,11 @@ def _plan(
         raise UnsupportedModelError("no factorable layer (MatMul/Gemm with a 2-D float constant weight)"
                                     + (f"; skipped: {reasons}" if reasons else ""))
     considered, excluded = filter_layers(layers, settings.include, settings.exclude)
+    grams = None
+    if settings.method == "whitened" and considered:
+        grams = capture_grams(model, considered, settings.calibration, progress=progress)
     plans = plan_layers(considered, settings.policy, max_rank_fraction=settings.max_rank_fraction,
-                        min_params=settings.min_params, with_factors=with_factors, progress=progress)
+                        min_params=settings.min_params, with_factors=with_factors, grams=grams, progress=progress)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     return plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], order, skipped
 
@@ -85,6 +109,7 @@ def _new_report(source: ModelLike, model: ir.Model, settings: _Settings, decisio
     report = Report(
         model=_describe(source),
         policy=settings.policy.describe(),
+        method=settings.describe(),
         max_rank_fraction=settings.max_rank_fraction,
         min_params=settings.min_params,
         layers=decisions,
@@ -107,10 +132,12 @@ def inspect_model(
     exclude: Sequence[str] = (),
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
     min_params: int = DEFAULT_MIN_PARAMS,
+    method: str = "svd",
+    calibration: str | os.PathLike | CalibrationDataReader | None = None,
     progress: bool = False,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
-    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params)
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration)
     loaded = to_model(model)
     plans, excluded, order, skipped = _plan(loaded, settings, False, progress)
     report = _new_report(model, loaded, settings, _decisions(plans, excluded, order), skipped)
@@ -142,6 +169,8 @@ def compress(
     exclude: Sequence[str] = (),
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
     min_params: int = DEFAULT_MIN_PARAMS,
+    method: str = "svd",
+    calibration: str | os.PathLike | CalibrationDataReader | None = None,
     external_data: bool | None = None,
     check: bool = True,
     progress: bool = False,
@@ -155,11 +184,13 @@ def compress(
 
     Returns the compressed model, of the kind given (``onnx.ModelProto`` for a ModelProto, else an
     ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
-    never modified. ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a
+    never modified. ``method="whitened"`` factors each layer to minimise its output error on the
+    ``calibration`` inputs (an ``.npz`` or a ``CalibrationDataReader``) instead of the weight error.
+    ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a
     ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
     the whole model is timed against the original at the end (``report.latency_check``).
     """
-    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params)
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration)
     if output is not None:
         _check_output_path(model, output)
     _check_files(data=data, labels=labels)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-__all__ = ["Spectrum", "factors_at_rank", "spectrum"]
+__all__ = ["Spectrum", "factors_at_rank", "spectrum", "whitened_spectrum"]
 
 
 @dataclass(frozen=True)
@@ -44,3 +44,24 @@ def factors_at_rank(spec: Spectrum, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Factors A (m x k) and B (k x n), in float64, with A @ B the best rank-k approximation of W."""
     root = np.sqrt(spec.s[:rank])
     return spec.u[:, :rank] * root, root[:, None] * spec.vt[:rank]
+
+
+def whitened_spectrum(weight: np.ndarray, gram: np.ndarray, regularization: float = 1e-6) -> Spectrum:
+    """The spectrum that minimises the layer's output error || X W - X A B ||_F, not || W - A B ||_F.
+
+    With the input Gram matrix G = X^T X = L L^T (Cholesky, after adding ``regularization`` times the
+    mean diagonal so an ill-conditioned or rank-deficient G still factors), the output error is
+    || L^T (W - A B) ||_F: the best rank-k product is L^-T times the truncated SVD of L^T W. The returned
+    ``s`` are singular values of L^T W, so energy-style policies measure output energy; ``u`` is mapped
+    back through L^-T, and :func:`factors_at_rank` gives A = L^-T U_k sqrt(S_k), B = sqrt(S_k) V_k^T.
+    At full rank A B = W exactly (up to rounding), whatever G is.
+    """
+    matrix = np.asarray(weight, dtype=np.float64)
+    gram = np.asarray(gram, dtype=np.float64)
+    if gram.shape != (matrix.shape[0], matrix.shape[0]):
+        raise ValueError(f"Gram matrix of shape {gram.shape} does not fit a weight of shape {matrix.shape}")
+    scale = max(float(np.mean(np.diag(gram))), np.finfo(np.float64).tiny)
+    lower = scipy.linalg.cholesky(gram + regularization * scale * np.eye(len(gram)), lower=True)
+    whitened = spectrum(lower.T @ matrix)
+    u = scipy.linalg.solve_triangular(lower.T, whitened.u, lower=False)
+    return Spectrum(u, whitened.s, whitened.vt)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, read_array
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
-from onnx_arsvd.factorize import factors_at_rank, spectrum
+from onnx_arsvd.factorize import factors_at_rank, spectrum, whitened_spectrum
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
 
 __all__ = [
@@ -120,6 +120,7 @@ def plan_layers(
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
     min_params: int = DEFAULT_MIN_PARAMS,
     with_factors: bool = True,
+    grams: Mapping[tuple[int, bool], np.ndarray] | None = None,
     progress: bool = False,
 ) -> list[WeightPlan]:
     """Rank and decision for every distinct weight; factors too when ``with_factors``.
@@ -127,6 +128,9 @@ def plan_layers(
     A layer is factored when its rank is at most ``max_rank_fraction`` of break-even and its weight
     has at least ``min_params`` parameters. Without factors only the singular values are computed
     (about 3x cheaper), which is all ``inspect`` needs. A weight shared by several nodes is factored once.
+    With ``grams`` (input Gram matrices by ``Layer.weight_key``) the spectra and factors are the
+    activation-aware ones (:func:`onnx_arsvd.factorize.whitened_spectrum`): policies then rank the
+    layer's output energy on the calibration data.
     """
     if not max_rank_fraction > 0:
         raise InvalidInputError(f"max rank fraction must be positive, got {max_rank_fraction}")
@@ -137,7 +141,10 @@ def plan_layers(
     for group in tqdm(groups, desc="factoring" if with_factors else "spectra", unit="weight", disable=None if progress else True):
         first = group[0]
         matrix = _weight_matrix(first)
-        spec = spectrum(matrix) if with_factors else None
+        if grams is not None:
+            spec = whitened_spectrum(matrix, grams[first.weight_key])
+        else:
+            spec = spectrum(matrix) if with_factors else None
         singular_values = spec.s if spec is not None else scipy.linalg.svdvals(matrix.astype(np.float64))
         shape = first.shape
         rank = policy.choose(singular_values, shape)

@@ -28,6 +28,7 @@ class Report:
 
     model: str
     policy: str
+    method: str
     max_rank_fraction: float
     min_params: int
     layers: list[LayerDecision]
@@ -140,7 +141,7 @@ def format_report(report: Report, markdown: bool = False) -> str:
     style = "github" if markdown else "simple"
     headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving",
                *(["factored/dense time"] if any(layer.timings for layer in report.layers) else []), "decision"]
-    parts = [f"model: {report.model}   policy: {report.policy}   factor only at rank <= "
+    parts = [f"model: {report.model}   policy: {report.policy}   factors: {report.method}   factor only at rank <= "
              f"{report.max_rank_fraction:g} x break-even and >= {report.min_params} parameters"]
     parts.append(tabulate(_layer_rows(report.layers), headers, tablefmt=style, disable_numparse=True))
     if report.skipped:
