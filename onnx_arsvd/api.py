@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_arsvd.budget import Budget, SearchStep, bisect_tau, split_data
 from onnx_arsvd.calibration import CalibrationDataReader, capture_grams
-from onnx_arsvd.candidates import Layer, Skipped, filter_layers, find_layers
+from onnx_arsvd.candidates import Layer, Skipped, WeightKey, filter_layers, find_layers
+from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.guard import LatencyGuard
 from onnx_arsvd.model_io import load_model, model_file_bytes, save_model, to_model, weight_stats
@@ -78,20 +81,29 @@ class _Settings:
 
 
 def _plan(
-    model: ir.Model, settings: _Settings, with_factors: bool, progress: bool
+    model: ir.Model,
+    settings: _Settings,
+    with_factors: bool,
+    progress: bool,
+    grams: Mapping[WeightKey, np.ndarray] | None = None,
+    cache: dict[WeightKey, Spectrum] | None = None,
 ) -> tuple[list[WeightPlan], list[tuple[Layer, LayerDecision]], dict[int, int], list[Skipped]]:
-    """Plans for the layers to consider, rows for the layers excluded by name, graph order, nodes skipped."""
+    """Plans for the layers to consider, rows for the layers excluded by name, graph order, nodes skipped.
+
+    Whitened plans capture their Gram matrices here unless ``grams`` are given; ``cache`` keeps
+    spectra between calls on reloads of one model.
+    """
     layers, skipped = find_layers(model)
     if not layers:
         reasons = "; ".join(sorted({f"{s.op_type} {s.name!r}: {s.reason}" for s in skipped})[:3])
         raise UnsupportedModelError("no factorable layer (MatMul/Gemm with a 2-D float constant weight)"
                                     + (f"; skipped: {reasons}" if reasons else ""))
     considered, excluded = filter_layers(layers, settings.include, settings.exclude)
-    grams = None
-    if settings.method == "whitened" and considered:
+    if settings.method == "whitened" and considered and grams is None:
         grams = capture_grams(model, considered, settings.calibration, progress=progress)
     plans = plan_layers(considered, settings.policy, max_rank_fraction=settings.max_rank_fraction,
-                        min_params=settings.min_params, with_factors=with_factors, grams=grams, progress=progress)
+                        min_params=settings.min_params, with_factors=with_factors,
+                        grams=grams if settings.method == "whitened" else None, cache=cache, progress=progress)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     return plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], order, skipped
 
@@ -160,6 +172,78 @@ def _check_files(**paths: object) -> None:
             raise InvalidInputError(f"{os.fspath(path)}: no such {kind} file")
 
 
+class _BudgetSearch:
+    """Splits the data, then finds the energy threshold whose model meets the budget with fewest parameters."""
+
+    def __init__(self, model: ModelLike, budget: Budget, data, labels, method: str, calibration) -> None:
+        self.model, self.budget, self.method = model, budget, method
+        self.calibration_part: dict[str, np.ndarray] = {}
+        self.held_out: dict[str, np.ndarray] | None = None
+        self.steps: list[SearchStep] = []
+        self.chosen: SearchStep | None = None
+        if budget.needs_data:
+            if data is None:
+                raise InvalidInputError("an accuracy budget needs --data: inputs (and labels) to split and measure")
+            arrays = _arrays(data)
+            if labels is not None:
+                arrays["labels"] = _load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
+            if budget.max_drop is not None and "labels" not in arrays:
+                raise InvalidInputError("--max-drop needs labels (a 'labels' array in --data, or --labels)")
+            self.calibration_part, self.held_out = split_data(arrays, budget.holdout, budget.seed)
+        if method == "whitened" and calibration is None and not self.calibration_part:
+            raise InvalidInputError("--method whitened needs calibration inputs (--calibration or --data)")
+        self.calibration = calibration if calibration is not None else (self.calibration_part or None)
+
+    def run(self, loaded: ir.Model, settings: _Settings, progress: bool):
+        """The settings with the chosen threshold, the Gram matrices and the spectrum cache."""
+        cache: dict[WeightKey, Spectrum] = {}
+        layers, _ = find_layers(loaded)
+        considered, _ = filter_layers(layers, settings.include, settings.exclude)
+        grams = capture_grams(loaded, considered, settings.calibration, progress=progress) \
+            if settings.method == "whitened" and considered else None
+        original = _source(self.model)[0]
+        judge = make_session(original) if self.budget.needs_data else None
+        batches = list(split_batches(load_data(self.calibration_part, judge)[0], judge, 256)) if judge else []
+
+        def evaluate(tau: float) -> SearchStep:
+            candidate = to_model(self.model)
+            plans, excluded, _, _ = _plan(candidate, replace(settings, policy=EnergyPolicy(tau)), True, False, grams, cache)
+            decisions = [d for plan in plans for d in plan.decisions[:1]] + [d for _, d in excluded]
+            kept = sum(d.params_after for d in decisions) / sum(d.params for d in decisions)
+            if self.budget.target_params is not None:
+                return SearchStep(tau, kept, None, kept <= self.budget.target_params)
+            apply_plans(candidate, plans)
+            result = compare_models(judge, make_session(ir.to_proto(candidate).SerializeToString()), batches,
+                                    labels=self.calibration_part.get("labels"))
+            if self.budget.max_drop is not None:
+                return SearchStep(tau, kept, result.accuracy_drop, result.accuracy_drop <= self.budget.max_drop)
+            cosine = min(o.mean_cosine for o in result.outputs)
+            return SearchStep(tau, kept, cosine, cosine >= self.budget.min_cosine)
+
+        self.chosen, self.steps = bisect_tau(evaluate, self.budget.steps,
+                                             feasible_above=self.budget.target_params is None)
+        return replace(settings, policy=EnergyPolicy(self.chosen.tau)), grams, cache
+
+    def summary(self) -> dict[str, object]:
+        """What the report shows of the search."""
+        samples = {name: len(next(iter(part.values()))) if part else 0
+                   for name, part in (("calibration", self.calibration_part), ("held_out", self.held_out or {}))}
+        return {"budget": self.budget.describe(), "measure": self.budget.measure,
+                "met": bool(self.chosen and self.chosen.feasible),
+                "tau": self.chosen.tau if self.chosen else None, "samples": samples,
+                "steps": [dataclasses.asdict(step) for step in self.steps]}
+
+
+def _arrays(data: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if isinstance(data, Mapping):
+        return {k: np.asarray(v) for k, v in data.items()}
+    try:
+        with np.load(data, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except Exception as error:
+        raise InvalidInputError(f"{os.fspath(data)}: not a readable .npz file ({error})") from None
+
+
 def compress(
     model: ModelLike,
     output: str | os.PathLike | None = None,
@@ -179,6 +263,7 @@ def compress(
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
     guard: LatencyGuard | None = None,
+    budget: Budget | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
@@ -186,21 +271,35 @@ def compress(
     ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
     never modified. ``method="whitened"`` factors each layer to minimise its output error on the
     ``calibration`` inputs (an ``.npz`` or a ``CalibrationDataReader``) instead of the weight error.
-    ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a
+    ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a ``budget``, ``data``
+    is split into a calibration part (Gram matrices, and the end-to-end checks that choose one global
+    output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
+    verification reports on; ``policy`` must then be left out. With a
     ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
     the whole model is timed against the original at the end (``report.latency_check``).
     """
-    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration)
+    if budget is not None and policy is not None:
+        raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
+    search = _BudgetSearch(model, budget, data, labels, method, calibration) if budget is not None else None
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method,
+                         search.calibration if search is not None else calibration)
     if output is not None:
         _check_output_path(model, output)
     _check_files(data=data, labels=labels)
     provider = guard.provider() if guard is not None else None
     loaded = to_model(model)
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
-    plans, excluded, order, skipped = _plan(loaded, settings, True, progress)
+    grams = cache = None
+    if search is not None:
+        settings, grams, cache = search.run(loaded, settings, progress)
+        if search.held_out is not None:  # report on data the search never saw
+            data, labels = search.held_out, None
+    plans, excluded, order, skipped = _plan(loaded, settings, True, progress, grams, cache)
     if guard is not None:
         guard.apply(plans, provider, dims or {}, progress)
     report = _new_report(model, loaded, settings, _decisions(plans, excluded, order), skipped)
+    if search is not None:
+        report.budget = search.summary()
     if apply_plans(loaded, plans):
         loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
     report.params_after, report.weight_bytes_after = weight_stats(loaded)
@@ -237,7 +336,7 @@ def verify(
     original: ModelLike,
     compressed: ModelLike,
     *,
-    data: str | os.PathLike | None = None,
+    data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     labels: np.ndarray | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
@@ -245,7 +344,10 @@ def verify(
     seed: int = 0,
     provider: str = "CPUExecutionProvider",
 ) -> VerificationReport:
-    """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs."""
+    """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
+
+    ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
+    """
     _check_files(data=data, labels=labels)
     original_source, original_ir = _source(original)
     compressed_source, _ = _source(compressed)
@@ -254,7 +356,7 @@ def verify(
     if data is not None:
         feed, data_labels = load_data(data, session_a)
         batches = list(split_batches(feed, session_a, batch_size))
-        described = os.fspath(data)
+        described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
     else:
         if samples < 1:
             raise InvalidInputError(f"samples must be at least 1, got {samples}")

@@ -1,6 +1,6 @@
 """Calibration inputs, and the Gram matrix X^T X of each layer's input activations.
 
-Inputs come from an ``.npz`` (arrays keyed by graph input name, first axis = samples) or from any
+Inputs come from an ``.npz`` or a mapping (arrays keyed by graph input name, first axis = samples) or from any
 object with onnxruntime's ``CalibrationDataReader`` protocol (``get_next()`` returns a feed dict, or
 None when done), so a reader written for static quantization works here unchanged. The original
 model runs in onnxruntime with every candidate layer's input exposed as an extra output, and each
@@ -11,7 +11,7 @@ layer's Gram matrix is accumulated batch by batch in float64: memory is bounded 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,11 +20,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from onnx_arsvd.candidates import Layer
+from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.verify import Feed, load_data, make_session, split_batches
 
-__all__ = ["CalibrationDataReader", "NpzReader", "capture_grams"]
+__all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
 
 
 class CalibrationDataReader(Protocol):
@@ -33,13 +33,14 @@ class CalibrationDataReader(Protocol):
     def get_next(self) -> dict[str, np.ndarray] | None: ...
 
 
-class NpzReader:
-    """A ``CalibrationDataReader`` over an ``.npz``, in batches of ``batch_size`` samples."""
+class ArrayReader:
+    """A ``CalibrationDataReader`` over an ``.npz`` or a mapping of arrays, in batches of ``batch_size``."""
 
-    def __init__(self, path: str | os.PathLike, session: ort.InferenceSession, batch_size: int = 256) -> None:
-        if not Path(path).is_file():
-            raise InvalidInputError(f"{os.fspath(path)}: no such calibration file")
-        feed, _ = load_data(path, session)
+    def __init__(self, data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession,
+                 batch_size: int = 256) -> None:
+        if isinstance(data, (str, os.PathLike)) and not Path(data).is_file():
+            raise InvalidInputError(f"{os.fspath(data)}: no such calibration file")
+        feed, _ = load_data(data, session)
         self._batches: Iterator[Feed] = split_batches(feed, session, batch_size)
 
     def get_next(self) -> Feed | None:
@@ -59,24 +60,24 @@ def _with_layer_inputs(model: ir.Model, names: Sequence[str]) -> bytes:
 def capture_grams(
     model: ir.Model,
     layers: Sequence[Layer],
-    data: str | os.PathLike | CalibrationDataReader,
+    data: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader,
     *,
     progress: bool = False,
-) -> dict[tuple[int, bool], np.ndarray]:
+) -> dict[WeightKey, np.ndarray]:
     """X^T X of every layer's input over all calibration feeds, keyed by ``Layer.weight_key``.
 
-    ``data`` is an ``.npz`` path or a ``CalibrationDataReader``. Layers sharing a weight (same key)
-    add their activations into one Gram matrix.
+    ``data`` is an ``.npz`` path, a mapping of arrays, or a ``CalibrationDataReader``. Layers
+    sharing a weight (same key) add their activations into one Gram matrix.
     """
     names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
     session = make_session(_with_layer_inputs(model, names))
-    if isinstance(data, (str, os.PathLike)):
-        reader: CalibrationDataReader = NpzReader(data, session)
+    if isinstance(data, (str, os.PathLike, Mapping)):
+        reader: CalibrationDataReader = ArrayReader(data, session)
     elif callable(getattr(data, "get_next", None)):
         reader = data
     else:
         raise InvalidInputError(f"calibration data must be an .npz path or have get_next(), got {type(data).__name__}")
-    grams: dict[tuple[int, bool], np.ndarray] = {}
+    grams: dict[WeightKey, np.ndarray] = {}
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
         while (feed := reader.get_next()) is not None:

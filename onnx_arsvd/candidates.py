@@ -16,7 +16,10 @@ import onnx_ir as ir
 
 from onnx_arsvd.errors import UnsupportedModelError
 
-__all__ = ["Layer", "Skipped", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array"]
+__all__ = ["Layer", "Skipped", "WeightKey", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array"]
+
+WeightKey = tuple[str, bool]
+"""(weight value name, transposed): identifies the matrix a layer multiplies by."""
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _QUANTIZED_PRODUCERS = frozenset({"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"})
@@ -55,9 +58,12 @@ class Layer:
         return (cols, rows) if self.transposed else (rows, cols)
 
     @property
-    def weight_key(self) -> tuple[int, bool]:
-        """Nodes with the same key multiply by the same matrix and share one factorization."""
-        return (id(self.weight), self.transposed)
+    def weight_key(self) -> WeightKey:
+        """Nodes with the same key multiply by the same matrix and share one factorization.
+
+        Value names are unique in a graph, so the key also holds across two loads of one model.
+        """
+        return (self.weight_name, self.transposed)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ _POLICY_PARAMS = {"energy": "tau", "entropy": "scale", "rank": "rank", "ratio": 
 
 def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("rank policy")
-    group.add_argument("--policy", default="energy", help="energy (default), entropy, rank or ratio")
+    group.add_argument("--policy", help="energy (default), entropy, rank or ratio")
     group.add_argument("--tau", type=float, help="energy policy: share of sum(s^2) to keep, in (0, 1] (default 0.99)")
     group.add_argument("--scale", type=float, help="entropy policy: multiplier of the effective rank (default 1)")
     group.add_argument("--rank", type=int, help="rank policy: the rank of every layer")
@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
     compress.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     compress.add_argument("--bench", action="store_true", help="benchmark the original and the written model")
+    budget = compress.add_argument_group("budget: the fewest parameters within an accuracy budget (splits --data)")
+    budget.add_argument("--max-drop", type=float, metavar="POINTS",
+                        help="at most this many accuracy points lost (needs labels in --data or --labels)")
+    budget.add_argument("--min-cosine", type=float, help="mean cosine of every output with the original's at least this")
+    budget.add_argument("--target-params", type=float, metavar="F",
+                        help="keep at most this fraction of the dense-layer parameters, as accurately as possible")
+    budget.add_argument("--holdout", type=float, default=0.4,
+                        help="share of --data held out to report on, never used to choose ranks (default 0.4)")
     compress.add_argument("--guard", choices=["latency"],
                           help="latency: keep each layer dense where factoring it is not faster on --target, "
                                "then time the whole model (batch sizes from --batch)")
@@ -121,13 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _policy(args: argparse.Namespace):
     from onnx_arsvd.rank import make_policy
 
-    name = args.policy
+    if getattr(args, "budget", None) is not None:
+        if args.policy is not None or any(getattr(args, p) is not None for p in _POLICY_PARAMS.values()):
+            raise InvalidInputError("a budget chooses the ranks itself: leave out --policy and its settings")
+        return None
+    name = args.policy or "energy"
     for other, param in _POLICY_PARAMS.items():
         if other != name and getattr(args, param) is not None:
             raise InvalidInputError(f"--{param} does not apply to --policy {name}")
     param = _POLICY_PARAMS.get(name)
     value = getattr(args, param) if param else None
     return make_policy(name, **({param: value} if value is not None else {}))
+
+
+def _budget(args: argparse.Namespace):
+    if args.max_drop is None and args.min_cosine is None and args.target_params is None:
+        return None
+    from onnx_arsvd.budget import Budget
+
+    return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
+                  holdout=args.holdout)
 
 
 def _dims(pairs: Sequence[str]) -> dict[str, int]:
@@ -209,8 +230,9 @@ def _run(args: argparse.Namespace) -> int:
             guard = LatencyGuard(target=args.target, batches=tuple(batches), threads=args.threads,
                                  margin=args.guard_margin, layer_seconds=args.guard_seconds,
                                  model_seconds=args.seconds)
+        args.budget = _budget(args)
         _, report = api.compress(
-            args.model, args.output, policy=_policy(args), include=args.include, exclude=args.exclude,
+            args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
             calibration=args.calibration, external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples, guard=guard,

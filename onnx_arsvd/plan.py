@@ -9,9 +9,9 @@ import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from onnx_arsvd.candidates import Layer, read_array
+from onnx_arsvd.candidates import Layer, WeightKey, read_array
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
-from onnx_arsvd.factorize import factors_at_rank, spectrum, whitened_spectrum
+from onnx_arsvd.factorize import Spectrum, factors_at_rank, spectrum, whitened_spectrum
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
 
 __all__ = [
@@ -107,7 +107,7 @@ def _weight_matrix(layer: Layer) -> np.ndarray:
 
 
 def _group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
-    groups: dict[tuple[int, bool], list[Layer]] = {}
+    groups: dict[WeightKey, list[Layer]] = {}
     for layer in layers:
         groups.setdefault(layer.weight_key, []).append(layer)
     return list(groups.values())
@@ -120,7 +120,8 @@ def plan_layers(
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
     min_params: int = DEFAULT_MIN_PARAMS,
     with_factors: bool = True,
-    grams: Mapping[tuple[int, bool], np.ndarray] | None = None,
+    grams: Mapping[WeightKey, np.ndarray] | None = None,
+    cache: dict[WeightKey, Spectrum] | None = None,
     progress: bool = False,
 ) -> list[WeightPlan]:
     """Rank and decision for every distinct weight; factors too when ``with_factors``.
@@ -130,7 +131,8 @@ def plan_layers(
     (about 3x cheaper), which is all ``inspect`` needs. A weight shared by several nodes is factored once.
     With ``grams`` (input Gram matrices by ``Layer.weight_key``) the spectra and factors are the
     activation-aware ones (:func:`onnx_arsvd.factorize.whitened_spectrum`): policies then rank the
-    layer's output energy on the calibration data.
+    layer's output energy on the calibration data. A ``cache`` dict keeps each weight's spectrum
+    between calls, so a search over policies decomposes every weight once.
     """
     if not max_rank_fraction > 0:
         raise InvalidInputError(f"max rank fraction must be positive, got {max_rank_fraction}")
@@ -140,11 +142,15 @@ def plan_layers(
     groups = _group_by_weight(layers)
     for group in tqdm(groups, desc="factoring" if with_factors else "spectra", unit="weight", disable=None if progress else True):
         first = group[0]
-        matrix = _weight_matrix(first)
-        if grams is not None:
-            spec = whitened_spectrum(matrix, grams[first.weight_key])
-        else:
-            spec = spectrum(matrix) if with_factors else None
+        spec = cache.get(first.weight_key) if cache is not None else None
+        if spec is None:
+            matrix = _weight_matrix(first)
+            if grams is not None:
+                spec = whitened_spectrum(matrix, grams[first.weight_key])
+            elif with_factors or cache is not None:
+                spec = spectrum(matrix)
+            if cache is not None:
+                cache[first.weight_key] = spec
         singular_values = spec.s if spec is not None else scipy.linalg.svdvals(matrix.astype(np.float64))
         shape = first.shape
         rank = policy.choose(singular_values, shape)

@@ -42,6 +42,7 @@ class Report:
     file_bytes_after: int | None = None
     verification: VerificationReport | None = None
     latency_check: list[LatencyComparison] = field(default_factory=list)
+    budget: dict[str, object] | None = None
     notes: list[str] = field(default_factory=list)
 
     def _unique(self) -> list[LayerDecision]:
@@ -136,6 +137,20 @@ def format_verification(verification: VerificationReport, markdown: bool = False
     return "\n\n".join(lines)
 
 
+def _budget_text(budget: dict, style: str) -> str:
+    samples = budget["samples"]
+    verdict = (f"met with tau = {budget['tau']:.4f} (energy of each layer's output)" if budget["met"]
+               else "NOT met even with every layer dense: the model is returned unfactored")
+    rows = [[f"{s['tau']:.4f}", f"{s['params_kept']:.1%}", "" if s["value"] is None else f"{s['value']:.4g}",
+             "yes" if s["feasible"] else "no"] for s in budget["steps"]]
+    return "\n".join([
+        f"budget: {budget['budget']}; {verdict}; chosen on {samples['calibration']} calibration samples, "
+        f"verified below on {samples['held_out']} held-out samples",
+        tabulate(rows, ["tau", "dense params kept", f"{budget['measure']} on calibration part", "within budget"],
+                 tablefmt=style, disable_numparse=True),
+    ])
+
+
 def format_report(report: Report, markdown: bool = False) -> str:
     """A human-readable report: layer table, skipped nodes, totals, verification."""
     style = "github" if markdown else "simple"
@@ -158,6 +173,8 @@ def format_report(report: Report, markdown: bool = False) -> str:
         totals.append(f"file size: {_bytes(report.file_bytes_before)} -> {_bytes(report.file_bytes_after)}"
                       + (f"  ({report.output})" if report.output else ""))
     parts.append("\n".join(t for t in totals if t))
+    if report.budget is not None:
+        parts.append(_budget_text(report.budget, style))
     if report.latency_check:
         parts.append("whole model, timed against the original:\n" + tabulate(
             [[c.provider.removesuffix("ExecutionProvider"), c.batch, f"{c.original.median_ms:.4g}",

@@ -91,25 +91,32 @@ def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
         raise UnsupportedModelError(f"input {node_arg.name!r} has unsupported type {node_arg.type}") from None
 
 
-def load_data(path: str | os.PathLike, session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
-    """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except Exception as error:
-        raise InvalidInputError(f"{path}: not a readable .npz file ({error})") from None
+def load_data(data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
+    """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array.
+
+    ``data`` is an ``.npz`` path or a mapping of arrays holding the same keys.
+    """
+    if isinstance(data, Mapping):
+        arrays, where = dict(data), "data"
+    else:
+        path = Path(data)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+        except Exception as error:
+            raise InvalidInputError(f"{path}: not a readable .npz file ({error})") from None
+        where = str(path)
     feed: Feed = {}
     for node_arg in session.get_inputs():
         if node_arg.name not in arrays:
-            raise InvalidInputError(f"{path}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
-        array, dtype = arrays[node_arg.name], _input_dtype(node_arg)
+            raise InvalidInputError(f"{where}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
+        array, dtype = np.asarray(arrays[node_arg.name]), _input_dtype(node_arg)
         if not np.can_cast(array.dtype, dtype, casting="same_kind"):
-            raise InvalidInputError(f"{path}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
+            raise InvalidInputError(f"{where}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
         feed[node_arg.name] = array.astype(dtype, copy=False)
     counts = {len(a) for a in feed.values()}
     if len(counts) != 1:
-        raise InvalidInputError(f"{path}: input arrays have different sample counts {sorted(counts)}")
+        raise InvalidInputError(f"{where}: input arrays have different sample counts {sorted(counts)}")
     return feed, arrays.get("labels")
 
 

@@ -1,0 +1,91 @@
+"""Rank selection under a budget: the search, the split, and the real digits MLP on held-out data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnx_arsvd import EnergyPolicy, compress
+from onnx_arsvd.budget import Budget, SearchStep, bisect_tau, split_data
+from onnx_arsvd.cli import main
+from onnx_arsvd.errors import InvalidInputError
+from tests.conftest import MODELS
+
+
+def test_bisection_finds_the_boundary_from_either_side() -> None:
+    best, tried = bisect_tau(lambda t: SearchStep(t, t, None, t >= 0.8), 20)
+    assert best.feasible and best.tau == pytest.approx(0.8, abs=1e-5) and tried[0].tau == 1.0
+    best, tried = bisect_tau(lambda t: SearchStep(t, t, None, t <= 0.3), 20, feasible_above=False)
+    assert best.feasible and best.tau == pytest.approx(0.3, abs=1e-5) and tried[0].tau == 1e-6
+
+
+def test_bisection_returns_the_safe_end_when_nothing_is_feasible() -> None:
+    best, tried = bisect_tau(lambda t: SearchStep(t, 1.0, None, False), 10)
+    assert not best.feasible and len(tried) == 1
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    arrays = {"x": np.arange(100), "labels": np.arange(100) * 10}
+    calibration, held_out = split_data(arrays, 0.4, seed=0)
+    assert len(held_out["x"]) == 40 and len(calibration["x"]) == 60
+    assert sorted(np.concatenate([calibration["x"], held_out["x"]]).tolist()) == list(range(100))
+    assert np.array_equal(held_out["labels"], held_out["x"] * 10)
+    assert np.array_equal(split_data(arrays, 0.4, seed=0)[1]["x"], held_out["x"])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({}, "give exactly one budget"),
+    ({"max_drop": 0.5, "min_cosine": 0.9}, "give exactly one budget"),
+    ({"max_drop": -1.0}, "--max-drop must be a non-negative"),
+    ({"target_params": 1.5}, "--target-params must be in (0, 1]"),
+    ({"max_drop": 0.5, "holdout": 1.0}, "--holdout must be in (0, 1)"),
+])
+def test_budget_settings_are_validated(kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        Budget(**kwargs)
+
+
+def test_digits_budget_beats_every_plain_tau_on_held_out_data(tmp_path: Path) -> None:
+    """DDLR's promise on the shipped digits MLP: meet a 0.5-point budget on data the search never saw,
+    with fewer parameters than any single plain-ARSVD tau that meets it on that same data."""
+    budget = Budget(max_drop=0.5)
+    _, report = compress(MODELS / "digits_mlp.onnx", tmp_path / "budget.onnx", budget=budget, method="whitened",
+                         data=MODELS / "digits_test.npz")
+    assert report.budget["met"] and report.budget["samples"] == {"calibration": 324, "held_out": 216}
+    assert report.verification.samples == 216 and report.verification.accuracy_drop <= 0.5
+    with np.load(MODELS / "digits_test.npz") as archive:
+        _, held_out = split_data({k: archive[k] for k in archive.files}, budget.holdout, budget.seed)
+    plain_best = None
+    for tau in np.linspace(0.70, 0.99, 30):  # plain ARSVD, even allowed to pick its tau on the held-out data
+        _, plain = compress(MODELS / "digits_mlp.onnx", policy=EnergyPolicy(float(tau)), data=held_out)
+        if plain.verification.accuracy_drop <= 0.5:
+            plain_best = min(plain_best or plain.dense_params_after, plain.dense_params_after)
+    assert plain_best is not None and report.dense_params_after < 0.6 * plain_best  # measured: 10,816 vs 27,072
+
+
+def test_target_params_keeps_at_most_that_share(tmp_path: Path) -> None:
+    _, report = compress(MODELS / "fashion_mlp.onnx", budget=Budget(target_params=0.3), check=False)
+    assert report.budget["met"] and report.dense_params_after <= 0.3 * report.dense_params_before
+    assert report.dense_params_after > 0.25 * report.dense_params_before  # the search used the room it had
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--max-drop", "0.5"], "an accuracy budget needs --data"),
+    (["--max-drop", "0.5", "--tau", "0.9"], "a budget chooses the ranks itself"),
+    (["--max-drop", "0.5", "--min-cosine", "0.9"], "give exactly one budget"),
+])
+def test_cli_budget_errors(options: list[str], message: str, mlp_path: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(mlp_path), "-o", str(out), "-q", *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_cli_max_drop_needs_labels(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "x.npz", X=np.zeros((10, 48), np.float32))
+    assert main(["compress", str(mlp_path), "-o", str(tmp_path / "o.onnx"), "--max-drop", "1",
+                 "--data", str(tmp_path / "x.npz"), "-q"]) == 2
+    assert "--max-drop needs labels" in capsys.readouterr().err
