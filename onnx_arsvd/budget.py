@@ -5,7 +5,9 @@ end-to-end checks that choose the ranks) and a held-out part, never used to choo
 result is reported. Every layer's rank comes from one global threshold tau on its own *output*
 energy curve (with whitened factors, s_i^2 of L^T W is the layer's output energy on the
 calibration data), so sensitive layers keep more rank and robust ones less; tau is found by
-bisection: the smallest tau whose model meets the budget on the calibration part.
+bisection: the smallest tau whose model meets the budget on the calibration part. An accuracy
+budget is judged by the one-sided 95% upper confidence bound of the drop, not the drop itself:
+a search that stops exactly at the budget on one sample overshoots it on another about half the time.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Budget:
     def measure(self) -> str:
         """What each search step measures."""
         if self.max_drop is not None:
-            return "accuracy drop (points)"
+            return "accuracy drop, 95% upper bound (points)"
         return "mean output cosine" if self.min_cosine is not None else "none (parameters only)"
 
     def describe(self) -> str:

@@ -59,6 +59,8 @@ class VerificationReport:
     outputs: list[OutputComparison] = field(default_factory=list)
     original: TaskScores | None = None
     compressed: TaskScores | None = None
+    flipped: int | None = None
+    """Samples one model classifies correctly and the other not (the discordant pairs)."""
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -66,6 +68,16 @@ class VerificationReport:
         if self.original is None or self.compressed is None:
             return None
         return 100.0 * (self.original.accuracy - self.compressed.accuracy)
+
+    def accuracy_drop_bound(self, z: float = 1.645) -> float | None:
+        """One-sided upper confidence bound on the accuracy drop, in points (z = 1.645: 95%).
+
+        The two models are scored on the same samples, so the drop's standard error comes from the
+        discordant pairs alone: sqrt(flipped) / n, a slight overestimate (it omits -(b - c)^2 / n^3).
+        """
+        if self.accuracy_drop is None or self.flipped is None or not self.samples:
+            return None
+        return self.accuracy_drop + z * 100.0 * float(np.sqrt(self.flipped)) / self.samples
 
 
 def make_session(source: ModelSource, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
@@ -253,4 +265,7 @@ def compare_models(
         if len(labels) != len(logits_e):
             raise InvalidInputError(f"{len(labels)} labels for {len(logits_e)} samples")
         report.original, report.compressed = _scores(logits_e, labels), _scores(logits_a, labels)
+        right_e = logits_e.reshape(len(labels), -1).argmax(axis=1) == labels
+        right_a = logits_a.reshape(len(labels), -1).argmax(axis=1) == labels
+        report.flipped = int(np.sum(right_e != right_a))
     return report

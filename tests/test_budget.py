@@ -47,22 +47,23 @@ def test_budget_settings_are_validated(kwargs: dict, message: str) -> None:
         Budget(**kwargs)
 
 
-def test_digits_budget_beats_every_plain_tau_on_held_out_data(tmp_path: Path) -> None:
+def test_digits_budget_is_met_on_held_out_data_with_fewer_params_than_plain_arsvd(tmp_path: Path) -> None:
     """DDLR's promise on the shipped digits MLP: meet a 0.5-point budget on data the search never saw,
-    with fewer parameters than any single plain-ARSVD tau that meets it on that same data."""
+    with fewer parameters than the best single plain-ARSVD tau chosen the same way (on the calibration
+    part, by the drop's 95% upper bound). Measured: 21.4% vs 47.2% of the dense parameters."""
     budget = Budget(max_drop=0.5)
     _, report = compress(MODELS / "digits_mlp.onnx", tmp_path / "budget.onnx", budget=budget, method="whitened",
                          data=MODELS / "digits_test.npz")
     assert report.budget["met"] and report.budget["samples"] == {"calibration": 324, "held_out": 216}
     assert report.verification.samples == 216 and report.verification.accuracy_drop <= 0.5
     with np.load(MODELS / "digits_test.npz") as archive:
-        _, held_out = split_data({k: archive[k] for k in archive.files}, budget.holdout, budget.seed)
-    plain_best = None
-    for tau in np.linspace(0.70, 0.99, 30):  # plain ARSVD, even allowed to pick its tau on the held-out data
-        _, plain = compress(MODELS / "digits_mlp.onnx", policy=EnergyPolicy(float(tau)), data=held_out)
-        if plain.verification.accuracy_drop <= 0.5:
-            plain_best = min(plain_best or plain.dense_params_after, plain.dense_params_after)
-    assert plain_best is not None and report.dense_params_after < 0.6 * plain_best  # measured: 10,816 vs 27,072
+        calibration, _ = split_data({k: archive[k] for k in archive.files}, budget.holdout, budget.seed)
+    plain = []
+    for tau in np.linspace(0.5, 0.99, 50):
+        _, scan = compress(MODELS / "digits_mlp.onnx", policy=EnergyPolicy(float(tau)), data=calibration)
+        if scan.verification.accuracy_drop_bound() <= 0.5:
+            plain.append(scan.dense_params_after)
+    assert plain and report.dense_params_after < 0.6 * min(plain)
 
 
 def test_target_params_keeps_at_most_that_share(tmp_path: Path) -> None:

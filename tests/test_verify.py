@@ -88,3 +88,12 @@ def test_generated_masks_are_all_ones() -> None:
     session = make_session(model.SerializeToString())
     (feed,) = generated_batches(session, ir.from_proto(model), {"batch": 2, "seq": 9}, samples=1)
     assert np.all(feed["attention_mask"] == 1) and feed["attention_mask"].dtype == np.int64
+
+
+def test_accuracy_drop_bound_uses_the_flipped_samples() -> None:
+    from onnx_arsvd.verify import TaskScores, VerificationReport
+
+    report = VerificationReport("CPUExecutionProvider", "", 400, original=TaskScores(0.9, 0.9),
+                                compressed=TaskScores(0.895, 0.89), flipped=4)
+    assert report.accuracy_drop == pytest.approx(0.5)
+    assert report.accuracy_drop_bound() == pytest.approx(0.5 + 1.645 * 100 * 2 / 400)
