@@ -76,7 +76,12 @@ class _Settings:
     def describe(self) -> str:
         if self.method == "svd":
             return "svd"
-        source = os.fspath(self.calibration) if isinstance(self.calibration, (str, os.PathLike)) else "a reader"
+        if isinstance(self.calibration, (str, os.PathLike)):
+            source = os.fspath(self.calibration)
+        elif isinstance(self.calibration, Mapping):
+            source = f"{len(next(iter(self.calibration.values())))} samples of the data"
+        else:
+            source = "a reader"
         return f"whitened (calibration: {source})"
 
 
@@ -254,7 +259,7 @@ def compress(
     exclude: Sequence[str] = (),
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
     min_params: int = DEFAULT_MIN_PARAMS,
-    method: str = "svd",
+    method: str | None = None,
     calibration: str | os.PathLike | CalibrationDataReader | None = None,
     external_data: bool | None = None,
     check: bool = True,
@@ -271,7 +276,8 @@ def compress(
     Returns the compressed model, of the kind given (``onnx.ModelProto`` for a ModelProto, else an
     ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
     never modified. ``method="whitened"`` factors each layer to minimise its output error on the
-    ``calibration`` inputs (an ``.npz`` or a ``CalibrationDataReader``) instead of the weight error.
+    ``calibration`` inputs (an ``.npz``, arrays, or a ``CalibrationDataReader``) instead of the weight
+    error; the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
     ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a ``budget``, ``data``
     is split into a calibration part (Gram matrices, and the end-to-end checks that choose one global
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
@@ -281,9 +287,12 @@ def compress(
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
+    if method is None:  # data-driven factors when the data is there for a budget anyway
+        method = "whitened" if budget is not None and budget.needs_data else "svd"
     search = _BudgetSearch(model, budget, data, labels, method, calibration) if budget is not None else None
-    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method,
-                         search.calibration if search is not None else calibration)
+    if search is not None and method == "whitened":
+        calibration = search.calibration
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration)
     if output is not None:
         _check_output_path(model, output)
     _check_files(data=data, labels=labels)

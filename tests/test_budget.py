@@ -66,6 +66,17 @@ def test_digits_budget_is_met_on_held_out_data_with_fewer_params_than_plain_arsv
     assert plain and report.dense_params_after < 0.6 * min(plain)
 
 
+def test_budget_with_plain_svd_factors(tmp_path: Path) -> None:
+    _, report = compress(MODELS / "fashion_mlp.onnx", budget=Budget(max_drop=1.0), method="svd",
+                         data=MODELS / "fashion_test.npz")
+    assert report.method == "svd" and report.budget["met"] and report.factored == 2
+
+
+def test_budget_defaults_to_whitened_factors_on_its_calibration_part() -> None:
+    _, report = compress(MODELS / "digits_mlp.onnx", budget=Budget(max_drop=1.0), data=MODELS / "digits_test.npz")
+    assert report.method == "whitened (calibration: 324 samples of the data)"
+
+
 def test_target_params_keeps_at_most_that_share(tmp_path: Path) -> None:
     _, report = compress(MODELS / "fashion_mlp.onnx", budget=Budget(target_params=0.3), check=False)
     assert report.budget["met"] and report.dense_params_after <= 0.3 * report.dense_params_before
