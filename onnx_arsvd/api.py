@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from onnx_arsvd.budget import Budget, SearchStep, bisect_tau, split_data
 from onnx_arsvd.calibration import CalibrationDataReader, capture_grams
-from onnx_arsvd.candidates import Layer, Skipped, WeightKey, filter_layers, find_layers
+from onnx_arsvd.candidates import Layer, Skipped, WeightKey, filter_layers, find_layers, read_array
 from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.guard import LatencyGuard
@@ -26,6 +26,7 @@ from onnx_arsvd.plan import (
     WeightPlan,
     dense_decision,
     plan_layers,
+    relative_output_error,
 )
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import NOTHING_FACTORED_NOTE, Report
@@ -230,6 +231,19 @@ class _BudgetSearch:
                                              feasible_above=self.budget.target_params is None)
         return replace(settings, policy=EnergyPolicy(self.chosen.tau)), grams, cache
 
+    def measure_errors(self, loaded: ir.Model, plans: list[WeightPlan], progress: bool) -> None:
+        """Each factored layer's relative output error on the held-out part's activations."""
+        factored = [plan for plan in plans if plan.factored and plan.factors is not None]
+        if not factored:
+            return
+        inputs = {k: v for k, v in self.held_out.items() if k != "labels"}
+        grams = capture_grams(loaded, [layer for plan in factored for layer in plan.layers], inputs, progress=progress)
+        for plan in factored:
+            first = plan.layers[0]
+            matrix = read_array(first.weight)
+            error = relative_output_error(matrix.T if first.transposed else matrix, plan.factors, grams[first.weight_key])
+            plan.decisions = [replace(d, measured_error=error) for d in plan.decisions]
+
     def summary(self) -> dict[str, object]:
         """What the report shows of the search."""
         samples = {name: len(next(iter(part.values()))) if part else 0
@@ -307,6 +321,8 @@ def compress(
     plans, excluded, order, skipped = _plan(loaded, settings, True, progress, grams, cache)
     if guard is not None:
         guard.apply(plans, provider, dims or {}, progress)
+    if search is not None and search.held_out is not None:
+        search.measure_errors(loaded, plans, progress)
     report = _new_report(model, loaded, settings, _decisions(plans, excluded, order), skipped)
     if search is not None:
         report.budget = search.summary()

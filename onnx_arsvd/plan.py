@@ -21,6 +21,7 @@ __all__ = [
     "WeightPlan",
     "dense_decision",
     "plan_layers",
+    "relative_output_error",
 ]
 
 DEFAULT_MAX_RANK_FRACTION = 0.8
@@ -50,6 +51,13 @@ class LayerDecision:
     shared_by: int
     timings: tuple = field(default=())
     """Latency-guard measurements (:class:`onnx_arsvd.guard.LayerTiming`), when the guard ran."""
+    measured_error: float | None = None
+    """Relative output error ||X(W - AB)|| / ||XW|| on held-out activations, when a budget measured it."""
+
+    @property
+    def predicted_error(self) -> float:
+        """Relative error the spectrum predicts at ``rank``: sqrt(1 - energy kept) (output energy when whitened)."""
+        return float(np.sqrt(max(0.0, 1.0 - self.energy_kept)))
 
     @property
     def params(self) -> int:
@@ -176,3 +184,11 @@ def plan_layers(
         factors = factors_at_rank(spec, rank) if (spec is not None and factored) else None
         plans.append(WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors))
     return plans
+
+
+def relative_output_error(weight: np.ndarray, factors: tuple[np.ndarray, np.ndarray], gram: np.ndarray) -> float:
+    """||X (W - A B)||_F / ||X W||_F for the inputs X whose Gram matrix is ``gram``, without X itself."""
+    w = np.asarray(weight, dtype=np.float64)
+    difference = w - factors[0] @ factors[1]
+    denominator = float(np.sum(w * (gram @ w)))
+    return float(np.sqrt(max(0.0, float(np.sum(difference * (gram @ difference)))) / denominator)) if denominator > 0 else 0.0

@@ -69,7 +69,8 @@ def report_to_json(report: Report) -> str:
     """The report as JSON, with derived totals spelled out for machines."""
     data = dataclasses.asdict(report)
     for row, layer in zip(data["layers"], report.layers):
-        row.update(params=layer.params, params_after=layer.params_after, saving=layer.saving)
+        row.update(params=layer.params, params_after=layer.params_after, saving=layer.saving,
+                   predicted_error=layer.predicted_error)
     data.update(
         dense_params_before=report.dense_params_before,
         dense_params_after=report.dense_params_after,
@@ -98,9 +99,17 @@ def _guard_cell(layer: LayerDecision) -> str:
     return "  ".join(f"b{t.batch} {t.ratio:.2f}x" for t in layer.timings)
 
 
-def _layer_rows(layers: list[LayerDecision]) -> list[list[object]]:
+def _error_cell(layer: LayerDecision, whitened: bool) -> str:
+    """Predicted (only whitened spectra predict an *output* error) / measured on held-out activations."""
+    if not layer.factored or layer.measured_error is None:
+        return ""
+    return f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened else f"- / {layer.measured_error:.3f}"
+
+
+def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[object]]:
     rows = []
     guarded = any(layer.timings for layer in layers)
+    measured = any(layer.measured_error is not None for layer in layers)
     for layer in layers:
         action = "factor" if layer.factored else f"keep: {layer.reason}"
         rows.append([
@@ -113,6 +122,7 @@ def _layer_rows(layers: list[LayerDecision]) -> list[list[object]]:
             f"{layer.energy_kept:.4f}",
             f"{layer.saving:+.1%}",
             *([_guard_cell(layer)] if guarded else []),
+            *([_error_cell(layer, whitened)] if measured else []),
             action,
         ])
     return rows
@@ -155,10 +165,13 @@ def format_report(report: Report, markdown: bool = False) -> str:
     """A human-readable report: layer table, skipped nodes, totals, verification."""
     style = "github" if markdown else "simple"
     headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving",
-               *(["factored/dense time"] if any(layer.timings for layer in report.layers) else []), "decision"]
+               *(["factored/dense time"] if any(layer.timings for layer in report.layers) else []),
+               *(["output error predicted / held-out"] if any(l.measured_error is not None for l in report.layers) else []),
+               "decision"]
     parts = [f"model: {report.model}   policy: {report.policy}   factors: {report.method}   factor only at rank <= "
              f"{report.max_rank_fraction:g} x break-even and >= {report.min_params} parameters"]
-    parts.append(tabulate(_layer_rows(report.layers), headers, tablefmt=style, disable_numparse=True))
+    parts.append(tabulate(_layer_rows(report.layers, report.method.startswith("whitened")), headers, tablefmt=style,
+                          disable_numparse=True))
     if report.skipped:
         parts.append("not factored:\n" + tabulate([[s.name, s.op_type, s.reason] for s in report.skipped],
                                                    ["node", "op", "reason"], tablefmt=style))

