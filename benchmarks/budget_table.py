@@ -64,7 +64,10 @@ def _held_out_accuracy(model: Path, policy: RankPolicy, held_out: dict, **settin
     return report.dense_params_after / report.dense_params_before, v.compressed.accuracy, v.accuracy_drop
 
 
-def matched_table(name: str) -> list[str]:
+Point = tuple[str, float, float]  # (method, dense params kept, held-out accuracy)
+
+
+def matched_table(name: str, points: list[Point]) -> list[str]:
     model = MODELS / f"{name}_mlp.onnx"
     calibration, held_out = _split(name)
     whitened = {"method": "whitened", "calibration": {k: v for k, v in calibration.items() if k != "labels"}}
@@ -82,6 +85,7 @@ def matched_table(name: str) -> list[str]:
         for label, make, settings in methods:
             policy = _matched(model, make, target, **settings)
             kept, accuracy, drop = _held_out_accuracy(model, policy, held_out, **settings)
+            points.append((label, kept, accuracy))
             lines.append(f"| {target:.0%} | {label} | {policy.describe()} | {kept:.1%} | {accuracy:.2%} | {drop:+.2f} |")
     return lines
 
@@ -97,28 +101,56 @@ def _plain_scan(model: Path, part: dict) -> list[tuple[float, float, float, floa
     return rows
 
 
-def budget_table(name: str) -> list[str]:
+def budget_table(name: str, points: list[Point]) -> list[str]:
     model = MODELS / f"{name}_mlp.onnx"
     calibration, held_out = _split(name)
     on_calibration, on_held_out = _plain_scan(model, calibration), _plain_scan(model, held_out)
     lines = ["| budget (pts) | method | chosen on | dense params kept | held-out drop (pts) |", "|---:|---|---|---:|---:|"]
-    for points in BUDGETS:
-        _, report = compress(model, budget=Budget(max_drop=points, holdout=HOLDOUT, seed=SEED), method="whitened",
+    for budget in BUDGETS:
+        _, report = compress(model, budget=Budget(max_drop=budget, holdout=HOLDOUT, seed=SEED), method="whitened",
                              data=MODELS / f"{name}_test.npz")
         searched = report.dense_params_after / report.dense_params_before
-        lines.append(f"| {points:g} | `--max-drop {points:g} --method whitened` (tau {report.budget['tau']:.4f}) | "
+        points.append((f"--max-drop {budget:g}", searched, report.verification.compressed.accuracy))
+        lines.append(f"| {budget:g} | `--max-drop {budget:g} --method whitened` (tau {report.budget['tau']:.4f}) | "
                      f"calibration part | {searched:.1%} | {report.verification.accuracy_drop:+.2f} |")
-        fair = [(kept, tau) for tau, kept, _, bound in on_calibration if bound <= points]
+        fair = [(kept, tau) for tau, kept, _, bound in on_calibration if bound <= budget]
         if fair:
             kept, tau = min(fair)
             drop = next(d for t, _, d, _ in on_held_out if t == tau)
-            lines.append(f"| {points:g} | plain ARSVD energy, tau {tau:.2f} (same rule: 95% bound) | calibration part | "
+            lines.append(f"| {budget:g} | plain ARSVD energy, tau {tau:.2f} (same rule: 95% bound) | calibration part | "
                          f"{kept:.1%} | {drop:+.2f} |")
-        generous = [(kept, tau, drop) for tau, kept, drop, _ in on_held_out if drop <= points]
+        generous = [(kept, tau, drop) for tau, kept, drop, _ in on_held_out if drop <= budget]
         kept, tau, drop = min(generous)
-        lines.append(f"| {points:g} | plain ARSVD energy, tau {tau:.2f} (optimistic: picked on the data it is scored on) | "
+        lines.append(f"| {budget:g} | plain ARSVD energy, tau {tau:.2f} (optimistic: picked on the data it is scored on) | "
                      f"held-out part | {kept:.1%} | {drop:+.2f} |")
     return lines
+
+
+def plot(name: str, points: list[Point], out: Path) -> Path:
+    """Held-out accuracy against dense parameters kept, one line per method, budget results as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for method in dict.fromkeys(label for label, _, _ in points):
+        kept, accuracy = zip(*sorted((k, a) for label, k, a in points if label == method))
+        if method.startswith("--max-drop"):
+            axes.scatter(kept, accuracy, marker="*", s=160, zorder=3, label=method + " (whitened)")
+        else:
+            axes.plot(kept, accuracy, marker="o", label=method)
+    axes.set_xlabel("dense-layer parameters kept")
+    axes.set_ylabel("held-out accuracy")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes.set_title(f"{name}_mlp.onnx")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    target = out.with_name(f"{out.stem}_{name}.png")
+    figure.savefig(target, dpi=110)
+    plt.close(figure)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         " every accuracy is on the held-out part; default gates (the 10-class head stays dense)",
     ]
     for name in ("digits", "fashion"):
-        parts += ["", f"## {name}_mlp.onnx: methods at matched parameters", "", *matched_table(name),
-                  "", f"## {name}_mlp.onnx: accuracy budget", "", *budget_table(name)]
+        points: list[Point] = []
+        parts += ["", f"## {name}_mlp.onnx: methods at matched parameters", "", *matched_table(name, points),
+                  "", f"## {name}_mlp.onnx: accuracy budget", "", *budget_table(name, points)]
+        parts += ["", f"![{name}]({plot(name, points, args.out).name})"]
     text = "\n".join(parts) + "\n"
     print(text, end="")
     write_result(text, args.out)
