@@ -224,7 +224,7 @@ class _BudgetSearch:
             if self.budget.max_drop is not None:  # the drop's 95% upper bound, so held-out data meets it too
                 bound = result.accuracy_drop_bound()
                 return SearchStep(tau, kept, bound, bound <= self.budget.max_drop)
-            cosine = min(o.mean_cosine for o in result.outputs)
+            cosine = min(o.cosine_bound() for o in result.outputs)  # 95% lower bound, as for --max-drop
             return SearchStep(tau, kept, cosine, cosine >= self.budget.min_cosine)
 
         self.chosen, self.steps = bisect_tau(evaluate, self.budget.steps,

@@ -6,7 +6,8 @@ result is reported. Every layer's rank comes from one global threshold tau on it
 energy curve (with whitened factors, s_i^2 of L^T W is the layer's output energy on the
 calibration data), so sensitive layers keep more rank and robust ones less; tau is found by
 bisection: the smallest tau whose model meets the budget on the calibration part. An accuracy
-budget is judged by the one-sided 95% upper confidence bound of the drop, not the drop itself:
+budget is judged by the one-sided 95% upper confidence bound of the drop, a cosine budget by the
+lower bound of the mean cosine, not by the point estimates:
 a search that stops exactly at the budget on one sample overshoots it on another about half the time.
 """
 
@@ -59,7 +60,7 @@ class Budget:
         """What each search step measures."""
         if self.max_drop is not None:
             return "accuracy drop, 95% upper bound (points)"
-        return "mean output cosine" if self.min_cosine is not None else "none (parameters only)"
+        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else "none (parameters only)"
 
     def describe(self) -> str:
         if self.max_drop is not None:

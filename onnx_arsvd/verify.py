@@ -39,6 +39,12 @@ class OutputComparison:
     relative_error: float
     mean_cosine: float
     min_cosine: float
+    cosine_stderr: float = 0.0
+    """Standard error of the mean cosine over samples."""
+
+    def cosine_bound(self, z: float = 1.645) -> float:
+        """One-sided lower confidence bound on the mean cosine (z = 1.645: 95%)."""
+        return self.mean_cosine - z * self.cosine_stderr
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,7 @@ def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) ->
         relative_error=float(np.linalg.norm(diff) / norm_e) if norm_e > 0 else float(np.linalg.norm(diff)),
         mean_cosine=float(np.mean(cosines)),
         min_cosine=float(np.min(cosines)),
+        cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
     )
 
 

@@ -31,6 +31,8 @@ def test_comparison_metrics() -> None:
     assert result.max_abs_error == 1.0
     assert result.relative_error == pytest.approx(np.sqrt(2) / np.sqrt(26))
     assert result.mean_cosine == pytest.approx(0.5) and result.min_cosine == pytest.approx(0.0)
+    assert result.cosine_stderr == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2))
+    assert result.cosine_bound() == pytest.approx(0.5 - 1.645 * result.cosine_stderr)
 
 
 def _embedding_model(vocab: int = 7) -> onnx.ModelProto:
