@@ -182,7 +182,7 @@ class _BudgetSearch:
     """Splits the data, then finds the energy threshold whose model meets the budget with fewest parameters."""
 
     def __init__(self, model: ModelLike, budget: Budget, data, labels, method: str, calibration) -> None:
-        self.model, self.budget, self.method = model, budget, method
+        self.model, self.budget = model, budget
         self.calibration_part: dict[str, np.ndarray] = {}
         self.held_out: dict[str, np.ndarray] | None = None
         self.steps: list[SearchStep] = []
