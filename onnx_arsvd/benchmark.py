@@ -2,8 +2,9 @@
 
 Latency: after a warm-up, the two sessions run the same feed interleaved (A B, B A, A B, ...) so
 machine drift hits both alike; the ratio's spread comes from the per-pair ratios. This is repeated in
-rounds with fresh sessions, because two sessions of one and the same file differ by a few percent
-(measured up to 5% at batch 1 on a 0.1 ms model): a difference is only real if every round shows it.
+rounds with fresh sessions, because two sessions of one and the same file differ by several percent
+(benchmarks/session_noise.py: up to 8% at batch 1 on a 0.1 ms model): a difference is only real if
+every round shows it.
 Both sessions are live at once, so intra-op thread spinning is turned off (idle spinning threads of
 one session slow the other badly). Memory: each model is loaded and run in a fresh child process
 (:mod:`onnx_arsvd.memory_probe`), so the two never share a heap.

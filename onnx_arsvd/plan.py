@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RANK_FRACTION = 0.8
-"""Factor only at k <= 0.8 m*n/(m+n): a rank just under break-even measured 1.16x slower at batch 1."""
+"""Factor only at k <= 0.8 m*n/(m+n): ranks near break-even ran 1.15x slower at batch 1 (benchmarks/latency_table.py)."""
 
 DEFAULT_MIN_PARAMS = 4096
 """Leave weights under 64 x 64 dense: they save a few KiB, add an operator's fixed cost, and are most
