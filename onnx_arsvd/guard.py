@@ -3,9 +3,9 @@
 Each candidate layer is timed as a one-node model with its real weights (the original node form
 against MatMul -> MatMul [-> Add]) at every batch size asked for, interleaved in rounds of fresh
 sessions like ``bench``. A layer is factored only where the factored form is faster at every batch
-size (by ``margin``, 0 by default): two thin MatMuls near break-even are slower and stay dense. A
-positive margin made the guard too timid on the real models (benchmarks/latency_table.py): layers
-a few percent faster each were kept dense although together they made the model faster.
+size (by ``margin``, 0 by default): two thin MatMuls near break-even are slower and stay dense.
+With a positive margin, layers a few percent faster each stay dense although together they would
+make the model faster; the rounds of fresh sessions already keep noise from deciding.
 """
 
 from __future__ import annotations
