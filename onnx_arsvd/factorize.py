@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-__all__ = ["Spectrum", "factors_at_rank", "spectrum", "whitened_spectrum"]
+__all__ = ["LpFit", "Spectrum", "factors_at_rank", "lp_factors", "spectrum", "whitened_spectrum"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,53 @@ def whitened_spectrum(weight: np.ndarray, gram: np.ndarray, regularization: floa
     whitened = spectrum(lower.T @ matrix)
     u = scipy.linalg.solve_triangular(lower.T, whitened.u, lower=False)
     return Spectrum(u, whitened.s, whitened.vt)
+
+
+@dataclass(frozen=True)
+class LpFit:
+    """Factors A = W V (m x k) and B = V^T (k x n) of the l_p subspace fit, and the objective per iteration."""
+
+    a: np.ndarray
+    b: np.ndarray
+    objective: tuple[float, ...]
+    converged: bool
+
+
+def lp_factors(weight: np.ndarray, rank: int, p: float, *, max_iter: int = 50, tol: float = 1e-6) -> LpFit:
+    """Rank-k factors whose row space V (n x k) approximately minimises sum_i dist(row_i, span V)^p.
+
+    SVD minimises the sum of *squared* row distances, so a few far-away rows pull the subspace
+    towards them; with p in [1, 2) they count less. The rows are those of W as ``X @ W`` uses it (one
+    per input feature; for an embedding table, one per token), and each row is replaced by its
+    projection: W ~ (W V) V^T. Solved by iteratively reweighted SVD, started from the SVD solution:
+    the weights (r_i^2 + eps^2)^(p/2 - 1) make each step minimise a majorizer of the smoothed
+    objective sum_i (r_i^2 + eps^2)^(p/2), so that objective never increases; eps (1e-8 of the
+    root-mean-square row norm) guards rows that lie in the subspace. At p = 2 every weight is 1 and
+    the result is the SVD's.
+    """
+    if not 1.0 <= p <= 2.0:
+        raise ValueError(f"p must be in [1, 2], got {p}")
+    matrix = np.asarray(weight, dtype=np.float64)
+    eps = 1e-8 * float(np.sqrt(np.mean(np.sum(matrix * matrix, axis=1)))) or 1e-300
+    basis = spectrum(matrix).vt[:rank].T  # n x k, the SVD start
+
+    def residuals(v: np.ndarray) -> np.ndarray:
+        return np.sum(np.square(matrix - (matrix @ v) @ v.T), axis=1)
+
+    squared = residuals(basis)
+    history = [float(np.sum((squared + eps**2) ** (p / 2)))]
+    converged = p == 2.0
+    for _ in range(0 if converged else max_iter):
+        weights = (squared + eps**2) ** (p / 2 - 1)
+        candidate = spectrum(np.sqrt(weights)[:, None] * matrix).vt[:rank].T
+        candidate_squared = residuals(candidate)
+        value = float(np.sum((candidate_squared + eps**2) ** (p / 2)))
+        if value > history[-1]:  # rounding at convergence: keep the better subspace
+            converged = True
+            break
+        basis, squared = candidate, candidate_squared
+        history.append(value)
+        if history[-2] - value <= tol * history[-2]:
+            converged = True
+            break
+    return LpFit(matrix @ basis, basis.T, tuple(history), converged)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_arsvd.factorize import factors_at_rank, spectrum, whitened_spectrum
+from onnx_arsvd.factorize import factors_at_rank, lp_factors, spectrum, whitened_spectrum
 from tests.conftest import random_weight
 
 
@@ -69,3 +69,46 @@ def test_whitened_full_rank_reproduces_even_a_singular_gram() -> None:
 def test_whitened_rejects_a_gram_of_the_wrong_size() -> None:
     with pytest.raises(ValueError, match="does not fit a weight of shape"):
         whitened_spectrum(np.ones((4, 3)), np.eye(3))
+
+
+def _inliers_and_outliers(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """200 rows near a 3-dimensional subspace of R^20, plus 8 far-away rows off it; and the inlier mask."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((20, 3)))[0]
+    inliers = rng.standard_normal((200, 3)) @ basis.T + 0.01 * rng.standard_normal((200, 20))
+    outliers = 5.0 * rng.standard_normal((8, 20))  # far enough to pull the SVD, few enough for l1 to ignore
+    rows = np.vstack([inliers, outliers])
+    return rows, np.arange(len(rows)) < 200
+
+
+def _row_distances(rows: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(rows - a @ b, axis=1)
+
+
+def test_lp_at_p_two_is_the_svd() -> None:
+    w = random_weight(40, 30, decay=0.1, seed=2)
+    fit = lp_factors(w, 5, 2.0)
+    np.testing.assert_allclose(fit.a @ fit.b, np.matmul(*factors_at_rank(spectrum(w), 5)), atol=1e-10)
+    assert fit.converged and len(fit.objective) == 1
+
+
+def test_l1_fits_the_inliers_better_than_svd() -> None:
+    rows, inlier = _inliers_and_outliers()
+    svd = _row_distances(rows, *factors_at_rank(spectrum(rows), 3))
+    fit = lp_factors(rows, 3, 1.0)
+    l1 = _row_distances(rows, fit.a, fit.b)
+    assert l1[inlier].sum() < 0.5 * svd[inlier].sum()  # the outliers no longer pull the subspace
+    assert l1.sum() <= svd.sum()  # and the l1 objective itself is better, as it should be
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5])
+def test_lp_objective_never_increases(p: float) -> None:
+    rows, _ = _inliers_and_outliers(seed=1)
+    fit = lp_factors(rows, 3, p, max_iter=30, tol=0.0)
+    assert len(fit.objective) > 2
+    assert all(later <= earlier * (1 + 1e-12) for earlier, later in zip(fit.objective, fit.objective[1:]))
+
+
+def test_lp_rejects_p_outside_one_to_two() -> None:
+    with pytest.raises(ValueError, match=r"p must be in \[1, 2\]"):
+        lp_factors(np.ones((4, 3)), 1, 0.5)
