@@ -43,7 +43,7 @@ from onnx_arsvd.verify import (
 
 __all__ = ["METHODS", "compress", "inspect_model", "verify"]
 
-METHODS = ("svd", "whitened")
+METHODS = ("svd", "whitened", "lp")
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -63,13 +63,16 @@ class _Settings:
     min_params: int
     method: str = "svd"
     calibration: str | os.PathLike | CalibrationDataReader | None = None
+    lp_power: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidInputError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method == "lp" and not 1.0 <= self.lp_power <= 2.0:
+            raise InvalidInputError(f"--p must be in [1, 2], got {self.lp_power}")
         if self.method == "whitened" and self.calibration is None:
             raise InvalidInputError("--method whitened needs calibration inputs (--calibration inputs.npz)")
-        if self.method == "svd" and self.calibration is not None:
+        if self.method != "whitened" and self.calibration is not None:
             raise InvalidInputError("calibration inputs are only used by --method whitened")
         if isinstance(self.calibration, (str, os.PathLike)) and not Path(self.calibration).is_file():
             raise InvalidInputError(f"{os.fspath(self.calibration)}: no such calibration file")
@@ -77,6 +80,8 @@ class _Settings:
     def describe(self) -> str:
         if self.method == "svd":
             return "svd"
+        if self.method == "lp":
+            return f"lp (p={self.lp_power:g}, rows of W as X @ W uses it)"
         if isinstance(self.calibration, (str, os.PathLike)):
             source = os.fspath(self.calibration)
         elif isinstance(self.calibration, Mapping):
@@ -109,7 +114,8 @@ def _plan(
         grams = capture_grams(model, considered, settings.calibration, progress=progress)
     plans = plan_layers(considered, settings.policy, max_rank_fraction=settings.max_rank_fraction,
                         min_params=settings.min_params, with_factors=with_factors,
-                        grams=grams if settings.method == "whitened" else None, cache=cache, progress=progress)
+                        grams=grams if settings.method == "whitened" else None, cache=cache,
+                        lp_power=settings.lp_power if settings.method == "lp" else None, progress=progress)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     return plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], order, skipped
 
@@ -152,10 +158,12 @@ def inspect_model(
     min_params: int = DEFAULT_MIN_PARAMS,
     method: str = "svd",
     calibration: str | os.PathLike | CalibrationDataReader | None = None,
+    lp_power: float = 1.0,
     progress: bool = False,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
-    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration)
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
+                         lp_power)
     loaded = to_model(model)
     plans, excluded, order, skipped = _plan(loaded, settings, False, progress)
     report = _new_report(model, loaded, settings, _decisions(plans, excluded, order), skipped)
@@ -275,6 +283,7 @@ def compress(
     min_params: int = DEFAULT_MIN_PARAMS,
     method: str | None = None,
     calibration: str | os.PathLike | CalibrationDataReader | None = None,
+    lp_power: float = 1.0,
     external_data: bool | None = None,
     check: bool = True,
     progress: bool = False,
@@ -291,7 +300,8 @@ def compress(
     ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
     never modified. ``method="whitened"`` factors each layer to minimise its output error on the
     ``calibration`` inputs (an ``.npz``, arrays, or a ``CalibrationDataReader``) instead of the weight
-    error; the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
+    error; ``method="lp"`` fits each weight's rows with the robust l_p subspace (``lp_power`` p in [1, 2]);
+    the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
     ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a ``budget``, ``data``
     is split into a calibration part (Gram matrices, and the end-to-end checks that choose one global
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
@@ -306,7 +316,8 @@ def compress(
     search = _BudgetSearch(model, budget, data, labels, method, calibration) if budget is not None else None
     if search is not None and method == "whitened":
         calibration = search.calibration
-    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration)
+    settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
+                         lp_power)
     if output is not None:
         _check_output_path(model, output)
     _check_files(data=data, labels=labels)

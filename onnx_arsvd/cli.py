@@ -32,9 +32,11 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
                        help="factor a layer only if rank <= F * m*n/(m+n) (default 0.8: demand a real saving)")
     group.add_argument("--min-params", type=int, default=4096, metavar="N",
                        help="leave weights with fewer than N parameters dense (default 4096; heads are often this small)")
-    group.add_argument("--method", choices=["svd", "whitened"],
+    group.add_argument("--method", choices=["svd", "whitened", "lp"],
                        help="svd: minimise the weight error; whitened: minimise the layer's output error on "
-                            "--calibration inputs (default: whitened with --max-drop/--min-cosine, else svd)")
+                            "--calibration inputs; lp: robust l_p fit of the weight's rows, see --p "
+                            "(default: whitened with --max-drop/--min-cosine, else svd)")
+    group.add_argument("--p", type=float, default=1.0, help="the p of --method lp, in [1, 2] (default 1)")
     group.add_argument("--calibration", metavar="NPZ",
                        help="inputs for --method whitened: arrays keyed by input name, first axis = samples")
     group.add_argument("--include", action="append", default=[], metavar="GLOB",
@@ -214,7 +216,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
-                                   method=args.method or "svd", calibration=args.calibration, progress=not args.quiet)
+                                   method=args.method or "svd", calibration=args.calibration, lp_power=args.p,
+                                   progress=not args.quiet)
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
@@ -234,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
-            calibration=args.calibration, external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
+            calibration=args.calibration, lp_power=args.p, external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples, guard=guard,
         )
         for note in report.notes:

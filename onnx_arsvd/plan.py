@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, WeightKey, read_array
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
-from onnx_arsvd.factorize import Spectrum, factors_at_rank, spectrum, whitened_spectrum
+from onnx_arsvd.factorize import Spectrum, factors_at_rank, lp_factors, spectrum, whitened_spectrum
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
 
 __all__ = [
@@ -130,6 +130,7 @@ def plan_layers(
     with_factors: bool = True,
     grams: Mapping[WeightKey, np.ndarray] | None = None,
     cache: dict[WeightKey, Spectrum] | None = None,
+    lp_power: float | None = None,
     progress: bool = False,
 ) -> list[WeightPlan]:
     """Rank and decision for every distinct weight; factors too when ``with_factors``.
@@ -140,7 +141,8 @@ def plan_layers(
     With ``grams`` (input Gram matrices by ``Layer.weight_key``) the spectra and factors are the
     activation-aware ones (:func:`onnx_arsvd.factorize.whitened_spectrum`): policies then rank the
     layer's output energy on the calibration data. A ``cache`` dict keeps each weight's spectrum
-    between calls, so a search over policies decomposes every weight once.
+    between calls, so a search over policies decomposes every weight once. With ``lp_power`` p the
+    rank still comes from the SVD spectrum, and the factors from :func:`onnx_arsvd.factorize.lp_factors`.
     """
     if not max_rank_fraction > 0:
         raise InvalidInputError(f"max rank fraction must be positive, got {max_rank_fraction}")
@@ -181,7 +183,12 @@ def plan_layers(
             )
             for layer in group
         ]
-        factors = factors_at_rank(spec, rank) if (spec is not None and factored) else None
+        factors = None
+        if factored and lp_power is not None:
+            fit = lp_factors(_weight_matrix(first), rank, lp_power)
+            factors = (fit.a, fit.b)
+        elif factored and spec is not None:
+            factors = factors_at_rank(spec, rank)
         plans.append(WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors))
     return plans
 

@@ -161,6 +161,8 @@ def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_pat
         (["--labels", "missing.npy"], "no such labels file"),
         (["--max-rank-fraction", "0"], "max rank fraction must be positive"),
         (["--report", "nowhere/report.json"], "nowhere: report folder does not exist"),
+        (["--method", "lp", "--p", "3"], "--p must be in [1, 2], got 3.0"),
+        (["--method", "lp", "--calibration", "c.npz"], "calibration inputs are only used by --method whitened"),
         (["--bench", "--providers", "nonesuch"], "no requested execution provider can run here"),
         (["--bench", "--batch", "0"], "--batch expects positive integers"),
     ],

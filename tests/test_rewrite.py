@@ -134,3 +134,18 @@ def test_in_memory_model_is_not_modified() -> None:
     before = model.SerializeToString()
     compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
     assert model.SerializeToString() == before
+
+
+def test_lp_method_at_p_two_matches_svd_and_reproduces_low_rank() -> None:
+    model = make_linear_model(op="Gemm", trans_b=True, true_rank=4)
+    feed = _feed(model)
+    outputs = {}
+    for method, power in (("svd", 1.0), ("lp", 2.0), ("lp", 1.0)):
+        compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, method=method, lp_power=power,
+                                      check=False)
+        onnx.checker.check_model(compressed, full_check=True)
+        outputs[(method, power)] = run(compressed, feed)[0]
+    (expected,) = run(model, feed)
+    for actual in outputs.values():  # an exactly rank-4 weight: every method reproduces it
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(outputs[("lp", 2.0)], outputs[("svd", 1.0)], rtol=1e-5, atol=1e-5)
