@@ -64,6 +64,7 @@ class _Settings:
     method: str = "svd"
     calibration: str | os.PathLike | CalibrationDataReader | None = None
     lp_power: float = 1.0
+    embedding_policy: RankPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -110,12 +111,19 @@ def _plan(
         raise UnsupportedModelError("no factorable layer (MatMul/Gemm with a 2-D float constant weight)"
                                     + (f"; skipped: {reasons}" if reasons else ""))
     considered, excluded = filter_layers(layers, settings.include, settings.exclude)
-    if settings.method == "whitened" and considered and grams is None:
-        grams = capture_grams(model, considered, settings.calibration, progress=progress)
-    plans = plan_layers(considered, settings.policy, max_rank_fraction=settings.max_rank_fraction,
-                        min_params=settings.min_params, with_factors=with_factors,
-                        grams=grams if settings.method == "whitened" else None, cache=cache,
-                        lp_power=settings.lp_power if settings.method == "lp" else None, progress=progress)
+    dense = [layer for layer in considered if not layer.is_embedding]
+    embeddings = [layer for layer in considered if layer.is_embedding]
+    if settings.embedding_policy is None:
+        excluded += [(layer, "embedding table: factored only with --embedding-tau") for layer in embeddings]
+        embeddings = []
+    if settings.method == "whitened" and dense and grams is None:
+        grams = capture_grams(model, dense, settings.calibration, progress=progress)
+    common = {"max_rank_fraction": settings.max_rank_fraction, "min_params": settings.min_params,
+              "with_factors": with_factors, "cache": cache, "progress": progress,
+              "lp_power": settings.lp_power if settings.method == "lp" else None}
+    plans = plan_layers(dense, settings.policy, grams=grams if settings.method == "whitened" else None, **common)
+    if embeddings:  # a lookup has no input activations to whiten: plain or l_p factors of the table's rows
+        plans += plan_layers(embeddings, settings.embedding_policy, **common)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     return plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], order, skipped
 
@@ -132,7 +140,8 @@ def _new_report(source: ModelLike, model: ir.Model, settings: _Settings, decisio
     params, nbytes = weight_stats(model)
     report = Report(
         model=_describe(source),
-        policy=settings.policy.describe(),
+        policy=settings.policy.describe()
+        + (f"; embedding tables {settings.embedding_policy.describe()}" if settings.embedding_policy else ""),
         method=settings.describe(),
         max_rank_fraction=settings.max_rank_fraction,
         min_params=settings.min_params,
@@ -159,11 +168,12 @@ def inspect_model(
     method: str = "svd",
     calibration: str | os.PathLike | CalibrationDataReader | None = None,
     lp_power: float = 1.0,
+    embedding_policy: RankPolicy | None = None,
     progress: bool = False,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
     settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
-                         lp_power)
+                         lp_power, embedding_policy)
     loaded = to_model(model)
     plans, excluded, order, skipped = _plan(loaded, settings, False, progress)
     report = _new_report(model, loaded, settings, _decisions(plans, excluded, order), skipped)
@@ -213,8 +223,9 @@ class _BudgetSearch:
         cache: dict[WeightKey, Spectrum] = {}
         layers, _ = find_layers(loaded)
         considered, _ = filter_layers(layers, settings.include, settings.exclude)
-        grams = capture_grams(loaded, considered, settings.calibration, progress=progress) \
-            if settings.method == "whitened" and considered else None
+        dense = [layer for layer in considered if not layer.is_embedding]
+        grams = capture_grams(loaded, dense, settings.calibration, progress=progress) \
+            if settings.method == "whitened" and dense else None
         original = _source(self.model)[0]
         judge = make_session(original) if self.budget.needs_data else None
         batches = list(split_batches(load_data(self.calibration_part, judge)[0], judge, 256)) if judge else []
@@ -241,7 +252,7 @@ class _BudgetSearch:
 
     def measure_errors(self, loaded: ir.Model, plans: list[WeightPlan], progress: bool) -> None:
         """Each factored layer's relative output error on the held-out part's activations."""
-        factored = [plan for plan in plans if plan.factored and plan.factors is not None]
+        factored = [plan for plan in plans if plan.factored and plan.factors is not None and not plan.layers[0].is_embedding]
         if not factored:
             return
         inputs = {k: v for k, v in self.held_out.items() if k != "labels"}
@@ -284,6 +295,7 @@ def compress(
     method: str | None = None,
     calibration: str | os.PathLike | CalibrationDataReader | None = None,
     lp_power: float = 1.0,
+    embedding_policy: RankPolicy | None = None,
     external_data: bool | None = None,
     check: bool = True,
     progress: bool = False,
@@ -300,7 +312,8 @@ def compress(
     ``onnx_ir.Model``, whose external weights stay memory-mapped), and the report. The input is
     never modified. ``method="whitened"`` factors each layer to minimise its output error on the
     ``calibration`` inputs (an ``.npz``, arrays, or a ``CalibrationDataReader``) instead of the weight
-    error; ``method="lp"`` fits each weight's rows with the robust l_p subspace (``lp_power`` p in [1, 2]);
+    error; ``method="lp"`` fits each weight's rows with the robust l_p subspace (``lp_power`` p in [1, 2]).
+    Embedding tables (``Gather`` on a constant) are factored only with an ``embedding_policy``;
     the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
     ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a ``budget``, ``data``
     is split into a calibration part (Gram matrices, and the end-to-end checks that choose one global
@@ -317,7 +330,7 @@ def compress(
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
-                         lp_power)
+                         lp_power, embedding_policy)
     if output is not None:
         _check_output_path(model, output)
     _check_files(data=data, labels=labels)

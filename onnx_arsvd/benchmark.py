@@ -244,7 +244,7 @@ def dense_flop_ratio(original: ir.Model, compressed: ir.Model) -> float:
     layers alone can give, the limit that measured ratios are compared with.
     """
     def macs(model: ir.Model) -> int:
-        return sum(layer.shape[0] * layer.shape[1] for layer in find_layers(model)[0])
+        return sum(layer.shape[0] * layer.shape[1] for layer in find_layers(model)[0] if not layer.is_embedding)
 
     before = macs(original)
     return macs(compressed) / before if before else 1.0

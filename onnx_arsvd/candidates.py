@@ -2,7 +2,9 @@
 
 A *layer* is ``Y = alpha * X @ W (+ bias)`` with ``W`` (m x n) constant: a ``MatMul`` whose second
 input is a 2-D float constant, or a ``Gemm`` with ``transA = 0`` and a constant ``B`` (``W = B`` or
-``B^T`` with ``transB``). Constants are initializers (inline or external data) or ``Constant`` nodes.
+``B^T`` with ``transB``); or an embedding lookup ``Gather(W, ids)`` on axis 0 of a 2-D float
+constant table (vocab x hidden). Constants are initializers (inline or external data) or
+``Constant`` nodes.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class Layer:
     @property
     def op_type(self) -> str:
         return self.node.op_type
+
+    @property
+    def is_embedding(self) -> bool:
+        """A lookup ``Gather(W, ids)``: rows of W are token vectors, not weights of a product."""
+        return self.node.op_type == "Gather"
 
     @property
     def weight_name(self) -> str:
@@ -170,6 +177,19 @@ def _inspect_gemm(node: ir.Node) -> Layer | Skipped:
     return Layer(node=node, weight=weight, transposed=transposed, alpha=alpha, bias=bias, beta=beta)
 
 
+def _inspect_gather(node: ir.Node) -> Layer | Skipped | None:
+    """An embedding lookup: Gather on a 2-D float constant table with computed indices."""
+    table, indices = node.inputs[0], node.inputs[1]
+    tensor = constant_tensor(table)
+    if tensor is None or len(tensor.shape) != 2 or tensor.dtype not in _FLOAT_TYPES or constant_tensor(indices) is not None:
+        return None  # shape arithmetic or constant folding, not a table lookup
+    if _attr(node, "axis", 0) != 0:
+        return Skipped(node_label(node), "Gather", "Gather along axis 1 selects columns, not embedding rows")
+    if table.is_graph_output():
+        return Skipped(node_label(node), "Gather", "table is also a graph output")
+    return Layer(node=node, weight=table, transposed=False, alpha=1.0, bias=None, beta=0.0)
+
+
 def _subgraph_skips(graph: ir.Graph) -> Iterable[Skipped]:
     """Dense-looking nodes inside If/Loop/Scan bodies, at any depth: not rewritten."""
     for owner in graph:
@@ -198,6 +218,8 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[Skipped]]:
             found = _inspect_matmul(node)
         elif node.op_type == "Gemm":
             found = _inspect_gemm(node)
+        elif node.op_type == "Gather":
+            found = _inspect_gather(node)
         else:
             continue
         if isinstance(found, Layer):

@@ -37,6 +37,9 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
                             "--calibration inputs; lp: robust l_p fit of the weight's rows, see --p "
                             "(default: whitened with --max-drop/--min-cosine, else svd)")
     group.add_argument("--p", type=float, default=1.0, help="the p of --method lp, in [1, 2] (default 1)")
+    group.add_argument("--embedding-tau", type=float, metavar="TAU",
+                       help="also factor embedding tables (Gather on a constant) at this energy threshold; "
+                            "they usually need a higher one than dense layers (default: keep them dense)")
     group.add_argument("--calibration", metavar="NPZ",
                        help="inputs for --method whitened: arrays keyed by input name, first axis = samples")
     group.add_argument("--include", action="append", default=[], metavar="GLOB",
@@ -144,6 +147,12 @@ def _policy(args: argparse.Namespace):
     return make_policy(name, **({param: value} if value is not None else {}))
 
 
+def _embedding_policy(args: argparse.Namespace):
+    from onnx_arsvd.rank import EnergyPolicy
+
+    return EnergyPolicy(args.embedding_tau) if args.embedding_tau is not None else None
+
+
 def _budget(args: argparse.Namespace):
     if args.max_drop is None and args.min_cosine is None and args.target_params is None:
         return None
@@ -217,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
                                    method=args.method or "svd", calibration=args.calibration, lp_power=args.p,
-                                   progress=not args.quiet)
+                                   embedding_policy=_embedding_policy(args), progress=not args.quiet)
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
@@ -237,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
-            calibration=args.calibration, lp_power=args.p, external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
+            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples, guard=guard,
         )
         for note in report.notes:

@@ -155,7 +155,7 @@ def plan_layers(
         spec = cache.get(first.weight_key) if cache is not None else None
         if spec is None:
             matrix = _weight_matrix(first)
-            if grams is not None:
+            if grams is not None and first.weight_key in grams:
                 spec = whitened_spectrum(matrix, grams[first.weight_key])
             elif with_factors or cache is not None:
                 spec = spectrum(matrix)

@@ -63,13 +63,20 @@ class _Rewriter:
         return self.initializer(f"{node_label(layer.node)}.arsvd_bias", bias.astype(dtype))
 
     def replace(self, layer: Layer, a: ir.Value, b: ir.Value, bias: ir.Value | None, rank: int) -> None:
-        """Swap the layer's node for MatMul(X, A) -> MatMul(., B) [-> Add(bias)], keeping its output."""
+        """Swap the layer's node for MatMul(X, A) (or Gather(A, ids)) -> MatMul(., B) [-> Add(bias)], keeping its output."""
         node, label = layer.node, node_label(layer.node)
-        x, old_output = node.inputs[0], node.outputs[0]
+        old_output = node.outputs[0]
         tensor_type = ir.TensorType(layer.dtype)
-        low_shape = ir.Shape([*x.shape[:-1], rank]) if x.shape is not None and len(x.shape) > 0 else None
-        low = ir.Value(name=self.name(f"{label}/arsvd_low_rank"), type=tensor_type, shape=low_shape)
-        new_nodes = [ir.Node("", "MatMul", [x, a], outputs=[low], name=self.name(f"{label}/arsvd_a"))]
+        low = ir.Value(name=self.name(f"{label}/arsvd_low_rank"), type=tensor_type)
+        if layer.is_embedding:  # Gather(W, ids) -> Gather(A, ids) @ B
+            ids = node.inputs[1]
+            low.shape = ir.Shape([*ids.shape, rank]) if ids.shape is not None else None
+            first = ir.Node("", "Gather", [a, ids], [ir.AttrInt64("axis", 0)], outputs=[low], name=self.name(f"{label}/arsvd_a"))
+        else:
+            x = node.inputs[0]
+            low.shape = ir.Shape([*x.shape[:-1], rank]) if x.shape is not None and len(x.shape) > 0 else None
+            first = ir.Node("", "MatMul", [x, a], outputs=[low], name=self.name(f"{label}/arsvd_a"))
+        new_nodes = [first]
         result = ir.Value(name=self.name(f"{label}/arsvd_product"), type=tensor_type, shape=old_output.shape)
         new_nodes.append(ir.Node("", "MatMul", [low, b], outputs=[result], name=self.name(f"{label}/arsvd_b")))
         if bias is not None:

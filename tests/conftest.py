@@ -125,3 +125,22 @@ def mlp_path(tmp_path: Path) -> Path:
     path = tmp_path / "mlp.onnx"
     onnx.save(make_mlp(), path)
     return path
+
+
+def make_embedding_model(
+    vocab: int = 50, hidden: int = 16, *, true_rank: int | None = None, ids_shape: tuple = ("batch", "seq"),
+    axis: int = 0, seed: int = 0,
+) -> onnx.ModelProto:
+    """Y = Gather(table, ids): an embedding lookup, ids of any shape (() for a scalar)."""
+    table = random_weight(vocab, hidden, true_rank, seed, decay=0.05).astype(np.float32)
+    out_shape = [*ids_shape, hidden] if axis == 0 else [vocab, *ids_shape]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["Y"], name="embed", axis=axis)],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids_shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

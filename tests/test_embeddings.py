@@ -1,0 +1,48 @@
+"""Embedding tables: Gather(W, ids) found, left dense by default, and rewritten as Gather(A, ids) @ B."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnx_arsvd import FixedRankPolicy, compress, inspect_model
+from onnx_arsvd.candidates import find_layers
+from tests.conftest import make_embedding_model, make_mlp, run
+
+
+def test_lookup_is_found_and_other_gathers_are_not() -> None:
+    (layer,), skipped = find_layers(ir.from_proto(make_embedding_model(50, 16)))
+    assert layer.is_embedding and layer.shape == (50, 16) and skipped == []
+    _, skipped = find_layers(ir.from_proto(make_embedding_model(50, 16, axis=1, ids_shape=("n",))))
+    assert [s.reason for s in skipped] == ["Gather along axis 1 selects columns, not embedding rows"]
+    # Gather on a shape (1-D integers) is arithmetic, not a lookup: not even listed
+    model = make_mlp()
+    model.graph.node.extend([onnx.helper.make_node("Shape", ["X"], ["s"]),
+                             onnx.helper.make_node("Gather", ["s", "zero"], ["b"], axis=0)])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"))
+    layers, skipped = find_layers(ir.from_proto(model))
+    assert all(not layer.is_embedding for layer in layers) and skipped == []
+
+
+def test_tables_stay_dense_without_an_embedding_policy() -> None:
+    report = inspect_model(make_embedding_model(50, 16), min_params=0)
+    (decision,) = report.layers
+    assert not decision.factored and decision.reason == "embedding table: factored only with --embedding-tau"
+
+
+@pytest.mark.parametrize("ids_shape", [("batch", "seq"), ("batch",), ()], ids=["b-s", "b", "scalar"])
+@pytest.mark.parametrize("method", ["svd", "lp"])
+def test_low_rank_table_is_reproduced_for_any_ids_shape(ids_shape: tuple, method: str) -> None:
+    model = make_embedding_model(60, 24, true_rank=5, ids_shape=ids_shape)
+    compressed, report = compress(model, embedding_policy=FixedRankPolicy(5), min_params=0, method=method, check=False)
+    assert report.factored == 1
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [n.op_type for n in compressed.graph.node] == ["Gather", "MatMul"]
+    assert "table" not in {t.name for t in compressed.graph.initializer}
+    dims = {"batch": 3, "seq": 7}
+    ids = np.random.default_rng(0).integers(0, 60, [dims[d] for d in ids_shape]).astype(np.int64)
+    (expected,), (actual,) = run(model, {"ids": ids}), run(compressed, {"ids": ids})
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
