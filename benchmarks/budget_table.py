@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                   "", f"## {name}_mlp.onnx: accuracy budget", "", *budget_table(name, points)]
         parts += ["", f"![{name}]({plot(name, points, args.out).name})"]
     text = "\n".join(parts) + "\n"
-    print(text, end="")
     write_result(text, args.out)
     return 0
 

@@ -497,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
     parts.append("\n".join(["## The `reduce_range` check", "", pitfall_note(flags), "", probe, "",
                             *(f"- {line}" for line in pitfalls)]))
     text = "\n\n".join(parts) + "\n"
-    print(text, end="")
     write_result(text, args.out)
     return 0
 

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from results_io import package_versions, write_result
-from text_eval import BUILD, cosine_rows, load_text_set, probe_accuracy, sentence_embeddings
+from text_eval import MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
 
 from onnx_arsvd import FixedRankPolicy, compress
 
@@ -34,12 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    model = BUILD / "minilm.onnx"
-    if not model.exists():
-        print(f"{model} missing: run python models/build_minilm.py first", file=sys.stderr)
+    reference = minilm_reference(SETS)
+    if reference is None:
         return 1
-    data = {name: load_text_set(name) for name in SETS}
-    originals = {name: sentence_embeddings(model, feed) for name, (feed, _) in data.items()}
+    model, (data, originals) = MINILM, reference
     headers = ["rank", "factors", "table params kept", *(f"{n} cosine mean / min" for n in SETS),
                *(f"{n} probe" for n in SETS)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---:", "---"] + ["---:"] * (len(headers) - 2)) + "|",
@@ -73,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         *lines,
     ]) + "\n"
     write_result(text, args.out)
-    print(text)
     return 0
 
 

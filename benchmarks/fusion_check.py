@@ -755,7 +755,6 @@ def main(argv: list[str] | None = None) -> int:
               "generated input_ids/token_type_ids, attention_mask right-padded (rows keep 128 and 96 tokens) or random 0/1.",
               "", *diff_table(minilm.diffs), ""]
     text = "\n".join(lines)
-    print(text)
     write_result(text, args.out)
     log(f"wrote {args.out} in {elapsed:.0f} s")
     return 0

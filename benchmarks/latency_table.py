@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         *lines,
     ]) + "\n"
     write_result(text, args.out)
-    print(text)
     return 0
 
 

@@ -18,7 +18,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from text_eval import BUILD, cosine_rows, load_text_set, probe_accuracy, sentence_embeddings
+from text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
 
 from results_io import package_versions, write_result
 import numpy as np
@@ -43,12 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    model = BUILD / "minilm.onnx"
-    if not model.exists():
-        print(f"{model} missing: run python models/build_minilm.py first", file=sys.stderr)
+    reference = minilm_reference(SETS)
+    if reference is None:
         return 1
-    data = {name: load_text_set(name) for name in SETS}
-    originals = {name: sentence_embeddings(model, feed) for name, (feed, _) in data.items()}
+    model, (data, originals) = MINILM, reference
     headers = ["policy", "dense params kept", *(f"{n} cosine mean / min" for n in SETS), *(f"{n} probe" for n in SETS)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     lines.append(_row("original", "100%", ["1 / 1"] * len(SETS)
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               "| policy | factors | dense params kept | newsgroups cosine mean / min | newsgroups probe |",
               "|---|---|---:|---:|---:|"]
     feed, labels = data["newsgroups"]
-    calibration = {k: v for k, v in load_text_set("polarity")[0].items()}
+    calibration = dict(data["polarity"][0])  # already loaded: the polarity tokens
     with tempfile.TemporaryDirectory(prefix="minilm_whitened_") as tmp:
         for policy in (RatioPolicy(0.25), RatioPolicy(0.4)):
             for method in ("svd", "whitened"):
@@ -103,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *lines,
     ]) + "\n"
-    print(text, end="")
     write_result(text, args.out)
     return 0
 

@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                 parts += [f"## {name}_mlp.onnx, {title}\n\n{rows[0].total:,} dense params, {original:,} bytes",
                           markdown_table(rows), best_line(rows)]
     text = "\n\n".join(parts) + "\n"
-    print(text, end="")
     write_result(text, args.out)
     return 0
 

@@ -14,6 +14,7 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> str:
 
 
 def write_result(text: str, out: Path) -> None:
-    """Write a result file, creating its folder."""
+    """Write a result file (creating its folder), then print it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
+    print(text, end="" if text.endswith("\n") else "\n")

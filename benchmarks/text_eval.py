@@ -7,15 +7,18 @@ tokenizes (gensim's polarity and newsgroups sets). Needs scikit-learn for the pr
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from onnx_arsvd.verify import make_session
 
-__all__ = ["BUILD", "cosine_rows", "load_text_set", "probe_accuracy", "sentence_embeddings"]
+__all__ = ["BUILD", "MINILM", "cosine_rows", "load_text_set", "minilm_reference", "probe_accuracy",
+           "sentence_embeddings"]
 
 BUILD = Path(__file__).resolve().parent.parent / "models" / "build"
+MINILM = BUILD / "minilm.onnx"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -36,6 +39,17 @@ def sentence_embeddings(model: str | os.PathLike | bytes, feed: dict[str, np.nda
         mask = part["attention_mask"][..., None].astype(np.float64)
         pooled.append((hidden * mask).sum(axis=1) / mask.sum(axis=1))
     return np.concatenate(pooled)
+
+
+def minilm_reference(
+    names: tuple[str, ...],
+) -> tuple[dict[str, tuple[dict[str, np.ndarray], np.ndarray]], dict[str, np.ndarray]] | None:
+    """Each text set's (tokens, labels) and the original MiniLM's embeddings of it; None if the model is not built."""
+    if not MINILM.exists():
+        print(f"{MINILM} missing: run python models/build_minilm.py first", file=sys.stderr)
+        return None
+    data = {name: load_text_set(name) for name in names}
+    return data, {name: sentence_embeddings(MINILM, feed) for name, (feed, _) in data.items()}
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

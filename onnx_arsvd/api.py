@@ -92,18 +92,21 @@ class _Settings:
         return f"whitened (calibration: {source})"
 
 
+@dataclass
+class _Memo:
+    """What successive plans of one model share, keyed by weight name: Gram matrices and spectra."""
+
+    grams: dict[WeightKey, np.ndarray] | None = None
+    spectra: dict[WeightKey, Spectrum] = dataclasses.field(default_factory=dict)
+
+
 def _plan(
-    model: ir.Model,
-    settings: _Settings,
-    with_factors: bool,
-    progress: bool,
-    grams: Mapping[WeightKey, np.ndarray] | None = None,
-    cache: dict[WeightKey, Spectrum] | None = None,
+    model: ir.Model, settings: _Settings, with_factors: bool, progress: bool, memo: _Memo | None = None
 ) -> tuple[list[WeightPlan], list[tuple[Layer, LayerDecision]], dict[int, int], list[Skipped]]:
     """Plans for the layers to consider, rows for the layers excluded by name, graph order, nodes skipped.
 
-    Whitened plans capture their Gram matrices here unless ``grams`` are given; ``cache`` keeps
-    spectra between calls on reloads of one model.
+    Whitened plans capture their Gram matrices here; a ``memo`` keeps them, and every spectrum,
+    for later plans of the same model (reloads included).
     """
     layers, skipped = find_layers(model)
     if not layers:
@@ -116,10 +119,13 @@ def _plan(
     if settings.embedding_policy is None:
         excluded += [(layer, "embedding table: factored only with --embedding-tau") for layer in embeddings]
         embeddings = []
+    grams = memo.grams if memo is not None else None
     if settings.method == "whitened" and dense and grams is None:
         grams = capture_grams(model, dense, settings.calibration, progress=progress)
+        if memo is not None:
+            memo.grams = grams
     common = {"max_rank_fraction": settings.max_rank_fraction, "min_params": settings.min_params,
-              "with_factors": with_factors, "cache": cache, "progress": progress,
+              "with_factors": with_factors, "cache": memo.spectra if memo is not None else None, "progress": progress,
               "lp_power": settings.lp_power if settings.method == "lp" else None}
     plans = plan_layers(dense, settings.policy, grams=grams if settings.method == "whitened" else None, **common)
     if embeddings:  # a lookup has no input activations to whiten: plain or l_p factors of the table's rows
@@ -219,20 +225,16 @@ class _BudgetSearch:
         self.calibration = calibration if calibration is not None else (self.calibration_part or None)
 
     def run(self, loaded: ir.Model, settings: _Settings, progress: bool):
-        """The settings with the chosen threshold, the Gram matrices and the spectrum cache."""
-        cache: dict[WeightKey, Spectrum] = {}
-        layers, _ = find_layers(loaded)
-        considered, _ = filter_layers(layers, settings.include, settings.exclude)
-        dense = [layer for layer in considered if not layer.is_embedding]
-        grams = capture_grams(loaded, dense, settings.calibration, progress=progress) \
-            if settings.method == "whitened" and dense else None
+        """The settings with the chosen threshold, and the memo of Gram matrices and spectra."""
+        memo = _Memo()
+        _plan(loaded, settings, False, progress, memo)  # calibrate and decompose once, with progress shown
         original = _source(self.model)[0]
         judge = make_session(original) if self.budget.needs_data else None
         batches = list(split_batches(load_data(self.calibration_part, judge)[0], judge, 256)) if judge else []
 
         def evaluate(tau: float) -> SearchStep:
             candidate = to_model(self.model)
-            plans, excluded, _, _ = _plan(candidate, replace(settings, policy=EnergyPolicy(tau)), True, False, grams, cache)
+            plans, excluded, _, _ = _plan(candidate, replace(settings, policy=EnergyPolicy(tau)), True, False, memo)
             decisions = [d for plan in plans for d in plan.decisions[:1]] + [d for _, d in excluded]
             kept = sum(d.params_after for d in decisions) / sum(d.params for d in decisions)
             if self.budget.target_params is not None:
@@ -248,7 +250,7 @@ class _BudgetSearch:
 
         self.chosen, self.steps = bisect_tau(evaluate, self.budget.steps,
                                              feasible_above=self.budget.target_params is None)
-        return replace(settings, policy=EnergyPolicy(self.chosen.tau)), grams, cache
+        return replace(settings, policy=EnergyPolicy(self.chosen.tau)), memo
 
     def measure_errors(self, loaded: ir.Model, plans: list[WeightPlan], progress: bool) -> None:
         """Each factored layer's relative output error on the held-out part's activations."""
@@ -337,12 +339,12 @@ def compress(
     provider = guard.provider() if guard is not None else None
     loaded = to_model(model)
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
-    grams = cache = None
+    memo = None
     if search is not None:
-        settings, grams, cache = search.run(loaded, settings, progress)
+        settings, memo = search.run(loaded, settings, progress)
         if search.held_out is not None:  # report on data the search never saw
             data, labels = search.held_out, None
-    plans, excluded, order, skipped = _plan(loaded, settings, True, progress, grams, cache)
+    plans, excluded, order, skipped = _plan(loaded, settings, True, progress, memo)
     if guard is not None:
         guard.apply(plans, provider, dims or {}, progress)
     if search is not None and search.held_out is not None:
