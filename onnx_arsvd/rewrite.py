@@ -112,15 +112,16 @@ def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
     for plan in plans:
         if not plan.factored or plan.factors is None:
             continue
-        a64, b64 = plan.factors
+        a_factor, b_factor = plan.factors
         first = plan.layers[0]
         dtype = first.dtype.numpy()
         base = first.weight_name or node_label(first.node)
-        b = rewriter.initializer(f"{base}.arsvd_b", b64.astype(dtype))
+        b = rewriter.initializer(f"{base}.arsvd_b", b_factor.astype(dtype, copy=False))  # no copy when already dtype
         a_by_alpha: dict[float, ir.Value] = {}
         for layer in plan.layers:
             if layer.alpha not in a_by_alpha:
-                a_by_alpha[layer.alpha] = rewriter.initializer(f"{base}.arsvd_a", (layer.alpha * a64).astype(dtype))
+                scaled = a_factor if layer.alpha == 1 else layer.alpha * a_factor
+                a_by_alpha[layer.alpha] = rewriter.initializer(f"{base}.arsvd_a", scaled.astype(dtype, copy=False))
             rewriter.replace(layer, a_by_alpha[layer.alpha], b, rewriter.bias(layer, dtype, first.shape[1]), plan.rank)
             touched += [layer.weight, layer.bias]
             rewritten += 1
