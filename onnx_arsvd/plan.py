@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.candidates import Layer, WeightKey, read_array
+from onnx_arsvd.candidates import Layer, WeightKey, constant_tensor, read_array
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.factorize import Need, Spectrum, decompose, factors_at_rank, lp_factors, seed_for, whitened_spectrum
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept, energy_rank_bounds
@@ -126,6 +127,17 @@ def _weight_matrix(layer: Layer) -> np.ndarray:
     return array.T if layer.transposed else array
 
 
+def _release(layer: Layer) -> None:
+    """Unmap a weight read from external data, so its pages stop counting in this process's memory
+    (onnx_ir maps it again if it is read later)."""
+    tensor = constant_tensor(layer.weight)
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # an array still views the mapping: it stays until that array goes
+            pass
+
+
 def _group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
     groups: dict[WeightKey, list[Layer]] = {}
     for layer in layers:
@@ -220,6 +232,7 @@ def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
         )
         for layer in group
     ]
+    _release(first)
     return WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors)
 
 
