@@ -67,3 +67,18 @@ def test_jobs_are_checked_and_capped_at_the_cores() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InvalidInputError, match="jobs must be a positive integer"):
             job_count(bad)
+
+
+def test_weights_from_external_data_are_unmapped_once_planned(tmp_path) -> None:
+    """Each weight's memory map is closed after its plan, so a big model's pages do not pile up."""
+    from onnx_arsvd.model_io import load_model, save_model
+
+    path = tmp_path / "mlp.onnx"
+    save_model(ir.from_proto(make_mlp((96, 80, 64, 10))), path, external_data=True)
+    model = load_model(path)
+    layers = find_layers(model)[0]
+    tensors = [layer.weight.const_value for layer in layers]
+    assert all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    plans = plan_layers(layers, RatioPolicy(0.25), min_params=0)
+    assert all(t.raw is None for t in tensors) and plans[0].factored
+    assert tensors[0].numpy().shape == (96, 80)  # and a later read maps it again
