@@ -162,8 +162,8 @@ def _randomized(matrix: np.ndarray, rank: int, energy: float, seed: int) -> Spec
 
 def _adaptive(matrix: np.ndarray, tau: float, energy: float, seed: int, vectors: bool, limit: int,
               cap: int | None) -> Spectrum:
-    """Grow a randomized basis on the residual W - Q Q^T W, doubling it, until tau of the energy is reached
-    with an oversampling margin left; LAPACK once the basis would pass ``limit``, values only when a ``cap``
+    """Grow a randomized basis on the residual W - Q Q^T W (doubling it, or by the margin still missing) until
+    tau of the energy is reached with an oversampling margin left; LAPACK once the basis would pass ``limit``, values only when a ``cap``
     is given (the rank is then most likely above it: the caller decomposes again in the rare other case)."""
     rng = np.random.RandomState(seed)
     basis = np.zeros((matrix.shape[0], 0), dtype=matrix.dtype)
@@ -179,13 +179,16 @@ def _adaptive(matrix: np.ndarray, tau: float, energy: float, seed: int, vectors:
         needed = _energy_rank(spec.s, energy, tau)
         if needed + _oversample(needed) <= size:
             return spec
-        # the tail cannot fall faster than its largest value: at least this rank is needed
-        tail = max(float(spec.s[-1]) ** 2, np.finfo(np.float64).tiny)
-        estimate = size + (energy * tau - float(np.sum(np.square(spec.s, dtype=np.float64)))) / tail
-        if estimate + _oversample(int(estimate)) > limit:
+        if needed <= size:  # tau reached without the oversampling margin: grow by the margin only
+            target = needed + _oversample(needed)
+        else:  # the tail cannot fall faster than its largest value: at least ``estimate`` is needed
+            tail = max(float(spec.s[-1]) ** 2, np.finfo(np.float64).tiny)
+            estimate = int(size + (energy * tau - float(np.sum(np.square(spec.s, dtype=np.float64)))) / tail)
+            target = max(estimate + _oversample(estimate), min(2 * size, limit))
+        if target > limit:
             break
         residual = matrix - basis @ (basis.T @ matrix)
-        block = size
+        block = max(OVERSAMPLE, target - size)
     return _lapack(matrix, vectors and cap is None, energy)
 
 
