@@ -56,7 +56,7 @@ from results_io import write_result
 from onnx_arsvd import EnergyPolicy, compress
 from onnx_arsvd.benchmark import LatencyComparison, compare_latency, latency_stats, timed_rounds
 from onnx_arsvd.model_io import model_file_bytes
-from onnx_arsvd.verify import compare_models, load_data, make_session, split_batches
+from onnx_arsvd.verification import compare_models, load_data, make_session, split_batches
 
 MODELS = ROOT / "models"
 MINILM = MODELS / "build" / "minilm.onnx"

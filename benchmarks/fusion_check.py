@@ -57,7 +57,7 @@ from results_io import package_versions, write_result
 from onnx_arsvd import EnergyPolicy, compress
 from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, timed_rounds
 from onnx_arsvd.model_io import load_model
-from onnx_arsvd.verify import make_session
+from onnx_arsvd.verification import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "models" / "fashion_mlp.onnx"

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, model_file_bytes, weight_stats
-from onnx_arsvd.verify import Feed, ModelSource, VerificationReport, generated_batches, make_session
+from onnx_arsvd.verification import Feed, ModelSource, VerificationReport, generated_batches, make_session, verify
 
 __all__ = [
     "BenchmarkResult",
@@ -288,8 +288,6 @@ def benchmark_models(
     progress: bool = False,
 ) -> BenchmarkResult:
     """Latency at each batch size and provider, memory of each model, and accuracy on each provider."""
-    from onnx_arsvd.api import verify  # api imports this module's callers; import here to keep layers one-way
-
     if not batches or any(b < 1 for b in batches):
         raise InvalidInputError(f"batch sizes must be positive integers, got {list(batches)}")
     dims = dict(dims or {})

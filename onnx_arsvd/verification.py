@@ -8,26 +8,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_arsvd.candidates import constant_tensor
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.model_io import load_model
 
 __all__ = [
+    "ModelLike",
     "OutputComparison",
     "TaskScores",
     "VerificationReport",
     "check_dims",
+    "check_files",
     "compare_models",
     "generated_batches",
+    "load_arrays",
     "load_data",
+    "load_labels",
     "macro_f1",
     "make_session",
+    "model_source",
+    "verify",
 ]
 
 Feed = dict[str, np.ndarray]
 ModelSource = str | os.PathLike | bytes
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
 
 @dataclass(frozen=True)
@@ -109,26 +118,37 @@ def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
         raise UnsupportedModelError(f"input {node_arg.name!r} has unsupported type {node_arg.type}") from None
 
 
+def load_arrays(data: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, or of a mapping, by name."""
+    if isinstance(data, Mapping):
+        return {key: np.asarray(value) for key, value in data.items()}
+    try:
+        with np.load(data, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except Exception as error:
+        raise InvalidInputError(f"{os.fspath(data)}: not a readable .npz file ({error})") from None
+
+
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    """A labels array from an ``.npy`` file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise InvalidInputError(f"{os.fspath(path)}: cannot read labels ({error})") from None
+
+
 def load_data(data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
     """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array.
 
     ``data`` is an ``.npz`` path or a mapping of arrays holding the same keys.
     """
-    if isinstance(data, Mapping):
-        arrays, where = dict(data), "data"
-    else:
-        path = Path(data)
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-        except Exception as error:
-            raise InvalidInputError(f"{path}: not a readable .npz file ({error})") from None
-        where = str(path)
+    arrays = load_arrays(data)
+    where = "data" if isinstance(data, Mapping) else os.fspath(data)
     feed: Feed = {}
     for node_arg in session.get_inputs():
         if node_arg.name not in arrays:
             raise InvalidInputError(f"{where}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
-        array, dtype = np.asarray(arrays[node_arg.name]), _input_dtype(node_arg)
+        array, dtype = arrays[node_arg.name], _input_dtype(node_arg)
         if not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise InvalidInputError(f"{where}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
         feed[node_arg.name] = array.astype(dtype, copy=False)
@@ -276,3 +296,58 @@ def compare_models(
         right_a = logits_a.reshape(len(labels), -1).argmax(axis=1) == labels
         report.flipped = int(np.sum(right_e != right_a))
     return report
+
+
+def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
+    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand."""
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise InvalidInputError(f"{os.fspath(model)}: no such file")
+        return os.fspath(model), None
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
+
+
+def check_files(**paths: object) -> None:
+    """Fail before any work when a named input file is missing."""
+    for kind, path in paths.items():
+        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+            raise InvalidInputError(f"{os.fspath(path)}: no such {kind} file")
+
+
+def verify(
+    original: ModelLike,
+    compressed: ModelLike,
+    *,
+    data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    labels: np.ndarray | str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    samples: int = 16,
+    batch_size: int = 256,
+    seed: int = 0,
+    provider: str = "CPUExecutionProvider",
+) -> VerificationReport:
+    """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
+
+    ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
+    """
+    check_files(data=data, labels=labels)
+    original_source, original_ir = model_source(original)
+    compressed_source, _ = model_source(compressed)
+    session_a = make_session(original_source, provider)
+    session_b = make_session(compressed_source, provider)
+    if data is not None:
+        feed, data_labels = load_data(data, session_a)
+        batches = list(split_batches(feed, session_a, batch_size))
+        described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
+    else:
+        if samples < 1:
+            raise InvalidInputError(f"samples must be at least 1, got {samples}")
+        ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
+        batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
+        data_labels = None
+        described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
+    return compare_models(session_a, session_b, batches,
+                          labels=labels if labels is not None else data_labels, inputs=described)
