@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import onnxruntime as ort
 from onnx_arsvd.candidates import constant_tensor
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model
+from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
 
 __all__ = [
     "ModelLike",
@@ -37,62 +37,6 @@ __all__ = [
 Feed = dict[str, np.ndarray]
 ModelSource = str | os.PathLike | bytes
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
-
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """How far one output of the compressed model is from the original's."""
-
-    name: str
-    max_abs_error: float
-    relative_error: float
-    mean_cosine: float
-    min_cosine: float
-    cosine_stderr: float = 0.0
-    """Standard error of the mean cosine over samples."""
-
-    def cosine_bound(self, z: float = 1.645) -> float:
-        """One-sided lower confidence bound on the mean cosine (z = 1.645: 95%)."""
-        return self.mean_cosine - z * self.cosine_stderr
-
-
-@dataclass(frozen=True)
-class TaskScores:
-    """Top-1 accuracy and macro-F1 of a classifier's first output against labels."""
-
-    accuracy: float
-    macro_f1: float
-
-
-@dataclass
-class VerificationReport:
-    """Original vs compressed on one execution provider."""
-
-    provider: str
-    inputs: str
-    samples: int
-    outputs: list[OutputComparison] = field(default_factory=list)
-    original: TaskScores | None = None
-    compressed: TaskScores | None = None
-    flipped: int | None = None
-    """Samples one model classifies correctly and the other not (the discordant pairs)."""
-
-    @property
-    def accuracy_drop(self) -> float | None:
-        """Accuracy points lost (original - compressed, in percentage points)."""
-        if self.original is None or self.compressed is None:
-            return None
-        return 100.0 * (self.original.accuracy - self.compressed.accuracy)
-
-    def accuracy_drop_bound(self, z: float = 1.645) -> float | None:
-        """One-sided upper confidence bound on the accuracy drop, in points (z = 1.645: 95%).
-
-        The two models are scored on the same samples, so the drop's standard error comes from the
-        discordant pairs alone: sqrt(flipped) / n, a slight overestimate (it omits -(b - c)^2 / n^3).
-        """
-        if self.accuracy_drop is None or self.flipped is None or not self.samples:
-            return None
-        return self.accuracy_drop + z * 100.0 * float(np.sqrt(self.flipped)) / self.samples
 
 
 def make_session(source: ModelSource, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
