@@ -30,7 +30,8 @@ from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, model_file_bytes, weight_stats
 from onnx_arsvd.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
-from onnx_arsvd.verification import Feed, ModelSource, generated_batches, make_session, verify
+from onnx_arsvd.sessions import ModelSource, make_session
+from onnx_arsvd.verification import Feed, generated_batches, verify
 
 __all__ = [
     "BenchmarkResult",
@@ -67,20 +68,30 @@ def discover_providers(requested: Sequence[str] | None = None) -> tuple[list[str
     notes: list[str] = []
     probe = _identity_model()
     for provider in dict.fromkeys(wanted):
+        if provider not in ort.get_all_providers():
+            notes.append(f"{provider} skipped: unknown provider (onnxruntime knows {', '.join(_known_names())})")
+            continue
         if provider not in available:
             notes.append(f"{provider} skipped: not offered by this onnxruntime build ({ort.__version__})")
             continue
         try:
-            session = ort.InferenceSession(probe, providers=[provider])
-            if session.get_providers()[0] != provider:
-                raise RuntimeError("fell back to " + session.get_providers()[0])
-        except Exception as error:  # a missing driver or library surfaces as any exception type
-            notes.append(f"{provider} skipped: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+            actual = make_session(probe, provider).get_providers()[0]
+        except UnsupportedModelError as error:  # a missing driver or library
+            notes.append(f"{provider} skipped: {error}")
+            continue
+        if actual != provider:
+            notes.append(f"{provider} skipped: fell back to {actual}")
             continue
         usable.append(provider)
     if not usable:
         raise InvalidInputError("no requested execution provider can run here; " + "; ".join(notes))
     return usable, notes
+
+
+def _known_names() -> list[str]:
+    """Short names of the providers onnxruntime knows, and the aliases accepted here."""
+    aliases = {full: short for short, full in PROVIDER_ALIASES.items()}
+    return [aliases.get(p, p) for p in ort.get_all_providers() if p not in _NOT_COMPUTE]
 
 
 def _identity_model() -> bytes:

@@ -31,6 +31,7 @@ from onnx_arsvd.model_plan import PlanMemo, plan_model
 from onnx_arsvd.plan import WeightPlan, relative_output_error
 from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import CalibrationSource, Settings
 from onnx_arsvd.verification import (
     ModelLike,
@@ -38,7 +39,6 @@ from onnx_arsvd.verification import (
     load_arrays,
     load_data,
     load_labels,
-    make_session,
     model_source,
     split_batches,
 )

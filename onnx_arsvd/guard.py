@@ -23,7 +23,7 @@ from onnx_arsvd.candidates import Layer, read_array
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import WeightPlan
 from onnx_arsvd.results import LatencyComparison, LayerTiming
-from onnx_arsvd.verification import make_session
+from onnx_arsvd.sessions import make_session
 
 __all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LayerTiming", "activation_rows", "guard_verdict", "time_layer"]
 

@@ -15,6 +15,7 @@ from onnx_arsvd.candidates import constant_tensor
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.sessions import make_session
 
 __all__ = [
     "ModelLike",
@@ -35,22 +36,7 @@ __all__ = [
 ]
 
 Feed = dict[str, np.ndarray]
-ModelSource = str | os.PathLike | bytes
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
-
-
-def make_session(source: ModelSource, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime session with thread spinning off, so live sessions do not slow each other."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    model = source if isinstance(source, bytes) else os.fspath(source)
-    try:
-        return ort.InferenceSession(model, options, providers=[provider])
-    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line}") from None
 
 
 def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
