@@ -7,6 +7,7 @@ built once at the end from what the stages returned.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from onnx_arsvd.model_io import model_file_bytes, save_model, to_model, weight_s
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import RankPolicy
-from onnx_arsvd.report import NOTHING_FACTORED_NOTE, Report
+from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
 from onnx_arsvd.verification import ModelLike, VerificationReport, check_dims, check_files, model_source, verify
@@ -31,6 +32,8 @@ from onnx_arsvd.verification import ModelLike, VerificationReport, check_dims, c
 __all__ = ["METHODS", "compress", "inspect_model", "verify"]
 
 DataSource = str | os.PathLike | Mapping[str, np.ndarray]
+
+logger = logging.getLogger("onnx_arsvd")
 
 
 def _describe(model: ModelLike) -> str:
@@ -79,7 +82,7 @@ def _build_report(
         verification=verification,
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
-        notes=[*([] if any(layer.factored for layer in layers) else [NOTHING_FACTORED_NOTE]), *regressions],
+        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *regressions],
     )
 
 
@@ -166,7 +169,7 @@ def compress(
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
     if method is None:  # data-driven factors when the data is there for a budget anyway
-        method = "whitened" if budget is not None and budget.needs_data else "svd"
+        method = "whitened" if budget is not None and data is not None else "svd"
     search = BudgetSearch(model, budget, data, labels, method, calibration) if budget is not None else None
     if search is not None and method == "whitened":
         calibration = search.calibration
@@ -204,9 +207,15 @@ def compress(
     if check:
         verification = verify(reference, written.output or loaded, data=data, labels=labels, dims=dims,
                               samples=samples)
-    report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written, search=search,
-                           latency_check=latency_check, regressions=LatencyGuard.regressions(latency_check),
-                           verification=verification)
+    regressions = LatencyGuard.regressions(latency_check)
+    for warning in regressions:
+        logger.warning(warning)
+    if verification is not None and data is None:
+        logger.warning("verified on generated inputs only: that checks the rewrite, not accuracy on real data "
+                       "(pass --data with real inputs)")
+    report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
+                           search=search, latency_check=latency_check,
+                           regressions=[f"WARNING: {text}" for text in regressions], verification=verification)
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
 

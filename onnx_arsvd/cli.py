@@ -8,6 +8,7 @@ a usage error (bad argument, missing file), 1 for a model that cannot be handled
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -24,7 +25,12 @@ _POLICY_PARAMS = {"energy": "tau", "entropy": "scale", "rank": "rank", "ratio": 
 def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("rank policy")
     group.add_argument("--policy", help="energy (default), entropy, rank or ratio")
-    group.add_argument("--tau", type=float, help="energy policy: share of sum(s^2) to keep, in (0, 1] (default 0.99)")
+    group.add_argument("--tau", type=float,
+                       help="energy policy: share of the weight's energy sum(s^2) to keep, in (0, 1] (default 0.99)")
+    group.add_argument("--output-tau", type=float, metavar="TAU",
+                       help="energy policy with --method whitened: share of each layer's output energy on the "
+                            "calibration inputs to keep (a different scale from --tau: 0.99 of the output energy "
+                            "is often a far lower rank than 0.99 of the weight's)")
     group.add_argument("--scale", type=float, help="entropy policy: multiplier of the effective rank (default 1)")
     group.add_argument("--rank", type=int, help="rank policy: the rank of every layer")
     group.add_argument("--ratio", type=float, help="ratio policy: rank = ratio * min(m, n), in (0, 1]")
@@ -135,10 +141,20 @@ def _policy(args: argparse.Namespace):
     from onnx_arsvd.rank import make_policy
 
     if getattr(args, "budget", None) is not None:
-        if args.policy is not None or any(getattr(args, p) is not None for p in _POLICY_PARAMS.values()):
+        settings = [*_POLICY_PARAMS.values(), "output_tau"]
+        if args.policy is not None or any(getattr(args, p) is not None for p in settings):
             raise InvalidInputError("a budget chooses the ranks itself: leave out --policy and its settings")
         return None
-    name = args.policy or "energy"
+    whitened = args.method == "whitened"
+    if args.output_tau is not None and not whitened:
+        raise InvalidInputError("--output-tau is a share of output energy: it needs --method whitened (else use --tau)")
+    if whitened and args.tau is not None:
+        raise InvalidInputError("with --method whitened the threshold is on each layer's output energy: "
+                                "use --output-tau (--tau is a share of the weight's energy)")
+    if args.output_tau is not None:
+        args.tau = args.output_tau
+    given = [name for name, param in _POLICY_PARAMS.items() if getattr(args, param) is not None]
+    name = args.policy or (given[0] if len(given) == 1 else "energy")  # --ratio 0.3 alone means --policy ratio
     for other, param in _POLICY_PARAMS.items():
         if other != name and getattr(args, param) is not None:
             raise InvalidInputError(f"--{param} does not apply to --policy {name}")
@@ -249,9 +265,6 @@ def _run(args: argparse.Namespace) -> int:
             calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples, guard=guard,
         )
-        for note in report.notes:
-            if note.startswith("WARNING"):
-                print(f"onnx-arsvd: {note}", file=sys.stderr)
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:
             from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
@@ -283,8 +296,26 @@ def _plot(args: argparse.Namespace, result) -> None:
         plot_benchmark(result, args.plot)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    """The library's warnings (logger ``onnx_arsvd``) as ``onnx-arsvd: warning: ...`` lines on stderr."""
+    logger = logging.getLogger("onnx_arsvd")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("onnx-arsvd: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    _log_to_stderr()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
