@@ -27,7 +27,7 @@ from onnx_arsvd.rank import RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
-from onnx_arsvd.verification import ModelLike, VerificationReport, check_dims, check_files, model_source, verify
+from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, ModelLike, VerificationReport, check_dims, check_files, model_source, verify
 
 __all__ = ["METHODS", "compress", "inspect_model", "verify"]
 
@@ -147,6 +147,7 @@ def compress(
     labels: np.ndarray | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     guard: LatencyGuard | None = None,
     budget: Budget | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
@@ -159,7 +160,7 @@ def compress(
     error; ``method="lp"`` fits each weight's rows with the robust l_p subspace (``lp_power`` p in [1, 2]).
     Embedding tables (``Gather`` on a constant) are factored only with an ``embedding_policy``;
     the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
-    ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a ``budget``, ``data``
+    ``data``, ``labels``, ``dims``, ``samples`` and ``batch_size`` are as in :func:`verify`. With a ``budget``, ``data``
     is split into a calibration part (Gram matrices, and the end-to-end checks that choose one global
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a
@@ -206,7 +207,7 @@ def compress(
     verification = None
     if check:
         verification = verify(reference, written.output or loaded, data=data, labels=labels, dims=dims,
-                              samples=samples)
+                              samples=samples, batch_size=batch_size)
     regressions = LatencyGuard.regressions(latency_check)
     for warning in regressions:
         logger.warning(warning)

@@ -63,6 +63,11 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--samples", type=int, default=16, help="generated input batches (default 16)")
 
 
+def _add_batch_size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+                        help="samples per onnxruntime call when verifying --data (default 64; bounds memory)")
+
+
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("benchmark")
     group.add_argument("--batch", default="1,32", metavar="B1,B2",
@@ -87,15 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnx-arsvd", description="Factor the dense layers of an ONNX model with adaptive-rank SVD."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="list the factorable layers and what the policy would do")
-    inspect.add_argument("model")
+    inspect.add_argument("model", help="the ONNX model to read (never modified)")
     _add_policy_options(inspect)
     _add_output_options(inspect)
 
     compress = commands.add_parser("compress", help="factor the dense layers, write the model, verify it")
-    compress.add_argument("model")
+    compress.add_argument("model", help="the ONNX model to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
     compress.add_argument("--external-data", action="store_true",
                           help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
@@ -119,18 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="factor a layer only if it is at least M faster, e.g. 0.05 (default 0: any gain)")
     _add_policy_options(compress)
     _add_data_options(compress)
+    _add_batch_size_option(compress)
     _add_bench_options(compress)
     _add_output_options(compress)
 
     verify = commands.add_parser("verify", help="compare a compressed model with its original in onnxruntime")
-    verify.add_argument("original")
-    verify.add_argument("compressed")
+    verify.add_argument("original", help="the reference model")
+    verify.add_argument("compressed", help="the model to compare with it")
     _add_data_options(verify)
+    _add_batch_size_option(verify)
+    verify.add_argument("--providers", help="execution providers to verify on, comma-separated: cpu (default), cuda, ...")
     _add_output_options(verify)
 
     bench = commands.add_parser("bench", help="latency, memory and accuracy of both models on every execution provider")
-    bench.add_argument("original")
-    bench.add_argument("compressed")
+    bench.add_argument("original", help="the reference model")
+    bench.add_argument("compressed", help="the model to compare with it")
     _add_data_options(bench)
     _add_bench_options(bench)
     _add_output_options(bench)
@@ -186,6 +195,12 @@ def _dims(pairs: Sequence[str]) -> dict[str, int]:
             raise InvalidInputError(f"--dim expects NAME=POSITIVE_INTEGER, got {pair!r}")
         dims[name] = int(value)
     return dims
+
+
+def _version() -> str:
+    from onnx_arsvd import __version__
+
+    return __version__
 
 
 def _check_report_path(path: str | None) -> None:
@@ -263,7 +278,8 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
             calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
-            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples, guard=guard,
+            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
+            batch_size=args.batch_size, guard=guard,
         )
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:
@@ -276,10 +292,18 @@ def _run(args: argparse.Namespace) -> int:
             _plot(args, result)
         _emit(args, human, markdown, machine)
     elif args.command == "verify":
-        verification = api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
-                                  dims=_dims(args.dim), samples=args.samples)
-        _emit(args, format_verification(verification), format_verification(verification, True),
-              json.dumps(verification_to_dict(verification), indent=2))
+        from onnx_arsvd.benchmark import discover_providers
+
+        providers, skipped = discover_providers(_providers(args) or ["cpu"])
+        for note in skipped:
+            print(f"onnx-arsvd: {note}", file=sys.stderr)
+        verifications = [api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
+                                    dims=_dims(args.dim), samples=args.samples, batch_size=args.batch_size,
+                                    provider=provider) for provider in providers]
+        _emit(args, "\n\n".join(format_verification(v) for v in verifications),
+              "\n\n".join(format_verification(v, True) for v in verifications),
+              json.dumps([verification_to_dict(v) for v in verifications] if len(verifications) > 1
+                         else verification_to_dict(verifications[0]), indent=2))
     else:
         from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
 
