@@ -59,20 +59,31 @@ class Report:
     budget: dict[str, object] | None = None
     notes: list[str] = field(default_factory=list)
 
-    def _unique(self) -> list[LayerDecision]:
+    def _unique(self, tables: bool) -> list[LayerDecision]:
+        """Dense layers' (or, with ``tables``, embedding tables') decisions, each shared weight once."""
         seen: dict[str, LayerDecision] = {}
         for layer in self.layers:
-            seen.setdefault(f"{layer.weight}/{layer.shape}", layer)
+            if (layer.op_type == "Gather") == tables:
+                seen.setdefault(f"{layer.weight}/{layer.shape}", layer)
         return list(seen.values())
 
     @property
     def dense_params_before(self) -> int:
-        """Parameters of the candidate layers' weights (each shared weight once)."""
-        return sum(layer.params for layer in self._unique())
+        """Parameters of the dense (MatMul/Gemm) layers' weights, each shared weight once."""
+        return sum(layer.params for layer in self._unique(tables=False))
 
     @property
     def dense_params_after(self) -> int:
-        return sum(layer.params_after for layer in self._unique())
+        return sum(layer.params_after for layer in self._unique(tables=False))
+
+    @property
+    def embedding_params_before(self) -> int:
+        """Parameters of the embedding tables (Gather on a constant), counted apart from dense layers."""
+        return sum(layer.params for layer in self._unique(tables=True))
+
+    @property
+    def embedding_params_after(self) -> int:
+        return sum(layer.params_after for layer in self._unique(tables=True))
 
     @property
     def factored(self) -> int:
@@ -88,6 +99,8 @@ def report_to_json(report: Report) -> str:
     data.update(
         dense_params_before=report.dense_params_before,
         dense_params_after=report.dense_params_after,
+        embedding_params_before=report.embedding_params_before,
+        embedding_params_after=report.embedding_params_after,
         factored_layers=report.factored,
     )
     if report.verification is not None:
@@ -103,6 +116,10 @@ def verification_to_dict(verification: VerificationReport) -> dict[str, object]:
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k" if n >= 10_000 else str(n)
+
+
+def _share(what: str, before: int, after: int) -> str:
+    return f"{what}: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else ""
 
 
 def _bytes(n: int) -> str:
@@ -196,7 +213,8 @@ def format_report(report: Report, markdown: bool = False) -> str:
     before, after = report.dense_params_before, report.dense_params_after
     totals = [
         f"layers factored: {report.factored} of {len(report.layers)}",
-        f"dense-layer parameters: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else "",
+        _share("dense-layer parameters", before, after),
+        _share("embedding-table parameters", report.embedding_params_before, report.embedding_params_after),
         f"model parameters: {_count(report.params_before)} -> {_count(report.params_after)}; "
         f"weight bytes: {_bytes(report.weight_bytes_before)} -> {_bytes(report.weight_bytes_after)}",
     ]
