@@ -208,7 +208,7 @@ def compress(
     verification = None
     if check:
         verification = verify(reference, written.output or loaded, data=data, labels=labels, dims=dims,
-                              samples=samples, batch_size=batch_size)
+                              samples=samples, batch_size=batch_size, progress=progress)
     regressions = LatencyGuard.regressions(latency_check)
     for warning in regressions:
         logger.warning(warning)

@@ -330,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"onnx-arsvd: {note}", file=sys.stderr)
         verifications = [api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
                                     dims=_dims(args.dim), samples=args.samples, batch_size=args.batch_size,
-                                    provider=provider) for provider in providers]
+                                    provider=provider, progress=not args.quiet) for provider in providers]
         _emit(args, "\n\n".join(format_verification(v) for v in verifications),
               "\n\n".join(format_verification(v, True) for v in verifications),
               json.dumps([verification_to_dict(v) for v in verifications] if len(verifications) > 1
