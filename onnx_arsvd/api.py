@@ -204,7 +204,8 @@ def compress(
     latency_check: list[LatencyComparison] = []
     if guard is not None and provider is not None and factored:
         compressed_source = written.output or model_source(loaded)[0]
-        latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded)
+        latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded,
+                                          progress)
     verification = None
     if check:
         verification = verify(reference, written.output or loaded, data=data, labels=labels, dims=dims,
