@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from onnx_arsvd.candidates import Layer, WeightKey, read_array
+from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.factorize import Spectrum, factors_at_rank, lp_factors, spectrum, whitened_spectrum
+from onnx_arsvd.layer_math import storage_problem
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
 
 __all__ = [
@@ -108,10 +109,10 @@ def _keep_reason(shape: tuple[int, int], rank: int, max_rank_fraction: float, mi
 
 
 def _weight_matrix(layer: Layer) -> np.ndarray:
-    array = read_array(layer.weight)
+    array = layer.matrix()
     if not np.isfinite(array).all():
         raise UnsupportedModelError(f"weight {layer.weight_name!r} of node {layer.name!r} contains NaN or Inf")
-    return array.T if layer.transposed else array
+    return array
 
 
 def _group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
@@ -189,6 +190,9 @@ def plan_layers(
             factors = (fit.a, fit.b)
         elif factored and spec is not None:
             factors = factors_at_rank(spec, rank)
+        problem = next((p for layer in group if factors is not None and (p := storage_problem(layer, *factors))), "")
+        if problem:  # e.g. a large Gemm alpha folded into float16 factors
+            decisions, factors = [replace(d, factored=False, reason=problem) for d in decisions], None
         plans.append(WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors))
     return plans
 

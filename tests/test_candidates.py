@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_arsvd.candidates import filter_layers, find_layers
+from onnx_arsvd.candidates import Skipped, filter_layers, find_layers
 from tests.conftest import make_linear_model
 
 
@@ -42,11 +42,11 @@ def test_gemm_with_batch_varying_bias_is_skipped() -> None:
     assert "bias C of shape (4, 24) varies along the batch rows" in skipped[0].reason
 
 
-def test_gemm_trans_a_is_skipped() -> None:
-    model = make_linear_model(op="Gemm")
+def test_gemm_trans_a_is_a_layer_with_transposed_activation() -> None:
+    model = make_linear_model(op="Gemm", x_shape=(32, "batch"))
     model.graph.node[0].attribute.append(helper.make_attribute("transA", 1))
-    layers, skipped = _find(model)
-    assert layers == [] and skipped[0].reason == "transA=1 (activation transposed) is not supported"
+    (layer,), skipped = _find(model)
+    assert skipped == [] and layer.trans_x and not layer.left and layer.shape == (32, 24)
 
 
 def test_integer_weight_is_skipped_with_dtype() -> None:
@@ -56,12 +56,12 @@ def test_integer_weight_is_skipped_with_dtype() -> None:
     assert layers == [] and skipped[0].reason == "weight has dtype INT32; only float weights can be factored"
 
 
-def test_constant_first_operand_is_skipped() -> None:
+def test_constant_first_operand_is_a_left_layer() -> None:
     model = make_linear_model(op="MatMul")
-    node = model.graph.node[0]
-    node.input[:] = ["W", "X"]
-    layers, skipped = _find(model)
-    assert layers == [] and "constant is the first operand" in skipped[0].reason
+    model.graph.node[0].input[:] = ["W", "X"]
+    (layer,), skipped = _find(model)
+    # W @ X with W (32 x 24): the effective X-side matrix is W^T, 24 inputs -> 32 outputs
+    assert skipped == [] and layer.left and layer.transposed and layer.shape == (24, 32)
 
 
 def test_dequantized_weight_is_skipped() -> None:
@@ -80,17 +80,40 @@ def test_dequantized_weight_is_skipped() -> None:
     assert layers == [] and "DequantizeLinear (quantized model)" in skipped[0].reason
 
 
-def test_activation_times_activation_is_not_a_layer() -> None:
+def test_activation_times_activation_is_listed_with_reason() -> None:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "Z"], ["Y"])], "mm",
+        [helper.make_node("MatMul", ["X", "Z"], ["Y"], name="scores")], "mm",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 3]),
          helper.make_tensor_value_info("Z", TensorProto.FLOAT, [3, 4])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 4])],
     )
-    assert _find(helper.make_model(graph)) == ([], [])
+    layers, skipped = _find(helper.make_model(graph))
+    assert layers == [] and [s.reason for s in skipped] == [
+        "neither operand is a constant (activation x activation, e.g. attention scores)"]
 
 
-def test_subgraph_layers_are_listed_as_skipped() -> None:
+def test_weight_that_is_a_graph_input_is_left_alone_from_ir4() -> None:
+    model = make_linear_model(op="MatMul")
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [32, 24]))
+    layers, skipped = _find(model)
+    assert layers == [] and skipped[0].reason == "weight is also a graph input, so a user may feed another value; left as it is"
+    # IR 3 requires every initializer to be an input: those weights stay factorable
+    assert len(_find(make_linear_model(op="MatMul", opset=7, ir_version=3))[0]) == 1
+
+
+def test_quantized_matmul_is_listed() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["Xq", "Wq"], ["Y"], name="qmm")], "q",
+        [helper.make_tensor_value_info("Xq", TensorProto.UINT8, [1, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [1, 4])],
+        initializer=[numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq")],
+    )
+    layers, skipped = _find(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert layers == [] and skipped == [Skipped("qmm", "MatMulInteger", "quantized layer (MatMulInteger); factor the float "
+                                                "model before quantizing")]
+
+
+def test_subgraph_layers_are_found_with_their_scope() -> None:
     inner = make_linear_model(op="MatMul", x_shape=(1, 32)).graph
     body = helper.make_graph(list(inner.node), "then_body", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 24])])
     outer = helper.make_graph(
@@ -102,11 +125,10 @@ def test_subgraph_layers_are_listed_as_skipped() -> None:
         initializer=list(inner.initializer),
     )
     layers, skipped = _find(helper.make_model(outer))
-    assert layers == []
-    assert {s.reason for s in skipped} == {
-        "inside the 'then_branch' subgraph of If node 'branch'; subgraphs are not rewritten",
-        "inside the 'else_branch' subgraph of If node 'branch'; subgraphs are not rewritten",
-    }
+    assert skipped == []
+    assert {layer.name for layer in layers} == {"branch.then_branch::dense", "branch.else_branch::dense"}
+    # the weight is captured from the main graph: both branches share one key, so one factorization
+    assert {layer.weight_key for layer in layers} == {("W", False)} and all(layer.in_subgraph for layer in layers)
 
 
 def test_shared_weight_gives_one_key() -> None:
