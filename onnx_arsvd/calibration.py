@@ -24,7 +24,7 @@ from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.verify import Feed, load_data, make_session, split_batches
 
-__all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
+__all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams", "uncapturable"]
 
 
 class CalibrationDataReader(Protocol):
@@ -57,6 +57,28 @@ def _with_layer_inputs(model: ir.Model, names: Sequence[str]) -> bytes:
     return ir.to_proto(exposed).SerializeToString()
 
 
+def _activation(layer: Layer) -> str:
+    return layer.node.inputs[1 if layer.left else 0].name
+
+
+def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """The layer's input vectors, one per row: X's rows for ``X @ M``, its columns for ``W @ X`` or transA."""
+    if layer.left != layer.trans_x and x.ndim >= 2:
+        x = np.swapaxes(x, -1, -2)
+    return x.astype(np.float64).reshape(-1, layer.shape[0])
+
+
+def uncapturable(layers: Sequence[Layer]) -> set[WeightKey]:
+    """Weights with a use inside an If/Loop/Scan body: no Gram matrix for them.
+
+    onnxruntime returns only the main graph's outputs, and a value computed inside a body is not visible
+    there (exposing it would mean changing the body's outputs and its owner's). Such weights get plain
+    (weight-only) factors; a weight used both in the main graph and a body too, since its main-graph
+    activations alone would not describe all its inputs.
+    """
+    return {layer.weight_key for layer in layers if layer.in_subgraph}
+
+
 def capture_grams(
     model: ir.Model,
     layers: Sequence[Layer],
@@ -67,9 +89,14 @@ def capture_grams(
     """X^T X of every layer's input over all calibration feeds, keyed by ``Layer.weight_key``.
 
     ``data`` is an ``.npz`` path, a mapping of arrays, or a ``CalibrationDataReader``. Layers
-    sharing a weight (same key) add their activations into one Gram matrix.
+    sharing a weight (same key) add their activations into one Gram matrix. Weights used inside a
+    subgraph get none (:func:`uncapturable`).
     """
-    names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
+    skipped = uncapturable(layers)
+    layers = [layer for layer in layers if layer.weight_key not in skipped]
+    names = list(dict.fromkeys(_activation(layer) for layer in layers))
+    if not names:
+        return {}
     session = make_session(_with_layer_inputs(model, names))
     if isinstance(data, (str, os.PathLike, Mapping)):
         reader: CalibrationDataReader = ArrayReader(data, session)
@@ -83,7 +110,7 @@ def capture_grams(
         while (feed := reader.get_next()) is not None:
             outputs = dict(zip(names, session.run(names, feed)))
             for layer in layers:
-                x = outputs[layer.node.inputs[0].name].astype(np.float64).reshape(-1, layer.shape[0])
+                x = _rows(layer, outputs[_activation(layer)])
                 grams[layer.weight_key] = grams.get(layer.weight_key, 0.0) + x.T @ x
             batches += 1
             bar.update()

@@ -141,8 +141,9 @@ def _drop_orphans(values: Iterable[ir.Value | None], initializers_are_inputs: bo
         producer = value.producer()
         if (producer is not None and producer.op_type in _DROPPABLE_PRODUCERS and producer.graph is not None
                 and not any(o.uses() or o.is_graph_output() for o in producer.outputs)):
+            inputs = [v for v in producer.inputs if v is not None]  # safe removal detaches them
             producer.graph.remove(producer, safe=True)
-            pending.extend(v for v in producer.inputs if v is not None)
+            pending.extend(inputs)
 
 
 def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:

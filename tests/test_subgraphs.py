@@ -1,0 +1,351 @@
+"""Layers inside If/Loop/Scan bodies, constant first operands and weights behind simple ops, against onnxruntime.
+
+Every model is built with the onnx API. Forced full rank (tau = 1, every layer factored) must reproduce
+the original's outputs to float32 rounding (rtol 1e-4 of the output scale: far above the ~1e-6
+rounding of a 16-term dot product, far below any truncation). Truncated factors must meet the
+Eckart-Young bound exactly: ||alpha W - A B||_F = |alpha| sqrt(sum of the dropped s_i^2), checked on the
+stored factors (float32 storage: relative 1e-4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress, inspect_model
+from onnx_arsvd.factorize import spectrum
+from tests.conftest import random_weight, run
+
+F = TensorProto.FLOAT
+
+
+def _w(m: int, n: int, seed: int, dtype: type = np.float32) -> np.ndarray:
+    return random_weight(m, n, seed=seed, decay=0.15).astype(dtype)
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array, name)
+
+
+def _vi(name: str, dims: list, elem: int = F) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def _model(nodes: list, inputs: list, outputs: list, initializers: list, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _graphs(body)
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for g in _graphs(model.graph) for t in g.initializer}
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for g in _graphs(model.graph) for n in g.node]
+
+
+def _full_rank(model: onnx.ModelProto, expected_factored: int) -> onnx.ModelProto:
+    compressed, report = compress(model, policy=EnergyPolicy(1.0), max_rank_fraction=1e9, min_params=0, check=False)
+    assert report.factored == expected_factored, [(d.name, d.reason) for d in report.layers]
+    assert all(d.rank == d.full_rank for d in report.layers)
+    onnx.checker.check_model(compressed, full_check=True)
+    return compressed
+
+
+def _same_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
+    for expected, actual in zip(run(original, feed), run(compressed, feed), strict=True):
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def _eckart_young(compressed: onnx.ModelProto, weight: str, matrix: np.ndarray, rank: int, left: bool = False,
+                  alpha: float = 1.0) -> None:
+    """The stored factors of ``weight`` (M = ``matrix``, in x out) are its best rank-k approximation."""
+    inits = _initializers(compressed)
+    a, b = inits[f"{weight}.arsvd_a"].astype(np.float64), inits[f"{weight}.arsvd_b"].astype(np.float64)
+    product = (b @ a).T if left else a @ b  # left: the activation meets a^T then b^T
+    s = spectrum(matrix.astype(np.float64)).s
+    bound = abs(alpha) * np.sqrt(np.sum(s[rank:] ** 2))
+    error = np.linalg.norm(alpha * matrix.astype(np.float64) - product)
+    assert a.shape[0 if left else 1] == rank and bound > 0  # really truncated
+    np.testing.assert_allclose(error, bound, rtol=1e-4)
+
+
+# --- If: a Gemm in each branch, one on the branch's own weight, one on a weight captured from the main graph
+
+
+def _if_model() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    w_then, w_else = _w(16, 12, 1), _w(16, 12, 2)
+    then_branch = helper.make_graph(
+        [helper.make_node("Gemm", ["X", "Wt", "bt"], ["yt"], name="gemm_then")], "then", [], [_vi("yt", ["batch", 12])],
+        initializer=[_init("Wt", w_then), _init("bt", np.full(12, 0.5, np.float32))])
+    else_branch = helper.make_graph(
+        [helper.make_node("Gemm", ["X", "We"], ["ye"], name="gemm_else", transB=1, alpha=0.5)], "else", [],
+        [_vi("ye", ["batch", 12])])
+    model = _model([helper.make_node("If", ["cond"], ["Y"], name="branch", then_branch=then_branch, else_branch=else_branch)],
+                   [_vi("cond", [], TensorProto.BOOL), _vi("X", ["batch", 16])], [_vi("Y", ["batch", 12])],
+                   [_init("We", w_else.T.copy())])
+    return model, w_then, w_else
+
+
+def _x(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def test_if_with_a_gemm_in_each_branch() -> None:
+    model, _, _ = _if_model()
+    compressed = _full_rank(model, 2)
+    assert "Gemm" not in _ops(compressed)
+    for cond in (True, False):
+        _same_outputs(model, compressed, {"cond": np.array(cond), "X": _x(5, 16)})
+
+
+def test_if_truncated_meets_eckart_young_per_layer() -> None:
+    model, w_then, w_else = _if_model()
+    compressed, report = compress(model, policy=FixedRankPolicy(3), min_params=0, check=False)
+    assert report.factored == 2
+    onnx.checker.check_model(compressed, full_check=True)
+    _eckart_young(compressed, "Wt", w_then, 3)
+    _eckart_young(compressed, "We", w_else, 3, alpha=0.5)
+    # output rows of the then-branch: ||y - y_k|| <= ||x|| s_4 (spectral norm of W - W_k)
+    x = _x(7, 16, seed=1)
+    feed = {"cond": np.array(True), "X": x}
+    (expected,), (actual,) = run(model, feed), run(compressed, feed)
+    errors = np.linalg.norm(actual - expected, axis=1)
+    assert np.all(errors <= np.linalg.norm(x, axis=1) * spectrum(w_then.astype(np.float64)).s[3] * (1 + 1e-4) + 1e-5)
+    assert errors.max() > 0
+
+
+def test_factors_live_in_the_scope_of_the_weight() -> None:
+    model, _, _ = _if_model()
+    compressed = _full_rank(model, 2)
+    main = {t.name for t in compressed.graph.initializer}
+    branches = {a.name: {t.name for t in a.g.initializer} for a in compressed.graph.node[0].attribute}
+    assert main == {"We.arsvd_a", "We.arsvd_b"}  # captured weight: factors stay where it was, W itself is gone
+    assert branches["then_branch"] == {"Wt.arsvd_a", "Wt.arsvd_b", "bt"} and branches["else_branch"] == set()
+
+
+# --- Loop, Scan, nesting
+
+
+def _loop_model(nested: bool = False) -> tuple[onnx.ModelProto, np.ndarray]:
+    """h <- tanh(h @ W) three times, W captured from the main graph; nested: the MatMul sits in an If in the body."""
+    w = _w(16, 16, 3)
+    product = [helper.make_node("MatMul", ["h_in", "W"], ["mm"], name="loop_matmul")]
+    if nested:
+        w_inner = _w(16, 16, 4)
+        const = helper.make_node("Constant", [], ["W2"], value=_init("W2_value", w_inner))
+        then_branch = helper.make_graph([helper.make_node("MatMul", ["h_in", "W"], ["t"], name="inner_then")], "t", [],
+                                        [_vi("t", [1, 16])])
+        else_branch = helper.make_graph([const, helper.make_node("MatMul", ["h_in", "W2"], ["e"], name="inner_else")],
+                                        "e", [], [_vi("e", [1, 16])])
+        product = [helper.make_node("If", ["flag"], ["mm"], name="inner_if", then_branch=then_branch,
+                                    else_branch=else_branch)]
+    body = helper.make_graph(
+        [*product, helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", [1, 16])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", [1, 16])])
+    inputs = [_vi("H0", [1, 16])] + ([_vi("flag", [], TensorProto.BOOL)] if nested else [])
+    model = _model([helper.make_node("Loop", ["trip", "keep_going", "H0"], ["H"], name="loop", body=body)],
+                   inputs, [_vi("H", [1, 16])],
+                   [_init("W", w), _init("trip", np.array(3, np.int64)), _init("keep_going", np.array(True))])
+    return model, w
+
+
+def test_loop_body_matmul_on_captured_weight() -> None:
+    model, w = _loop_model()
+    compressed = _full_rank(model, 1)
+    assert "W" not in _initializers(compressed)
+    _same_outputs(model, compressed, {"H0": _x(1, 16)})
+    truncated, _ = compress(model, policy=FixedRankPolicy(5), min_params=0, check=False)
+    _eckart_young(truncated, "W", w, 5)
+
+
+def test_nested_subgraphs() -> None:
+    model, _ = _loop_model(nested=True)
+    compressed = _full_rank(model, 2)
+    assert "Constant" not in _ops(compressed)  # the inner branch's Constant weight is replaced by its factors
+    for flag in (True, False):
+        _same_outputs(model, compressed, {"H0": _x(1, 16), "flag": np.array(flag)})
+    names = {d.name for d in inspect_model(model, min_params=0).layers}
+    assert names == {"loop.body::inner_if.then_branch::inner_then", "loop.body::inner_if.else_branch::inner_else"}
+
+
+def _scan_model() -> tuple[onnx.ModelProto, np.ndarray]:
+    """s_t = s_{t-1} + x_t @ Wb over a sequence; Wb is the body's own initializer; x_t is 1-D."""
+    w = _w(16, 8, 5)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "Wb"], ["y_t"], name="scan_matmul"),
+         helper.make_node("Add", ["s_in", "y_t"], ["s_out"]), helper.make_node("Identity", ["y_t"], ["y_out"])],
+        "body", [_vi("s_in", [8]), _vi("x_t", [16])], [_vi("s_out", [8]), _vi("y_out", [8])],
+        initializer=[_init("Wb", w)])
+    model = _model([helper.make_node("Scan", ["S0", "Xs"], ["S", "Ys"], name="scan", body=body, num_scan_inputs=1)],
+                   [_vi("S0", [8]), _vi("Xs", ["seq", 16])], [_vi("S", [8]), _vi("Ys", ["seq", 8])], [])
+    return model, w
+
+
+def test_scan_body() -> None:
+    model, w = _scan_model()
+    compressed = _full_rank(model, 1)
+    _same_outputs(model, compressed, {"S0": _x(8), "Xs": _x(6, 16, seed=2)})
+    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    _eckart_young(truncated, "Wb", w, 4)
+
+
+def test_weight_shared_between_main_graph_and_branches_is_factored_once() -> None:
+    w = _w(16, 12, 6)
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["yt"], name="mm_then")], "t", [],
+                                    [_vi("yt", ["batch", 12])])
+    else_branch = helper.make_graph([helper.make_node("Gemm", ["X", "W"], ["ye"], name="gemm_else", alpha=2.0)], "e", [],
+                                    [_vi("ye", ["batch", 12])])
+    model = _model(
+        [helper.make_node("MatMul", ["X", "W"], ["Y1"], name="mm_main"),
+         helper.make_node("If", ["cond"], ["Y2"], name="branch", then_branch=then_branch, else_branch=else_branch)],
+        [_vi("cond", [], TensorProto.BOOL), _vi("X", ["batch", 16])], [_vi("Y1", ["batch", 12]), _vi("Y2", ["batch", 12])],
+        [_init("W", w)])
+    compressed = _full_rank(model, 3)
+    report = inspect_model(model, min_params=0)
+    assert {d.shared_by for d in report.layers} == {3}
+    # one factorization: alpha 1 (main, then) shares one pair, alpha 2 gets its scaled pair; all in the main graph
+    assert {t.name for t in compressed.graph.initializer} == {"W.arsvd_a", "W.arsvd_b", "W.arsvd_a_1", "W.arsvd_b_1"}
+    assert all(not a.g.initializer for a in compressed.graph.node[-1].attribute)
+    for cond in (True, False):
+        _same_outputs(model, compressed, {"cond": np.array(cond), "X": _x(4, 16)})
+
+
+# --- constant first operand
+
+
+@pytest.mark.parametrize("x_dims", [[16, 5], [2, 3, 16, 5], [16]], ids=["2d", "4d", "1d"])
+def test_matmul_with_constant_first_operand(x_dims: list[int]) -> None:
+    w = _w(12, 16, 7)
+    out = [12, *x_dims[1:]] if len(x_dims) == 2 else [*x_dims[:-2], 12, x_dims[-1]] if len(x_dims) > 2 else [12]
+    model = _model([helper.make_node("MatMul", ["W", "X"], ["Y"], name="left")], [_vi("X", x_dims)], [_vi("Y", out)],
+                   [_init("W", w)])
+    compressed = _full_rank(model, 1)
+    _same_outputs(model, compressed, {"X": _x(*x_dims)})
+    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    _eckart_young(truncated, "W", w.T, 4, left=True)
+
+
+@pytest.mark.parametrize("trans", [(0, 0), (1, 1)], ids=["plain", "transA-transB"])
+def test_gemm_with_constant_first_operand_keeps_its_bias(trans: tuple[int, int]) -> None:
+    w = _w(12, 16, 8)  # Y = alpha W X + beta C, C a (12, 1) column bias broadcast along X's columns
+    stored = w.T.copy() if trans[0] else w
+    x_dims = [5, 16] if trans[1] else [16, 5]
+    model = _model([helper.make_node("Gemm", ["W", "X", "C"], ["Y"], name="left_gemm", transA=trans[0], transB=trans[1],
+                                     alpha=0.5, beta=2.0)],
+                   [_vi("X", x_dims)], [_vi("Y", [12, 5])], [_init("W", stored), _init("C", _x(12, 1, seed=3))])
+    compressed = _full_rank(model, 1)
+    _same_outputs(model, compressed, {"X": _x(*x_dims)})
+
+
+def test_gemm_trans_a_on_the_activation() -> None:
+    w = _w(16, 12, 9)
+    model = _model([helper.make_node("Gemm", ["X", "W", "C"], ["Y"], name="ta", transA=1)],
+                   [_vi("X", [16, "batch"])], [_vi("Y", ["batch", 12])], [_init("W", w), _init("C", _x(12, seed=4))])
+    compressed = _full_rank(model, 1)
+    _same_outputs(model, compressed, {"X": _x(16, 6)})
+
+
+# --- weights behind Transpose / Cast / Reshape / Identity
+
+
+def _chain(kind: str) -> tuple[list, list, np.ndarray]:
+    """(nodes making 'Weff' (16 x 12, float32), initializers, the effective matrix)."""
+    w = _w(16, 12, 10)
+    if kind == "transpose":
+        return [helper.make_node("Transpose", ["W"], ["Weff"], perm=[1, 0])], [_init("W", w.T.copy())], w
+    if kind == "cast":
+        w16 = w.astype(np.float16)
+        return [helper.make_node("Cast", ["W"], ["Weff"], to=F)], [_init("W", w16)], w16.astype(np.float32)
+    if kind == "reshape":
+        return ([helper.make_node("Reshape", ["W", "shape"], ["Weff"])],
+                [_init("W", w.reshape(-1)), _init("shape", np.array([16, -1], np.int64))], w)
+    if kind == "identity":
+        return [helper.make_node("Identity", ["W"], ["Weff"])], [_init("W", w)], w
+    w16 = w.astype(np.float16)  # Cast -> Transpose -> Identity
+    return ([helper.make_node("Cast", ["W"], ["c"], to=F), helper.make_node("Transpose", ["c"], ["t"]),
+             helper.make_node("Identity", ["t"], ["Weff"])], [_init("W", w16.T.copy())], w16.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["transpose", "cast", "reshape", "identity", "cast-transpose-identity"])
+def test_weight_behind_a_chain_is_factored_and_the_chain_dropped(kind: str) -> None:
+    nodes, initializers, matrix = _chain(kind)
+    model = _model([*nodes, helper.make_node("MatMul", ["X", "Weff"], ["Y"], name="dense")],
+                   [_vi("X", ["batch", 16])], [_vi("Y", ["batch", 12])], initializers)
+    compressed = _full_rank(model, 1)
+    assert _ops(compressed) == ["MatMul", "MatMul"] and set(_initializers(compressed)) == {"Weff.arsvd_a", "Weff.arsvd_b"}
+    _same_outputs(model, compressed, {"X": _x(5, 16)})
+    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    _eckart_young(truncated, "Weff", matrix, 4)
+
+
+def test_chain_used_elsewhere_is_kept() -> None:
+    nodes, initializers, _ = _chain("transpose")
+    model = _model([*nodes, helper.make_node("MatMul", ["X", "Weff"], ["Y"], name="dense"),
+                    helper.make_node("ReduceSum", ["Weff"], ["S"], keepdims=0)],
+                   [_vi("X", ["batch", 16])], [_vi("Y", ["batch", 12]), _vi("S", [])], initializers)
+    compressed = _full_rank(model, 1)
+    assert "Transpose" in _ops(compressed) and "W" in _initializers(compressed)
+    _same_outputs(model, compressed, {"X": _x(5, 16)})
+
+
+# --- folding alpha into float16 factors
+
+
+def _fp16_gemm(alpha: float) -> onnx.ModelProto:
+    """W = 0.01 everywhere (256 x 256): rank 1, s = 2.56, so A = U sqrt(S) has entries 0.1 before alpha."""
+    return _model([helper.make_node("Gemm", ["X", "W"], ["Y"], name="big_alpha", alpha=alpha)],
+                  [_vi("X", [1, 256], TensorProto.FLOAT16)], [_vi("Y", [1, 256], TensorProto.FLOAT16)],
+                  [_init("W", np.full((256, 256), 0.01, np.float16))])
+
+
+def test_float16_gemm_with_large_alpha_stays_finite() -> None:
+    """alpha = 1e6 folded into A alone gave entries of 1e5 (inf in float16); split, each factor holds 1e3 x 0.1."""
+    model = _fp16_gemm(1e6)
+    compressed, report = compress(model, policy=FixedRankPolicy(1), min_params=0, check=False)
+    assert report.factored == 1
+    feed = {"X": np.full((1, 256), 1e-4, np.float16)}
+    (expected,), (actual,) = run(model, feed), run(compressed, feed)
+    assert np.isfinite(actual).all()  # the original gives 256 (= 1e6 * 256 * 1e-4 * 0.01, to float16 rounding)
+    np.testing.assert_allclose(actual.astype(np.float32), expected.astype(np.float32), rtol=1e-2)
+
+
+def test_float16_factors_beyond_range_keep_the_layer_dense() -> None:
+    """alpha = 1e12: even split, each factor entry is 1e6 x 0.1 > 65504, so the layer is left as it is."""
+    model = _fp16_gemm(1e12)
+    compressed, report = compress(model, policy=FixedRankPolicy(1), min_params=0, check=False)
+    (decision,) = report.layers
+    assert not decision.factored
+    assert decision.reason == "factor A with alpha=1e+12 folded in exceeds the FLOAT16 range; kept dense"
+    assert [n.op_type for n in compressed.graph.node] == ["Gemm"]
+
+
+def test_float16_gemm_with_moderate_alpha_is_split_between_factors() -> None:
+    """alpha = 300: folded into one factor it would be 300 * 10 = 3000 per entry, split it is ~170: both fit."""
+    w = (random_weight(64, 48, true_rank=4, seed=11) * 3).astype(np.float16)
+    model = _model([helper.make_node("Gemm", ["X", "W"], ["Y"], name="alpha300", alpha=300.0)],
+                   [_vi("X", [3, 64], TensorProto.FLOAT16)], [_vi("Y", [3, 48], TensorProto.FLOAT16)], [_init("W", w)])
+    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    assert report.factored == 1
+    feed = {"X": (_x(3, 64) * 0.01).astype(np.float16)}
+    (expected,), (actual,) = run(model, feed), run(compressed, feed)
+    # float16 keeps ~3 decimal digits; two chained products round twice
+    np.testing.assert_allclose(actual.astype(np.float32), expected.astype(np.float32), rtol=2e-2,
+                               atol=2e-2 * np.abs(expected.astype(np.float32)).max())
