@@ -13,10 +13,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress, inspect_model
+from onnx_arsvd.calibration import capture_grams, uncapturable
+from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.factorize import spectrum
 from tests.conftest import random_weight, run
 
@@ -349,3 +352,54 @@ def test_float16_gemm_with_moderate_alpha_is_split_between_factors() -> None:
     # float16 keeps ~3 decimal digits; two chained products round twice
     np.testing.assert_allclose(actual.astype(np.float32), expected.astype(np.float32), rtol=2e-2,
                                atol=2e-2 * np.abs(expected.astype(np.float32)).max())
+
+
+# --- calibration
+
+
+class _Reader:
+    """The CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _main_and_loop_model() -> onnx.ModelProto:
+    """h = X @ W0 in the main graph, then h <- tanh(h @ W1) twice in a Loop body (W1 captured)."""
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "W1"], ["mm"], name="body_matmul"), helper.make_node("Tanh", ["mm"], ["h_out"]),
+         helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
+    return _model([helper.make_node("MatMul", ["X", "W0"], ["h"], name="main_matmul"),
+                   helper.make_node("Loop", ["trip", "keep_going", "h"], ["H"], name="loop", body=body)],
+                  [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
+                  [_init("W0", _w(16, 16, 12)), _init("W1", _w(16, 16, 13)), _init("trip", np.array(2, np.int64)),
+                   _init("keep_going", np.array(True))])
+
+
+def test_calibration_captures_the_main_graph_and_falls_back_to_plain_factors_in_bodies() -> None:
+    model = _main_and_loop_model()
+    layers, _ = find_layers(ir.from_proto(model))
+    feeds = [{"X": _x(8, 16, seed=s)} for s in range(3)]
+    grams = capture_grams(ir.from_proto(model), layers, _Reader(feeds))
+    assert set(grams) == {("W0", False)} and uncapturable(layers) == {("W1", False)}
+    rows = np.concatenate([f["X"] for f in feeds]).astype(np.float64)
+    np.testing.assert_allclose(grams[("W0", False)], rows.T @ rows, rtol=1e-6)
+    compressed, report = compress(model, method="whitened", calibration=_Reader(feeds), policy=EnergyPolicy(1.0),
+                                  max_rank_fraction=1e9, min_params=0, check=False)
+    assert report.factored == 2  # whitened W0, plain-SVD W1: both exact at full rank
+    _same_outputs(model, compressed, {"X": _x(5, 16, seed=9)})
+
+
+def test_gram_of_a_constant_first_operand_is_over_columns() -> None:
+    model = _model([helper.make_node("MatMul", ["W", "X"], ["Y"], name="left")], [_vi("X", ["b", 16, 5])],
+                   [_vi("Y", ["b", 12, 5])], [_init("W", _w(12, 16, 14))])
+    layers, _ = find_layers(ir.from_proto(model))
+    x = _x(3, 16, 5)
+    grams = capture_grams(ir.from_proto(model), layers, _Reader([{"X": x}]))
+    columns = np.swapaxes(x, 1, 2).reshape(-1, 16).astype(np.float64)  # each column of X meets W
+    np.testing.assert_allclose(grams[layers[0].weight_key], columns.T @ columns, rtol=1e-6)
