@@ -54,14 +54,13 @@ def to_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
 
 
 def weight_stats(model: ir.Model) -> tuple[int, int]:
-    """(parameters, bytes) of all initializers of the main graph."""
-    params = nbytes = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None:
-            params += tensor.size
-            nbytes += tensor.nbytes
-    return params, nbytes
+    """(parameters, bytes) of all initializers and ``Constant`` tensors, in the main graph and every subgraph."""
+    tensors = [value.const_value for graph in (model.graph, *model.graph.subgraphs())
+               for value in graph.initializers.values()]
+    tensors += [attr.value for node in model.graph.all_nodes() if node.op_type == "Constant"
+                and (attr := node.attributes.get("value")) is not None and attr.type == ir.AttributeType.TENSOR]
+    present = [t for t in tensors if t is not None]
+    return sum(t.size for t in present), sum(t.nbytes for t in present)
 
 
 def external_data_files(model: ir.Model) -> set[Path]:

@@ -94,7 +94,7 @@ def dense_decision(layer: Layer, reason: str) -> LayerDecision:
     """The row of a layer left dense without looking at its spectrum (e.g. excluded by name)."""
     shape = layer.shape
     return LayerDecision(
-        name=layer.name, op_type=layer.op_type, weight=layer.weight_name, shape=shape,
+        name=layer.name, op_type=layer.op_type, weight=layer.weight_key[0], shape=shape,
         dtype=layer.dtype.name.lower(), break_even=break_even_rank(shape), full_rank=min(shape),
         rank=min(shape), energy_kept=1.0, factored=False, reason=reason, shared_by=1,
     )
@@ -172,7 +172,7 @@ def plan_layers(
             LayerDecision(
                 name=layer.name,
                 op_type=layer.op_type,
-                weight=layer.weight_name,
+                weight=layer.weight_key[0],
                 shape=shape,
                 dtype=layer.dtype.name.lower(),
                 break_even=break_even_rank(shape),

@@ -75,6 +75,11 @@ class Report:
         return sum(layer.params_after for layer in self._unique())
 
     @property
+    def factorable_share(self) -> float | None:
+        """Share of the model's parameters that sit in the layers found (before compression)."""
+        return self.dense_params_before / self.params_before if self.params_before else None
+
+    @property
     def factored(self) -> int:
         return sum(layer.factored for layer in self.layers)
 
@@ -88,6 +93,7 @@ def report_to_json(report: Report) -> str:
     data.update(
         dense_params_before=report.dense_params_before,
         dense_params_after=report.dense_params_after,
+        factorable_share=report.factorable_share,
         factored_layers=report.factored,
     )
     if report.verification is not None:
@@ -179,6 +185,15 @@ def _budget_text(budget: dict, style: str) -> str:
                       tabulate(rows, headers, tablefmt=style, disable_numparse=True)])
 
 
+def _share_line(report: Report) -> str:
+    """How much of the model the layers found cover, and how many nodes were passed over."""
+    if report.factorable_share is None:
+        return ""
+    passed = f"; {len(report.skipped)} matrix products passed over, with why, under 'not factored'" if report.skipped else ""
+    return (f"factorable layers hold {_count(report.dense_params_before)} of the model's {_count(report.params_before)} "
+            f"parameters ({report.factorable_share:.1%}){passed}")
+
+
 def format_report(report: Report, markdown: bool = False) -> str:
     """A human-readable report: layer table, skipped nodes, totals, verification."""
     style = "github" if markdown else "simple"
@@ -196,6 +211,7 @@ def format_report(report: Report, markdown: bool = False) -> str:
     before, after = report.dense_params_before, report.dense_params_after
     totals = [
         f"layers factored: {report.factored} of {len(report.layers)}",
+        _share_line(report),
         f"dense-layer parameters: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else "",
         f"model parameters: {_count(report.params_before)} -> {_count(report.params_after)}; "
         f"weight bytes: {_bytes(report.weight_bytes_before)} -> {_bytes(report.weight_bytes_after)}",
