@@ -8,7 +8,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_arsvd import compress
 from onnx_arsvd.candidates import Skipped, filter_layers, find_layers
+from onnx_arsvd.errors import UnsupportedModelError
 from tests.conftest import make_linear_model
 
 
@@ -147,3 +149,30 @@ def test_include_and_exclude_patterns() -> None:
     assert kept == [] and excluded == [(layers[0], "matched by --exclude")]
     kept, _ = filter_layers(layers, include=["W"])  # weight names match too
     assert len(kept) == 1
+
+
+def _int8_model(layers: int = 5) -> onnx.ModelProto:
+    """What quantize_dynamic leaves: MatMulInteger on int8 weights, plus one activation x activation MatMul."""
+    nodes = [helper.make_node("MatMulInteger", ["Xq", "Wq"], [f"Y{i}"], name=f"qmm{i}") for i in range(layers)]
+    nodes += [helper.make_node("Cast", ["Y0"], ["Yf"], to=TensorProto.FLOAT),
+              helper.make_node("MatMul", ["Yf", "Z"], ["scores"], name="scores")]
+    graph = helper.make_graph(
+        nodes, "int8",
+        [helper.make_tensor_value_info("Xq", TensorProto.UINT8, [1, 8]), helper.make_tensor_value_info("Z", TensorProto.FLOAT, [4, 2])],
+        [helper.make_tensor_value_info(f"Y{i}", TensorProto.INT32, [1, 4]) for i in range(layers)]
+        + [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2])],
+        initializer=[numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_no_layer_error_lists_every_reason() -> None:
+    with pytest.raises(UnsupportedModelError) as error:
+        compress(_int8_model(), check=False)
+    assert str(error.value) == (
+        "no factorable layer (MatMul/Gemm/Gather with a 2-D float constant weight); passed over: "
+        "MatMulInteger: quantized layer (MatMulInteger); factor the float model before quantizing "
+        "('qmm0', 'qmm1', 'qmm2' and 2 more); "
+        "MatMul: neither operand is a constant (activation x activation, e.g. attention scores) ('scores')")
