@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnx_arsvd.calibration import capture_grams, uncapturable
+from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import Layer, Skipped, WeightKey, filter_layers, find_layers
 from onnx_arsvd.errors import UnsupportedModelError
 from onnx_arsvd.factorize import Spectrum
@@ -100,9 +100,8 @@ def plan_model(
         plans += plan(embeddings, settings.embedding_policy)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     notes = []
-    if settings.method == "whitened" and (weight_only := uncapturable(dense)):
-        notes.append(f"note: {len(weight_only)} weight(s) used inside If/Loop/Scan bodies got plain (weight-only) SVD "
-                     "factors: onnxruntime returns only the main graph's outputs, so activations inside a body cannot "
-                     f"be captured ({', '.join(sorted(key[0] for key in weight_only))})")
+    if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):
+        notes.append(f"note: the calibration data never reached {len(unseen)} weight(s) (an If branch not taken?); "
+                     f"they got plain SVD factors: {', '.join(sorted(key[0] for key in unseen))}")
     return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], skipped, order,
                      notes)

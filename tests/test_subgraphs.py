@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress, inspect_model
-from onnx_arsvd.calibration import capture_grams, uncapturable
+from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.factorize import spectrum
 from tests.conftest import MODELS, random_weight, run
@@ -382,18 +382,56 @@ def _main_and_loop_model() -> onnx.ModelProto:
                    _init("keep_going", np.array(True))])
 
 
-def test_calibration_captures_the_main_graph_and_falls_back_to_plain_factors_in_bodies() -> None:
+def test_calibration_captures_inside_a_loop_body() -> None:
+    """W1's Gram matrix sums its inputs over both iterations: h = X @ W0, then tanh(h @ W1)."""
     model = _main_and_loop_model()
     layers, _ = find_layers(ir.from_proto(model))
     feeds = [{"X": _x(8, 16, seed=s)} for s in range(3)]
     grams = capture_grams(ir.from_proto(model), layers, _Reader(feeds))
-    assert set(grams) == {("W0", False)} and uncapturable(layers) == {("W1", False)}
+    w0, w1 = (numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer[:2])
     rows = np.concatenate([f["X"] for f in feeds]).astype(np.float64)
+    first = rows @ w0
+    second = np.tanh(first @ w1)
     np.testing.assert_allclose(grams[("W0", False)], rows.T @ rows, rtol=1e-6)
-    compressed, report = compress(model, method="whitened", calibration=_Reader(feeds), policy=EnergyPolicy(1.0),
+    expected = first.T @ first + second.T @ second  # h_in of iteration 1, then of iteration 2
+    np.testing.assert_allclose(grams[("W1", False)], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    compressed, report = compress(model, method="whitened", calibration=_Reader(feeds), policy=FixedRankPolicy(10**6),
                                   max_rank_fraction=1e9, min_params=0, check=False)
-    assert report.factored == 2  # whitened W0, plain-SVD W1: both exact at full rank
-    _same_outputs(model, compressed, {"X": _x(5, 16, seed=9)})
+    assert report.factored == 2 and not any("never reached" in note for note in report.notes)
+    _same_outputs(model, compressed, {"X": _x(5, 16, seed=9)})  # whitened factors are exact at full rank too
+
+
+def test_calibration_inside_if_branches_sees_only_the_rows_each_branch_ran_on() -> None:
+    model, _, _ = _if_model()
+    layers, _ = find_layers(ir.from_proto(model))
+    x_then, x_else = _x(6, 16, seed=1), _x(4, 16, seed=2)
+    feeds = [{"cond": np.array(True), "X": x_then}, {"cond": np.array(False), "X": x_else}]
+    grams = capture_grams(ir.from_proto(model), layers, _Reader(feeds))
+    x_then, x_else = x_then.astype(np.float64), x_else.astype(np.float64)
+    np.testing.assert_allclose(grams[("branch.then_branch::Wt", False)], x_then.T @ x_then, rtol=1e-6)
+    np.testing.assert_allclose(grams[("We", True)], x_else.T @ x_else, rtol=1e-6)
+    # a branch the data never takes gets no Gram matrix: plain factors
+    only_then = [{"cond": np.array(True), "X": x_then.astype(np.float32)}]
+    assert set(capture_grams(ir.from_proto(model), layers, _Reader(only_then))) == {("branch.then_branch::Wt", False)}
+
+
+def test_calibration_inside_nested_bodies_and_a_scan() -> None:
+    model, _ = _loop_model(nested=True)
+    layers, _ = find_layers(ir.from_proto(model))
+    h0 = _x(1, 16)
+    grams = capture_grams(ir.from_proto(model), layers, _Reader([{"H0": h0, "flag": np.array(True)}]))
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    states = [h0.astype(np.float64)]
+    for _ in range(2):  # the inner then-branch sees h before each of the 3 iterations
+        states.append(np.tanh(states[-1] @ w))
+    rows = np.concatenate(states)
+    np.testing.assert_allclose(grams[("W", False)], rows.T @ rows, rtol=1e-4, atol=1e-6)
+    scan, w_scan = _scan_model()
+    xs = _x(6, 16, seed=2)
+    (scan_layer,), _ = find_layers(ir.from_proto(scan))
+    grams = capture_grams(ir.from_proto(scan), [scan_layer], _Reader([{"S0": _x(8), "Xs": xs}]))
+    np.testing.assert_allclose(grams[scan_layer.weight_key], xs.T.astype(np.float64) @ xs, rtol=1e-5)
+    assert w_scan.shape == (16, 8)
 
 
 def test_gram_of_a_constant_first_operand_is_over_columns() -> None:
