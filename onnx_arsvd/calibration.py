@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.capture import exposed_model
-from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import Feed, load_data, split_batches
 
@@ -86,7 +86,11 @@ def capture_grams(
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
         while (feed := reader.get_next()) is not None:
-            outputs = dict(zip(names, session.run(names, feed), strict=True))
+            try:
+                outputs = dict(zip(names, session.run(names, feed), strict=True))
+            except Exception as error:  # onnxruntime raises its own Fail/InvalidArgument/... types
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise UnsupportedModelError(f"onnxruntime failed on the calibration data: {first_line}") from None
             for layer in layers:
                 x = _rows(layer, outputs[outputs_by_node[id(layer.node)]])
                 grams[layer.weight_key] = grams.get(layer.weight_key, 0.0) + x.T @ x
