@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnx.reference import ReferenceEvaluator
 
 from onnx_arsvd.errors import UnsupportedModelError
 
@@ -174,6 +173,8 @@ def _resolve(value: ir.Value | None) -> tuple[ir.Value | None, tuple[ir.Node, ..
 
 def _fold(source: ir.Value, chain: tuple[ir.Node, ...]) -> ir.TensorProtocol:
     """The chain's result, each op evaluated by onnx's reference implementation (no graph edit)."""
+    from onnx.reference import ReferenceEvaluator  # about 0.25 s to import; only weights behind a chain need it
+
     array = read_array(source)
     for node in chain:
         proto = ir.serde.serialize_node(node)
