@@ -17,7 +17,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress, inspect_model
+from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress, format_report, inspect_model
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.factorize import spectrum
@@ -474,3 +474,16 @@ def test_real_exported_if_model_is_compressed_and_verified() -> None:
         # tau = 0.9 keeps 90% of each weight's energy; on the shipped digits MLP it lost no test image. Allow 2 points
         # (11 of 540 images) so the test checks that the branches still classify, not one lucky rounding
         assert after >= before - 0.02, (flag, before, after)
+
+
+def test_inspect_says_what_share_of_the_parameters_is_factorable() -> None:
+    model = onnx.load(MODELS / "branch_mlp.onnx")
+    tensors = [numpy_helper.to_array(t) for g in _graphs(model.graph) for t in g.initializer]
+    tensors += [numpy_helper.to_array(a.t) for g in _graphs(model.graph) for n in g.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value"]
+    total = sum(t.size for t in tensors)
+    dense = sum(t.size for t in tensors if t.ndim == 2)  # the four Linear weights; biases and scalars are 0-/1-D
+    report = inspect_model(MODELS / "branch_mlp.onnx")
+    assert report.params_before == total and report.dense_params_before == dense
+    assert f"factorable layers hold {dense / 1e3:.1f}k of the model's {total / 1e3:.1f}k parameters ({dense / total:.1%})" \
+        in format_report(report)
