@@ -58,6 +58,8 @@ class Layer:
     """Transpose/Cast/Reshape/Identity nodes from the constant to ``weight``, in graph order."""
     folded: ir.TensorProtocol | None = None
     """The chain's result, when there is a chain."""
+    storage: ir.DataType | None = None
+    """The dtype to store factors in, when narrower than the one the layer computes in (fp16 behind a Cast)."""
 
     @property
     def name(self) -> str:
@@ -93,6 +95,11 @@ class Layer:
     @property
     def dtype(self) -> ir.DataType:
         return self.tensor.dtype
+
+    @property
+    def storage_dtype(self) -> ir.DataType:
+        """The dtype factors are stored in: the weight's own, before any widening Cast."""
+        return self.storage or self.dtype
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -226,8 +233,12 @@ class _Finder:
     def add(self, node: ir.Node, scope: str, weight: ir.Value, chain: tuple[ir.Node, ...],
             folded: ir.TensorProtocol | None, **form: object) -> None:
         weight_scope = self.scopes.get(id(weight.graph), scope)
+        storage = None
+        if folded is not None and any(n.op_type == "Cast" for n in chain):
+            stored = constant_tensor(chain[0].inputs[0]).dtype
+            storage = stored if stored.itemsize < folded.dtype.itemsize else None
         self.layers.append(Layer(node=node, weight=weight, scope=scope, weight_scope=weight_scope, chain=chain,
-                                 folded=folded, **form))  # type: ignore[arg-type]
+                                 folded=folded, storage=storage, **form))  # type: ignore[arg-type]
 
     def matmul(self, node: ir.Node, scope: str) -> None:
         x, w = node.inputs[0], node.inputs[1]

@@ -41,11 +41,12 @@ def folded_bias(layer: Layer) -> np.ndarray | None:
 
 
 def storage_problem(layer: Layer, a: np.ndarray, b: np.ndarray) -> str:
-    """Why the folded factors or bias cannot be stored in the layer's dtype, or "" when they can."""
-    limit = _MAX[layer.dtype]
+    """Why the folded factors or bias cannot be stored (factors: in ``layer.storage_dtype``; bias: in the
+    layer's dtype), or "" when they can."""
     bias = folded_bias(layer)
-    for what, array in (*zip(("factor A", "factor B"), stored_factors(layer, a, b)), ("bias", bias)):
-        if array is not None and not (np.isfinite(array).all() and np.abs(array).max(initial=0.0) <= limit):
+    factors = zip(("factor A", "factor B"), stored_factors(layer, a, b), strict=True)
+    for what, array, dtype in (*((w, x, layer.storage_dtype) for w, x in factors), ("bias", bias, layer.dtype)):
+        if array is not None and not (np.isfinite(array).all() and np.abs(array).max(initial=0.0) <= _MAX[dtype]):
             folded = f"alpha={layer.alpha:g}" if what != "bias" else f"beta={layer.beta:g}"
-            return f"{what} with {folded} folded in exceeds the {layer.dtype.name} range; kept dense"
+            return f"{what} with {folded} folded in exceeds the {dtype.name} range; kept dense"
     return ""

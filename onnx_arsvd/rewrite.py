@@ -3,12 +3,13 @@
 ``X @ M`` becomes ``MatMul(X, A) -> MatMul(., B) [-> Add(bias)]`` (``Gather(A, ids)`` first for an
 embedding, ``Gemm(X, A, transA=1)`` first for Gemm's transA); a constant first operand ``W @ X``
 becomes ``MatMul(A, X) -> MatMul(B, .)`` (Gemm: ``Gemm(A, X) -> Gemm(B, ., C)``, which keeps C and beta).
-Alpha and beta are folded as :mod:`onnx_arsvd.layer_math` says; factors are stored in the dtype the
-layer computes in. A layer inside an If/Loop/Scan body is rewritten in that body; its factors are
-initializers of the scope where its weight is defined, so every node that shared the weight (in any
-body) uses the same factors. The rewritten output keeps the original value's name, type and shape,
-so graph and body outputs are unchanged. Initializers, ``Constant`` nodes and Transpose/Cast/
-Reshape/Identity chains that nothing uses any more are dropped.
+Alpha and beta are folded as :mod:`onnx_arsvd.layer_math` says. Factors are stored in the dtype the
+layer computes in, or, for a weight stored narrow and widened by a ``Cast`` (fp16 storage, fp32
+compute), in its own dtype followed by a ``Cast``. A layer inside an If/Loop/Scan body is rewritten in
+that body; its factors are initializers of the scope where its weight is defined, so every node that
+shared the weight (in any body) uses the same factors. The rewritten output keeps the original value's
+name, type and shape, so graph and body outputs are unchanged. Initializers, ``Constant`` nodes and
+Transpose/Cast/Reshape/Identity chains that nothing uses any more are dropped.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ class _Rewriter:
         if self.initializers_are_inputs and graph is self.main:
             graph.inputs.append(value)
         return value
+
+    def factor(self, graph: ir.Graph, base: str, array: np.ndarray, layer: Layer) -> ir.Value:
+        """A factor initializer in the layer's storage dtype, widened by a Cast when the layer computes wider."""
+        value = self.initializer(graph, base, array.astype(layer.storage_dtype.numpy()))
+        if layer.storage_dtype == layer.dtype:
+            return value
+        wide = ir.Value(name=self.name(f"{value.name}/cast"), type=ir.TensorType(layer.dtype), shape=value.shape)
+        cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", layer.dtype)], outputs=[wide], name=self.name(f"{base}/cast"))
+        graph.insert_before(graph[0], cast)  # its input is an initializer: first in the graph is always in order
+        return wide
 
     def bias(self, layer: Layer, dtype: np.dtype) -> ir.Value | None:
         """The (n,) vector added after ``X @ A @ B``; C itself when it already is one."""
@@ -162,8 +173,8 @@ def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
                 first, second = stored_factors(layer, *plan.factors)
                 graph = layer.weight.graph or layer.node.graph
                 base = layer.weight_name or node_label(layer.node)
-                factors[form] = (rewriter.initializer(graph, f"{base}.arsvd_a", first.astype(dtype)),
-                                 rewriter.initializer(graph, f"{base}.arsvd_b", second.astype(dtype)))
+                factors[form] = (rewriter.factor(graph, f"{base}.arsvd_a", first, layer),
+                                 rewriter.factor(graph, f"{base}.arsvd_b", second, layer))
             rewriter.replace(layer, *factors[form], rewriter.bias(layer, dtype), plan.rank)
             touched += [layer.weight, layer.bias]
             rewritten += 1
