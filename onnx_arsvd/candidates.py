@@ -270,8 +270,8 @@ class _Finder:
             return self.skip(node, scope, "both A and B are constants (a constant-folding candidate, not a layer)")
         if a_source is None and b_source is None:
             op = _quantized_producer(b) or _quantized_producer(a)
-            reason = f"weight comes from {op} (quantized model); factor before quantizing" if op else "neither A nor B is a constant"
-            return self.skip(node, scope, reason)
+            quantized = f"weight comes from {op} (quantized model); factor before quantizing"
+            return self.skip(node, scope, quantized if op else "neither A nor B is a constant")
         left = b_source is None
         problem = a_problem if left else b_problem
         if problem:

@@ -75,7 +75,8 @@ class _Rewriter:
         if layer.storage_dtype == layer.dtype:
             return value
         wide = ir.Value(name=self.name(f"{value.name}/cast"), type=ir.TensorType(layer.dtype), shape=value.shape)
-        cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", layer.dtype)], outputs=[wide], name=self.name(f"{base}/cast"))
+        cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", layer.dtype)], outputs=[wide],
+                       name=self.name(f"{base}/cast"))
         graph.insert_before(graph[0], cast)  # its input is an initializer: first in the graph is always in order
         return wide
 

@@ -98,7 +98,8 @@ def test_weight_that_is_a_graph_input_is_left_alone_from_ir4() -> None:
     model = make_linear_model(op="MatMul")
     model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [32, 24]))
     layers, skipped = _find(model)
-    assert layers == [] and skipped[0].reason == "weight is also a graph input, so a user may feed another value; left as it is"
+    assert layers == []
+    assert skipped[0].reason == "weight is also a graph input, so a user may feed another value; left as it is"
     # IR 3 requires every initializer to be an input: those weights stay factorable
     assert len(_find(make_linear_model(op="MatMul", opset=7, ir_version=3))[0]) == 1
 
@@ -117,7 +118,8 @@ def test_quantized_matmul_is_listed() -> None:
 
 def test_subgraph_layers_are_found_with_their_scope() -> None:
     inner = make_linear_model(op="MatMul", x_shape=(1, 32)).graph
-    body = helper.make_graph(list(inner.node), "then_body", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 24])])
+    body = helper.make_graph(list(inner.node), "then_body", [],
+                             [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 24])])
     outer = helper.make_graph(
         [helper.make_node("If", ["cond"], ["Y"], name="branch", then_branch=body, else_branch=body)],
         "outer",
@@ -158,7 +160,8 @@ def _int8_model(layers: int = 5) -> onnx.ModelProto:
               helper.make_node("MatMul", ["Yf", "Z"], ["scores"], name="scores")]
     graph = helper.make_graph(
         nodes, "int8",
-        [helper.make_tensor_value_info("Xq", TensorProto.UINT8, [1, 8]), helper.make_tensor_value_info("Z", TensorProto.FLOAT, [4, 2])],
+        [helper.make_tensor_value_info("Xq", TensorProto.UINT8, [1, 8]),
+         helper.make_tensor_value_info("Z", TensorProto.FLOAT, [4, 2])],
         [helper.make_tensor_value_info(f"Y{i}", TensorProto.INT32, [1, 4]) for i in range(layers)]
         + [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2])],
         initializer=[numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq")],

@@ -101,7 +101,8 @@ def _if_model() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     else_branch = helper.make_graph(
         [helper.make_node("Gemm", ["X", "We"], ["ye"], name="gemm_else", transB=1, alpha=0.5)], "else", [],
         [_vi("ye", ["batch", 12])])
-    model = _model([helper.make_node("If", ["cond"], ["Y"], name="branch", then_branch=then_branch, else_branch=else_branch)],
+    branch = helper.make_node("If", ["cond"], ["Y"], name="branch", then_branch=then_branch, else_branch=else_branch)
+    model = _model([branch],
                    [_vi("cond", [], TensorProto.BOOL), _vi("X", ["batch", 16])], [_vi("Y", ["batch", 12])],
                    [_init("We", w_else.T.copy())])
     return model, w_then, w_else
