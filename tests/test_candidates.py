@@ -179,3 +179,21 @@ def test_no_layer_error_lists_every_reason() -> None:
         "MatMulInteger: quantized layer (MatMulInteger); factor the float model before quantizing "
         "('qmm0', 'qmm1', 'qmm2' and 2 more); "
         "MatMul: neither operand is a constant (activation x activation, e.g. attention scores) ('scores')")
+
+
+def test_matmul_inside_a_model_local_function_is_listed() -> None:
+    function = helper.make_function("local", "dense_fn", ["x", "w"], ["y"],
+                                    [helper.make_node("MatMul", ["x", "w"], ["y"], name="fn_matmul")],
+                                    [helper.make_opsetid("", 17)])
+    graph = helper.make_graph(
+        [helper.make_node("dense_fn", ["X", "W"], ["Y"], domain="local", name="call")], "calls",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 24])],
+        initializer=[numpy_helper.from_array(np.ones((32, 24), np.float32), "W")],
+    )
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    layers, skipped = _find(model)
+    assert layers == [] and skipped == [Skipped("fn_matmul", "MatMul", "inside model-local function 'dense_fn'; functions "
+                                                "are not rewritten (inline them first, e.g. with "
+                                                "onnx_ir.passes.common.InlinePass)")]
