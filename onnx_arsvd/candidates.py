@@ -226,8 +226,8 @@ class _Finder:
         if tensor.dtype not in _FLOAT_TYPES:
             return source, chain, None, f"weight is cast to {tensor.dtype.name}; only float weights can be factored"
         if len(tensor.shape) != 2:
-            what = "after its Transpose/Cast/Reshape/Identity chain " if chain else ""
-            return source, chain, None, f"weight has {len(tensor.shape)} dimensions {what}; only 2-D weights are factored"
+            what = " after its Transpose/Cast/Reshape/Identity chain" if chain else ""
+            return source, chain, None, f"weight has {len(tensor.shape)} dimensions{what}; only 2-D weights are factored"
         return source, chain, folded, ""
 
     def add(self, node: ir.Node, scope: str, weight: ir.Value, chain: tuple[ir.Node, ...],
