@@ -197,3 +197,13 @@ def test_matmul_inside_a_model_local_function_is_listed() -> None:
     assert layers == [] and skipped == [Skipped("fn_matmul", "MatMul", "inside model-local function 'dense_fn'; functions "
                                                 "are not rewritten (inline them first, e.g. with "
                                                 "onnx_ir.passes.common.InlinePass)")]
+
+
+def test_weight_reshaped_to_three_dimensions_is_listed() -> None:
+    model = make_linear_model(op="MatMul")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([2, 16, 24], np.int64), "shape3"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["W", "shape3"], ["W3"]))
+    model.graph.node[1].input[1] = "W3"
+    layers, skipped = _find(model)
+    assert layers == [] and [s.reason for s in skipped] == [
+        "weight has 3 dimensions after its Transpose/Cast/Reshape/Identity chain; only 2-D weights are factored"]
