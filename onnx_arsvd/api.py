@@ -23,7 +23,7 @@ from onnx_arsvd.guard import LatencyGuard
 from onnx_arsvd.model_io import model_file_bytes, save_model, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
-from onnx_arsvd.rank import RankPolicy
+from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
@@ -98,11 +98,12 @@ def inspect_model(
     calibration: CalibrationSource | None = None,
     lp_power: float = 1.0,
     embedding_policy: RankPolicy | None = None,
+    factor_heads: bool = True,
     progress: bool = False,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy)
+                         embedding_policy, factor_heads)
     loaded = to_model(model)
     planned = plan_model(loaded, settings, with_factors=False, progress=progress)
     size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
@@ -112,12 +113,9 @@ def inspect_model(
 
 def _settings(policy: RankPolicy | None, include: Sequence[str], exclude: Sequence[str], max_rank_fraction: float,
               min_params: int, method: str, calibration: CalibrationSource | None, lp_power: float,
-              embedding_policy: RankPolicy | None) -> Settings:
-    if policy is None:
-        return Settings(include=include, exclude=exclude, max_rank_fraction=max_rank_fraction, min_params=min_params,
-                        method=method, calibration=calibration, lp_power=lp_power, embedding_policy=embedding_policy)
-    return Settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                    embedding_policy)
+              embedding_policy: RankPolicy | None, factor_heads: bool) -> Settings:
+    return Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
+                    lp_power, embedding_policy, factor_heads)
 
 
 def _check_output_path(source: ModelLike, output: str | os.PathLike) -> None:
@@ -140,6 +138,7 @@ def compress(
     calibration: CalibrationSource | None = None,
     lp_power: float = 1.0,
     embedding_policy: RankPolicy | None = None,
+    factor_heads: bool = True,
     external_data: bool | None = None,
     check: bool = True,
     progress: bool = False,
@@ -158,6 +157,8 @@ def compress(
     never modified. ``method="whitened"`` factors each layer to minimise its output error on the
     ``calibration`` inputs (an ``.npz``, arrays, or a ``CalibrationDataReader``) instead of the weight
     error; ``method="lp"`` fits each weight's rows with the robust l_p subspace (``lp_power`` p in [1, 2]).
+    With ``factor_heads=False`` layers that feed a graph output (classifier heads) stay dense: the
+    CLI's default when no real data checks the result.
     Embedding tables (``Gather`` on a constant) are factored only with an ``embedding_policy``;
     the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
     ``data``, ``labels``, ``dims``, ``samples`` and ``batch_size`` are as in :func:`verify`. With a ``budget``, ``data``
@@ -175,7 +176,7 @@ def compress(
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy)
+                         embedding_policy, factor_heads)
     if output is not None:
         _check_output_path(model, output)
     check_files(data=data, labels=labels)
@@ -203,11 +204,12 @@ def compress(
     latency_check: list[LatencyComparison] = []
     if guard is not None and provider is not None and factored:
         compressed_source = written.output or model_source(loaded)[0]
-        latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded)
+        latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded,
+                                          progress)
     verification = None
     if check:
         verification = verify(reference, written.output or loaded, data=data, labels=labels, dims=dims,
-                              samples=samples, batch_size=batch_size)
+                              samples=samples, batch_size=batch_size, progress=progress)
     regressions = LatencyGuard.regressions(latency_check)
     for warning in regressions:
         logger.warning(warning)

@@ -162,14 +162,19 @@ class LatencyGuard:
                 plan.factors = None
 
     def check_model(
-        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model
+        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model,
+        progress: bool = False,
     ) -> list[LatencyComparison]:
-        """The whole models timed against each other at the guard's batch sizes."""
+        """The whole models timed against each other at the guard's batch sizes, in bounded time.
+
+        Each batch size takes at least ``model_seconds`` and about 10x that at most: a slow model gets
+        fewer pairs (never under 3 per round) instead of minutes per batch size.
+        """
         comparisons = []
-        for batch in self.batches:
+        for batch in tqdm(self.batches, desc="whole-model timing", unit="batch", disable=None if progress else True):
             feed = batch_feed(make_session(original, provider, self.threads), model, batch, dims)
             rounds = timed_rounds(original, compressed, feed, provider=provider, threads=self.threads,
-                                  min_seconds=self.model_seconds)
+                                  min_seconds=self.model_seconds, min_runs=10, max_seconds=10 * self.model_seconds)
             comparisons.append(compare_latency(provider, batch, rounds))
         return comparisons
 

@@ -54,13 +54,22 @@ def to_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
 
 
 def weight_stats(model: ir.Model) -> tuple[int, int]:
-    """(parameters, bytes) of all initializers and ``Constant`` tensors, in the main graph and every subgraph."""
-    tensors = [value.const_value for graph in (model.graph, *model.graph.subgraphs())
-               for value in graph.initializers.values()]
-    tensors += [attr.value for node in model.graph.all_nodes() if node.op_type == "Constant"
-                and (attr := node.attributes.get("value")) is not None and attr.type == ir.AttributeType.TENSOR]
-    present = [t for t in tensors if t is not None]
-    return sum(t.size for t in present), sum(t.nbytes for t in present)
+    """(parameters, bytes) of the model's constant tensors: initializers of every graph and ``Constant`` nodes."""
+    tensors: list[ir.TensorProtocol] = []
+    graphs = [model.graph]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = node.attributes.get("value")
+            if value is not None and value.type == ir.AttributeType.TENSOR:
+                tensors.append(value.as_tensor())
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                graphs.append(attribute.as_graph())
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attribute.as_graphs())
+    for graph in graphs:
+        tensors += [value.const_value for value in graph.initializers.values() if value.const_value is not None]
+    return sum(t.size for t in tensors), sum(t.nbytes for t in tensors)
 
 
 def external_data_files(model: ir.Model) -> set[Path]:

@@ -7,6 +7,7 @@ steps) share Gram matrices and spectra instead of recomputing them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,23 @@ from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers
 from onnx_arsvd.settings import Settings
 
-__all__ = ["ModelPlan", "PlanMemo", "plan_model"]
+__all__ = ["HEAD_REASON", "ModelPlan", "PlanMemo", "feeds_graph_output", "plan_model"]
+
+HEAD_REASON = "feeds a graph output (a head): kept dense without real data to check it (pass --data, or --factor-heads)"
+
+_PASS_THROUGH = frozenset({"Add", "Identity", "Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Squeeze"})
+"""Ops between a head's product and the graph output that leave it the model's answer (bias, normalisation)."""
+
+
+def feeds_graph_output(node: ir.Node, depth: int = 3) -> bool:
+    """Whether the node's output reaches a graph output directly or through a few pass-through ops."""
+    frontier = list(node.outputs)
+    for _ in range(depth + 1):
+        if any(value.is_graph_output() for value in frontier):
+            return True
+        frontier = [out for value in frontier for user, _ in value.uses() if user.op_type in _PASS_THROUGH
+                    for out in user.outputs]
+    return False
 
 
 @dataclass
@@ -50,9 +67,18 @@ class ModelPlan:
         return [decision for _, decision in rows]
 
     def params_kept(self) -> float:
-        """Share of the considered and excluded layers' parameters the plan keeps (each weight once)."""
-        decisions = [d for plan in self.plans for d in plan.decisions[:1]] + [d for _, d in self.excluded]
-        return sum(d.params_after for d in decisions) / sum(d.params for d in decisions)
+        """Share of the dense layers' parameters the plan keeps, each weight once (embedding tables apart)."""
+        firsts = [(plan.layers[0], plan.decisions[0]) for plan in self.plans] + self.excluded
+        decisions = [decision for layer, decision in firsts if not layer.is_embedding]
+        return sum(d.params_after for d in decisions) / sum(d.params for d in decisions) if decisions else 1.0
+
+
+def _keep_heads_dense(plans: list[WeightPlan]) -> None:
+    """Leave dense every weight that would be factored but feeds a graph output (a classifier head)."""
+    for plan in plans:
+        if plan.factored and not plan.layers[0].is_embedding and any(feeds_graph_output(l.node) for l in plan.layers):
+            plan.decisions = [dataclasses.replace(d, factored=False, reason=HEAD_REASON) for d in plan.decisions]
+            plan.factors = None
 
 
 def no_layer_message(skipped: Sequence[Skipped]) -> str:
@@ -98,6 +124,8 @@ def plan_model(
     plans = plan(dense, settings.policy, grams=grams if settings.method == "whitened" else None)
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten
         plans += plan(embeddings, settings.embedding_policy)
+    if not settings.factor_heads:
+        _keep_heads_dense(plans)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     notes = []
     if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):

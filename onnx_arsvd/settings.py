@@ -33,6 +33,8 @@ class Settings:
     calibration: CalibrationSource | None = None
     lp_power: float = 1.0
     embedding_policy: RankPolicy | None = None
+    factor_heads: bool = True
+    """Factor layers that feed a graph output (classifier heads); without real data to check them, don't."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
