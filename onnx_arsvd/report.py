@@ -87,7 +87,7 @@ class Report:
 
     @property
     def factorable_share(self) -> float | None:
-        """Share of the model's parameters in the layers found, dense layers and embedding tables (before compression)."""
+        """Share of the model's parameters in the layers found (dense layers and embedding tables), before compression."""
         found = self.dense_params_before + self.embedding_params_before
         return found / self.params_before if self.params_before else None
 
@@ -207,7 +207,7 @@ def _share_line(report: Report) -> str:
     """How much of the model the layers found cover, and how many nodes were passed over."""
     if report.factorable_share is None:
         return ""
-    passed = f"; {len(report.skipped)} matrix products passed over, with why, under 'not factored'" if report.skipped else ""
+    passed = f"; {len(report.skipped)} nodes passed over, with why, under 'not factored'" if report.skipped else ""
     found = report.dense_params_before + report.embedding_params_before
     return (f"factorable layers hold {_count(found)} of the model's {_count(report.params_before)} "
             f"parameters ({report.factorable_share:.1%}){passed}")
