@@ -87,7 +87,7 @@ class Report:
 
     @property
     def factorable_share(self) -> float | None:
-        """Share of the model's parameters in the layers found (dense layers and embedding tables), before compression."""
+        """Share of the model's parameters in the layers found (dense layers and tables), before compression."""
         found = self.dense_params_before + self.embedding_params_before
         return found / self.params_before if self.params_before else None
 
