@@ -499,3 +499,17 @@ def test_inspect_says_what_share_of_the_parameters_is_factorable() -> None:
     assert report.params_before == total and report.dense_params_before == dense
     assert f"factorable layers hold {dense / 1e3:.1f}k of the model's {total / 1e3:.1f}k parameters ({dense / total:.1%})" \
         in format_report(report)
+
+
+def test_calibration_on_the_real_if_model_sees_each_branch_on_its_own_rows() -> None:
+    model = ir.load(MODELS / "branch_mlp.onnx")
+    layers, _ = find_layers(model)
+    with np.load(MODELS / "digits_test.npz") as data:
+        x = data["input"]
+    feeds = [{"input": x[:300], "branch": np.array([1.0], np.float32)},
+             {"input": x[300:], "branch": np.array([-1.0], np.float32)}]
+    grams = capture_grams(model, layers, _Reader(feeds))
+    weights = {name: value.const_value.numpy().astype(np.float64) for name, value in model.graph.initializers.items()}
+    hidden = np.maximum(x.astype(np.float64) / 16 @ weights["trunk.weight"].T + weights["trunk.bias"], 0)  # the trunk
+    for key, rows in ((("relu_branch.weight", True), hidden[:300]), (("tanh_branch.weight", True), hidden[300:])):
+        np.testing.assert_allclose(grams[key], rows.T @ rows, rtol=1e-4, atol=1e-4 * np.abs(rows.T @ rows).max())
