@@ -193,7 +193,10 @@ def _fold(source: ir.Value, chain: tuple[ir.Node, ...]) -> ir.TensorProtocol:
 
 
 def _quantized_producer(value: ir.Value | None) -> str | None:
+    """The (De)QuantizeLinear op behind ``value``, through any Transpose/Cast/Reshape/Identity chain, else None."""
     producer = value.producer() if value is not None else None
+    while producer is not None and producer.op_type in _CHAIN_OPS and producer.inputs and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()
     return producer.op_type if producer is not None and producer.op_type in _QUANTIZED_PRODUCERS else None
 
 

@@ -78,7 +78,12 @@ def test_dequantized_weight_is_skipped() -> None:
         initializer=[numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq"),
                      numpy_helper.from_array(np.array(0.1, np.float32), "scale")],
     )
-    layers, skipped = _find(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    layers, skipped = _find(model)
+    assert layers == [] and "DequantizeLinear (quantized model)" in skipped[0].reason
+    model.graph.node.insert(1, helper.make_node("Identity", ["W"], ["W_id"]))  # also behind a chain
+    model.graph.node[2].input[1] = "W_id"
+    layers, skipped = _find(model)
     assert layers == [] and "DequantizeLinear (quantized model)" in skipped[0].reason
 
 
