@@ -149,8 +149,10 @@ class LatencyGuard:
 
     def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
         """Time every factored plan's layer; keep it dense where factoring is not faster."""
-        # a lookup costs no multiply-adds: only the dense layers are timed (the whole-model check sees all)
-        factored = [plan for plan in plans if plan.factored and plan.factors is not None and not plan.layers[0].is_embedding]
+        # only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
+        # weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all)
+        factored = [plan for plan in plans if plan.factored and plan.factors is not None
+                    and all(layer.is_plain for layer in plan.layers)]
         for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
             timings = tuple(time_layer(plan.layers[0], plan.factors, provider=provider, batches=self.batches,
                                        dims=dims, threads=self.threads, min_seconds=self.layer_seconds))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,7 @@ class ModelPlan:
     excluded: list[tuple[Layer, LayerDecision]]
     skipped: list[Skipped]
     order: dict[int, int]
+    notes: list[str] = field(default_factory=list)
 
     def decisions(self) -> list[LayerDecision]:
         """Every layer's decision, in graph order."""
@@ -79,19 +81,31 @@ def _keep_heads_dense(plans: list[WeightPlan]) -> None:
             plan.factors = None
 
 
+def no_layer_message(skipped: Sequence[Skipped]) -> str:
+    """One line: no factorable layer, and every reason a node was passed over (with up to 3 node names each)."""
+    by_reason: dict[str, list[str]] = {}
+    for node in skipped:
+        by_reason.setdefault(f"{node.op_type}: {node.reason}", []).append(node.name)
+    reasons = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        reasons.append(f"{reason} ({', '.join(repr(n) for n in names[:3])}{more})")
+    return ("no factorable layer (MatMul/Gemm/Gather with a 2-D float constant weight)"
+            + (f"; passed over: {'; '.join(reasons)}" if reasons else "; the model has no MatMul, Gemm or Gather"))
+
+
 def plan_model(
-    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None
+    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None,
+    allow_empty: bool = False,
 ) -> ModelPlan:
-    """Every layer's plan under ``settings``.
+    """Every layer's plan under ``settings``; a model without any layer is an error unless ``allow_empty``.
 
     Whitened plans capture their Gram matrices unless ``memo`` has them; a ``memo`` also keeps every
     spectrum, so later plans of the same model (reloads included) decompose no weight again.
     """
     layers, skipped = find_layers(model)
-    if not layers:
-        reasons = "; ".join(sorted({f"{s.op_type} {s.name!r}: {s.reason}" for s in skipped})[:3])
-        raise UnsupportedModelError("no factorable layer (MatMul/Gemm with a 2-D float constant weight)"
-                                    + (f"; skipped: {reasons}" if reasons else ""))
+    if not layers and not allow_empty:
+        raise UnsupportedModelError(no_layer_message(skipped))
     considered, excluded = filter_layers(layers, settings.include, settings.exclude)
     dense = [layer for layer in considered if not layer.is_embedding]
     embeddings = [layer for layer in considered if layer.is_embedding]
@@ -113,4 +127,9 @@ def plan_model(
     if not settings.factor_heads:
         _keep_heads_dense(plans)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
-    return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], skipped, order)
+    notes = []
+    if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):
+        notes.append(f"note: the calibration data never reached {len(unseen)} weight(s) (an If branch not taken?); "
+                     f"they got plain SVD factors: {', '.join(sorted(key[0] for key in unseen))}")
+    return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], skipped, order,
+                     notes)
