@@ -18,7 +18,8 @@ from onnx_arsvd.candidates import Layer, Skipped, WeightKey, filter_layers, find
 from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.guard import LatencyGuard
-from onnx_arsvd.model_io import load_model, model_file_bytes, save_model, to_model, weight_stats
+from onnx_arsvd.model_io import load_model, model_file_bytes, to_model, weight_stats
+from onnx_arsvd.output import save_model
 from onnx_arsvd.plan import (
     DEFAULT_MAX_RANK_FRACTION,
     DEFAULT_MIN_PARAMS,

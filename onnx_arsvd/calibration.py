@@ -11,40 +11,23 @@ layer's Gram matrix is accumulated batch by batch in float64: memory is bounded 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, WeightKey
+from onnx_arsvd.data import (
+    ArrayReader,
+    CalibrationDataReader,
+    CheckedReader,
+    input_specs,
+)
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.verify import Feed, load_data, make_session, split_batches
+from onnx_arsvd.verify import make_session
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
-
-
-class CalibrationDataReader(Protocol):
-    """onnxruntime's calibration protocol: feeds until ``get_next()`` returns None."""
-
-    def get_next(self) -> dict[str, np.ndarray] | None: ...
-
-
-class ArrayReader:
-    """A ``CalibrationDataReader`` over an ``.npz`` or a mapping of arrays, in batches of ``batch_size``."""
-
-    def __init__(self, data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession,
-                 batch_size: int = 256) -> None:
-        if isinstance(data, (str, os.PathLike)) and not Path(data).is_file():
-            raise InvalidInputError(f"{os.fspath(data)}: no such calibration file")
-        feed, _ = load_data(data, session)
-        self._batches: Iterator[Feed] = split_batches(feed, session, batch_size)
-
-    def get_next(self) -> Feed | None:
-        return next(self._batches, None)
 
 
 def _with_layer_inputs(model: ir.Model, names: Sequence[str]) -> bytes:
@@ -70,13 +53,12 @@ def capture_grams(
     sharing a weight (same key) add their activations into one Gram matrix.
     """
     names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
-    session = make_session(_with_layer_inputs(model, names))
+    specs = input_specs(model)
     if isinstance(data, (str, os.PathLike, Mapping)):
-        reader: CalibrationDataReader = ArrayReader(data, session)
-    elif callable(getattr(data, "get_next", None)):
-        reader = data
+        reader: CalibrationDataReader = ArrayReader(data, specs)
     else:
-        raise InvalidInputError(f"calibration data must be an .npz path or have get_next(), got {type(data).__name__}")
+        reader = CheckedReader(data, specs)
+    session = make_session(_with_layer_inputs(model, names))
     grams: dict[WeightKey, np.ndarray] = {}
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
