@@ -18,14 +18,9 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, WeightKey
-from onnx_arsvd.data import (
-    ArrayReader,
-    CalibrationDataReader,
-    CheckedReader,
-    input_specs,
-)
+from onnx_arsvd.data import ArrayReader, CalibrationDataReader, CheckedReader
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.verify import make_session
+from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
 
@@ -53,17 +48,16 @@ def capture_grams(
     sharing a weight (same key) add their activations into one Gram matrix.
     """
     names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
-    specs = input_specs(model)
     if isinstance(data, (str, os.PathLike, Mapping)):
-        reader: CalibrationDataReader = ArrayReader(data, specs)
+        reader: CalibrationDataReader = ArrayReader(data, model)
     else:
-        reader = CheckedReader(data, specs)
+        reader = CheckedReader(data, model)
     session = make_session(_with_layer_inputs(model, names))
     grams: dict[WeightKey, np.ndarray] = {}
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
         while (feed := reader.get_next()) is not None:
-            outputs = dict(zip(names, session.run(names, feed)))
+            outputs = dict(zip(names, run_session(session, names, feed)))
             for layer in layers:
                 x = outputs[layer.node.inputs[0].name].astype(np.float64).reshape(-1, layer.shape[0])
                 grams[layer.weight_key] = grams.get(layer.weight_key, 0.0) + x.T @ x

@@ -8,6 +8,7 @@ fixed dims, at least one sample, all inputs with the same sample count, and fini
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ __all__ = [
     "check_feed",
     "check_labels",
     "input_specs",
+    "load_arrays",
+    "load_data",
     "load_labels",
-    "read_arrays",
     "split_batches",
 ]
 
@@ -56,8 +58,37 @@ class InputSpec:
         return f"{self.dtype} ({dims})"
 
 
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The inputs a feed must hold: graph inputs that are not initializers (IR 3 lists those too)."""
+class _Session(Protocol):
+    """What of an onnxruntime session describes its inputs."""
+
+    def get_inputs(self) -> list: ...
+
+    def get_outputs(self) -> list: ...
+
+
+_ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
+
+
+def _session_specs(session: _Session) -> list[InputSpec]:
+    specs = []
+    for arg in session.get_inputs():
+        name = arg.type.removeprefix("tensor(").removesuffix(")")
+        try:
+            dtype = np.dtype(_ORT_TYPES.get(name, name))
+        except TypeError:
+            raise UnsupportedModelError(f"input {arg.name!r} has unsupported type {arg.type}") from None
+        shape = None if arg.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+        specs.append(InputSpec(arg.name, dtype, shape))
+    return specs
+
+
+def input_specs(model: ir.Model | _Session) -> list[InputSpec]:
+    """The inputs a feed must hold: graph inputs that are not initializers (IR 3 lists those too).
+
+    ``model`` is an ``onnx_ir.Model`` or an onnxruntime session.
+    """
+    if not isinstance(model, ir.Model):
+        return _session_specs(model)
     specs = []
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
@@ -73,7 +104,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-def read_arrays(data: DataSource, what: str = "--data") -> dict[str, np.ndarray]:
+def load_arrays(data: DataSource, what: str = "--data") -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` path or a mapping, without pickles."""
     if isinstance(data, Mapping):
         return {str(key): np.asarray(value) for key, value in data.items()}
@@ -138,30 +169,42 @@ def load_labels(labels: np.ndarray | str | os.PathLike) -> np.ndarray:
     return loaded
 
 
-def _classes(model: ir.Model) -> int | None:
+def _first_output(model: ir.Model | _Session) -> tuple[str, bool | None, tuple[int | None, ...] | None]:
+    """Name, whether it is a float tensor (None: unknown), and dims of the first output."""
+    if isinstance(model, ir.Model):
+        output = model.graph.outputs[0]
+        is_float = output.dtype.is_floating_point() if output.dtype is not None else None
+        shape = None if output.shape is None else tuple(d if isinstance(d, int) else None for d in output.shape)
+        return output.name or "", is_float, shape
+    arg = model.get_outputs()[0]
+    shape = None if arg.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+    return arg.name, arg.type in ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"), shape
+
+
+def _classes(model: ir.Model | _Session) -> int | None:
     """How many classes the first output's argmax picks from (None if not known); error if it cannot."""
-    output = model.graph.outputs[0]
-    if output.dtype is not None and not output.dtype.is_floating_point():
-        raise InvalidInputError(f"labels need a float first output to argmax; {output.name!r} is {output.dtype}")
-    if output.shape is None:
+    name, is_float, shape = _first_output(model)
+    if is_float is False:
+        raise InvalidInputError(f"labels need a float first output to argmax; {name!r} is not one")
+    if shape is None:
         return None
-    if len(output.shape) < 2:
-        raise InvalidInputError(f"labels need a first output of shape (samples, classes); {output.name!r} has "
-                                f"rank {len(output.shape)}")
-    dims = [d for d in output.shape[1:]]
-    if all(isinstance(d, int) for d in dims):
-        classes = int(np.prod(dims))
+    if len(shape) < 2:
+        raise InvalidInputError(f"labels need a first output of shape (samples, classes); {name!r} has rank "
+                                f"{len(shape)}")
+    if all(d is not None for d in shape[1:]):
+        classes = math.prod(shape[1:])
         if classes < 2:
-            raise InvalidInputError(f"labels need at least 2 classes; output {output.name!r} has {classes}")
+            raise InvalidInputError(f"labels need at least 2 classes; output {name!r} has {classes}")
         return classes
     return None
 
 
-def check_labels(labels: np.ndarray, samples: int, model: ir.Model, where: str = "labels") -> np.ndarray:
+def check_labels(labels: np.ndarray, samples: int, model: ir.Model | _Session, where: str = "labels") -> np.ndarray:
     """1-D integer labels, one per sample, in range of the first output's classes."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise InvalidInputError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} of shape {labels.shape}")
+        raise InvalidInputError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} of shape "
+                                f"{labels.shape}")
     if len(labels) != samples:
         raise InvalidInputError(f"{where}: {len(labels)} labels for {samples} samples")
     classes = _classes(model)
@@ -170,8 +213,16 @@ def check_labels(labels: np.ndarray, samples: int, model: ir.Model, where: str =
     return labels
 
 
-def split_batches(feed: Feed, specs: list[InputSpec], batch_size: int) -> Iterator[Feed]:
+def load_data(data: DataSource, model: ir.Model | _Session) -> tuple[Feed, np.ndarray | None]:
+    """The checked feed for ``model``'s inputs and the optional ``labels`` array (not yet checked)."""
+    where = "data" if isinstance(data, Mapping) else os.fspath(data)
+    arrays = load_arrays(data)
+    return check_feed(arrays, input_specs(model), where), arrays.get("labels")
+
+
+def split_batches(feed: Feed, model: ir.Model | _Session | list[InputSpec], batch_size: int) -> Iterator[Feed]:
     """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
+    specs = model if isinstance(model, list) else input_specs(model)
     fixed = next((s.shape[0] for s in specs if s.shape and s.shape[0]), None)
     step = fixed or batch_size
     total = len(next(iter(feed.values()))) if feed else 0
@@ -183,9 +234,11 @@ def split_batches(feed: Feed, specs: list[InputSpec], batch_size: int) -> Iterat
 class ArrayReader:
     """A ``CalibrationDataReader`` over an ``.npz`` or a mapping of arrays, in batches of ``batch_size``."""
 
-    def __init__(self, data: DataSource, specs: list[InputSpec], batch_size: int = 256, what: str = "--calibration") -> None:
+    def __init__(self, data: DataSource, model: ir.Model | _Session | list[InputSpec], batch_size: int = 256,
+                 what: str = "--calibration") -> None:
         where = "calibration arrays" if isinstance(data, Mapping) else os.fspath(data)
-        feed = check_feed(read_arrays(data, what), specs, where)
+        specs = model if isinstance(model, list) else input_specs(model)
+        feed = check_feed(load_arrays(data, what), specs, where)
         self._batches: Iterator[Feed] = split_batches(feed, specs, batch_size)
 
     def get_next(self) -> Feed | None:
@@ -195,10 +248,12 @@ class ArrayReader:
 class CheckedReader:
     """A user's ``CalibrationDataReader`` whose every feed is checked like an array file's."""
 
-    def __init__(self, reader: CalibrationDataReader, specs: list[InputSpec]) -> None:
+    def __init__(self, reader: CalibrationDataReader, model: ir.Model | _Session | list[InputSpec]) -> None:
         if not callable(getattr(reader, "get_next", None)):
-            raise InvalidInputError(f"calibration data must be an .npz path or have get_next(), got {type(reader).__name__}")
-        self._reader, self._specs, self._count = reader, specs, 0
+            raise InvalidInputError("calibration data must be an .npz path or have get_next(), got "
+                                    f"{type(reader).__name__}")
+        self._reader, self._count = reader, 0
+        self._specs = model if isinstance(model, list) else input_specs(model)
 
     def get_next(self) -> Feed | None:
         feed = self._reader.get_next()

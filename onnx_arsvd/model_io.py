@@ -119,7 +119,8 @@ def _check_external(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
     try:
         stat = target.stat()
     except OSError as error:
-        raise UnsupportedModelError(f"{name}: external data file {location!r} cannot be read ({error.strerror})") from error
+        raise UnsupportedModelError(f"{name}: external data file {location!r} cannot be read "
+                                    f"({error.strerror})") from error
     if not target.is_file():
         raise UnsupportedModelError(f"{name}: external data {location!r} is not a regular file")
     if stat.st_nlink > 1:

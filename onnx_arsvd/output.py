@@ -72,7 +72,8 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_paths(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> None:
+def check_paths(outputs: Mapping[str, PathLike | None],
+                inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> None:
     """Fail before any work when an output is not writable or is an input or another output.
 
     ``outputs`` and ``inputs`` map a description (``"-o"``, ``"--data"``) to a path; an input may
@@ -88,7 +89,8 @@ def check_paths(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, Pat
     for index, (what, path) in enumerate(written):
         for other, source in read:
             if _same_file(path, source):
-                raise InvalidInputError(f"{os.fspath(path)}: {what} would overwrite the {other} file; choose another path")
+                raise InvalidInputError(f"{os.fspath(path)}: {what} would overwrite the {other} file; "
+                                        "choose another path")
         for other, earlier in written[:index]:
             if _same_file(path, earlier):
                 raise InvalidInputError(f"{os.fspath(path)}: {what} and {other} name the same file")
@@ -163,7 +165,8 @@ def _inline_attribute_data(model: ir.Model) -> None:
             elif attribute.type == ir.AttributeType.TENSORS and any(
                 isinstance(t, ir.ExternalTensor) for t in attribute.value
             ):
-                node.attributes[attribute.name] = ir.AttrTensors(attribute.name, [_in_memory(t) for t in attribute.value])
+                tensors = [_in_memory(t) for t in attribute.value]
+                node.attributes[attribute.name] = ir.AttrTensors(attribute.name, tensors)
 
 
 def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
@@ -192,7 +195,8 @@ class Staged:
                 os.replace(self.path.parent / self.data_name, destination)
             os.replace(self.path, self.target)
         except OSError as error:
-            raise OutputError(f"{self.target}: cannot move the output into place ({error.strerror or error})") from error
+            raise OutputError(f"{self.target}: cannot move the output into place "
+                              f"({error.strerror or error})") from error
         pattern = _data_pattern(self.target.name)
         for entry in self.target.parent.iterdir():
             if pattern.fullmatch(entry.name) and entry.name != self.data_name and entry.resolve() not in self.keep:

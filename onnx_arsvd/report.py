@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.candidates import Skipped
 from onnx_arsvd.plan import LayerDecision
-from onnx_arsvd.verify import VerificationReport
+from onnx_arsvd.results import LatencyComparison, VerificationReport
 
 __all__ = ["Report", "format_report", "format_verification", "report_to_json", "verification_to_dict"]
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import verify
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.verify import _compare, generated_batches, macro_f1, make_session, split_batches
+from onnx_arsvd.verification import _compare, generated_batches, macro_f1, make_session, split_batches
 from tests.conftest import make_mlp
 
 
@@ -93,7 +93,7 @@ def test_generated_masks_are_all_ones() -> None:
 
 
 def test_accuracy_drop_bound_uses_the_flipped_samples() -> None:
-    from onnx_arsvd.verify import TaskScores, VerificationReport
+    from onnx_arsvd.results import TaskScores, VerificationReport
 
     report = VerificationReport("CPUExecutionProvider", "", 400, original=TaskScores(0.9, 0.9),
                                 compressed=TaskScores(0.895, 0.89), flipped=4)

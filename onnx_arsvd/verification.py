@@ -3,101 +3,37 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_arsvd.candidates import constant_tensor
+from onnx_arsvd.data import Feed, check_labels, load_data, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.model_io import load_model
+from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = [
+    "ModelLike",
     "OutputComparison",
     "TaskScores",
     "VerificationReport",
     "check_dims",
+    "check_files",
     "compare_models",
     "generated_batches",
-    "load_data",
     "macro_f1",
     "make_session",
+    "model_source",
+    "verify",
 ]
 
-Feed = dict[str, np.ndarray]
-ModelSource = str | os.PathLike | bytes
-
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """How far one output of the compressed model is from the original's."""
-
-    name: str
-    max_abs_error: float
-    relative_error: float
-    mean_cosine: float
-    min_cosine: float
-    cosine_stderr: float = 0.0
-    """Standard error of the mean cosine over samples."""
-
-    def cosine_bound(self, z: float = 1.645) -> float:
-        """One-sided lower confidence bound on the mean cosine (z = 1.645: 95%)."""
-        return self.mean_cosine - z * self.cosine_stderr
-
-
-@dataclass(frozen=True)
-class TaskScores:
-    """Top-1 accuracy and macro-F1 of a classifier's first output against labels."""
-
-    accuracy: float
-    macro_f1: float
-
-
-@dataclass
-class VerificationReport:
-    """Original vs compressed on one execution provider."""
-
-    provider: str
-    inputs: str
-    samples: int
-    outputs: list[OutputComparison] = field(default_factory=list)
-    original: TaskScores | None = None
-    compressed: TaskScores | None = None
-    flipped: int | None = None
-    """Samples one model classifies correctly and the other not (the discordant pairs)."""
-
-    @property
-    def accuracy_drop(self) -> float | None:
-        """Accuracy points lost (original - compressed, in percentage points)."""
-        if self.original is None or self.compressed is None:
-            return None
-        return 100.0 * (self.original.accuracy - self.compressed.accuracy)
-
-    def accuracy_drop_bound(self, z: float = 1.645) -> float | None:
-        """One-sided upper confidence bound on the accuracy drop, in points (z = 1.645: 95%).
-
-        The two models are scored on the same samples, so the drop's standard error comes from the
-        discordant pairs alone: sqrt(flipped) / n, a slight overestimate (it omits -(b - c)^2 / n^3).
-        """
-        if self.accuracy_drop is None or self.flipped is None or not self.samples:
-            return None
-        return self.accuracy_drop + z * 100.0 * float(np.sqrt(self.flipped)) / self.samples
-
-
-def make_session(source: ModelSource, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime session with thread spinning off, so live sessions do not slow each other."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    model = source if isinstance(source, bytes) else os.fspath(source)
-    try:
-        return ort.InferenceSession(model, options, providers=[provider])
-    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line}") from None
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
 
 def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
@@ -107,35 +43,6 @@ def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
         return np.dtype(aliases.get(type_name, type_name))
     except TypeError:
         raise UnsupportedModelError(f"input {node_arg.name!r} has unsupported type {node_arg.type}") from None
-
-
-def load_data(data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
-    """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array.
-
-    ``data`` is an ``.npz`` path or a mapping of arrays holding the same keys.
-    """
-    if isinstance(data, Mapping):
-        arrays, where = dict(data), "data"
-    else:
-        path = Path(data)
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-        except Exception as error:
-            raise InvalidInputError(f"{path}: not a readable .npz file ({error})") from None
-        where = str(path)
-    feed: Feed = {}
-    for node_arg in session.get_inputs():
-        if node_arg.name not in arrays:
-            raise InvalidInputError(f"{where}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
-        array, dtype = np.asarray(arrays[node_arg.name]), _input_dtype(node_arg)
-        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
-            raise InvalidInputError(f"{where}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
-        feed[node_arg.name] = array.astype(dtype, copy=False)
-    counts = {len(a) for a in feed.values()}
-    if len(counts) != 1:
-        raise InvalidInputError(f"{where}: input arrays have different sample counts {sorted(counts)}")
-    return feed, arrays.get("labels")
 
 
 def _index_bounds(model: ir.Model) -> dict[str, int]:
@@ -194,17 +101,6 @@ def generated_batches(
     return batches
 
 
-def split_batches(feed: Feed, session: ort.InferenceSession, batch_size: int) -> Iterator[Feed]:
-    """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
-    first_dims = [arg.shape[0] if arg.shape else None for arg in session.get_inputs()]
-    fixed = next((d for d in first_dims if isinstance(d, int) and d > 0), None)
-    step = fixed or batch_size
-    total = len(next(iter(feed.values())))
-    stop = total - total % step if fixed else total
-    for start in range(0, stop, step):
-        yield {name: array[start : start + step] for name, array in feed.items()}
-
-
 def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
     """Unweighted mean of per-class F1 over every class seen in labels or predictions."""
     scores = []
@@ -228,6 +124,7 @@ def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) ->
     dots = np.sum(rows_e * rows_a, axis=1)
     norms = np.linalg.norm(rows_e, axis=1) * np.linalg.norm(rows_a, axis=1)
     cosines = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(np.any(diff != 0, axis=1), 0.0, 1.0))
+    newly_nonfinite = int(np.sum(np.all(np.isfinite(rows_e), axis=1) & ~np.all(np.isfinite(rows_a), axis=1)))
     return OutputComparison(
         name=name,
         max_abs_error=float(np.max(np.abs(diff))) if diff.size else 0.0,
@@ -235,6 +132,7 @@ def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) ->
         mean_cosine=float(np.mean(cosines)),
         min_cosine=float(np.min(cosines)),
         cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
+        newly_nonfinite=newly_nonfinite,
     )
 
 
@@ -254,9 +152,9 @@ def compare_models(
     actual: dict[str, list[np.ndarray]] = {n: [] for n in names}
     samples = 0
     for feed in batches:
-        for name, value in zip(names, original.run(names, feed)):
+        for name, value in zip(names, run_session(original, names, feed)):
             expected[name].append(np.asarray(value))
-        for name, value in zip(names, compressed.run(names, feed)):
+        for name, value in zip(names, run_session(compressed, names, feed)):
             actual[name].append(np.asarray(value))
         samples += len(next(iter(feed.values()))) if feed else 1
     report = VerificationReport(
@@ -276,3 +174,70 @@ def compare_models(
         right_a = logits_a.reshape(len(labels), -1).argmax(axis=1) == labels
         report.flipped = int(np.sum(right_e != right_a))
     return report
+
+
+def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
+    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand."""
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise InvalidInputError(f"{os.fspath(model)}: no such file")
+        return os.fspath(model), None
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
+
+
+def check_files(**paths: object) -> None:
+    """Fail before any work when a named input file is missing."""
+    for kind, path in paths.items():
+        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+            raise InvalidInputError(f"{os.fspath(path)}: no such {kind} file")
+
+
+def verify(
+    original: ModelLike,
+    compressed: ModelLike,
+    *,
+    data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    labels: np.ndarray | str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    samples: int = 16,
+    batch_size: int = 256,
+    seed: int = 0,
+    provider: str = "CPUExecutionProvider",
+) -> VerificationReport:
+    """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
+
+    ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
+    """
+    check_files(data=data, labels=labels)
+    original_source, original_ir = model_source(original)
+    compressed_source, _ = model_source(compressed)
+    session_a = make_session(original_source, provider)
+    session_b = make_session(compressed_source, provider)
+    _check_same_inputs(session_a, session_b)
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
+    if data is not None:
+        feed, data_labels = load_data(data, session_a)
+        if labels is not None or data_labels is not None:
+            labels = check_labels(labels if labels is not None else data_labels, len(next(iter(feed.values()))),
+                                  session_a)
+        batches = list(split_batches(feed, session_a, batch_size))
+        described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
+    else:
+        if samples < 1:
+            raise InvalidInputError(f"samples must be at least 1, got {samples}")
+        ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
+        batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
+        data_labels = None
+        described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
+    return compare_models(session_a, session_b, batches, labels=labels if labels is not None else data_labels,
+                          inputs=described)
+
+
+def _check_same_inputs(original: ort.InferenceSession, compressed: ort.InferenceSession) -> None:
+    """The two models must take the same inputs (names and types) to be run on the same data."""
+    described = [[f"{arg.name}: {arg.type}" for arg in session.get_inputs()] for session in (original, compressed)]
+    if described[0] != described[1]:
+        raise InvalidInputError(f"the models take different inputs: {', '.join(described[0])} vs "
+                                f"{', '.join(described[1])}")
