@@ -217,7 +217,7 @@ def compress(
     check_files(data=data, labels=labels)
     loaded = to_model(model)
     check_paths({"-o": output}, _input_files(model, loaded, data, labels, calibration))
-    labels = _checked_data(loaded, data, labels, calibration)
+    labels = _checked_data(loaded, data, labels, calibration if method == "whitened" else None)
     source_files = external_data_files(loaded)
     if external_data is None and source_files:  # a model that had external data keeps it, whatever is factored
         external_data = True

@@ -104,7 +104,7 @@ def input_specs(model: ir.Model | _Session) -> list[InputSpec]:
     return specs
 
 
-def load_arrays(data: DataSource, what: str = "--data") -> dict[str, np.ndarray]:
+def load_arrays(data: DataSource, what: str = "data") -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` path or a mapping, without pickles."""
     if isinstance(data, Mapping):
         return {str(key): np.asarray(value) for key, value in data.items()}
@@ -235,7 +235,7 @@ class ArrayReader:
     """A ``CalibrationDataReader`` over an ``.npz`` or a mapping of arrays, in batches of ``batch_size``."""
 
     def __init__(self, data: DataSource, model: ir.Model | _Session | list[InputSpec], batch_size: int = 256,
-                 what: str = "--calibration") -> None:
+                 what: str = "calibration") -> None:
         where = "calibration arrays" if isinstance(data, Mapping) else os.fspath(data)
         specs = model if isinstance(model, list) else input_specs(model)
         feed = check_feed(load_arrays(data, what), specs, where)
