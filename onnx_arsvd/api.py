@@ -7,6 +7,7 @@ built once at the end from what the stages returned.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,14 +27,24 @@ from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.output import Staged, check_paths, stage_model
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import RankPolicy
-from onnx_arsvd.report import NOTHING_FACTORED_NOTE, Report
+from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
-from onnx_arsvd.verification import ModelLike, VerificationReport, check_dims, check_files, model_source, verify
+from onnx_arsvd.verification import (
+    DEFAULT_BATCH_SIZE,
+    ModelLike,
+    VerificationReport,
+    check_dims,
+    check_files,
+    model_source,
+    verify,
+)
 
 __all__ = ["METHODS", "compress", "inspect_model", "verify"]
 
 DataSource = str | os.PathLike | Mapping[str, np.ndarray]
+
+logger = logging.getLogger("onnx_arsvd")
 
 
 def _describe(model: ModelLike) -> str:
@@ -83,7 +94,7 @@ def _build_report(
         verification=verification,
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
-        notes=[*([] if any(layer.factored for layer in layers) else [NOTHING_FACTORED_NOTE]), *regressions,
+        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *regressions,
                *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped)],
     )
 
@@ -191,6 +202,7 @@ def compress(
     labels: np.ndarray | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     guard: LatencyGuard | None = None,
     budget: Budget | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
@@ -203,7 +215,7 @@ def compress(
     error; ``method="lp"`` fits each weight's rows with the robust l_p subspace (``lp_power`` p in [1, 2]).
     Embedding tables (``Gather`` on a constant) are factored only with an ``embedding_policy``;
     the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
-    ``data``, ``labels``, ``dims`` and ``samples`` are as in :func:`verify`. With a ``budget``, ``data``
+    ``data``, ``labels``, ``dims``, ``samples`` and ``batch_size`` are as in :func:`verify`. With a ``budget``, ``data``
     is split into a calibration part (Gram matrices, and the end-to-end checks that choose one global
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a
@@ -213,7 +225,7 @@ def compress(
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
     if method is None:  # data-driven factors when the data is there for a budget anyway
-        method = "whitened" if budget is not None and budget.needs_data else "svd"
+        method = "whitened" if budget is not None and data is not None else "svd"
     check_files(data=data, labels=labels)
     loaded = to_model(model)
     check_paths({"-o": output}, _input_files(model, loaded, data, labels, calibration))
@@ -253,16 +265,23 @@ def compress(
             latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded)
         verification = None
         if check:
-            verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples)
+            verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
+                                  batch_size=batch_size)
         _check_result(verification, search)
         written = _Written()
         if written_model is not None:
             written_model.place()
             before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
             written = _Written(os.fspath(output), before, model_file_bytes(output))
+    regressions = LatencyGuard.regressions(latency_check)
+    for warning in regressions:
+        logger.warning(warning)
+    if verification is not None and data is None:
+        logger.warning("verified on generated inputs only: that checks the rewrite, not accuracy on real data "
+                       "(pass --data with real inputs)")
     report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
-                           search=search,
-                           latency_check=latency_check, regressions=LatencyGuard.regressions(latency_check),
-                           verification=verification, dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
+                           search=search, latency_check=latency_check,
+                           regressions=[f"WARNING: {text}" for text in regressions], verification=verification,
+                           dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report

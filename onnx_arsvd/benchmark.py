@@ -244,15 +244,21 @@ def benchmark_models(
     paths = {"original": Path(original), "compressed": Path(compressed)}
     models = {name: load_model(path) for name, path in paths.items()}
     usable, notes = discover_providers(providers)
-    result = BenchmarkResult(threads=threads, providers=usable,
+    result = BenchmarkResult(threads=threads, providers=usable, models=(os.fspath(original), os.fspath(compressed)),
                              dense_flop_ratio=dense_flop_ratio(models["original"], models["compressed"]), notes=notes)
     result.notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off; "
                         f"3 rounds of fresh sessions per batch size, runs interleaved pairwise, at least "
                         f"{min_seconds:g} s in all")
+    inner = {str(d) for arg in make_session(paths["original"]).get_inputs() for d in arg.shape[1:]
+             if not isinstance(d, int)}
+    if unset := sorted(inner - set(dims)):
+        result.notes.append(f"dynamic dims {', '.join(unset)} set to 1: pass --dim NAME=VALUE for the shapes "
+                            "the model really sees (a sequence length of 1 times a different model)")
     steps = [(p, b) for p in usable for b in batches]
     for provider, batch in tqdm(steps, desc="latency", unit="case", disable=None if progress else True):
         feed = batch_feed(make_session(paths["original"], provider, threads), models["original"], batch, dims)
         actual = len(next(iter(feed.values()))) if feed else batch
+        result.input_shapes[actual] = {name: list(array.shape) for name, array in feed.items()}
         if actual != batch:
             result.notes.append(f"batch {batch} asked, the model's fixed batch dim gives {actual}")
         rounds = timed_rounds(paths["original"], paths["compressed"], feed, provider=provider, threads=threads,

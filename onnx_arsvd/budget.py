@@ -71,11 +71,11 @@ class Budget:
         return self.target_params is None
 
     @property
-    def measure(self) -> str:
-        """What each search step measures."""
+    def measure(self) -> str | None:
+        """What each search step measures in onnxruntime; None when parameters alone decide."""
         if self.max_drop is not None:
             return "accuracy drop, 95% upper bound (points)"
-        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else "none (parameters only)"
+        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else None
 
     def describe(self) -> str:
         if self.max_drop is not None:
@@ -168,9 +168,9 @@ class BudgetSearch:
         self.held_out: dict[str, np.ndarray] | None = None
         self.steps: list[SearchStep] = []
         self.chosen: SearchStep | None = None
-        if budget.needs_data:
-            if data is None:
-                raise InvalidInputError("an accuracy budget needs --data: inputs (and labels) to split and measure")
+        if budget.needs_data and data is None:
+            raise InvalidInputError("an accuracy budget needs --data: inputs (and labels) to split and measure")
+        if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
             arrays = load_arrays(data)
             if labels is not None:
                 arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)

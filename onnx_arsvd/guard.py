@@ -178,7 +178,7 @@ class LatencyGuard:
         Fresh sessions of one unchanged file already differ by a few percent, so a single round (or a
         test that treats its pairs as independent) would raise the alarm on noise.
         """
-        return [f"WARNING: the compressed model is SLOWER than the original at batch {c.batch} on "
+        return [f"the compressed model is SLOWER than the original at batch {c.batch} on "
                 f"{c.provider.removesuffix('ExecutionProvider')}: median {c.compressed.median_ms:.4g} ms vs "
                 f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f}; per round "
                 f"{', '.join(f'{r:.3f}' for r in c.round_ratios)}); the layers' gains did not survive in the "

@@ -231,14 +231,22 @@ def ir_tensors(graph: ir.Graph) -> Iterator[ir.TensorProtocol]:
 
 
 def weight_stats(model: ir.Model) -> tuple[int, int]:
-    """(parameters, bytes) of all initializers of the main graph."""
-    params = nbytes = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None:
-            params += tensor.size
-            nbytes += tensor.nbytes
-    return params, nbytes
+    """(parameters, bytes) of the model's constant tensors: initializers of every graph and ``Constant`` nodes."""
+    tensors: list[ir.TensorProtocol] = []
+    graphs = [model.graph]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = node.attributes.get("value")
+            if value is not None and value.type == ir.AttributeType.TENSOR:
+                tensors.append(value.as_tensor())
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                graphs.append(attribute.as_graph())
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attribute.as_graphs())
+    for graph in graphs:
+        tensors += [value.const_value for value in graph.initializers.values() if value.const_value is not None]
+    return sum(t.size for t in tensors), sum(t.nbytes for t in tensors)
 
 
 def external_data_files(model: ir.Model) -> set[Path]:

@@ -48,9 +48,10 @@ class ModelPlan:
         return [decision for _, decision in rows]
 
     def params_kept(self) -> float:
-        """Share of the considered and excluded layers' parameters the plan keeps (each weight once)."""
-        decisions = [d for plan in self.plans for d in plan.decisions[:1]] + [d for _, d in self.excluded]
-        return sum(d.params_after for d in decisions) / sum(d.params for d in decisions)
+        """Share of the dense layers' parameters the plan keeps, each weight once (embedding tables apart)."""
+        firsts = [(plan.layers[0], plan.decisions[0]) for plan in self.plans] + self.excluded
+        decisions = [decision for layer, decision in firsts if not layer.is_embedding]
+        return sum(d.params_after for d in decisions) / sum(d.params for d in decisions) if decisions else 1.0
 
 
 def plan_model(

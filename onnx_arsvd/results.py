@@ -153,3 +153,7 @@ class BenchmarkResult:
     memory: dict[str, MemoryStats] = field(default_factory=dict)
     accuracy: dict[str, VerificationReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    models: tuple[str, str] = ("original", "compressed")
+    """The two files compared, as given."""
+    input_shapes: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    """The shape of every input fed at each batch size."""

@@ -63,4 +63,5 @@ class Settings:
     def describe_policy(self) -> str:
         """The rank policies, as the report shows them."""
         embedding = f"; embedding tables {self.embedding_policy.describe()}" if self.embedding_policy else ""
-        return self.policy.describe() + embedding
+        output = "output " if self.method == "whitened" and isinstance(self.policy, EnergyPolicy) else ""
+        return output + self.policy.describe() + embedding

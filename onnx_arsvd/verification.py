@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = [
     "ModelLike",
+    "OutputAgreement",
     "OutputComparison",
     "TaskScores",
     "VerificationReport",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+DEFAULT_BATCH_SIZE = 64
+"""Samples per onnxruntime call in verification: bounds memory by one batch of both models' outputs."""
 
 
 def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
@@ -111,68 +115,92 @@ def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def _scores(logits: np.ndarray, labels: np.ndarray) -> TaskScores:
-    predictions = logits.reshape(len(labels), -1).argmax(axis=1)
+def _scores(predictions: np.ndarray, labels: np.ndarray) -> TaskScores:
     return TaskScores(accuracy=float(np.mean(predictions == labels)), macro_f1=macro_f1(labels, predictions))
 
 
-def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) -> OutputComparison:
-    rows_e = np.concatenate([e.reshape(e.shape[0] if e.ndim > 1 else 1, -1) for e in expected]).astype(np.float64)
-    rows_a = np.concatenate([a.reshape(a.shape[0] if a.ndim > 1 else 1, -1) for a in actual]).astype(np.float64)
-    diff = rows_a - rows_e
-    norm_e = np.linalg.norm(rows_e)
-    dots = np.sum(rows_e * rows_a, axis=1)
-    norms = np.linalg.norm(rows_e, axis=1) * np.linalg.norm(rows_a, axis=1)
-    cosines = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(np.any(diff != 0, axis=1), 0.0, 1.0))
-    newly_nonfinite = int(np.sum(np.all(np.isfinite(rows_e), axis=1) & ~np.all(np.isfinite(rows_a), axis=1)))
-    return OutputComparison(
-        name=name,
-        max_abs_error=float(np.max(np.abs(diff))) if diff.size else 0.0,
-        relative_error=float(np.linalg.norm(diff) / norm_e) if norm_e > 0 else float(np.linalg.norm(diff)),
-        mean_cosine=float(np.mean(cosines)),
-        min_cosine=float(np.min(cosines)),
-        cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
-        newly_nonfinite=newly_nonfinite,
-    )
+def _rows(array: np.ndarray) -> np.ndarray:
+    """One row per sample (a 0-d or 1-d output is one sample), in float64."""
+    return np.asarray(array).reshape(array.shape[0] if array.ndim > 1 else 1, -1).astype(np.float64)
+
+
+class OutputAgreement:
+    """How far one output of the compressed model is from the original's, accumulated batch by batch.
+
+    Only running sums and one cosine per sample are kept, so memory does not grow with the outputs' size.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.max_abs_error = 0.0
+        self.squared_error = 0.0
+        self.squared_reference = 0.0
+        self.cosines: list[np.ndarray] = []
+        self.newly_nonfinite = 0
+
+    def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
+        """Compare one batch of this output."""
+        rows_e, rows_a = _rows(expected), _rows(actual)
+        diff = rows_a - rows_e
+        self.newly_nonfinite += int(np.sum(np.all(np.isfinite(rows_e), axis=1) & ~np.all(np.isfinite(rows_a), axis=1)))
+        if diff.size:
+            self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(diff))))
+        self.squared_error += float(np.sum(diff * diff))
+        self.squared_reference += float(np.sum(rows_e * rows_e))
+        dots = np.sum(rows_e * rows_a, axis=1)
+        norms = np.linalg.norm(rows_e, axis=1) * np.linalg.norm(rows_a, axis=1)
+        self.cosines.append(np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                                     np.where(np.any(diff != 0, axis=1), 0.0, 1.0)))
+
+    def result(self) -> OutputComparison:
+        cosines = np.concatenate(self.cosines) if self.cosines else np.ones(1)
+        error, reference = np.sqrt(self.squared_error), np.sqrt(self.squared_reference)
+        return OutputComparison(
+            name=self.name,
+            max_abs_error=self.max_abs_error,
+            relative_error=float(error / reference) if reference > 0 else float(error),
+            mean_cosine=float(np.mean(cosines)),
+            min_cosine=float(np.min(cosines)),
+            cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
+            newly_nonfinite=self.newly_nonfinite,
+        )
 
 
 def compare_models(
     original: ort.InferenceSession,
     compressed: ort.InferenceSession,
-    batches: Sequence[Feed],
+    batches: Iterable[Feed],
     *,
     labels: np.ndarray | None = None,
     inputs: str = "",
 ) -> VerificationReport:
-    """Run both sessions batch by batch (one at a time) and compare every output."""
+    """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory.
+
+    With ``labels``, the first output is read as class scores (argmax per sample) for accuracy and macro-F1.
+    """
     names = [o.name for o in original.get_outputs()]
     if names != [o.name for o in compressed.get_outputs()]:
         raise UnsupportedModelError(f"the models have different outputs: {names} vs {[o.name for o in compressed.get_outputs()]}")
-    expected: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    actual: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    agreements = {name: OutputAgreement(name) for name in names}
+    predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = 0
     for feed in batches:
-        for name, value in zip(names, run_session(original, names, feed)):
-            expected[name].append(np.asarray(value))
-        for name, value in zip(names, run_session(compressed, names, feed)):
-            actual[name].append(np.asarray(value))
+        expected, actual = run_session(original, names, feed), run_session(compressed, names, feed)
+        for name, e, a in zip(names, expected, actual):
+            agreements[name].add(np.asarray(e), np.asarray(a))
+        if labels is not None:
+            for kept, first in zip(predictions, (expected[0], actual[0])):
+                kept.append(_rows(np.asarray(first)).argmax(axis=1))
         samples += len(next(iter(feed.values()))) if feed else 1
-    report = VerificationReport(
-        provider=original.get_providers()[0],
-        inputs=inputs,
-        samples=samples,
-        outputs=[_compare(n, expected[n], actual[n]) for n in names],
-    )
+    report = VerificationReport(provider=original.get_providers()[0], inputs=inputs, samples=samples,
+                                outputs=[agreement.result() for agreement in agreements.values()])
     if labels is not None:
-        first = names[0]
-        logits_e, logits_a = np.concatenate(expected[first]), np.concatenate(actual[first])
-        labels = np.asarray(labels).reshape(-1)[: len(logits_e)]
-        if len(labels) != len(logits_e):
-            raise InvalidInputError(f"{len(labels)} labels for {len(logits_e)} samples")
-        report.original, report.compressed = _scores(logits_e, labels), _scores(logits_a, labels)
-        right_e = logits_e.reshape(len(labels), -1).argmax(axis=1) == labels
-        right_a = logits_a.reshape(len(labels), -1).argmax(axis=1) == labels
-        report.flipped = int(np.sum(right_e != right_a))
+        predicted_e, predicted_a = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in predictions)
+        labels = np.asarray(labels).reshape(-1)[: len(predicted_e)]
+        if len(labels) != len(predicted_e):
+            raise InvalidInputError(f"{len(labels)} labels for {len(predicted_e)} samples")
+        report.original, report.compressed = _scores(predicted_e, labels), _scores(predicted_a, labels)
+        report.flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
     return report
 
 
@@ -201,14 +229,18 @@ def verify(
     labels: np.ndarray | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     provider: str = "CPUExecutionProvider",
 ) -> VerificationReport:
     """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
 
     ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
+    Both models run ``batch_size`` samples at a time and only per-sample summaries are kept, so
+    memory is bounded by one batch's outputs.
     """
+    if batch_size < 1:
+        raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
     check_files(data=data, labels=labels)
     original_source, original_ir = model_source(original)
     compressed_source, _ = model_source(compressed)
@@ -222,7 +254,7 @@ def verify(
         if labels is not None or data_labels is not None:
             labels = check_labels(labels if labels is not None else data_labels, len(next(iter(feed.values()))),
                                   session_a)
-        batches = list(split_batches(feed, session_a, batch_size))
+        batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
         described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
     else:
         if samples < 1:
