@@ -8,6 +8,7 @@ a usage error (bad argument, missing file), 1 for a model that cannot be handled
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import traceback
@@ -220,6 +221,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         inputs[f"--{option}"] = getattr(args, option, None)
     outputs = {"-o": getattr(args, "output", None), "--report": args.report, "--plot": getattr(args, "plot", None)}
     check_paths(outputs, inputs)
+    if outputs["--plot"] and importlib.util.find_spec("matplotlib") is None:
+        raise InvalidInputError("--plot needs matplotlib: pip install 'onnx-arsvd[plot]'")
 
 
 def _batches(text: str) -> list[int]:

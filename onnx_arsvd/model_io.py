@@ -104,8 +104,8 @@ def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
     return info.get("location", ""), offset, length
 
 
-def _check_external(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
-    """The resolved data file of an external tensor, after the containment and size checks."""
+def _check_external(tensor: onnx.TensorProto, folder: Path, where: str) -> None:
+    """Refuse an external tensor whose location leaves ``folder`` or whose byte range is not its data."""
     location, offset, length = _external_info(tensor)
     name = f"{where}: tensor {tensor.name!r}"
     if not location:
@@ -134,7 +134,6 @@ def _check_external(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
     if length != needed:
         raise UnsupportedModelError(f"{name}: {length} bytes of external data for dims {list(tensor.dims)} "
                                     f"({needed} bytes)")
-    return target
 
 
 def _check_inline(tensor: onnx.TensorProto, where: str) -> None:

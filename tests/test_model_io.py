@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -87,3 +88,15 @@ def test_each_write_gets_a_fresh_data_file_and_drops_the_previous_one(tmp_path: 
 def test_missing_output_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="output folder does not exist"):
         output.save_model(ir.from_proto(make_mlp()), tmp_path / "nowhere" / "m.onnx")
+
+
+def test_an_interrupted_placement_leaves_the_old_model_with_its_old_data(tmp_path: Path) -> None:
+    """The new data arrives under a fresh name before the model: the old model still reads its own data."""
+    target, x = tmp_path / "out.onnx", {"X": np.ones((1, 48), np.float32)}
+    output.save_model(ir.from_proto(make_mlp(seed=1)), target, external_data=True)
+    old = run(target, x)[0]
+    with output.stage_model(ir.from_proto(make_mlp(seed=2)), target, external_data=True) as staged:
+        assert staged.data_name is not None and not (tmp_path / staged.data_name).exists()
+        os.replace(staged.path.parent / staged.data_name, tmp_path / staged.data_name)  # place()'s first step
+    # killed here: the model rename never happened
+    np.testing.assert_array_equal(run(target, x)[0], old)
