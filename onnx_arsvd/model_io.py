@@ -29,6 +29,7 @@ __all__ = [
     "ir_tensors",
     "load_model",
     "model_file_bytes",
+    "proto_tensors",
     "to_model",
     "weight_stats",
 ]
@@ -66,7 +67,8 @@ def _attribute_tensors(attributes) -> Iterator[onnx.TensorProto]:
             yield from _proto_tensors(graph)
 
 
-def _all_proto_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def proto_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every dense tensor of the model: graphs, subgraphs, functions and training graphs."""
     yield from _proto_tensors(model.graph)
     for function in model.functions:
         for node in function.node:
@@ -153,7 +155,7 @@ def _check_tensors(proto: onnx.ModelProto, folder: Path, where: str) -> None:
     if proto.graph.sparse_initializer:
         names = ", ".join(repr(s.values.name) for s in proto.graph.sparse_initializer)
         raise UnsupportedModelError(f"{where}: sparse initializers ({names}) are not supported; store them dense")
-    for tensor in _all_proto_tensors(proto):
+    for tensor in proto_tensors(proto):
         if any(d < 0 for d in tensor.dims):
             raise UnsupportedModelError(f"{where}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

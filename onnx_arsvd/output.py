@@ -21,14 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from onnx_arsvd.errors import InvalidInputError, OutputError
-from onnx_arsvd.model_io import (
-    EXTERNAL_DATA_THRESHOLD,
-    external_data_files,
-    weight_stats,
-)
+from onnx_arsvd.model_io import EXTERNAL_DATA_THRESHOLD, external_data_files, proto_tensors, weight_stats
 
 __all__ = [
     "STAGING_PREFIX",
@@ -186,7 +183,8 @@ class Staged:
     """Files never removed as an old output's data (the run's inputs)."""
 
     def place(self) -> Path:
-        """Move the data, then the model into place; remove older data files of the same output."""
+        """Move the data, then the model into place; then remove the data file the replaced output used."""
+        previous = _own_data_files(self.target)
         try:
             if self.data_name is not None:
                 destination = self.target.parent / self.data_name
@@ -197,11 +195,24 @@ class Staged:
         except OSError as error:
             raise OutputError(f"{self.target}: cannot move the output into place "
                               f"({error.strerror or error})") from error
-        pattern = _data_pattern(self.target.name)
-        for entry in self.target.parent.iterdir():
-            if pattern.fullmatch(entry.name) and entry.name != self.data_name and entry.resolve() not in self.keep:
-                entry.unlink(missing_ok=True)
+        for path in previous - self.keep:
+            if path.name != self.data_name:
+                path.unlink(missing_ok=True)
         return self.target
+
+
+def _own_data_files(model_path: Path) -> set[Path]:
+    """The data files an earlier output at ``model_path`` refers to that this tool named (``<name>.<hex>.data``)."""
+    if not model_path.is_file():
+        return set()
+    try:
+        proto = onnx.load(model_path, load_external_data=False)
+    except Exception:  # not a model we wrote: nothing of it is ours to remove
+        return set()
+    pattern = _data_pattern(model_path.name)
+    locations = {entry.value for tensor in proto_tensors(proto) for entry in tensor.external_data
+                 if entry.key == "location"}
+    return {(model_path.parent / name).resolve() for name in locations if pattern.fullmatch(name)}
 
 
 @contextmanager
