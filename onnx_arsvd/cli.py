@@ -1,8 +1,10 @@
 """The ``onnx-arsvd`` command line: inspect | compress | verify.
 
-``main(argv) -> int`` never raises for bad input: our errors become one line on stderr, exit 2 for
-a usage error (bad argument, missing file), 1 for a model that cannot be handled. Heavy imports
-(onnx, onnxruntime) happen inside the handlers so ``--help`` stays instant.
+``main(argv) -> int`` never lets a traceback reach the user: every error is one line on stderr, exit 2
+for a usage error (bad argument, path or data), 1 for a model that cannot be handled or a failed run,
+130 for Ctrl-C; ``--debug`` also prints the traceback. Every output path is checked against every
+input path before any work. Heavy imports (onnx, onnxruntime) happen inside the handlers so
+``--help`` stays instant.
 """
 
 from __future__ import annotations

@@ -205,11 +205,13 @@ def compare_models(
 
 
 def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
-    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand."""
+    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand.
+
+    A path is opened through :func:`load_model` first, so onnxruntime never reads a file that
+    our checks (external data inside the model's folder, sizes) refuse.
+    """
     if isinstance(model, (str, os.PathLike)):
-        if not Path(model).is_file():
-            raise InvalidInputError(f"{os.fspath(model)}: no such file")
-        return os.fspath(model), None
+        return os.fspath(model), load_model(model)
     proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
     return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
 
