@@ -346,3 +346,34 @@ def test_ctrl_c_during_start_up_exits_130(mlp_path: Path) -> None:
     if child.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert child.returncode == 130 and err.strip() == "onnx-arsvd: interrupted", err
+
+
+def test_a_zero_size_weight_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_linear_model(op="MatMul", x_shape=("batch", 32))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((32, 0), np.float32), "W"))
+    model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value = 0
+    onnx.save(model, tmp_path / "m.onnx")
+    before = _snapshot(tmp_path)
+    assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "--min-params", "0",
+                 "-q"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-arsvd: error: ") and err.count("\n") == 1, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_calibration_reader_feeding_nan_fails_before_any_output(tmp_path: Path) -> None:
+    from onnx_arsvd import EnergyPolicy, InvalidInputError, compress
+
+    class NanReader:
+        def __init__(self) -> None:
+            self.left = 2
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            self.left -= 1
+            return {"X": np.full((4, 48), np.nan, np.float32)} if self.left >= 0 else None
+
+    onnx.save(make_mlp(), tmp_path / "m.onnx")
+    with pytest.raises(InvalidInputError, match="calibration reader feed 1: array 'X' holds NaN or Inf values"):
+        compress(tmp_path / "m.onnx", tmp_path / "out.onnx", policy=EnergyPolicy(0.9), method="whitened",
+                 calibration=NanReader(), min_params=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
