@@ -5,16 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.candidates import Layer, WeightKey, constant_tensor, read_array
+from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.factorize import Need, Spectrum, decompose, factors_at_rank, lp_factors, seed_for, whitened_spectrum
+from onnx_arsvd.layer_math import storage_problem
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept, energy_rank_bounds
+from onnx_arsvd.results import LayerTiming
 from onnx_arsvd.threads import job_count, single_threaded_blas
 
 __all__ = [
@@ -52,8 +54,8 @@ class LayerDecision:
     factored: bool
     reason: str
     shared_by: int
-    timings: tuple = field(default=())
-    """Latency-guard measurements (:class:`onnx_arsvd.guard.LayerTiming`), when the guard ran."""
+    timings: tuple[LayerTiming, ...] = field(default=())
+    """Latency-guard measurements, when the guard ran."""
     measured_error: float | None = None
     """Relative output error ||X(W - AB)|| / ||XW|| on held-out activations, when a budget measured it."""
     solver: str = ""
@@ -105,7 +107,7 @@ def dense_decision(layer: Layer, reason: str) -> LayerDecision:
     """The row of a layer left dense without looking at its spectrum (e.g. excluded by name)."""
     shape = layer.shape
     return LayerDecision(
-        name=layer.name, op_type=layer.op_type, weight=layer.weight_name, shape=shape,
+        name=layer.name, op_type=layer.op_type, weight=layer.weight_key[0], shape=shape,
         dtype=layer.dtype.name.lower(), break_even=break_even_rank(shape), full_rank=min(shape),
         rank=min(shape), energy_kept=1.0, factored=False, reason=reason, shared_by=1,
     )
@@ -121,16 +123,16 @@ def _keep_reason(shape: tuple[int, int], rank: int, max_rank_fraction: float, mi
 
 
 def _weight_matrix(layer: Layer) -> np.ndarray:
-    array = read_array(layer.weight)
+    array = layer.matrix()
     if not np.isfinite(array).all():
         raise UnsupportedModelError(f"weight {layer.weight_name!r} of node {layer.name!r} contains NaN or Inf")
-    return array.T if layer.transposed else array
+    return array
 
 
 def _release(layer: Layer) -> None:
     """Unmap a weight read from external data, so its pages stop counting in this process's memory
     (onnx_ir maps it again if it is read later)."""
-    tensor = constant_tensor(layer.weight)
+    tensor = layer.tensor
     if isinstance(tensor, ir.ExternalTensor):
         try:
             tensor.release()
@@ -179,7 +181,7 @@ def _decompose(first: Layer, settings: _Settings, need: Need, vectors: bool, cap
     if settings.cache is not None:  # a search over policies reuses it: every value and vector, once
         need, vectors = Need(), True
     matrix = _weight_matrix(first)
-    seed = seed_for(first.weight_name)
+    seed = seed_for(key[0])
     if settings.grams is not None and key in settings.grams:
         spec = whitened_spectrum(matrix, settings.grams[key], need=need, seed=seed)
     else:
@@ -217,7 +219,7 @@ def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
         LayerDecision(
             name=layer.name,
             op_type=layer.op_type,
-            weight=layer.weight_name,
+            weight=layer.weight_key[0],
             shape=shape,
             dtype=layer.dtype.name.lower(),
             break_even=break_even_rank(shape),
@@ -232,6 +234,9 @@ def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
         )
         for layer in group
     ]
+    problem = next((p for layer in group if factors is not None and (p := storage_problem(layer, *factors))), "")
+    if problem:  # e.g. a large Gemm alpha folded into float16 factors
+        decisions, factors = [replace(d, factored=False, reason=problem) for d in decisions], None
     _release(first)
     return WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors)
 

@@ -71,10 +71,10 @@ def test_jobs_are_checked_and_capped_at_the_cores() -> None:
 
 def test_weights_from_external_data_are_unmapped_once_planned(tmp_path) -> None:
     """Each weight's memory map is closed after its plan, so a big model's pages do not pile up."""
-    from onnx_arsvd.model_io import load_model, save_model
+    from onnx_arsvd.model_io import load_model
 
     path = tmp_path / "mlp.onnx"
-    save_model(ir.from_proto(make_mlp((96, 80, 64, 10))), path, external_data=True)
+    ir.save(ir.from_proto(make_mlp((96, 80, 64, 10))), path, external_data="mlp.onnx.data")
     model = load_model(path)
     layers = find_layers(model)[0]
     tensors = [layer.weight.const_value for layer in layers]
