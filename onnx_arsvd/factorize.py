@@ -88,19 +88,6 @@ class Spectrum:
     def exact(self) -> bool:
         return len(self.s) == self.full_rank
 
-    def covers(self, need: Need, vectors: bool) -> bool:
-        """Whether this spectrum answers ``need`` (a cache hit) without another decomposition."""
-        if vectors and self.u is None:
-            return False
-        if self.exact:
-            return True
-        if need.rank is not None:
-            return need.rank <= len(self.s)
-        if need.energy is not None:
-            rank = _energy_rank(self.s, self.energy, need.energy)
-            return rank + _energy_margin(rank) <= len(self.s)
-        return False
-
 
 def seed_for(name: str) -> int:
     """A seed from a weight's name: the same factors whatever order or job runs it."""
@@ -259,7 +246,13 @@ def factors_at_rank(spec: Spectrum, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def whitened_spectrum(
-    weight: np.ndarray, gram: np.ndarray, regularization: float = 1e-6, *, need: Need = Need(), seed: int = 0
+    weight: np.ndarray,
+    gram: np.ndarray,
+    regularization: float = 1e-6,
+    *,
+    need: Need = Need(),
+    seed: int = 0,
+    vectors: bool = True,
 ) -> Spectrum:
     """The spectrum that minimises the layer's output error || X W - X A B ||_F, not || W - A B ||_F.
 
@@ -268,8 +261,9 @@ def whitened_spectrum(
     || L^T (W - A B) ||_F: the best rank-k product is L^-T times the truncated SVD of L^T W. The returned
     ``s`` are singular values of L^T W, so energy-style policies measure output energy; ``u`` is mapped
     back through L^-T, and :func:`factors_at_rank` gives A = L^-T U_k sqrt(S_k), B = sqrt(S_k) V_k^T.
-    At full rank A B = W exactly (up to rounding), whatever G is. ``need`` and ``seed`` are as in
-    :func:`decompose`: a known rank or energy share decomposes L^T W only that far. Computed in float64.
+    At full rank A B = W exactly (up to rounding), whatever G is. ``need``, ``seed`` and ``vectors`` are as
+    in :func:`decompose`: a known rank or energy share decomposes L^T W only that far, and the output-energy
+    curve alone (every s, no vectors) costs one ``svdvals``. Computed in float64.
     """
     matrix = np.asarray(weight, dtype=np.float64)
     gram = np.asarray(gram, dtype=np.float64)
@@ -277,8 +271,8 @@ def whitened_spectrum(
         raise ValueError(f"Gram matrix of shape {gram.shape} does not fit a weight of shape {matrix.shape}")
     scale = max(float(np.mean(np.diag(gram))), np.finfo(np.float64).tiny)
     lower = scipy.linalg.cholesky(gram + regularization * scale * np.eye(len(gram)), lower=True)
-    whitened = decompose(lower.T @ matrix, need, seed=seed)
-    u = scipy.linalg.solve_triangular(lower.T, whitened.u, lower=False)
+    whitened = decompose(lower.T @ matrix, need, seed=seed, vectors=vectors)
+    u = None if whitened.u is None else scipy.linalg.solve_triangular(lower.T, whitened.u, lower=False)
     return Spectrum(u, whitened.s, whitened.vt, whitened.energy, whitened.full_rank, "whitened " + whitened.solver,
                     whitened.shape)
 

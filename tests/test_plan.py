@@ -26,10 +26,10 @@ def test_factors_are_identical_whatever_the_jobs(big_layers: list, policy) -> No
     one, two = (plan_layers(big_layers, policy, jobs=jobs) for jobs in (1, 2))
     assert [p.rank for p in one] == [p.rank for p in two]
     assert one[0].decisions[0].solver.split()[0] in {"randomized", "adaptive"}
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert (a.factors is None) == (b.factors is None)
         if a.factors is not None:
-            assert all(x.tobytes() == y.tobytes() for x, y in zip(a.factors, b.factors))
+            assert all(x.tobytes() == y.tobytes() for x, y in zip(a.factors, b.factors, strict=True))
 
 
 def test_a_rank_from_a_randomized_spectrum_says_how_far_it_may_be(big_layers: list) -> None:
@@ -82,3 +82,17 @@ def test_weights_from_external_data_are_unmapped_once_planned(tmp_path) -> None:
     plans = plan_layers(layers, RatioPolicy(0.25), min_params=0)
     assert all(t.raw is None for t in tensors) and plans[0].factored
     assert tensors[0].numpy().shape == (96, 80)  # and a later read maps it again
+
+
+def test_a_search_cache_keeps_every_singular_value_once_and_no_big_vectors(big_layers: list) -> None:
+    """The budget search's memo: exact energy curves (no vectors of big weights); factors per step at its rank."""
+    cache: dict = {}
+    plan_layers(big_layers, EnergyPolicy(0.9), with_factors=False, cache=cache)
+    big = big_layers[0].weight_key
+    assert cache[big].exact and cache[big].u is None
+    assert cache[big_layers[2].weight_key].u is not None  # 640 x 10: LAPACK, vectors kept
+    first = cache[big]
+    plans = plan_layers(big_layers, EnergyPolicy(0.5), cache=cache)
+    assert cache[big] is first  # not decomposed again
+    assert plans[0].rank == EnergyPolicy(0.5).choose(first.s, big_layers[0].shape) and plans[0].factors is not None
+    assert plans[0].decisions[0].note == ""  # the rank came from the exact values
