@@ -300,7 +300,7 @@ def test_cli_guard_on_absent_target_writes_nothing(tmp_path: Path, capsys: pytes
     original, _ = _pair(tmp_path)
     out = tmp_path / "guarded.onnx"
     assert main(["compress", str(original), "-o", str(out), "--guard", "latency", "--target", "cuda", "-q"]) == 2
-    assert "--target cuda:" in capsys.readouterr().err and not out.exists()
+    assert "guard target 'cuda':" in capsys.readouterr().err and not out.exists()
 
 
 def test_interleaved_times_stop_at_max_seconds_with_at_least_three_pairs(tmp_path: Path) -> None:
