@@ -276,7 +276,8 @@ def plan_layers(
     activation-aware ones (:func:`onnx_arsvd.factorize.whitened_spectrum`): policies then rank the
     layer's output energy on the calibration data. A ``cache`` dict keeps every singular value of each
     weight between calls, so a search over policies decomposes every weight once; the factors at each
-    call's ranks are then cut from a decomposition at that rank (the vectors of small weights are cached). With ``lp_power`` p the rank still comes from the SVD spectrum, and the factors from
+    call's ranks are then cut from a decomposition at that rank (the vectors of small weights are cached).
+    With ``lp_power`` p the rank still comes from the SVD spectrum, and the factors from
     :func:`onnx_arsvd.factorize.lp_factors`. ``jobs`` weights are factored at once (threads, one BLAS
     thread each, capped at the cores); every weight's random numbers come from its name, so the result
     is the same whatever ``jobs`` is.
