@@ -96,3 +96,24 @@ def test_a_search_cache_keeps_every_singular_value_once_and_no_big_vectors(big_l
     assert cache[big] is first  # not decomposed again
     assert plans[0].rank == EnergyPolicy(0.5).choose(first.s, big_layers[0].shape) and plans[0].factors is not None
     assert plans[0].decisions[0].note == ""  # the rank came from the exact values
+
+
+def test_compress_writes_the_same_bytes_whatever_the_jobs(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """Through the CLI: --jobs 1 and --jobs 2 write byte-identical models (randomized solvers included)."""
+    import onnx
+
+    from onnx_arsvd.cli import main
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp((1024, 768, 640, 10), decay=0.004), source)
+    outputs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}.onnx"
+        assert main(["compress", str(source), "-o", str(out), "--policy", "ratio", "--ratio", "0.1", "--no-verify",
+                     "-q", "--json", "--jobs", str(jobs)]) == 0
+        outputs.append(out.read_bytes())
+    report = capsys.readouterr().out
+    assert '"solver": "randomized float32' in report
+    assert outputs[0] == outputs[1]
+    assert main(["compress", str(source), "-o", str(tmp_path / "bad.onnx"), "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("jobs must be a positive integer, got 0")
