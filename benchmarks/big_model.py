@@ -95,7 +95,8 @@ def child(arguments: list[str], src: Path) -> dict[str, float]:
     command = [sys.executable, *arguments]
     env = dict(os.environ, PYTHONPATH=str(src))
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # run outside any checkout: ``python -m`` puts the working folder first on sys.path, before PYTHONPATH
+    process = subprocess.Popen(command, env=env, cwd=BUILD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     error = process.stderr.read().decode().strip()
