@@ -24,7 +24,8 @@ MINILM = MODELS / "build" / "minilm.onnx"
 
 
 def _real_weights(path, min_dim: int = 64) -> list[np.ndarray]:
-    """The 2-D float32 initializers of a shipped model with both dims >= ``min_dim`` (MiniLM: its 36 dense weights)."""
+    """The 2-D float32 initializers of a shipped model with both dims >= ``min_dim`` and none above 4096
+    (MiniLM: its 36 dense weights and the 512 x 384 position table)."""
     model = onnx.load(str(path))
     return [numpy_helper.to_array(t) for t in model.graph.initializer
             if len(t.dims) == 2 and min(t.dims) >= min_dim and max(t.dims) <= 4096]
