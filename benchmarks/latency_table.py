@@ -22,9 +22,10 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
-from onnx_arsvd.benchmark import BenchmarkResult, benchmark_models
+from onnx_arsvd.benchmark import benchmark_models
 from onnx_arsvd.guard import LatencyGuard
 from onnx_arsvd.rank import RankPolicy
+from onnx_arsvd.results import BenchmarkResult
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

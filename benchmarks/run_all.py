@@ -54,6 +54,11 @@ SCRIPTS = (
     Script("embedding_table", ("embedding.md",), "not timed: minutes (400 sentences scored per rank and method)"),
     Script("fusion_check", ("fusion.md",), "214 s (recorded in fusion.md)"),
     Script("compare_quantization", ("quantization.md",), "169 s (recorded in quantization.md)"),
+    Script("subgraph_table", ("subgraph_table.md",), "not timed: seconds (one small model, four policies)",
+           minilm=False),
+    Script("factor_throughput", ("factor_throughput.md",), "not timed", minilm=False),
+    Script("big_model", ("big_model.md",), "not timed: minutes (builds a 2.4 GB model by default, then compresses it)",
+           minilm=False),
 )
 
 

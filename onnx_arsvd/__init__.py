@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from onnx_arsvd.guard import LatencyGuard
     from onnx_arsvd.rank import POLICIES, EnergyPolicy, EntropyPolicy, FixedRankPolicy, RatioPolicy, make_policy
     from onnx_arsvd.report import Report, format_report, report_to_json
+    from onnx_arsvd.results import VerificationReport
     from onnx_arsvd.settings import METHODS
-    from onnx_arsvd.verification import VerificationReport, verify
+    from onnx_arsvd.verification import verify
 
 _HOMES = {
     "METHODS": "settings",
@@ -34,7 +35,7 @@ _HOMES = {
     "RatioPolicy": "rank",
     "Report": "report",
     "UnsupportedModelError": "errors",
-    "VerificationReport": "verification",
+    "VerificationReport": "results",
     "compress": "api",
     "format_report": "report",
     "inspect_model": "api",
@@ -43,7 +44,28 @@ _HOMES = {
     "verify": "verification",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "ArsvdError",
+    "Budget",
+    "CalibrationDataReader",
+    "EnergyPolicy",
+    "EntropyPolicy",
+    "FixedRankPolicy",
+    "InvalidInputError",
+    "LatencyGuard",
+    "METHODS",
+    "POLICIES",
+    "RatioPolicy",
+    "Report",
+    "UnsupportedModelError",
+    "VerificationReport",
+    "compress",
+    "format_report",
+    "inspect_model",
+    "make_policy",
+    "report_to_json",
+    "verify",
+]
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,9 @@ from tqdm.auto import tqdm
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, model_file_bytes, weight_stats
-from onnx_arsvd.verification import Feed, ModelSource, VerificationReport, generated_batches, make_session, verify
+from onnx_arsvd.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
+from onnx_arsvd.sessions import ModelSource, make_session
+from onnx_arsvd.verification import Feed, generated_batches, verify
 
 __all__ = [
     "BenchmarkResult",
@@ -50,67 +51,6 @@ PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvide
 _NOT_COMPUTE = frozenset({"AzureExecutionProvider"})  # remote-call provider: no local kernels to time
 
 
-@dataclass(frozen=True)
-class LatencyStats:
-    """Per-call latency of one model: milliseconds, and samples per second at the median."""
-
-    median_ms: float
-    p90_ms: float
-    p99_ms: float
-    throughput: float
-    runs: int
-
-
-@dataclass(frozen=True)
-class LatencyComparison:
-    """Original vs compressed on one provider at one batch size, over several rounds.
-
-    Each round creates fresh sessions for both models and times them interleaved. ``ratio`` is the
-    median of all per-pair ratios compressed / original, with their p10-p90; ``round_ratios`` holds
-    each round's median ratio. Two sessions of the *same* file differ by a few percent at small
-    batch sizes (where the weights land in memory), so a difference counts only when every round,
-    each with its own sessions, shows it.
-    """
-
-    provider: str
-    batch: int
-    original: LatencyStats
-    compressed: LatencyStats
-    ratio: float
-    ratio_p10: float
-    ratio_p90: float
-    round_ratios: tuple[float, ...]
-
-    @property
-    def consistently_slower(self) -> bool:
-        """Slower overall and in every round (with 3 rounds, pure session noise does this 1 time in 8)."""
-        return self.ratio > 1.0 and len(self.round_ratios) > 1 and min(self.round_ratios) > 1.0
-
-
-@dataclass(frozen=True)
-class MemoryStats:
-    """What a model costs in bytes: on disk, in weights, and as resident memory of a fresh process."""
-
-    file_bytes: int
-    weight_params: int
-    weight_bytes: int
-    peak_rss_bytes: int | None
-    rss_increase_bytes: int | None
-
-
-@dataclass
-class BenchmarkResult:
-    """Everything ``bench`` measured."""
-
-    threads: int
-    providers: list[str]
-    dense_flop_ratio: float
-    latency: list[LatencyComparison] = field(default_factory=list)
-    memory: dict[str, MemoryStats] = field(default_factory=dict)
-    accuracy: dict[str, VerificationReport] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
 def _resolve(name: str) -> str:
     return PROVIDER_ALIASES.get(name.lower(), name)
 
@@ -128,20 +68,30 @@ def discover_providers(requested: Sequence[str] | None = None) -> tuple[list[str
     notes: list[str] = []
     probe = _identity_model()
     for provider in dict.fromkeys(wanted):
+        if provider not in ort.get_all_providers():
+            notes.append(f"{provider} skipped: unknown provider (onnxruntime knows {', '.join(_known_names())})")
+            continue
         if provider not in available:
             notes.append(f"{provider} skipped: not offered by this onnxruntime build ({ort.__version__})")
             continue
         try:
-            session = ort.InferenceSession(probe, providers=[provider])
-            if session.get_providers()[0] != provider:
-                raise RuntimeError("fell back to " + session.get_providers()[0])
-        except Exception as error:  # a missing driver or library surfaces as any exception type
-            notes.append(f"{provider} skipped: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+            actual = make_session(probe, provider).get_providers()[0]
+        except UnsupportedModelError as error:  # a missing driver or library
+            notes.append(f"{provider} skipped: {error}")
+            continue
+        if actual != provider:
+            notes.append(f"{provider} skipped: fell back to {actual}")
             continue
         usable.append(provider)
     if not usable:
         raise InvalidInputError("no requested execution provider can run here; " + "; ".join(notes))
     return usable, notes
+
+
+def _known_names() -> list[str]:
+    """Short names of the providers onnxruntime knows, and the aliases accepted here."""
+    aliases = {full: short for short, full in PROVIDER_ALIASES.items()}
+    return [aliases.get(p, p) for p in ort.get_all_providers() if p not in _NOT_COMPUTE]
 
 
 def _identity_model() -> bytes:
@@ -161,15 +111,25 @@ def interleaved_times(
     min_runs: int = 20,
     max_runs: int = 2000,
     min_seconds: float = 1.0,
+    max_seconds: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds per call of each session, measured in alternating pairs until enough time has passed."""
+    """Seconds per call of each session, measured in alternating pairs until enough time has passed.
+
+    ``max_seconds`` bounds a slow model's measurement: past it, no more than 3 pairs are taken.
+    """
     for _ in range(warmup):
         first.run(None, feed)
         second.run(None, feed)
     times: tuple[list[float], list[float]] = ([], [])
     started = time.perf_counter()
     pair = 0
-    while pair < min_runs or (pair < max_runs and time.perf_counter() - started < min_seconds):
+    def more() -> bool:
+        elapsed = time.perf_counter() - started
+        if max_seconds is not None and elapsed > max_seconds and pair >= 3:
+            return False
+        return pair < min_runs or (pair < max_runs and elapsed < min_seconds)
+
+    while more():
         order = (0, 1) if pair % 2 == 0 else (1, 0)  # alternate who goes first, so neither always runs warm
         for index in order:
             session = (first, second)[index]
@@ -190,10 +150,11 @@ def timed_rounds(
     rounds: int = 3,
     min_seconds: float = 1.0,
     min_runs: int = 20,
+    max_seconds: float | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Interleaved times of both models in ``rounds`` rounds, each with freshly created sessions.
 
-    Creation order alternates between rounds; ``min_seconds`` is the total over all rounds.
+    Creation order alternates between rounds; ``min_seconds`` and ``max_seconds`` are totals over all rounds.
     """
     results = []
     for index in range(rounds):
@@ -203,7 +164,8 @@ def timed_rounds(
         else:
             first = make_session(original, provider, threads)
             second = make_session(compressed, provider, threads)
-        results.append(interleaved_times(first, second, feed, min_runs=min_runs, min_seconds=min_seconds / rounds))
+        results.append(interleaved_times(first, second, feed, min_runs=min_runs, min_seconds=min_seconds / rounds,
+                                         max_seconds=None if max_seconds is None else max_seconds / rounds))
         del first, second
     return results
 
@@ -264,7 +226,7 @@ def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed, thr
     """
     with tempfile.TemporaryDirectory(prefix="onnx-arsvd-memory-") as folder:
         feed_path = Path(folder) / "feed.npz"
-        np.savez(feed_path, **feed)
+        np.savez(feed_path, **feed)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path), str(threads)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if completed.returncode != 0:
@@ -294,15 +256,21 @@ def benchmark_models(
     paths = {"original": Path(original), "compressed": Path(compressed)}
     models = {name: load_model(path) for name, path in paths.items()}
     usable, notes = discover_providers(providers)
-    result = BenchmarkResult(threads=threads, providers=usable,
+    result = BenchmarkResult(threads=threads, providers=usable, models=(os.fspath(original), os.fspath(compressed)),
                              dense_flop_ratio=dense_flop_ratio(models["original"], models["compressed"]), notes=notes)
     result.notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off; "
                         f"3 rounds of fresh sessions per batch size, runs interleaved pairwise, at least "
                         f"{min_seconds:g} s in all")
+    inner = {str(d) for arg in make_session(paths["original"]).get_inputs() for d in arg.shape[1:]
+             if not isinstance(d, int)}
+    if unset := sorted(inner - set(dims)):
+        result.notes.append(f"dynamic dims {', '.join(unset)} set to 1: pass --dim NAME=VALUE for the shapes "
+                            "the model really sees (a sequence length of 1 times a different model)")
     steps = [(p, b) for p in usable for b in batches]
     for provider, batch in tqdm(steps, desc="latency", unit="case", disable=None if progress else True):
         feed = batch_feed(make_session(paths["original"], provider, threads), models["original"], batch, dims)
         actual = len(next(iter(feed.values()))) if feed else batch
+        result.input_shapes[actual] = {name: list(array.shape) for name, array in feed.items()}
         if actual != batch:
             result.notes.append(f"batch {batch} asked, the model's fixed batch dim gives {actual}")
         rounds = timed_rounds(paths["original"], paths["compressed"], feed, provider=provider, threads=threads,

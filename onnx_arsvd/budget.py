@@ -24,24 +24,16 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import read_array
+from onnx_arsvd.data import load_arrays, load_data, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.model_plan import PlanMemo, plan_model
 from onnx_arsvd.plan import WeightPlan, relative_output_error
 from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import CalibrationSource, Settings
-from onnx_arsvd.verification import (
-    ModelLike,
-    compare_models,
-    load_arrays,
-    load_data,
-    load_labels,
-    make_session,
-    model_source,
-    split_batches,
-)
+from onnx_arsvd.verification import ModelLike, compare_models, model_source
 
 __all__ = ["Budget", "BudgetSearch", "SearchOutcome", "SearchStep", "bisect_tau", "split_data"]
 
@@ -78,11 +70,11 @@ class Budget:
         return self.target_params is None
 
     @property
-    def measure(self) -> str:
-        """What each search step measures."""
+    def measure(self) -> str | None:
+        """What each search step measures in onnxruntime; None when parameters alone decide."""
         if self.max_drop is not None:
             return "accuracy drop, 95% upper bound (points)"
-        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else "none (parameters only)"
+        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else None
 
     def describe(self) -> str:
         if self.max_drop is not None:
@@ -175,9 +167,9 @@ class BudgetSearch:
         self.held_out: dict[str, np.ndarray] | None = None
         self.steps: list[SearchStep] = []
         self.chosen: SearchStep | None = None
-        if budget.needs_data:
-            if data is None:
-                raise InvalidInputError("an accuracy budget needs --data: inputs (and labels) to split and measure")
+        if budget.needs_data and data is None:
+            raise InvalidInputError("an accuracy budget needs --data: inputs (and labels) to split and measure")
+        if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
             arrays = load_arrays(data)
             if labels is not None:
                 arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
@@ -235,10 +227,10 @@ class BudgetSearch:
         grams = capture_grams(loaded, [layer for plan in factored for layer in plan.layers], inputs, progress=progress)
         for plan in factored:
             first = plan.layers[0]
-            matrix = read_array(first.weight)
+            if first.weight_key not in grams:  # used inside an If/Loop/Scan body: no activations to measure on
+                continue
             assert plan.factors is not None  # filtered above
-            error = relative_output_error(matrix.T if first.transposed else matrix, plan.factors,
-                                          grams[first.weight_key])
+            error = relative_output_error(first.matrix(), plan.factors, grams[first.weight_key])
             plan.decisions = [dataclasses.replace(d, measured_error=error) for d in plan.decisions]
 
     def summary(self) -> dict[str, object]:

@@ -18,29 +18,16 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, discover_providers, timed_rounds
+from onnx_arsvd.benchmark import batch_feed, compare_latency, discover_providers, timed_rounds
 from onnx_arsvd.candidates import Layer, read_array
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import WeightPlan
-from onnx_arsvd.verification import make_session
+from onnx_arsvd.results import LatencyComparison, LayerTiming
+from onnx_arsvd.sessions import make_session
 
 __all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LayerTiming", "activation_rows", "guard_verdict", "time_layer"]
 
 DEFAULT_MARGIN = 0.0
-
-
-@dataclass(frozen=True)
-class LayerTiming:
-    """Median milliseconds of one layer, dense and factored, at one batch size (``rows`` activation rows)."""
-
-    batch: int
-    rows: int
-    dense_ms: float
-    factored_ms: float
-
-    @property
-    def ratio(self) -> float:
-        return self.factored_ms / self.dense_ms
 
 
 def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float = DEFAULT_MARGIN) -> str:
@@ -56,7 +43,8 @@ def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float =
 
 def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
     """Rows of X the layer multiplies per call: batch times the activation's inner dims."""
-    shape = layer.node.inputs[0].shape
+    x = layer.node.inputs[0]
+    shape = x.shape if x is not None else None
     if shape is None or len(shape) < 2:
         return batch
     inner = [d if isinstance(d, int) else dims.get(str(d), 1) for d in shape[1:-1]]
@@ -100,8 +88,8 @@ def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, by
     if layer.bias is None:
         nodes.append(ir.Node("", "MatMul", [low, b_value], outputs=[y2]))
     else:
-        bias = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
-        bias_value = _constant("c", bias.astype(np_dtype))
+        folded = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
+        bias_value = _constant("c", folded.astype(np_dtype))
         product = ir.Value(name="product")
         nodes += [ir.Node("", "MatMul", [low, b_value], outputs=[product]),
                   ir.Node("", "Add", [product, bias_value], outputs=[y2])]
@@ -157,12 +145,14 @@ class LatencyGuard:
         try:
             return discover_providers([self.target])[0][0]
         except InvalidInputError as error:
-            raise InvalidInputError(f"--target {self.target}: {error}") from None
+            raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
 
     def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
         """Time every factored plan's layer; keep it dense where factoring is not faster."""
-        # a lookup costs no multiply-adds: only the dense layers are timed (the whole-model check sees all)
-        factored = [plan for plan in plans if plan.factored and plan.factors is not None and not plan.layers[0].is_embedding]
+        # only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
+        # weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all)
+        factored = [plan for plan in plans if plan.factored and plan.factors is not None
+                    and all(layer.is_plain for layer in plan.layers)]
         for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
             timings = tuple(time_layer(plan.layers[0], plan.factors, provider=provider, batches=self.batches,
                                        dims=dims, threads=self.threads, min_seconds=self.layer_seconds))
@@ -173,14 +163,19 @@ class LatencyGuard:
                 plan.factors = None
 
     def check_model(
-        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model
+        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model,
+        progress: bool = False,
     ) -> list[LatencyComparison]:
-        """The whole models timed against each other at the guard's batch sizes."""
+        """The whole models timed against each other at the guard's batch sizes, in bounded time.
+
+        Each batch size takes at least ``model_seconds`` and about 10x that at most: a slow model gets
+        fewer pairs (never under 3 per round) instead of minutes per batch size.
+        """
         comparisons = []
-        for batch in self.batches:
+        for batch in tqdm(self.batches, desc="whole-model timing", unit="batch", disable=None if progress else True):
             feed = batch_feed(make_session(original, provider, self.threads), model, batch, dims)
             rounds = timed_rounds(original, compressed, feed, provider=provider, threads=self.threads,
-                                  min_seconds=self.model_seconds)
+                                  min_seconds=self.model_seconds, min_runs=10, max_seconds=10 * self.model_seconds)
             comparisons.append(compare_latency(provider, batch, rounds))
         return comparisons
 
@@ -191,7 +186,7 @@ class LatencyGuard:
         Fresh sessions of one unchanged file already differ by a few percent, so a single round (or a
         test that treats its pairs as independent) would raise the alarm on noise.
         """
-        return [f"WARNING: the compressed model is SLOWER than the original at batch {c.batch} on "
+        return [f"the compressed model is SLOWER than the original at batch {c.batch} on "
                 f"{c.provider.removesuffix('ExecutionProvider')}: median {c.compressed.median_ms:.4g} ms vs "
                 f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f}; per round "
                 f"{', '.join(f'{r:.3f}' for r in c.round_ratios)}); the layers' gains did not survive in the "

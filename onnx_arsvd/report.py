@@ -8,18 +8,32 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.candidates import Skipped
 from onnx_arsvd.plan import LayerDecision
-from onnx_arsvd.verification import VerificationReport
+from onnx_arsvd.results import LatencyComparison, VerificationReport
 
-__all__ = ["Report", "format_report", "format_verification", "report_to_json", "verification_to_dict"]
+__all__ = ["Report", "format_report", "format_verification", "nothing_factored_note", "report_to_json",
+           "verification_to_dict"]
 
-NOTHING_FACTORED_NOTE = (
-    "note: no layer was factored. On ordinarily trained weights, energy thresholds of 0.95 and above (and the "
-    "entropy rank at scale 1) often select ranks near or above break-even; try a lower --tau or --scale, "
-    "or --policy ratio, and check accuracy with --data."
+_CAUSES = (  # (what a keep reason starts with, what the note says of such layers)
+    (("not matched by --include", "matched by --exclude"), "not selected by --include/--exclude"),
+    (("latency guard",), "kept dense by the latency guard: factored was not faster on the target"),
+    (("too small",), "too small to pay off (see --min-params)"),
+    (("embedding table",), "embedding tables, factored only with --embedding-tau"),
+    (("saves too little",), "at a rank that saves too little (see --max-rank-fraction). On ordinarily trained "
+     "weights, energy thresholds of 0.95 and above (and the entropy rank at scale 1) often select ranks near or "
+     "above break-even; try a lower --tau or --scale, or --policy ratio, and check accuracy with --data"),
 )
+
+
+def nothing_factored_note(layers: list[LayerDecision]) -> str:
+    """Why no layer was factored, counted by cause, from the layers' own keep reasons."""
+    parts = []
+    for prefixes, cause in _CAUSES:
+        count = sum(layer.reason.startswith(prefixes) for layer in layers)
+        if count:
+            parts.append(f"{count} of {len(layers)} {cause}")
+    return "note: no layer was factored: " + ("; ".join(parts) if parts else "no candidate layer") + "."
 
 
 @dataclass
@@ -45,20 +59,37 @@ class Report:
     budget: dict[str, object] | None = None
     notes: list[str] = field(default_factory=list)
 
-    def _unique(self) -> list[LayerDecision]:
+    def _unique(self, tables: bool) -> list[LayerDecision]:
+        """Dense layers' (or, with ``tables``, embedding tables') decisions, each shared weight once."""
         seen: dict[str, LayerDecision] = {}
         for layer in self.layers:
-            seen.setdefault(f"{layer.weight}/{layer.shape}", layer)
+            if (layer.op_type == "Gather") == tables:
+                seen.setdefault(f"{layer.weight}/{layer.shape}", layer)
         return list(seen.values())
 
     @property
     def dense_params_before(self) -> int:
-        """Parameters of the candidate layers' weights (each shared weight once)."""
-        return sum(layer.params for layer in self._unique())
+        """Parameters of the dense (MatMul/Gemm) layers' weights, each shared weight once."""
+        return sum(layer.params for layer in self._unique(tables=False))
 
     @property
     def dense_params_after(self) -> int:
-        return sum(layer.params_after for layer in self._unique())
+        return sum(layer.params_after for layer in self._unique(tables=False))
+
+    @property
+    def embedding_params_before(self) -> int:
+        """Parameters of the embedding tables (Gather on a constant), counted apart from dense layers."""
+        return sum(layer.params for layer in self._unique(tables=True))
+
+    @property
+    def embedding_params_after(self) -> int:
+        return sum(layer.params_after for layer in self._unique(tables=True))
+
+    @property
+    def factorable_share(self) -> float | None:
+        """Share of the model's parameters in the layers found (dense layers and tables), before compression."""
+        found = self.dense_params_before + self.embedding_params_before
+        return found / self.params_before if self.params_before else None
 
     @property
     def factored(self) -> int:
@@ -74,6 +105,9 @@ def report_to_json(report: Report) -> str:
     data.update(
         dense_params_before=report.dense_params_before,
         dense_params_after=report.dense_params_after,
+        embedding_params_before=report.embedding_params_before,
+        embedding_params_after=report.embedding_params_after,
+        factorable_share=report.factorable_share,
         factored_layers=report.factored,
     )
     if report.verification is not None:
@@ -91,6 +125,10 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k" if n >= 10_000 else str(n)
 
 
+def _share(what: str, before: int, after: int) -> str:
+    return f"{what}: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else ""
+
+
 def _bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -106,12 +144,12 @@ def _error_cell(layer: LayerDecision, whitened: bool) -> str:
     return f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened else f"- / {layer.measured_error:.3f}"
 
 
-def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[object]]:
+def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     rows = []
     guarded = any(layer.timings for layer in layers)
     measured = any(layer.measured_error is not None for layer in layers)
     for layer in layers:
-        action = "factor" if layer.factored else f"keep: {layer.reason}"
+        action = ("factor" if layer.factored else f"keep: {layer.reason}") + (f" ({layer.note})" if layer.note else "")
         rows.append([
             layer.name + (f" (shares weight x{layer.shared_by})" if layer.shared_by > 1 else ""),
             layer.op_type,
@@ -134,7 +172,9 @@ def format_verification(verification: VerificationReport, markdown: bool = False
     rows = [[o.name, f"{o.max_abs_error:.3g}", f"{o.relative_error:.3g}", f"{o.mean_cosine:.6f}", f"{o.min_cosine:.6f}"]
             for o in verification.outputs]
     lines = [
-        f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})",
+        f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})"
+        + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (pass --data)"
+           if verification.inputs.startswith("generated") else ""),
         tabulate(rows, ["output", "max abs err", "rel err", "cosine (mean)", "cosine (min)"], tablefmt=style),
     ]
     if verification.original is not None and verification.compressed is not None:
@@ -148,17 +188,29 @@ def format_verification(verification: VerificationReport, markdown: bool = False
 
 
 def _budget_text(budget: dict, style: str) -> str:
-    samples = budget["samples"]
+    samples, measure = budget["samples"], budget["measure"]
     verdict = (f"met with tau = {budget['tau']:.4f} (energy of each layer's output)" if budget["met"]
                else "NOT met even with every layer dense: the model is returned unfactored")
-    rows = [[f"{s['tau']:.4f}", f"{s['params_kept']:.1%}", "" if s["value"] is None else f"{s['value']:.4g}",
+    chosen = (f"chosen on {samples['calibration']} calibration samples" if measure
+              else "chosen by the parameter count alone")
+    verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
+                else "no held-out data")
+    rows = [[f"{s['tau']:.4f}", f"{s['params_kept']:.1%}",
+             *([] if not measure else ["" if s["value"] is None else f"{s['value']:.4g}"]),
              "yes" if s["feasible"] else "no"] for s in budget["steps"]]
-    return "\n".join([
-        f"budget: {budget['budget']}; {verdict}; chosen on {samples['calibration']} calibration samples, "
-        f"verified below on {samples['held_out']} held-out samples",
-        tabulate(rows, ["tau", "dense params kept", f"{budget['measure']} on calibration part", "within budget"],
-                 tablefmt=style, disable_numparse=True),
-    ])
+    headers = ["tau", "dense params kept", *([f"{measure} on calibration part"] if measure else []), "within budget"]
+    return "\n".join([f"budget: {budget['budget']}; {verdict}; {chosen}, {verified}",
+                      tabulate(rows, headers, tablefmt=style, disable_numparse=True)])
+
+
+def _share_line(report: Report) -> str:
+    """How much of the model the layers found cover, and how many nodes were passed over."""
+    if report.factorable_share is None:
+        return ""
+    passed = f"; {len(report.skipped)} nodes passed over, with why, under 'not factored'" if report.skipped else ""
+    found = report.dense_params_before + report.embedding_params_before
+    return (f"factorable layers hold {_count(found)} of the model's {_count(report.params_before)} "
+            f"parameters ({report.factorable_share:.1%}){passed}")
 
 
 def format_report(report: Report, markdown: bool = False) -> str:
@@ -178,7 +230,9 @@ def format_report(report: Report, markdown: bool = False) -> str:
     before, after = report.dense_params_before, report.dense_params_after
     totals = [
         f"layers factored: {report.factored} of {len(report.layers)}",
-        f"dense-layer parameters: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else "",
+        _share_line(report),
+        _share("dense-layer parameters", before, after),
+        _share("embedding-table parameters", report.embedding_params_before, report.embedding_params_after),
         f"model parameters: {_count(report.params_before)} -> {_count(report.params_after)}; "
         f"weight bytes: {_bytes(report.weight_bytes_before)} -> {_bytes(report.weight_bytes_after)}",
     ]

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import constant_tensor
+from onnx_arsvd.data import Feed, check_labels, load_data, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model
+from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = [
     "ModelLike",
+    "OutputAgreement",
     "OutputComparison",
     "TaskScores",
     "VerificationReport",
@@ -25,88 +29,16 @@ __all__ = [
     "check_files",
     "compare_models",
     "generated_batches",
-    "load_arrays",
-    "load_data",
-    "load_labels",
     "macro_f1",
     "make_session",
     "model_source",
     "verify",
 ]
 
-Feed = dict[str, np.ndarray]
-ModelSource = str | os.PathLike | bytes
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
-
-@dataclass(frozen=True)
-class OutputComparison:
-    """How far one output of the compressed model is from the original's."""
-
-    name: str
-    max_abs_error: float
-    relative_error: float
-    mean_cosine: float
-    min_cosine: float
-    cosine_stderr: float = 0.0
-    """Standard error of the mean cosine over samples."""
-
-    def cosine_bound(self, z: float = 1.645) -> float:
-        """One-sided lower confidence bound on the mean cosine (z = 1.645: 95%)."""
-        return self.mean_cosine - z * self.cosine_stderr
-
-
-@dataclass(frozen=True)
-class TaskScores:
-    """Top-1 accuracy and macro-F1 of a classifier's first output against labels."""
-
-    accuracy: float
-    macro_f1: float
-
-
-@dataclass
-class VerificationReport:
-    """Original vs compressed on one execution provider."""
-
-    provider: str
-    inputs: str
-    samples: int
-    outputs: list[OutputComparison] = field(default_factory=list)
-    original: TaskScores | None = None
-    compressed: TaskScores | None = None
-    flipped: int | None = None
-    """Samples one model classifies correctly and the other not (the discordant pairs)."""
-
-    @property
-    def accuracy_drop(self) -> float | None:
-        """Accuracy points lost (original - compressed, in percentage points)."""
-        if self.original is None or self.compressed is None:
-            return None
-        return 100.0 * (self.original.accuracy - self.compressed.accuracy)
-
-    def accuracy_drop_bound(self, z: float = 1.645) -> float | None:
-        """One-sided upper confidence bound on the accuracy drop, in points (z = 1.645: 95%).
-
-        The two models are scored on the same samples, so the drop's standard error comes from the
-        discordant pairs alone: sqrt(flipped) / n, a slight overestimate (it omits -(b - c)^2 / n^3).
-        """
-        if self.accuracy_drop is None or self.flipped is None or not self.samples:
-            return None
-        return self.accuracy_drop + z * 100.0 * float(np.sqrt(self.flipped)) / self.samples
-
-
-def make_session(source: ModelSource, provider: str = "CPUExecutionProvider", threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime session with thread spinning off, so live sessions do not slow each other."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    model = source if isinstance(source, bytes) else os.fspath(source)
-    try:
-        return ort.InferenceSession(model, options, providers=[provider])
-    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line}") from None
+DEFAULT_BATCH_SIZE = 64
+"""Samples per onnxruntime call in verification: bounds memory by one batch of both models' outputs."""
 
 
 def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
@@ -118,54 +50,15 @@ def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
         raise UnsupportedModelError(f"input {node_arg.name!r} has unsupported type {node_arg.type}") from None
 
 
-def load_arrays(data: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file, or of a mapping, by name."""
-    if isinstance(data, Mapping):
-        return {key: np.asarray(value) for key, value in data.items()}
-    try:
-        with np.load(data, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except Exception as error:
-        raise InvalidInputError(f"{os.fspath(data)}: not a readable .npz file ({error})") from None
-
-
-def load_labels(path: str | os.PathLike) -> np.ndarray:
-    """A labels array from an ``.npy`` file."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise InvalidInputError(f"{os.fspath(path)}: cannot read labels ({error})") from None
-
-
-def load_data(data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
-    """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array.
-
-    ``data`` is an ``.npz`` path or a mapping of arrays holding the same keys.
-    """
-    arrays = load_arrays(data)
-    where = "data" if isinstance(data, Mapping) else os.fspath(data)
-    feed: Feed = {}
-    for node_arg in session.get_inputs():
-        if node_arg.name not in arrays:
-            raise InvalidInputError(f"{where}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
-        array, dtype = arrays[node_arg.name], _input_dtype(node_arg)
-        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
-            raise InvalidInputError(f"{where}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
-        feed[node_arg.name] = array.astype(dtype, copy=False)
-    counts = {len(a) for a in feed.values()}
-    if len(counts) != 1:
-        raise InvalidInputError(f"{where}: input arrays have different sample counts {sorted(counts)}")
-    return feed, arrays.get("labels")
-
-
 def _index_bounds(model: ir.Model) -> dict[str, int]:
     """For integer inputs that index an embedding table (Gather on a constant), the table's size."""
     bounds: dict[str, int] = {}
     for value in model.graph.inputs:
         for user, index in value.uses():
-            if user.op_type == "Gather" and index == 1 and constant_tensor(user.inputs[0]) is not None:
-                axis = user.attributes.get("axis")
-                size = int(constant_tensor(user.inputs[0]).shape[axis.value if axis else 0])
+            table = constant_tensor(user.inputs[0]) if user.op_type == "Gather" and index == 1 else None
+            if table is not None and value.name:
+                axis = user.attributes.get_int("axis", 0)
+                size = table.shape.numpy()[axis]
                 bounds[value.name] = min(size, bounds.get(value.name, size))
     return bounds
 
@@ -174,7 +67,7 @@ def check_dims(dynamic: set[str], dims: Mapping[str, int]) -> None:
     """Every name in ``dims`` must be one of the model's dynamic input dimensions."""
     unknown = sorted(set(dims) - dynamic)
     if unknown:
-        raise InvalidInputError(f"--dim {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
+        raise InvalidInputError(f"dimension {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
                                 f"{', '.join(sorted(dynamic)) or 'none'}")
 
 
@@ -214,17 +107,6 @@ def generated_batches(
     return batches
 
 
-def split_batches(feed: Feed, session: ort.InferenceSession, batch_size: int) -> Iterator[Feed]:
-    """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
-    first_dims = [arg.shape[0] if arg.shape else None for arg in session.get_inputs()]
-    fixed = next((d for d in first_dims if isinstance(d, int) and d > 0), None)
-    step = fixed or batch_size
-    total = len(next(iter(feed.values())))
-    stop = total - total % step if fixed else total
-    for start in range(0, stop, step):
-        yield {name: array[start : start + step] for name, array in feed.items()}
-
-
 def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
     """Unweighted mean of per-class F1 over every class seen in labels or predictions."""
     scores = []
@@ -235,75 +117,110 @@ def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def _scores(logits: np.ndarray, labels: np.ndarray) -> TaskScores:
-    predictions = logits.reshape(len(labels), -1).argmax(axis=1)
+def _scores(predictions: np.ndarray, labels: np.ndarray) -> TaskScores:
     return TaskScores(accuracy=float(np.mean(predictions == labels)), macro_f1=macro_f1(labels, predictions))
 
 
-def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) -> OutputComparison:
-    rows_e = np.concatenate([e.reshape(e.shape[0] if e.ndim > 1 else 1, -1) for e in expected]).astype(np.float64)
-    rows_a = np.concatenate([a.reshape(a.shape[0] if a.ndim > 1 else 1, -1) for a in actual]).astype(np.float64)
-    diff = rows_a - rows_e
-    norm_e = np.linalg.norm(rows_e)
-    dots = np.sum(rows_e * rows_a, axis=1)
-    norms = np.linalg.norm(rows_e, axis=1) * np.linalg.norm(rows_a, axis=1)
-    cosines = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(np.any(diff != 0, axis=1), 0.0, 1.0))
-    return OutputComparison(
-        name=name,
-        max_abs_error=float(np.max(np.abs(diff))) if diff.size else 0.0,
-        relative_error=float(np.linalg.norm(diff) / norm_e) if norm_e > 0 else float(np.linalg.norm(diff)),
-        mean_cosine=float(np.mean(cosines)),
-        min_cosine=float(np.min(cosines)),
-        cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
-    )
+def _rows(array: np.ndarray) -> np.ndarray:
+    """One row per sample (a 0-d or 1-d output is one sample), in float64."""
+    return np.asarray(array).reshape(array.shape[0] if array.ndim > 1 else 1, -1).astype(np.float64)
+
+
+class OutputAgreement:
+    """How far one output of the compressed model is from the original's, accumulated batch by batch.
+
+    Only running sums and one cosine per sample are kept, so memory does not grow with the outputs' size.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.max_abs_error = 0.0
+        self.squared_error = 0.0
+        self.squared_reference = 0.0
+        self.cosines: list[np.ndarray] = []
+        self.newly_nonfinite = 0
+
+    def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
+        """Compare one batch of this output."""
+        rows_e, rows_a = _rows(expected), _rows(actual)
+        diff = rows_a - rows_e
+        self.newly_nonfinite += int(np.sum(np.all(np.isfinite(rows_e), axis=1) & ~np.all(np.isfinite(rows_a), axis=1)))
+        if diff.size:
+            self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(diff))))
+        self.squared_error += float(np.sum(diff * diff))
+        self.squared_reference += float(np.sum(rows_e * rows_e))
+        dots = np.sum(rows_e * rows_a, axis=1)
+        norms = np.linalg.norm(rows_e, axis=1) * np.linalg.norm(rows_a, axis=1)
+        self.cosines.append(np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                                     np.where(np.any(diff != 0, axis=1), 0.0, 1.0)))
+
+    def result(self) -> OutputComparison:
+        cosines = np.concatenate(self.cosines) if self.cosines else np.ones(1)
+        error, reference = np.sqrt(self.squared_error), np.sqrt(self.squared_reference)
+        return OutputComparison(
+            name=self.name,
+            max_abs_error=self.max_abs_error,
+            relative_error=float(error / reference) if reference > 0 else float(error),
+            mean_cosine=float(np.mean(cosines)),
+            min_cosine=float(np.min(cosines)),
+            cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
+            newly_nonfinite=self.newly_nonfinite,
+        )
 
 
 def compare_models(
     original: ort.InferenceSession,
     compressed: ort.InferenceSession,
-    batches: Sequence[Feed],
+    batches: Iterable[Feed],
     *,
     labels: np.ndarray | None = None,
     inputs: str = "",
+    progress: bool = False,
+    total: int | None = None,
 ) -> VerificationReport:
-    """Run both sessions batch by batch (one at a time) and compare every output."""
+    """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory.
+
+    With ``labels``, the first output is read as class scores (argmax per sample) for accuracy and macro-F1.
+    ``total`` samples, when known, give the progress bar its length.
+    """
     names = [o.name for o in original.get_outputs()]
     if names != [o.name for o in compressed.get_outputs()]:
         raise UnsupportedModelError(f"the models have different outputs: {names} vs {[o.name for o in compressed.get_outputs()]}")
-    expected: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    actual: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    agreements = {name: OutputAgreement(name) for name in names}
+    predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = 0
+    bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed in batches:
-        for name, value in zip(names, original.run(names, feed)):
-            expected[name].append(np.asarray(value))
-        for name, value in zip(names, compressed.run(names, feed)):
-            actual[name].append(np.asarray(value))
-        samples += len(next(iter(feed.values()))) if feed else 1
-    report = VerificationReport(
-        provider=original.get_providers()[0],
-        inputs=inputs,
-        samples=samples,
-        outputs=[_compare(n, expected[n], actual[n]) for n in names],
-    )
+        expected, actual = run_session(original, names, feed), run_session(compressed, names, feed)
+        for name, e, a in zip(names, expected, actual):
+            agreements[name].add(np.asarray(e), np.asarray(a))
+        if labels is not None:
+            for kept, first in zip(predictions, (expected[0], actual[0])):
+                kept.append(_rows(np.asarray(first)).argmax(axis=1))
+        count = len(next(iter(feed.values()))) if feed else 1
+        samples += count
+        bar.update(count)
+    bar.close()
+    report = VerificationReport(provider=original.get_providers()[0], inputs=inputs, samples=samples,
+                                outputs=[agreement.result() for agreement in agreements.values()])
     if labels is not None:
-        first = names[0]
-        logits_e, logits_a = np.concatenate(expected[first]), np.concatenate(actual[first])
-        labels = np.asarray(labels).reshape(-1)[: len(logits_e)]
-        if len(labels) != len(logits_e):
-            raise InvalidInputError(f"{len(labels)} labels for {len(logits_e)} samples")
-        report.original, report.compressed = _scores(logits_e, labels), _scores(logits_a, labels)
-        right_e = logits_e.reshape(len(labels), -1).argmax(axis=1) == labels
-        right_a = logits_a.reshape(len(labels), -1).argmax(axis=1) == labels
-        report.flipped = int(np.sum(right_e != right_a))
+        predicted_e, predicted_a = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in predictions)
+        labels = np.asarray(labels).reshape(-1)[: len(predicted_e)]
+        if len(labels) != len(predicted_e):
+            raise InvalidInputError(f"{len(labels)} labels for {len(predicted_e)} samples")
+        report.original, report.compressed = _scores(predicted_e, labels), _scores(predicted_a, labels)
+        report.flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
     return report
 
 
 def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
-    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand."""
+    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand.
+
+    A path is opened through :func:`load_model` first, so onnxruntime never reads a file that
+    our checks (external data inside the model's folder, sizes) refuse.
+    """
     if isinstance(model, (str, os.PathLike)):
-        if not Path(model).is_file():
-            raise InvalidInputError(f"{os.fspath(model)}: no such file")
-        return os.fspath(model), None
+        return os.fspath(model), load_model(model)
     proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
     return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
 
@@ -323,31 +240,50 @@ def verify(
     labels: np.ndarray | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     provider: str = "CPUExecutionProvider",
+    progress: bool = False,
 ) -> VerificationReport:
     """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
 
     ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
+    Both models run ``batch_size`` samples at a time and only per-sample summaries are kept, so
+    memory is bounded by one batch's outputs.
     """
+    if batch_size < 1:
+        raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
     check_files(data=data, labels=labels)
     original_source, original_ir = model_source(original)
     compressed_source, _ = model_source(compressed)
     session_a = make_session(original_source, provider)
     session_b = make_session(compressed_source, provider)
+    _check_same_inputs(session_a, session_b)
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
     if data is not None:
         feed, data_labels = load_data(data, session_a)
-        batches = list(split_batches(feed, session_a, batch_size))
+        if labels is not None or data_labels is not None:
+            labels = check_labels(labels if labels is not None else data_labels, len(next(iter(feed.values()))),
+                                  session_a)
+        batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
+        total = len(next(iter(feed.values()))) if feed else None
         described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
     else:
         if samples < 1:
             raise InvalidInputError(f"samples must be at least 1, got {samples}")
         ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
         batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
+        total = None
         data_labels = None
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
-    if isinstance(labels, (str, os.PathLike)):
-        labels = load_labels(labels)
-    return compare_models(session_a, session_b, batches,
-                          labels=labels if labels is not None else data_labels, inputs=described)
+    return compare_models(session_a, session_b, batches, labels=labels if labels is not None else data_labels,
+                          inputs=described, progress=progress, total=total)
+
+
+def _check_same_inputs(original: ort.InferenceSession, compressed: ort.InferenceSession) -> None:
+    """The two models must take the same inputs (names and types) to be run on the same data."""
+    described = [[f"{arg.name}: {arg.type}" for arg in session.get_inputs()] for session in (original, compressed)]
+    if described[0] != described[1]:
+        raise InvalidInputError(f"the models take different inputs: {', '.join(described[0])} vs "
+                                f"{', '.join(described[1])}")

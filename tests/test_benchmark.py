@@ -31,7 +31,8 @@ from onnx_arsvd.benchmark import (
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, LayerTiming, _layer_models, activation_rows, guard_verdict
+from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict
+from onnx_arsvd.results import LayerTiming
 from onnx_arsvd.verification import make_session
 from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
 
@@ -83,7 +84,7 @@ def test_whole_model_check_warns_only_where_every_round_is_slower() -> None:
     ]
     assert [c.consistently_slower for c in comparisons] == [True, False, False, False, False]
     (warning,) = LatencyGuard.regressions(comparisons)
-    assert warning.startswith("WARNING: the compressed model is SLOWER than the original at batch 1 on CPU: ")
+    assert warning.startswith("the compressed model is SLOWER than the original at batch 1 on CPU: ")
     assert "median 1.1 ms vs 1 ms (ratio 1.100; per round 1.200, 1.050, 1.100)" in warning
     assert LatencyGuard.regressions(comparisons[1:]) == []
 
@@ -299,4 +300,14 @@ def test_cli_guard_on_absent_target_writes_nothing(tmp_path: Path, capsys: pytes
     original, _ = _pair(tmp_path)
     out = tmp_path / "guarded.onnx"
     assert main(["compress", str(original), "-o", str(out), "--guard", "latency", "--target", "cuda", "-q"]) == 2
-    assert "--target cuda:" in capsys.readouterr().err and not out.exists()
+    assert "guard target 'cuda':" in capsys.readouterr().err and not out.exists()
+
+
+def test_interleaved_times_stop_at_max_seconds_with_at_least_three_pairs(tmp_path: Path) -> None:
+    """A slow model's timing is bounded: past max_seconds only the 3-pair minimum is taken."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), path)
+    session = make_session(path)
+    feed = {"X": np.zeros((2, 48), np.float32)}
+    first, second = interleaved_times(session, session, feed, warmup=0, min_runs=1000, max_seconds=0.0)
+    assert len(first) == len(second) == 3

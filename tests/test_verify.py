@@ -12,15 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import verify
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.verification import (
-    TaskScores,
-    VerificationReport,
-    _compare,
-    generated_batches,
-    macro_f1,
-    make_session,
-    split_batches,
-)
+from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.verification import OutputAgreement, generated_batches, macro_f1, make_session, split_batches
 from tests.conftest import make_mlp
 
 
@@ -32,10 +25,21 @@ def test_macro_f1_by_hand() -> None:
     assert macro_f1(labels, labels) == 1.0
 
 
+def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) -> OutputComparison:
+    """One output compared batch by batch, as verification does."""
+    agreement = OutputAgreement(name)
+    for e, a in zip(expected, actual, strict=True):
+        agreement.add(e, a)
+    return agreement.result()
+
+
 def test_comparison_metrics() -> None:
-    expected = [np.array([[3.0, 4.0], [1.0, 0.0]])]
-    actual = [np.array([[3.0, 4.0], [0.0, 1.0]])]
-    result = _compare("y", expected, actual)
+    expected = [np.array([[3.0, 4.0]]), np.array([[1.0, 0.0]])]  # two batches, compared as one set of rows
+    actual = [np.array([[3.0, 4.0]]), np.array([[0.0, 1.0]])]
+    agreement = OutputAgreement("y")
+    for e, a in zip(expected, actual):
+        agreement.add(e, a)
+    result = agreement.result()
     assert result.max_abs_error == 1.0
     assert result.relative_error == pytest.approx(np.sqrt(2) / np.sqrt(26))
     assert result.mean_cosine == pytest.approx(0.5) and result.min_cosine == pytest.approx(0.0)
@@ -104,7 +108,7 @@ def test_verify_detects_a_changed_model() -> None:
 def test_unknown_dim_name_is_an_error() -> None:
     model = _embedding_model()
     session = make_session(model.SerializeToString())
-    with pytest.raises(InvalidInputError, match=r"--dim sequence: no dynamic dimension of that name; the model's are: batch, seq"):
+    with pytest.raises(InvalidInputError, match=r"dimension sequence: no dynamic dimension of that name; the model's are: batch, seq"):
         generated_batches(session, ir.from_proto(model), {"sequence": 16}, samples=1)
 
 
