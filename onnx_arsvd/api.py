@@ -26,7 +26,7 @@ from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_f
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.output import Staged, check_paths, stage_model
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
-from onnx_arsvd.rank import RankPolicy
+from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
@@ -111,11 +111,12 @@ def inspect_model(
     calibration: CalibrationSource | None = None,
     lp_power: float = 1.0,
     embedding_policy: RankPolicy | None = None,
+    factor_heads: bool = True,
     progress: bool = False,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy)
+                         embedding_policy, factor_heads)
     loaded = to_model(model)
     planned = plan_model(loaded, settings, with_factors=False, progress=progress)
     size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
@@ -126,12 +127,9 @@ def inspect_model(
 
 def _settings(policy: RankPolicy | None, include: Sequence[str], exclude: Sequence[str], max_rank_fraction: float,
               min_params: int, method: str, calibration: CalibrationSource | None, lp_power: float,
-              embedding_policy: RankPolicy | None) -> Settings:
-    if policy is None:
-        return Settings(include=include, exclude=exclude, max_rank_fraction=max_rank_fraction, min_params=min_params,
-                        method=method, calibration=calibration, lp_power=lp_power, embedding_policy=embedding_policy)
-    return Settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                    embedding_policy)
+              embedding_policy: RankPolicy | None, factor_heads: bool) -> Settings:
+    return Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
+                    lp_power, embedding_policy, factor_heads)
 
 
 def _input_files(model: ModelLike, loaded: ir.Model, data: object, labels: object, calibration: object) -> dict:
@@ -195,6 +193,7 @@ def compress(
     calibration: CalibrationSource | None = None,
     lp_power: float = 1.0,
     embedding_policy: RankPolicy | None = None,
+    factor_heads: bool = True,
     external_data: bool | None = None,
     check: bool = True,
     progress: bool = False,
@@ -213,6 +212,8 @@ def compress(
     never modified. ``method="whitened"`` factors each layer to minimise its output error on the
     ``calibration`` inputs (an ``.npz``, arrays, or a ``CalibrationDataReader``) instead of the weight
     error; ``method="lp"`` fits each weight's rows with the robust l_p subspace (``lp_power`` p in [1, 2]).
+    With ``factor_heads=False`` layers that feed a graph output (classifier heads) stay dense: the
+    CLI's default when no real data checks the result.
     Embedding tables (``Gather`` on a constant) are factored only with an ``embedding_policy``;
     the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
     ``data``, ``labels``, ``dims``, ``samples`` and ``batch_size`` are as in :func:`verify`. With a ``budget``, ``data``
@@ -237,7 +238,7 @@ def compress(
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy)
+                         embedding_policy, factor_heads)
     provider = guard.provider() if guard is not None else None
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
 
@@ -262,11 +263,12 @@ def compress(
         latency_check: list[LatencyComparison] = []
         if guard is not None and provider is not None and factored:
             compressed_source = os.fspath(compressed) if written_model is not None else model_source(loaded)[0]
-            latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded)
+            latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded,
+                                              progress)
         verification = None
         if check:
             verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, progress=progress)
         _check_result(verification, search)
         written = _Written()
         if written_model is not None:

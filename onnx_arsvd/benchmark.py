@@ -111,15 +111,25 @@ def interleaved_times(
     min_runs: int = 20,
     max_runs: int = 2000,
     min_seconds: float = 1.0,
+    max_seconds: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds per call of each session, measured in alternating pairs until enough time has passed."""
+    """Seconds per call of each session, measured in alternating pairs until enough time has passed.
+
+    ``max_seconds`` bounds a slow model's measurement: past it, no more than 3 pairs are taken.
+    """
     for _ in range(warmup):
         first.run(None, feed)
         second.run(None, feed)
     times: tuple[list[float], list[float]] = ([], [])
     started = time.perf_counter()
     pair = 0
-    while pair < min_runs or (pair < max_runs and time.perf_counter() - started < min_seconds):
+    def more() -> bool:
+        elapsed = time.perf_counter() - started
+        if max_seconds is not None and elapsed > max_seconds and pair >= 3:
+            return False
+        return pair < min_runs or (pair < max_runs and elapsed < min_seconds)
+
+    while more():
         order = (0, 1) if pair % 2 == 0 else (1, 0)  # alternate who goes first, so neither always runs warm
         for index in order:
             session = (first, second)[index]
@@ -140,10 +150,11 @@ def timed_rounds(
     rounds: int = 3,
     min_seconds: float = 1.0,
     min_runs: int = 20,
+    max_seconds: float | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Interleaved times of both models in ``rounds`` rounds, each with freshly created sessions.
 
-    Creation order alternates between rounds; ``min_seconds`` is the total over all rounds.
+    Creation order alternates between rounds; ``min_seconds`` and ``max_seconds`` are totals over all rounds.
     """
     results = []
     for index in range(rounds):
@@ -153,7 +164,8 @@ def timed_rounds(
         else:
             first = make_session(original, provider, threads)
             second = make_session(compressed, provider, threads)
-        results.append(interleaved_times(first, second, feed, min_runs=min_runs, min_seconds=min_seconds / rounds))
+        results.append(interleaved_times(first, second, feed, min_runs=min_runs, min_seconds=min_seconds / rounds,
+                                         max_seconds=None if max_seconds is None else max_seconds / rounds))
         del first, second
     return results
 
@@ -214,7 +226,7 @@ def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed, thr
     """
     with tempfile.TemporaryDirectory(prefix="onnx-arsvd-memory-") as folder:
         feed_path = Path(folder) / "feed.npz"
-        np.savez(feed_path, **feed)
+        np.savez(feed_path, **feed)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path), str(threads)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if completed.returncode != 0:

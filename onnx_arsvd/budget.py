@@ -24,7 +24,6 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import read_array
 from onnx_arsvd.data import load_arrays, load_data, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.model_io import to_model
@@ -228,10 +227,10 @@ class BudgetSearch:
         grams = capture_grams(loaded, [layer for plan in factored for layer in plan.layers], inputs, progress=progress)
         for plan in factored:
             first = plan.layers[0]
-            matrix = read_array(first.weight)
+            if first.weight_key not in grams:  # used inside an If/Loop/Scan body: no activations to measure on
+                continue
             assert plan.factors is not None  # filtered above
-            error = relative_output_error(matrix.T if first.transposed else matrix, plan.factors,
-                                          grams[first.weight_key])
+            error = relative_output_error(first.matrix(), plan.factors, grams[first.weight_key])
             plan.decisions = [dataclasses.replace(d, measured_error=error) for d in plan.decisions]
 
     def summary(self) -> dict[str, object]:

@@ -49,6 +49,9 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
                             "they usually need a higher one than dense layers (default: keep them dense)")
     group.add_argument("--calibration", metavar="NPZ",
                        help="inputs for --method whitened: arrays keyed by input name, first axis = samples")
+    group.add_argument("--factor-heads", action="store_true",
+                       help="also factor layers that feed a graph output (classifier heads); the default does so "
+                            "only with --data or --calibration, real inputs that check them")
     group.add_argument("--include", action="append", default=[], metavar="GLOB",
                        help="only layers whose node or weight name matches (repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -172,9 +175,9 @@ def _policy(args: argparse.Namespace):
     for other, param in _POLICY_PARAMS.items():
         if other != name and getattr(args, param) is not None:
             raise InvalidInputError(f"--{param} does not apply to --policy {name}")
-    param = _POLICY_PARAMS.get(name)
-    value = getattr(args, param) if param else None
-    return make_policy(name, **({param: value} if value is not None else {}))
+    setting = _POLICY_PARAMS.get(name)
+    value = getattr(args, setting) if setting is not None else None
+    return make_policy(name, **({setting: value} if setting is not None and value is not None else {}))
 
 
 def _embedding_policy(args: argparse.Namespace):
@@ -183,10 +186,36 @@ def _embedding_policy(args: argparse.Namespace):
     return EnergyPolicy(args.embedding_tau) if args.embedding_tau is not None else None
 
 
-def _budget(args: argparse.Namespace):
-    if args.max_drop is None and args.min_cosine is None and args.target_params is None:
+def _factor_heads(args: argparse.Namespace) -> bool:
+    """Heads are factored when asked, or when real inputs (--data, --calibration) check the result."""
+    return bool(args.factor_heads or getattr(args, "data", None) or args.calibration)
+
+
+def _labelled(path: str) -> bool | None:
+    """Whether an .npz holds a 'labels' array; None when it cannot be read (the data check says why later)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return "labels" in archive.files
+    except (OSError, ValueError):
         return None
+
+
+def _budget(args: argparse.Namespace):
     from onnx_arsvd.budget import Budget
+
+    if args.max_drop is None and args.min_cosine is None and args.target_params is None:
+        chosen = args.policy is not None or any(getattr(args, p) is not None for p in (*_POLICY_PARAMS.values(),
+                                                                                       "output_tau"))
+        labelled = None if args.data is None or chosen else bool(args.labels) or _labelled(args.data)
+        if labelled is None:
+            return None
+        budget = Budget(max_drop=1.0) if labelled else Budget(min_cosine=0.99)
+        logging.getLogger("onnx_arsvd").warning(
+            f"no rank policy given: choosing ranks for {budget.describe()} on --data (give --tau, --ratio, "
+            "--max-drop, ... to choose yourself)")
+        return budget
 
     return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
                   holdout=args.holdout)
@@ -270,7 +299,8 @@ def _run(args: argparse.Namespace) -> int:
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
                                    method=args.method or "svd", calibration=args.calibration, lp_power=args.p,
-                                   embedding_policy=_embedding_policy(args), progress=not args.quiet)
+                                   embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
+                                   progress=not args.quiet)
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
@@ -290,7 +320,8 @@ def _run(args: argparse.Namespace) -> int:
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
-            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
+            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
+            external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
             batch_size=args.batch_size, guard=guard,
         )
@@ -312,7 +343,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"onnx-arsvd: {note}", file=sys.stderr)
         verifications = [api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
                                     dims=_dims(args.dim), samples=args.samples, batch_size=args.batch_size,
-                                    provider=provider) for provider in providers]
+                                    provider=provider, progress=not args.quiet) for provider in providers]
         _emit(args, "\n\n".join(format_verification(v) for v in verifications),
               "\n\n".join(format_verification(v, True) for v in verifications),
               json.dumps([verification_to_dict(v) for v in verifications] if len(verifications) > 1

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from onnx_arsvd.candidates import Layer, WeightKey, read_array
+from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.factorize import Spectrum, factors_at_rank, lp_factors, spectrum, whitened_spectrum
+from onnx_arsvd.layer_math import storage_problem
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
 from onnx_arsvd.results import LayerTiming
 
@@ -93,7 +94,7 @@ def dense_decision(layer: Layer, reason: str) -> LayerDecision:
     """The row of a layer left dense without looking at its spectrum (e.g. excluded by name)."""
     shape = layer.shape
     return LayerDecision(
-        name=layer.name, op_type=layer.op_type, weight=layer.weight_name, shape=shape,
+        name=layer.name, op_type=layer.op_type, weight=layer.weight_key[0], shape=shape,
         dtype=layer.dtype.name.lower(), break_even=break_even_rank(shape), full_rank=min(shape),
         rank=min(shape), energy_kept=1.0, factored=False, reason=reason, shared_by=1,
     )
@@ -109,10 +110,10 @@ def _keep_reason(shape: tuple[int, int], rank: int, max_rank_fraction: float, mi
 
 
 def _weight_matrix(layer: Layer) -> np.ndarray:
-    array = read_array(layer.weight)
+    array = layer.matrix()
     if not np.isfinite(array).all():
         raise UnsupportedModelError(f"weight {layer.weight_name!r} of node {layer.name!r} contains NaN or Inf")
-    return array.T if layer.transposed else array
+    return array
 
 
 def _group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
@@ -171,7 +172,7 @@ def plan_layers(
             LayerDecision(
                 name=layer.name,
                 op_type=layer.op_type,
-                weight=layer.weight_name,
+                weight=layer.weight_key[0],
                 shape=shape,
                 dtype=layer.dtype.name.lower(),
                 break_even=break_even_rank(shape),
@@ -190,6 +191,9 @@ def plan_layers(
             factors = (fit.a, fit.b)
         elif factored and spec is not None:
             factors = factors_at_rank(spec, rank)
+        problem = next((p for layer in group if factors is not None and (p := storage_problem(layer, *factors))), "")
+        if problem:  # e.g. a large Gemm alpha folded into float16 factors
+            decisions, factors = [replace(d, factored=False, reason=problem) for d in decisions], None
         plans.append(WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors))
     return plans
 

@@ -86,6 +86,12 @@ class Report:
         return sum(layer.params_after for layer in self._unique(tables=True))
 
     @property
+    def factorable_share(self) -> float | None:
+        """Share of the model's parameters in the layers found (dense layers and tables), before compression."""
+        found = self.dense_params_before + self.embedding_params_before
+        return found / self.params_before if self.params_before else None
+
+    @property
     def factored(self) -> int:
         return sum(layer.factored for layer in self.layers)
 
@@ -101,6 +107,7 @@ def report_to_json(report: Report) -> str:
         dense_params_after=report.dense_params_after,
         embedding_params_before=report.embedding_params_before,
         embedding_params_after=report.embedding_params_after,
+        factorable_share=report.factorable_share,
         factored_layers=report.factored,
     )
     if report.verification is not None:
@@ -137,7 +144,7 @@ def _error_cell(layer: LayerDecision, whitened: bool) -> str:
     return f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened else f"- / {layer.measured_error:.3f}"
 
 
-def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[object]]:
+def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     rows = []
     guarded = any(layer.timings for layer in layers)
     measured = any(layer.measured_error is not None for layer in layers)
@@ -196,6 +203,16 @@ def _budget_text(budget: dict, style: str) -> str:
                       tabulate(rows, headers, tablefmt=style, disable_numparse=True)])
 
 
+def _share_line(report: Report) -> str:
+    """How much of the model the layers found cover, and how many nodes were passed over."""
+    if report.factorable_share is None:
+        return ""
+    passed = f"; {len(report.skipped)} nodes passed over, with why, under 'not factored'" if report.skipped else ""
+    found = report.dense_params_before + report.embedding_params_before
+    return (f"factorable layers hold {_count(found)} of the model's {_count(report.params_before)} "
+            f"parameters ({report.factorable_share:.1%}){passed}")
+
+
 def format_report(report: Report, markdown: bool = False) -> str:
     """A human-readable report: layer table, skipped nodes, totals, verification."""
     style = "github" if markdown else "simple"
@@ -213,6 +230,7 @@ def format_report(report: Report, markdown: bool = False) -> str:
     before, after = report.dense_params_before, report.dense_params_after
     totals = [
         f"layers factored: {report.factored} of {len(report.layers)}",
+        _share_line(report),
         _share("dense-layer parameters", before, after),
         _share("embedding-table parameters", report.embedding_params_before, report.embedding_params_after),
         f"model parameters: {_count(report.params_before)} -> {_count(report.params_after)}; "

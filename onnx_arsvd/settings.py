@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from onnx_arsvd.calibration import CalibrationDataReader
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
@@ -16,7 +18,7 @@ __all__ = ["METHODS", "CalibrationSource", "Settings"]
 
 METHODS = ("svd", "whitened", "lp")
 
-CalibrationSource = str | os.PathLike | Mapping | CalibrationDataReader
+CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader
 """An ``.npz`` path, arrays keyed by input name, or a ``CalibrationDataReader``."""
 
 
@@ -33,6 +35,8 @@ class Settings:
     calibration: CalibrationSource | None = None
     lp_power: float = 1.0
     embedding_policy: RankPolicy | None = None
+    factor_heads: bool = True
+    """Factor layers that feed a graph output (classifier heads); without real data to check them, don't."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import constant_tensor
 from onnx_arsvd.data import Feed, check_labels, load_data, load_labels, split_batches
@@ -54,9 +55,10 @@ def _index_bounds(model: ir.Model) -> dict[str, int]:
     bounds: dict[str, int] = {}
     for value in model.graph.inputs:
         for user, index in value.uses():
-            if user.op_type == "Gather" and index == 1 and constant_tensor(user.inputs[0]) is not None:
-                axis = user.attributes.get("axis")
-                size = int(constant_tensor(user.inputs[0]).shape[axis.value if axis else 0])
+            table = constant_tensor(user.inputs[0]) if user.op_type == "Gather" and index == 1 else None
+            if table is not None and value.name:
+                axis = user.attributes.get_int("axis", 0)
+                size = table.shape.numpy()[axis]
                 bounds[value.name] = min(size, bounds.get(value.name, size))
     return bounds
 
@@ -173,10 +175,13 @@ def compare_models(
     *,
     labels: np.ndarray | None = None,
     inputs: str = "",
+    progress: bool = False,
+    total: int | None = None,
 ) -> VerificationReport:
     """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory.
 
     With ``labels``, the first output is read as class scores (argmax per sample) for accuracy and macro-F1.
+    ``total`` samples, when known, give the progress bar its length.
     """
     names = [o.name for o in original.get_outputs()]
     if names != [o.name for o in compressed.get_outputs()]:
@@ -184,6 +189,7 @@ def compare_models(
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = 0
+    bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed in batches:
         expected, actual = run_session(original, names, feed), run_session(compressed, names, feed)
         for name, e, a in zip(names, expected, actual):
@@ -191,7 +197,10 @@ def compare_models(
         if labels is not None:
             for kept, first in zip(predictions, (expected[0], actual[0])):
                 kept.append(_rows(np.asarray(first)).argmax(axis=1))
-        samples += len(next(iter(feed.values()))) if feed else 1
+        count = len(next(iter(feed.values()))) if feed else 1
+        samples += count
+        bar.update(count)
+    bar.close()
     report = VerificationReport(provider=original.get_providers()[0], inputs=inputs, samples=samples,
                                 outputs=[agreement.result() for agreement in agreements.values()])
     if labels is not None:
@@ -234,6 +243,7 @@ def verify(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     provider: str = "CPUExecutionProvider",
+    progress: bool = False,
 ) -> VerificationReport:
     """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
 
@@ -257,16 +267,18 @@ def verify(
             labels = check_labels(labels if labels is not None else data_labels, len(next(iter(feed.values()))),
                                   session_a)
         batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
+        total = len(next(iter(feed.values()))) if feed else None
         described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
     else:
         if samples < 1:
             raise InvalidInputError(f"samples must be at least 1, got {samples}")
         ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
         batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
+        total = None
         data_labels = None
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
     return compare_models(session_a, session_b, batches, labels=labels if labels is not None else data_labels,
-                          inputs=described)
+                          inputs=described, progress=progress, total=total)
 
 
 def _check_same_inputs(original: ort.InferenceSession, compressed: ort.InferenceSession) -> None:

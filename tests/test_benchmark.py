@@ -237,3 +237,13 @@ def test_cli_guard_on_absent_target_writes_nothing(tmp_path: Path, capsys: pytes
     out = tmp_path / "guarded.onnx"
     assert main(["compress", str(original), "-o", str(out), "--guard", "latency", "--target", "cuda", "-q"]) == 2
     assert "--target cuda:" in capsys.readouterr().err and not out.exists()
+
+
+def test_interleaved_times_stop_at_max_seconds_with_at_least_three_pairs(tmp_path: Path) -> None:
+    """A slow model's timing is bounded: past max_seconds only the 3-pair minimum is taken."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(), path)
+    session = make_session(path)
+    feed = {"X": np.zeros((2, 48), np.float32)}
+    first, second = interleaved_times(session, session, feed, warmup=0, min_runs=1000, max_seconds=0.0)
+    assert len(first) == len(second) == 3

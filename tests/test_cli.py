@@ -41,7 +41,7 @@ def test_compress_writes_verified_model_and_report(mlp_path: Path, tmp_path: Pat
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     before = _digest(mlp_path)
     assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "ratio", "--ratio", "0.25",
-                 "--dim", "batch=4", "--min-params", "0", "--report", str(report), "-q"]) == 0
+                 "--dim", "batch=4", "--min-params", "0", "--factor-heads", "--report", str(report), "-q"]) == 0
     assert "verification on CPUExecutionProvider" in capsys.readouterr().out
     assert _digest(mlp_path) == before
     onnx.checker.check_model(str(out), full_check=True)
@@ -191,7 +191,7 @@ def test_usage_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
 def test_compress_with_bench_reports_both(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "small.onnx"
     assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "rank", "--rank", "4", "--min-params", "0",
-                 "--bench", "--batch", "2", "--seconds", "0.01", "--no-memory", "--json", "-q"]) == 0
+                 "--factor-heads", "--bench", "--batch", "2", "--seconds", "0.01", "--no-memory", "--json", "-q"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["factored_layers"] == 3
     assert [c["batch"] for c in data["benchmark"]["latency"]] == [2]

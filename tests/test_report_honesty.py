@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,25 @@ def test_weights_in_constant_nodes_count() -> None:
     _, report = compress(model, policy=FixedRankPolicy(8), check=False)
     assert report.params_before == 96 * 80 and report.weight_bytes_before == 96 * 80 * 4
     assert report.params_after == 8 * (96 + 80)
+
+
+def test_without_data_the_cli_keeps_heads_dense(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A classifier head is the layer whose truncation costs most: without real data to check it, it stays dense."""
+    base = ["inspect", str(mlp_path), "--policy", "rank", "--rank", "2", "--min-params", "0", "--json", "-q"]
+    assert main(base) == 0
+    reasons = {row["name"]: row["reason"] for row in json.loads(capsys.readouterr().out)["layers"]}
+    assert reasons["fc0"] == "" and reasons["fc1"] == "" and reasons["fc2"].startswith("feeds a graph output")
+    assert main([*base, "--factor-heads"]) == 0
+    assert all(row["factored"] for row in json.loads(capsys.readouterr().out)["layers"])
+
+
+def test_data_without_a_policy_runs_a_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--data and no policy: the CLI chooses ranks for a 1-point budget (labels) instead of a blind threshold."""
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(MODELS / "digits_mlp.onnx"), "-o", str(out), "--data",
+                 str(MODELS / "digits_test.npz"), "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["budget"]["budget"] == "at most 1 accuracy points lost"
+    assert "no rank policy given" in captured.err
+    assert report["factored_layers"] >= 1
