@@ -150,11 +150,29 @@ def _check_inline(tensor: onnx.TensorProto, where: str) -> None:
                                     f"({expected} {unit}) but holds {actual}")
 
 
+def _sparse_user(graph: onnx.GraphProto) -> str | None:
+    """The first node (in ``graph`` or its bodies) with a sparse tensor attribute, by name or type."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("sparse_tensor") or attribute.sparse_tensors:
+                return node.name or node.op_type
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                if (found := _sparse_user(body)) is not None:
+                    return found
+    return None
+
+
 def _check_tensors(proto: onnx.ModelProto, folder: Path, where: str) -> None:
-    """Refuse any tensor whose dims, data or external data location is not what it claims."""
+    """Refuse any tensor whose dims, data or external data location is not what it claims.
+
+    Sparse tensors are refused outright: onnx_ir does not carry them, so they would vanish from the output.
+    """
     if proto.graph.sparse_initializer:
         names = ", ".join(repr(s.values.name) for s in proto.graph.sparse_initializer)
         raise UnsupportedModelError(f"{where}: sparse initializers ({names}) are not supported; store them dense")
+    if (node := _sparse_user(proto.graph)) is not None:
+        raise UnsupportedModelError(f"{where}: node {node!r} has a sparse tensor attribute, which is not supported; "
+                                    "store it dense")
     for tensor in proto_tensors(proto):
         if any(d < 0 for d in tensor.dims):
             raise UnsupportedModelError(f"{where}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")

@@ -159,6 +159,13 @@ def _sparse_initializer(folder: Path) -> onnx.ModelProto:
     return model
 
 
+def _sparse_constant(folder: Path) -> onnx.ModelProto:
+    model = _sparse_initializer(folder)
+    sparse = model.graph.sparse_initializer.pop()
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["S"], name="sparse_bias", sparse_value=sparse))
+    return model
+
+
 def _missing_bias_file(folder: Path) -> onnx.ModelProto:
     model = make_linear_model()
     model.graph.initializer[1].CopyFrom(_external(model.graph.initializer[1], "bias.bin"))
@@ -177,6 +184,7 @@ HOSTILE_MODELS: dict[str, tuple[Callable[[Path], onnx.ModelProto], str]] = {
     "huge-dims": (_huge_dims, "declares dims [1000000, 1000000]"),
     "negative-dims": (_negative_dims, "negative dims [-32, -24]"),
     "sparse-initializer": (_sparse_initializer, "sparse initializers ('S') are not supported"),
+    "sparse-constant": (_sparse_constant, "node 'sparse_bias' has a sparse tensor attribute"),
     "missing-external-file": (_missing_bias_file, "external data file 'bias.bin' cannot be read"),
 }
 
