@@ -75,8 +75,8 @@ def _session_specs(session: _Session) -> list[InputSpec]:
         name = arg.type.removeprefix("tensor(").removesuffix(")")
         try:
             dtype = np.dtype(_ORT_TYPES.get(name, name))
-        except TypeError:
-            raise UnsupportedModelError(f"input {arg.name!r} has unsupported type {arg.type}") from None
+        except TypeError as error:
+            raise UnsupportedModelError(f"input {arg.name!r} has unsupported type {arg.type}") from error
         shape = None if arg.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
         specs.append(InputSpec(arg.name, dtype, shape))
     return specs
@@ -97,8 +97,8 @@ def input_specs(model: ir.Model | _Session) -> list[InputSpec]:
             raise UnsupportedModelError(f"input {value.name!r} has no tensor type")
         try:
             dtype = np.dtype(value.dtype.numpy())
-        except (TypeError, ValueError):
-            raise UnsupportedModelError(f"input {value.name!r} has unsupported type {value.dtype}") from None
+        except (TypeError, ValueError) as error:
+            raise UnsupportedModelError(f"input {value.name!r} has unsupported type {value.dtype}") from error
         shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
         specs.append(InputSpec(value.name or "", dtype, shape))
     return specs

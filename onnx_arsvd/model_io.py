@@ -82,8 +82,8 @@ def _data_bytes(tensor: onnx.TensorProto) -> int:
     """What the declared dims and type take, in bytes."""
     try:
         itemsize = ir.DataType(tensor.data_type).itemsize
-    except ValueError:
-        raise UnsupportedModelError(f"tensor {tensor.name!r} has unknown data type {tensor.data_type}") from None
+    except ValueError as error:
+        raise UnsupportedModelError(f"tensor {tensor.name!r} has unknown data type {tensor.data_type}") from error
     return math.ceil(math.prod(tensor.dims) * itemsize)
 
 
@@ -101,8 +101,8 @@ def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
     try:
         offset = int(info.get("offset") or 0)
         length = int(info["length"]) if info.get("length") else None
-    except ValueError:
-        raise UnsupportedModelError(f"tensor {tensor.name!r}: external data offset/length are not integers") from None
+    except ValueError as error:
+        raise UnsupportedModelError(f"tensor {tensor.name!r}: external data offset/length are not integers") from error
     return info.get("location", ""), offset, length
 
 

@@ -336,6 +336,7 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["inspect", str(tmp_path / "m.onnx"), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("onnx-arsvd: error: ")
+    assert "The above exception was the direct cause of the following exception" in err  # the cause is chained
 
 
 def test_ctrl_c_during_start_up_exits_130(mlp_path: Path) -> None:
