@@ -386,3 +386,22 @@ def test_a_calibration_reader_feeding_nan_fails_before_any_output(tmp_path: Path
         compress(tmp_path / "m.onnx", tmp_path / "out.onnx", policy=EnergyPolicy(0.9), method="whitened",
                  calibration=NanReader(), min_params=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_write_that_runs_out_of_space_is_one_line_and_leaves_nothing(mlp_path: Path, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes every write past 4 KiB fail with EFBIG, as a full disk fails with ENOSPC."""
+    import resource
+    import signal
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.run([sys.executable, "-m", "onnx_arsvd", "compress", str(mlp_path), "-o", str(out / "c.onnx"),
+                            "--no-verify", "-q"], cwd=REPO, env={**os.environ, "PYTHONPATH": os.fspath(REPO)},
+                           capture_output=True, text=True, preexec_fn=limit_file_size, timeout=120, check=False)
+    assert child.returncode == 1 and child.stderr.count("\n") == 1, child.stderr
+    assert child.stderr.startswith("onnx-arsvd: error: ") and "cannot write the output" in child.stderr
+    assert list(out.iterdir()) == []
