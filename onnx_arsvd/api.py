@@ -263,8 +263,8 @@ def compress(
         latency_check: list[LatencyComparison] = []
         if guard is not None and provider is not None and factored:
             compressed_source = os.fspath(compressed) if written_model is not None else model_source(loaded)[0]
-            latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded,
-                                              progress)
+            latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
+                                              loaded, progress)
         verification = None
         if check:
             verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,

@@ -50,12 +50,12 @@ def capture_grams(
     """
     if not layers:
         return {}
+    serialized, outputs_by_node = exposed_model(model, layers)
+    names = list(dict.fromkeys(outputs_by_node.values()))
     if isinstance(data, (str, os.PathLike, Mapping)):
         reader: CalibrationDataReader = ArrayReader(data, model)
     else:
         reader = CheckedReader(data, model)
-    serialized, outputs_by_node = exposed_model(model, layers)
-    names = list(dict.fromkeys(outputs_by_node.values()))
     session = make_session(serialized)
     grams: dict[WeightKey, np.ndarray] = {}
     batches = 0

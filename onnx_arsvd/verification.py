@@ -67,7 +67,7 @@ def check_dims(dynamic: set[str], dims: Mapping[str, int]) -> None:
     """Every name in ``dims`` must be one of the model's dynamic input dimensions."""
     unknown = sorted(set(dims) - dynamic)
     if unknown:
-        raise InvalidInputError(f"--dim {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
+        raise InvalidInputError(f"dimension {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
                                 f"{', '.join(sorted(dynamic)) or 'none'}")
 
 
