@@ -12,10 +12,8 @@ Usage: python -m benchmarks.subgraph_table [--out benchmarks/results/subgraph_ta
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
@@ -24,7 +22,7 @@ if not __package__:  # run as a file: import from the repository root, as python
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.results_io import package_versions, write_result
+from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
 from onnx_arsvd.rank import RankPolicy
 
@@ -63,11 +61,7 @@ def main(argv: list[str]) -> None:
                          *(f"{a:.2%} -> {c:.2%}" for a, c in zip(original, compressed, strict=True))])
     headers = ["policy", "ranks (`*` dense)", "dense params kept", "file bytes", *(f"accuracy, {b}" for b in BRANCHES)]
     lines = [
-        "# A model with its hidden layers inside If branches (models/branch_mlp.onnx)",
-        "",
-        f"- command: `{shlex.join(['python', 'benchmarks/subgraph_table.py', *argv])}`",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- versions: {package_versions()}",
+        *header("A model with its hidden layers inside If branches (models/branch_mlp.onnx)", __file__, argv),
         f"- original: {MODEL.stat().st_size:,} bytes; tool defaults otherwise (factor at rank <= 0.8 x break-even, "
         ">= 4096 parameters); accuracy on the 540 test digits, each branch forced by the `branch` input",
         "",
