@@ -73,8 +73,8 @@ class _Lifter:
                         attr.value.outputs.append(empty)
             elif owner.op_type == "Scan":
                 for name in ("scan_output_axes", "scan_output_directions"):
-                    if (attr := owner.attributes.get(name)) is not None:
-                        owner.attributes[name] = ir.AttrInt64s(name, [*attr.value, 0])
+                    if (axes := owner.attributes.get(name)) is not None:
+                        owner.attributes[name] = ir.AttrInt64s(name, [*axes.value, 0])
             owner.resize_outputs(len(owner.outputs) + 1)
             value = owner.outputs[-1]
             value.name, value.type = self.name(owner.name or owner.op_type), graph.outputs[-1].type
@@ -99,6 +99,7 @@ def exposed_model(model: ir.Model, layers: Sequence[Layer]) -> tuple[bytes, dict
     for layer in layers:
         twin = twins[_key(layer)]
         value = twin.node.inputs[1 if twin.left else 0]
+        assert value is not None  # a layer's activation input is never absent
         axis = -2 if twin.left != twin.trans_x else -1
         key = (id(value), id(twin.node.graph), axis)
         if key not in lifted:
@@ -106,5 +107,5 @@ def exposed_model(model: ir.Model, layers: Sequence[Layer]) -> tuple[bytes, dict
             if id(lifted[key]) not in present:
                 clone.graph.outputs.append(lifted[key])
                 present.add(id(lifted[key]))
-        names[id(layer.node)] = lifted[key].name
+        names[id(layer.node)] = lifted[key].name or ""
     return ir.to_proto(clone).SerializeToString(), names

@@ -161,7 +161,7 @@ def plan_layers(
                 spec = whitened_spectrum(matrix, grams[first.weight_key])
             elif with_factors or cache is not None:
                 spec = spectrum(matrix)
-            if cache is not None:
+            if cache is not None and spec is not None:
                 cache[first.weight_key] = spec
         singular_values = spec.s if spec is not None else scipy.linalg.svdvals(matrix.astype(np.float64))
         shape = first.shape
