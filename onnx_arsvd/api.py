@@ -27,7 +27,15 @@ from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
-from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, ModelLike, VerificationReport, check_dims, check_files, model_source, verify
+from onnx_arsvd.verification import (
+    DEFAULT_BATCH_SIZE,
+    ModelLike,
+    VerificationReport,
+    check_dims,
+    check_files,
+    model_source,
+    verify,
+)
 
 __all__ = ["METHODS", "compress", "inspect_model", "verify"]
 

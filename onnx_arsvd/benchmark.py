@@ -226,7 +226,7 @@ def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed, thr
     """
     with tempfile.TemporaryDirectory(prefix="onnx-arsvd-memory-") as folder:
         feed_path = Path(folder) / "feed.npz"
-        np.savez(feed_path, **feed)
+        np.savez(feed_path, **feed)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path), str(threads)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if completed.returncode != 0:

@@ -170,9 +170,9 @@ def _policy(args: argparse.Namespace):
     for other, param in _POLICY_PARAMS.items():
         if other != name and getattr(args, param) is not None:
             raise InvalidInputError(f"--{param} does not apply to --policy {name}")
-    param = _POLICY_PARAMS.get(name)
-    value = getattr(args, param) if param else None
-    return make_policy(name, **({param: value} if value is not None else {}))
+    setting = _POLICY_PARAMS.get(name)
+    value = getattr(args, setting) if setting is not None else None
+    return make_policy(name, **({setting: value} if setting is not None and value is not None else {}))
 
 
 def _embedding_policy(args: argparse.Namespace):

@@ -43,7 +43,8 @@ def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float =
 
 def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
     """Rows of X the layer multiplies per call: batch times the activation's inner dims."""
-    shape = layer.node.inputs[0].shape
+    x = layer.node.inputs[0]
+    shape = x.shape if x is not None else None
     if shape is None or len(shape) < 2:
         return batch
     inner = [d if isinstance(d, int) else dims.get(str(d), 1) for d in shape[1:-1]]
@@ -87,8 +88,8 @@ def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, by
     if layer.bias is None:
         nodes.append(ir.Node("", "MatMul", [low, b_value], outputs=[y2]))
     else:
-        bias = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
-        bias_value = _constant("c", bias.astype(np_dtype))
+        folded = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
+        bias_value = _constant("c", folded.astype(np_dtype))
         product = ir.Value(name="product")
         nodes += [ir.Node("", "MatMul", [low, b_value], outputs=[product]),
                   ir.Node("", "Add", [product, bias_value], outputs=[y2])]

@@ -113,7 +113,7 @@ def plan_model(
         excluded += [(layer, "embedding table: factored only with --embedding-tau") for layer in embeddings]
         embeddings = []
     grams = memo.grams if memo is not None else None
-    if settings.method == "whitened" and dense and grams is None:
+    if settings.method == "whitened" and dense and grams is None and settings.calibration is not None:
         grams = capture_grams(model, dense, settings.calibration, progress=progress)
         if memo is not None:
             memo.grams = grams

@@ -144,7 +144,7 @@ def _error_cell(layer: LayerDecision, whitened: bool) -> str:
     return f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened else f"- / {layer.measured_error:.3f}"
 
 
-def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[object]]:
+def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     rows = []
     guarded = any(layer.timings for layer in layers)
     measured = any(layer.measured_error is not None for layer in layers)

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from onnx_arsvd.calibration import CalibrationDataReader
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
@@ -16,7 +18,7 @@ __all__ = ["METHODS", "CalibrationSource", "Settings"]
 
 METHODS = ("svd", "whitened", "lp")
 
-CalibrationSource = str | os.PathLike | Mapping | CalibrationDataReader
+CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader
 """An ``.npz`` path, arrays keyed by input name, or a ``CalibrationDataReader``."""
 
 

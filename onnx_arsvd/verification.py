@@ -98,9 +98,10 @@ def _index_bounds(model: ir.Model) -> dict[str, int]:
     bounds: dict[str, int] = {}
     for value in model.graph.inputs:
         for user, index in value.uses():
-            if user.op_type == "Gather" and index == 1 and constant_tensor(user.inputs[0]) is not None:
-                axis = user.attributes.get("axis")
-                size = int(constant_tensor(user.inputs[0]).shape[axis.value if axis else 0])
+            table = constant_tensor(user.inputs[0]) if user.op_type == "Gather" and index == 1 else None
+            if table is not None and value.name:
+                axis = user.attributes.get_int("axis", 0)
+                size = table.shape.numpy()[axis]
                 bounds[value.name] = min(size, bounds.get(value.name, size))
     return bounds
 
