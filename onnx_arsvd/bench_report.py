@@ -77,7 +77,7 @@ def plot_benchmark(result: BenchmarkResult, path: str | os.PathLike) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InvalidInputError("--plot needs matplotlib: pip install 'onnx-arsvd[plot]'") from None
+        raise InvalidInputError("plotting needs matplotlib: pip install 'onnx-arsvd[plot]'") from None
     labels = [f"{_short(c.provider)}\nbatch {c.batch}" for c in result.latency]
     ratios = [c.ratio for c in result.latency]
     figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 4.5), 4.0))

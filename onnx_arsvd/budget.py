@@ -24,6 +24,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnx_arsvd.calibration import capture_grams
+from onnx_arsvd.data import load_arrays, load_data, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.model_plan import PlanMemo, plan_model
@@ -32,15 +33,7 @@ from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import CalibrationSource, Settings
-from onnx_arsvd.verification import (
-    ModelLike,
-    compare_models,
-    load_arrays,
-    load_data,
-    load_labels,
-    model_source,
-    split_batches,
-)
+from onnx_arsvd.verification import ModelLike, compare_models, model_source
 
 __all__ = ["Budget", "BudgetSearch", "SearchOutcome", "SearchStep", "bisect_tau", "split_data"]
 

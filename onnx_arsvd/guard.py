@@ -145,7 +145,7 @@ class LatencyGuard:
         try:
             return discover_providers([self.target])[0][0]
         except InvalidInputError as error:
-            raise InvalidInputError(f"--target {self.target}: {error}") from None
+            raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
 
     def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
         """Time every factored plan's layer; keep it dense where factoring is not faster."""

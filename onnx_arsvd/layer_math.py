@@ -25,9 +25,16 @@ _MAX = {
 
 
 def stored_factors(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first, second) in float64, alpha folded, oriented as the rewritten nodes multiply."""
-    root = float(np.sqrt(abs(layer.alpha)))
-    first, second = np.asarray(a, np.float64) * (root if layer.alpha >= 0 else -root), np.asarray(b, np.float64) * root
+    """(first, second), alpha folded in float64, oriented as the rewritten nodes multiply.
+
+    With alpha = 1 the factors are returned as they are (no float64 copy of a large weight's factors).
+    """
+    if layer.alpha == 1:
+        first, second = a, b
+    else:
+        root = float(np.sqrt(abs(layer.alpha)))
+        first = np.asarray(a, np.float64) * (root if layer.alpha >= 0 else -root)
+        second = np.asarray(b, np.float64) * root
     return (first.T, second.T) if layer.left else (first, second)
 
 

@@ -149,7 +149,7 @@ def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     guarded = any(layer.timings for layer in layers)
     measured = any(layer.measured_error is not None for layer in layers)
     for layer in layers:
-        action = "factor" if layer.factored else f"keep: {layer.reason}"
+        action = ("factor" if layer.factored else f"keep: {layer.reason}") + (f" ({layer.note})" if layer.note else "")
         rows.append([
             layer.name + (f" (shares weight x{layer.shared_by})" if layer.shared_by > 1 else ""),
             layer.op_type,

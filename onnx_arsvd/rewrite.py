@@ -79,7 +79,7 @@ class _Rewriter:
 
     def factor(self, graph: ir.Graph, base: str, array: np.ndarray, layer: Layer) -> ir.Value:
         """A factor initializer in the layer's storage dtype, widened by a Cast when the layer computes wider."""
-        value = self.initializer(graph, base, array.astype(layer.storage_dtype.numpy()))
+        value = self.initializer(graph, base, array.astype(layer.storage_dtype.numpy(), copy=False))
         if layer.storage_dtype == layer.dtype:
             return value
         wide = ir.Value(name=self.name(f"{value.name}/cast"), type=ir.TensorType(layer.dtype), shape=value.shape)

@@ -42,11 +42,11 @@ class Settings:
         if self.method not in METHODS:
             raise InvalidInputError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.method == "lp" and not 1.0 <= self.lp_power <= 2.0:
-            raise InvalidInputError(f"--p must be in [1, 2], got {self.lp_power}")
+            raise InvalidInputError(f"the l_p power p must be in [1, 2], got {self.lp_power}")
         if self.method == "whitened" and self.calibration is None:
-            raise InvalidInputError("--method whitened needs calibration inputs (--calibration inputs.npz)")
+            raise InvalidInputError("the whitened method needs calibration inputs (an .npz, arrays or a reader)")
         if self.method != "whitened" and self.calibration is not None:
-            raise InvalidInputError("calibration inputs are only used by --method whitened")
+            raise InvalidInputError("calibration inputs are only used by the whitened method")
         if isinstance(self.calibration, (str, os.PathLike)) and not Path(self.calibration).is_file():
             raise InvalidInputError(f"{os.fspath(self.calibration)}: no such calibration file")
 

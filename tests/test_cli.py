@@ -156,13 +156,13 @@ def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_pat
         (["--policy", "magic"], "unknown policy 'magic'"),
         (["--policy", "ratio", "--tau", "0.9"], "--tau does not apply to --policy ratio"),
         (["--dim", "batch"], "--dim expects NAME=POSITIVE_INTEGER"),
-        (["--dim", "sequence=16"], "--dim sequence: no dynamic dimension of that name; the model's are: batch"),
+        (["--dim", "sequence=16"], "dimension sequence: no dynamic dimension of that name; the model's are: batch"),
         (["--data", "missing.npz"], "no such data file"),
         (["--labels", "missing.npy"], "no such labels file"),
         (["--max-rank-fraction", "0"], "max rank fraction must be positive"),
-        (["--report", "nowhere/report.json"], "nowhere: report folder does not exist"),
-        (["--method", "lp", "--p", "3"], "--p must be in [1, 2], got 3.0"),
-        (["--method", "lp", "--calibration", "c.npz"], "calibration inputs are only used by --method whitened"),
+        (["--report", "nowhere/report.json"], "nowhere: --report folder does not exist"),
+        (["--method", "lp", "--p", "3"], "p must be in [1, 2], got 3.0"),
+        (["--method", "lp", "--calibration", "c.npz"], "calibration inputs are only used by the whitened method"),
         (["--bench", "--providers", "nonesuch"], "no requested execution provider can run here"),
         (["--bench", "--batch", "0"], "--batch expects positive integers"),
     ],
@@ -179,7 +179,7 @@ def test_bad_options_are_usage_errors(options: list[str], message: str, mlp_path
 def test_output_equal_to_input_is_refused(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _digest(mlp_path)
     assert main(["compress", str(mlp_path), "-o", str(mlp_path), "-q"]) == 2
-    assert "the output path is the input model" in capsys.readouterr().err
+    assert "-o would overwrite the input model file" in capsys.readouterr().err
     assert _digest(mlp_path) == before
 
 
