@@ -94,7 +94,8 @@ def _build_report(
         verification=verification,
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
-        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *regressions,
+        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *planned.notes,
+               *regressions,
                *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped)],
     )
 
@@ -118,7 +119,7 @@ def inspect_model(
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
                          embedding_policy, factor_heads)
     loaded = to_model(model)
-    planned = plan_model(loaded, settings, with_factors=False, progress=progress)
+    planned = plan_model(loaded, settings, with_factors=False, progress=progress, allow_empty=True)
     size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
     weights = weight_stats(loaded)
     return _build_report(model, settings, planned, weights, weights, written=_Written(file_bytes_before=size),

@@ -129,7 +129,8 @@ def plan_model(
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     notes = []
     if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):
-        notes.append(f"note: the calibration data never reached {len(unseen)} weight(s) (an If branch not taken?); "
-                     f"they got plain SVD factors: {', '.join(sorted(key[0] for key in unseen))}")
+        notes.append(f"note: no activations were captured for {len(unseen)} weight(s) (an If branch the data never "
+                     "takes, or a loop body whose activations change shape between iterations); they got plain SVD "
+                     f"factors: {', '.join(sorted(key[0] for key in unseen))}")
     return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], skipped, order,
                      notes)
