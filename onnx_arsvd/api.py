@@ -19,9 +19,9 @@ import onnx_ir as ir
 
 from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.budget import Budget, BudgetSearch
-from onnx_arsvd.data import ArrayReader, check_labels, load_data, load_labels
+from onnx_arsvd.data import ArrayReader, Feed, check_labels, load_data, load_labels
 from onnx_arsvd.errors import InvalidInputError, OutputError
-from onnx_arsvd.guard import LatencyGuard
+from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.output import Staged, check_paths, stage_model
@@ -29,6 +29,7 @@ from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
 from onnx_arsvd.verification import (
     DEFAULT_BATCH_SIZE,
@@ -36,6 +37,7 @@ from onnx_arsvd.verification import (
     VerificationReport,
     check_dims,
     check_files,
+    generated_batches,
     model_source,
     verify,
 )
@@ -254,7 +256,9 @@ def compress(
             data, labels = search.held_out, None
     planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
     if guard is not None and provider is not None:
-        guard.apply(planned.plans, provider, dims or {}, progress)
+        layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
+        rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
+        guard.apply(planned.plans, provider, dims or {}, progress, rows)
     if search is not None:
         search.measure_errors(loaded, planned.plans, progress)
     reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
@@ -291,3 +295,10 @@ def compress(
                            dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
+
+
+def _shape_feed(source: ModelLike, model: ir.Model, data: DataSource | None, dims: Mapping[str, int]) -> Feed:
+    """A few samples the model really sees (the data's first 8), or one generated one: to observe activation shapes."""
+    if data is not None:
+        return {name: array[:8] for name, array in load_data(data, model)[0].items()}
+    return generated_batches(make_session(model_source(source)[0]), model, dims, samples=1)[0]
