@@ -8,28 +8,27 @@ digits (``models/digits_test.npz``), original and compressed, run in onnxruntime
 against whitened factors calibrated inside the branches (half the test split calibrates, the other
 half measures). No timings.
 
-Usage: python benchmarks/subgraph_table.py [--out benchmarks/results/subgraph_table.md]
+Usage: python -m benchmarks.subgraph_table [--out benchmarks/results/subgraph_table.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
+
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from results_io import package_versions, write_result
-
+from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
 from onnx_arsvd.rank import RankPolicy
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "branch_mlp.onnx"
 DATA = ROOT / "models" / "digits_test.npz"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "subgraph_table.md"
@@ -100,11 +99,7 @@ def main(argv: list[str]) -> None:
         whitened = whitened_rows(Path(tmp))
     headers = ["policy", "ranks (`*` dense)", "dense params kept", "file bytes", *(f"accuracy, {b}" for b in BRANCHES)]
     lines = [
-        "# A model with its hidden layers inside If branches (models/branch_mlp.onnx)",
-        "",
-        f"- command: `{shlex.join(['python', 'benchmarks/subgraph_table.py', *argv])}`",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- versions: {package_versions()}",
+        *header("A model with its hidden layers inside If branches (models/branch_mlp.onnx)", __file__, argv),
         f"- original: {MODEL.stat().st_size:,} bytes; tool defaults otherwise (factor at rank <= 0.8 x break-even, "
         ">= 4096 parameters); accuracy on the 540 test digits, each branch forced by the `branch` input",
         "",

@@ -114,10 +114,11 @@ def inspect_model(
     embedding_policy: RankPolicy | None = None,
     factor_heads: bool = True,
     progress: bool = False,
+    jobs: int = 1,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy, factor_heads)
+                         embedding_policy, factor_heads, jobs)
     loaded = to_model(model)
     planned = plan_model(loaded, settings, with_factors=False, progress=progress, allow_empty=True)
     size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
@@ -128,9 +129,9 @@ def inspect_model(
 
 def _settings(policy: RankPolicy | None, include: Sequence[str], exclude: Sequence[str], max_rank_fraction: float,
               min_params: int, method: str, calibration: CalibrationSource | None, lp_power: float,
-              embedding_policy: RankPolicy | None, factor_heads: bool) -> Settings:
+              embedding_policy: RankPolicy | None, factor_heads: bool, jobs: int) -> Settings:
     return Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
-                    lp_power, embedding_policy, factor_heads)
+                    lp_power, embedding_policy, factor_heads, jobs)
 
 
 def _input_files(model: ModelLike, loaded: ir.Model, data: object, labels: object, calibration: object) -> dict:
@@ -205,6 +206,7 @@ def compress(
     batch_size: int = DEFAULT_BATCH_SIZE,
     guard: LatencyGuard | None = None,
     budget: Budget | None = None,
+    jobs: int = 1,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
@@ -222,7 +224,8 @@ def compress(
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a
     ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
-    the whole model is timed against the original at the end (``report.latency_check``).
+    the whole model is timed against the original at the end (``report.latency_check``). ``jobs`` weights
+    are factored at once (threads, one BLAS thread each); the output is the same whatever ``jobs`` is.
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
@@ -239,7 +242,7 @@ def compress(
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy, factor_heads)
+                         embedding_policy, factor_heads, jobs)
     provider = guard.provider() if guard is not None else None
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
 

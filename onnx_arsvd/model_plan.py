@@ -119,7 +119,7 @@ def plan_model(
             memo.grams = grams
     plan = functools.partial(plan_layers, max_rank_fraction=settings.max_rank_fraction,
                              min_params=settings.min_params, with_factors=with_factors,
-                             cache=memo.spectra if memo is not None else None, progress=progress,
+                             cache=memo.spectra if memo is not None else None, progress=progress, jobs=settings.jobs,
                              lp_power=settings.lp_power if settings.method == "lp" else None)
     plans = plan(dense, settings.policy, grams=grams if settings.method == "whitened" else None)
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten
