@@ -185,8 +185,9 @@ def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
                 base = layer.weight_name or node_label(layer.node)
                 factors[form] = (rewriter.factor(graph, f"{base}.arsvd_a", first, layer),
                                  rewriter.factor(graph, f"{base}.arsvd_b", second, layer))
+            touched += layer.node.inputs  # all of them: a Gemm's C with beta = 0 is dropped too
             rewriter.replace(layer, *factors[form], rewriter.bias(layer, dtype), plan.rank)
-            touched += [layer.weight, layer.bias]
+            touched.append(layer.weight)
             rewritten += 1
     _drop_orphans(touched, rewriter.initializers_are_inputs)
     return rewritten
