@@ -242,6 +242,8 @@ class _Finder:
         if len(tensor.shape) != 2:
             what = " after its Transpose/Cast/Reshape/Identity chain" if chain else ""
             return source, chain, None, f"weight has {len(tensor.shape)} dimensions{what}; only 2-D weights are factored"
+        if 0 in tensor.shape.numpy():
+            return source, chain, None, f"weight is empty (shape {list(tensor.shape.numpy())}); nothing to factor"
         return source, chain, folded, ""
 
     def add(self, node: ir.Node, scope: str, weight: ir.Value | None, chain: tuple[ir.Node, ...],
