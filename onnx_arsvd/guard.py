@@ -19,12 +19,13 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnx_arsvd.benchmark import batch_feed, compare_latency, discover_providers, timed_rounds
-from onnx_arsvd.candidates import Layer, read_array
+from onnx_arsvd.candidates import Layer, find_layers, read_array
 from onnx_arsvd.capture import exposed_model
 from onnx_arsvd.data import Feed
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.plan import WeightPlan
+from onnx_arsvd.plan import WeightPlan, dense_decision
 from onnx_arsvd.results import LatencyComparison, LayerTiming
+from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = ["DEFAULT_MARGIN", "LatencyGuard", "activation_rows", "guard_verdict", "observed_rows", "time_layer"]
@@ -69,50 +70,29 @@ def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
     return batch * int(np.prod(inner, dtype=np.int64))
 
 
-def _single_layer_model(nodes: list[ir.Node], x: ir.Value, y: ir.Value, initializers: list[ir.Value]) -> bytes:
-    graph = ir.Graph([x], [y], nodes=nodes, initializers=initializers, opset_imports={"": 17})
-    return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
-
-
-def _constant(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, const_value=ir.tensor(array, name=name))
-
-
 def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, bytes]:
-    """The layer as it is (its own op and attributes) and as MatMul -> MatMul [-> Add]."""
-    dtype = layer.dtype
+    """The layer alone as it is (its own op and attributes), and that model after the rewrite itself.
+
+    The factored form comes from :func:`onnx_arsvd.rewrite.apply_plans`, the very code that rewrites the
+    whole model, so what is timed cannot drift from what is written.
+    """
     m, n = layer.shape
-    np_dtype = dtype.numpy()
-
-    def tensor_value(name: str) -> ir.Value:
-        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(["rows", m if name == "x" else n]))
-
-    x, y = tensor_value("x"), tensor_value("y")
-    weight = _constant("w", read_array(layer.weight))
-    inputs = [x, weight]
-    initializers = [weight]
+    x = ir.Value(name="x", type=ir.TensorType(layer.dtype), shape=ir.Shape(["rows", m]))
+    y = ir.Value(name="y", type=ir.TensorType(layer.dtype), shape=ir.Shape(["rows", n]))
+    weight = ir.Value(name="w", const_value=ir.tensor(read_array(layer.weight), name="w"))
+    inputs, initializers = [x, weight], [weight]
     if layer.op_type == "Gemm" and layer.bias is not None:
-        bias = _constant("c", read_array(layer.bias))
+        bias = ir.Value(name="c", const_value=ir.tensor(read_array(layer.bias), name="c"))
         inputs.append(bias)
         initializers.append(bias)
-    attributes = [a_ for a_ in layer.node.attributes.values()]
-    dense = _single_layer_model([ir.Node("", layer.op_type, inputs, attributes, outputs=[y])], x, y, initializers)
-
-    x2, y2 = tensor_value("x"), tensor_value("y")
-    a_value, b_value = _constant("a", (layer.alpha * a).astype(np_dtype)), _constant("b", b.astype(np_dtype))
-    low = ir.Value(name="low")
-    nodes = [ir.Node("", "MatMul", [x2, a_value], outputs=[low])]
-    initializers = [a_value, b_value]
-    if layer.bias is None:
-        nodes.append(ir.Node("", "MatMul", [low, b_value], outputs=[y2]))
-    else:
-        folded = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
-        bias_value = _constant("c", folded.astype(np_dtype))
-        product = ir.Value(name="product")
-        nodes += [ir.Node("", "MatMul", [low, b_value], outputs=[product]),
-                  ir.Node("", "Add", [product, bias_value], outputs=[y2])]
-        initializers.append(bias_value)
-    return dense, _single_layer_model(nodes, x2, y2, initializers)
+    node = ir.Node("", layer.op_type, inputs, list(layer.node.attributes.values()), outputs=[y])
+    graph = ir.Graph([x], [y], nodes=[node], initializers=initializers, opset_imports={"": 17})
+    model = ir.Model(graph, ir_version=8)
+    dense = ir.to_proto(model).SerializeToString()
+    (twin,), _ = find_layers(model)
+    decision = dataclasses.replace(dense_decision(twin, ""), rank=a.shape[1], factored=True)
+    apply_plans(model, [WeightPlan(layers=[twin], rank=a.shape[1], decisions=[decision], factors=(a, b))])
+    return dense, ir.to_proto(model).SerializeToString()
 
 
 def time_layer(

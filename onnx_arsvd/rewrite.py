@@ -24,7 +24,7 @@ from onnx_arsvd.candidates import Layer, constant_tensor, node_label
 from onnx_arsvd.layer_math import folded_bias, stored_factors
 from onnx_arsvd.plan import WeightPlan
 
-__all__ = ["apply_plans"]
+__all__ = ["FactorLayersPass", "apply_plans"]
 
 _DROPPABLE_PRODUCERS = frozenset({"Constant", "Transpose", "Cast", "Reshape", "Identity"})
 
@@ -167,8 +167,45 @@ def _drop_orphans(values: Iterable[ir.Value | None], initializers_are_inputs: bo
             pending.extend(inputs)
 
 
+def _interface(model: ir.Model) -> list[tuple[str, str, str]]:
+    """The graph's outputs and its inputs that are not initializers: name, type and shape, as strings."""
+    values = [*(v for v in model.graph.inputs if not v.is_initializer()), *model.graph.outputs]
+    return [(v.name or "", str(v.type), str(v.shape)) for v in values]
+
+
+class FactorLayersPass(ir.passes.InPlacePass):
+    """The rewrite as an onnx_ir pass, so it composes with onnx_ir's own (``Sequential``, ``PassManager``).
+
+    Postcondition: the graph's inputs (initializers aside: IR < 4 lists new ones there) and outputs
+    keep their names, types and shapes. ``rewritten`` counts the nodes replaced by the last call.
+    """
+
+    def __init__(self, plans: Sequence[WeightPlan]) -> None:
+        super().__init__()
+        self.plans = plans
+        self.rewritten = 0
+        self._before: list[tuple[str, str, str]] = []
+
+    def requires(self, model: ir.Model) -> None:
+        self._before = _interface(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.rewritten = _rewrite(model, self.plans)
+        return ir.passes.PassResult(model, modified=self.rewritten > 0)
+
+    def ensures(self, model: ir.Model) -> None:
+        if _interface(model) != self._before:
+            raise ir.passes.PostconditionError("the rewrite changed the graph's inputs or outputs")
+
+
 def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
     """Rewrite, in place, every node of every factored plan; returns how many nodes were rewritten."""
+    factor_pass = FactorLayersPass(plans)
+    factor_pass(model)
+    return factor_pass.rewritten
+
+
+def _rewrite(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
     rewriter = _Rewriter(model)
     touched: list[ir.Value | None] = []
     rewritten = 0
