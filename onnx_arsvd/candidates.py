@@ -139,17 +139,13 @@ def node_label(node: ir.Node) -> str:
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The tensor behind an initializer or a ``Constant`` node's output, else None."""
+    """The tensor behind an initializer or a ``Constant`` node's output (onnx_ir's lookup), else None."""
     if value is None:
         return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.value
-    return None
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node (no attribute, or several): nothing we can read
+        return None
 
 
 def _known_tensor(value: ir.Value | None) -> ir.TensorProtocol:
