@@ -314,7 +314,7 @@ def run_minilm(batches: Sequence[int], timing: Timing, workdir: Path) -> tuple[l
         result.scores = cosines + probes
     safe, unsafe = cosine_mean[Variant(COMBINED_TAU, SAFE)], cosine_mean[Variant(COMBINED_TAU, UNSAFE)]
     lengths = {name: feed["input_ids"].shape[1] for name, (feed, _) in data.items()}
-    pitfall = "; ".join(f"{name} {u:.4f} vs {s:.4f}" for name, u, s in zip(TEXT_SETS, unsafe, safe))
+    pitfall = "; ".join(f"{name} {u:.4f} vs {s:.4f}" for name, u, s in zip(TEXT_SETS, unsafe, safe, strict=True))
     extra = {"pooled": pooled, "lengths": lengths,
              "pitfall": f"minilm: SVD τ={COMBINED_TAU:g} + INT8 without reduce_range vs with it, mean cosine: {pitfall}"}
     return results, extra

@@ -291,7 +291,7 @@ def max_diffs(paths: dict[str, Path], reference: str, tests: Sequence[str], dims
     """max |test - reference| where reference runs with graph optimisation off, each test at the default level."""
     def largest(actual, expected) -> float:
         return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                   for x, y in zip(actual, expected))
+                   for x, y in zip(actual, expected, strict=True))
 
     ref_session = unoptimised_session(paths[reference], threads)
     generated = batch_feed(ref_session, ir_model, batch, dims, seed=1)
@@ -484,8 +484,8 @@ def minilm_section(args, folder: Path) -> Section:
     f_reports = shipped_reports
     excl_path = folder / "minilm_fusable_qkv_dense_0.8.onnx"
     _, excl_report = compress(fusable, excl_path, policy=EnergyPolicy(0.8), exclude=[ATTENTION_GLOB], check=False)
-    excl_ranks = [r for d, r in zip(excl_report.layers, ranks(excl_report)) if not is_attention_proj(d.name)]
-    ref_ranks = [r for d, r in zip(shipped_reports["tau 0.8"].layers, ranks(shipped_reports["tau 0.8"]))
+    excl_ranks = [r for d, r in zip(excl_report.layers, ranks(excl_report), strict=True) if not is_attention_proj(d.name)]
+    ref_ranks = [r for d, r in zip(shipped_reports["tau 0.8"].layers, ranks(shipped_reports["tau 0.8"]), strict=True)
                  if not is_attention_proj(d.name)]
     same_ranks = excl_ranks == ref_ranks
 

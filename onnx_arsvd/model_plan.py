@@ -61,7 +61,7 @@ class ModelPlan:
 
     def decisions(self) -> list[LayerDecision]:
         """Every layer's decision, in graph order."""
-        rows = [(layer, decision) for plan in self.plans for layer, decision in zip(plan.layers, plan.decisions)]
+        rows = [(layer, decision) for plan in self.plans for layer, decision in zip(plan.layers, plan.decisions, strict=True)]
         rows += self.excluded
         rows.sort(key=lambda row: self.order[id(row[0].node)])
         return [decision for _, decision in rows]
@@ -76,7 +76,7 @@ class ModelPlan:
 def _keep_heads_dense(plans: list[WeightPlan]) -> None:
     """Leave dense every weight that would be factored but feeds a graph output (a classifier head)."""
     for plan in plans:
-        if plan.factored and not plan.layers[0].is_embedding and any(feeds_graph_output(l.node) for l in plan.layers):
+        if plan.factored and not plan.layers[0].is_embedding and any(feeds_graph_output(layer.node) for layer in plan.layers):
             plan.decisions = [dataclasses.replace(d, factored=False, reason=HEAD_REASON) for d in plan.decisions]
             plan.factors = None
 

@@ -99,7 +99,7 @@ class Report:
 def report_to_json(report: Report) -> str:
     """The report as JSON, with derived totals spelled out for machines."""
     data = dataclasses.asdict(report)
-    for row, layer in zip(data["layers"], report.layers):
+    for row, layer in zip(data["layers"], report.layers, strict=True):
         row.update(params=layer.params, params_after=layer.params_after, saving=layer.saving,
                    predicted_error=layer.predicted_error)
     data.update(
@@ -218,7 +218,7 @@ def format_report(report: Report, markdown: bool = False) -> str:
     style = "github" if markdown else "simple"
     headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving",
                *(["factored/dense time"] if any(layer.timings for layer in report.layers) else []),
-               *(["output error predicted / held-out"] if any(l.measured_error is not None for l in report.layers) else []),
+               *(["output error predicted / held-out"] if any(layer.measured_error is not None for layer in report.layers) else []),
                "decision"]
     parts = [f"model: {report.model}   policy: {report.policy}   factors: {report.method}   factor only at rank <= "
              f"{report.max_rank_fraction:g} x break-even and >= {report.min_params} parameters"]

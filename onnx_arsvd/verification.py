@@ -192,10 +192,10 @@ def compare_models(
     bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed in batches:
         expected, actual = run_session(original, names, feed), run_session(compressed, names, feed)
-        for name, e, a in zip(names, expected, actual):
+        for name, e, a in zip(names, expected, actual, strict=True):
             agreements[name].add(np.asarray(e), np.asarray(a))
         if labels is not None:
-            for kept, first in zip(predictions, (expected[0], actual[0])):
+            for kept, first in zip(predictions, (expected[0], actual[0]), strict=True):
                 kept.append(_rows(np.asarray(first)).argmax(axis=1))
         count = len(next(iter(feed.values()))) if feed else 1
         samples += count

@@ -37,7 +37,7 @@ def test_comparison_metrics() -> None:
     expected = [np.array([[3.0, 4.0]]), np.array([[1.0, 0.0]])]  # two batches, compared as one set of rows
     actual = [np.array([[3.0, 4.0]]), np.array([[0.0, 1.0]])]
     agreement = OutputAgreement("y")
-    for e, a in zip(expected, actual):
+    for e, a in zip(expected, actual, strict=True):
         agreement.add(e, a)
     result = agreement.result()
     assert result.max_abs_error == 1.0
