@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from onnx_arsvd.errors import ArsvdError, InvalidInputError
 
@@ -243,10 +243,10 @@ def _version() -> str:
 def _check_paths(args: argparse.Namespace) -> None:
     """Every output path writable and clashing with no input or other output, before any work."""
     from onnx_arsvd.model_io import external_data_files, load_model
-    from onnx_arsvd.output import check_paths
+    from onnx_arsvd.output import PathLike, check_paths
 
     models = [args.model] if args.command in ("inspect", "compress") else [args.original, args.compressed]
-    inputs: dict[str, object] = {}
+    inputs: dict[str, PathLike | Iterable[PathLike] | None] = {}
     for index, model in enumerate(models):
         label = "input model" if len(models) == 1 else ("original model", "compressed model")[index]
         inputs[label] = model

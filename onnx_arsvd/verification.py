@@ -263,9 +263,9 @@ def verify(
         labels = load_labels(labels)
     if data is not None:
         feed, data_labels = load_data(data, session_a)
-        if labels is not None or data_labels is not None:
-            labels = check_labels(labels if labels is not None else data_labels, len(next(iter(feed.values()))),
-                                  session_a)
+        given = labels if labels is not None else data_labels
+        if given is not None:
+            labels = check_labels(given, len(next(iter(feed.values()))), session_a)
         batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
         total = len(next(iter(feed.values()))) if feed else None
         described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
