@@ -147,7 +147,8 @@ class LatencyGuard:
         except InvalidInputError as error:
             raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
 
-    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
+    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int],
+              progress: bool = False) -> None:
         """Time every factored plan's layer; keep it dense where factoring is not faster."""
         # only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
         # weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all)

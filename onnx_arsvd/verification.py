@@ -102,7 +102,8 @@ def generated_batches(
             elif np.issubdtype(dtype, np.integer):
                 feed[node_arg.name] = rng.integers(0, bounds.get(node_arg.name, 2), shape).astype(dtype)
             else:
-                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; pass --data")
+                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; "
+                                            "pass --data")
         batches.append(feed)
     return batches
 
@@ -185,7 +186,8 @@ def compare_models(
     """
     names = [o.name for o in original.get_outputs()]
     if names != [o.name for o in compressed.get_outputs()]:
-        raise UnsupportedModelError(f"the models have different outputs: {names} vs {[o.name for o in compressed.get_outputs()]}")
+        raise UnsupportedModelError(f"the models have different outputs: {names} vs "
+                                    f"{[o.name for o in compressed.get_outputs()]}")
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = 0

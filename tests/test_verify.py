@@ -108,7 +108,8 @@ def test_verify_detects_a_changed_model() -> None:
 def test_unknown_dim_name_is_an_error() -> None:
     model = _embedding_model()
     session = make_session(model.SerializeToString())
-    with pytest.raises(InvalidInputError, match=r"dimension sequence: no dynamic dimension of that name; the model's are: batch, seq"):
+    with pytest.raises(InvalidInputError,
+                       match=r"dimension sequence: no dynamic dimension of that name; the model's are: batch, seq"):
         generated_batches(session, ir.from_proto(model), {"sequence": 16}, samples=1)
 
 
