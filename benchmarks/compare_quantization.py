@@ -69,7 +69,8 @@ COMBINED_TAU = 0.9
 WARMUP = 3  # untimed calls of each session before timing (MiniLM at batch 32 takes about 0.4 s a call)
 PROVIDER = "CPUExecutionProvider"
 SAFE, UNSAFE = "safe", "unsafe"  # INT8 settings: per-channel signed weights with / without reduce_range
-QUANT_SETTINGS = {SAFE: {"per_channel": True, "reduce_range": True}, UNSAFE: {"per_channel": True, "reduce_range": False}}
+QUANT_SETTINGS = {SAFE: {"per_channel": True, "reduce_range": True},
+                  UNSAFE: {"per_channel": True, "reduce_range": False}}
 INT8_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 OP_PATTERN = re.compile(r"matmul|gemm|quantiz|attention", re.IGNORECASE)
@@ -102,7 +103,8 @@ ORIGINAL = Variant()
 
 
 def mlp_variants() -> list[Variant]:
-    return [ORIGINAL, Variant(0.9), Variant(0.8), Variant(quant=SAFE), Variant(COMBINED_TAU, SAFE), Variant(COMBINED_TAU, UNSAFE)]
+    return [ORIGINAL, Variant(0.9), Variant(0.8), Variant(quant=SAFE), Variant(COMBINED_TAU, SAFE),
+            Variant(COMBINED_TAU, UNSAFE)]
 
 
 def minilm_variants() -> list[Variant]:
@@ -314,9 +316,10 @@ def run_minilm(batches: Sequence[int], timing: Timing, workdir: Path) -> tuple[l
         result.scores = cosines + probes
     safe, unsafe = cosine_mean[Variant(COMBINED_TAU, SAFE)], cosine_mean[Variant(COMBINED_TAU, UNSAFE)]
     lengths = {name: feed["input_ids"].shape[1] for name, (feed, _) in data.items()}
-    pitfall = "; ".join(f"{name} {u:.4f} vs {s:.4f}" for name, u, s in zip(TEXT_SETS, unsafe, safe))
+    pitfall = "; ".join(f"{name} {u:.4f} vs {s:.4f}" for name, u, s in zip(TEXT_SETS, unsafe, safe, strict=True))
     extra = {"pooled": pooled, "lengths": lengths,
-             "pitfall": f"minilm: SVD τ={COMBINED_TAU:g} + INT8 without reduce_range vs with it, mean cosine: {pitfall}"}
+             "pitfall": f"minilm: SVD τ={COMBINED_TAU:g} + INT8 without reduce_range vs with it, "
+                        f"mean cosine: {pitfall}"}
     return results, extra
 
 
@@ -405,7 +408,8 @@ def header(argv: list[str] | None, args: argparse.Namespace, load_before: tuple[
         f"sessions: {PROVIDER}, intra-op threads {threads}, inter-op threads default (sequential executor),"
         " intra-op thread spinning off (`session.intra_op.allow_spinning=0`), graph optimization level default (ALL)",
         f"latency: each variant is timed interleaved against the original (A B, B A, ...;"
-        f" at least {args.seconds:g} s and {args.pairs} pairs per variant and batch size), one pair of sessions live at a time;"
+        f" at least {args.seconds:g} s and {args.pairs} pairs per variant and batch size),"
+        " one pair of sessions live at a time;"
         f" {WARMUP} warm-up calls each; `bN ms (vs orig)` = median ms per call at batch N of the variant / of the"
         " original in the same pairs (the original row: the median of its runs pooled over all pairs); ratio ="
         " median of the per-pair variant/original ratios (below 1 = faster) with the p10-p90 of those ratios."

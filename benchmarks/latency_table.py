@@ -64,7 +64,8 @@ def cases() -> list[Case]:
 def _ratio(result: BenchmarkResult, batch: int) -> str:
     (c,) = [c for c in result.latency if c.batch == batch]
     rounds = ", ".join(f"{r:.2f}" for r in c.round_ratios)
-    return f"{c.ratio:.3f} [{c.ratio_p10:.2f}, {c.ratio_p90:.2f}] ({rounds})" + (" **slower**" if c.consistently_slower else "")
+    return (f"{c.ratio:.3f} [{c.ratio_p10:.2f}, {c.ratio_p90:.2f}] ({rounds})"
+            + (" **slower**" if c.consistently_slower else ""))
 
 
 def _quality(result: BenchmarkResult) -> str:

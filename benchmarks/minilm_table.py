@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                 similarity = cosine_rows(originals[name], embeddings)
                 cosines.append(f"{similarity.mean():.4f} / {similarity.min():.4f}")
                 probes.append(f"{probe_accuracy(embeddings, labels):.3f}")
-            kept = f"{report.dense_params_after / report.dense_params_before:.1%} ({report.factored}/{len(report.layers)} factored)"
+            kept = (f"{report.dense_params_after / report.dense_params_before:.1%} "
+                    f"({report.factored}/{len(report.layers)} factored)")
             lines.append(_row(policy.describe(), kept, cosines + probes))
-    lines += ["", "Activation-aware factors (`--method whitened`), calibrated on the polarity sentences and measured on the"
-              " newsgroups posts (held out from the calibration), against plain SVD at the same ranks:", "",
+    lines += ["", "Activation-aware factors (`--method whitened`), calibrated on the polarity sentences and measured"
+              " on the newsgroups posts (held out from the calibration), against plain SVD at the same ranks:", "",
               "| policy | factors | dense params kept | newsgroups cosine mean / min | newsgroups probe |",
               "|---|---|---:|---:|---:|"]
     feed, labels = data["newsgroups"]
@@ -76,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                                      calibration=calibration if method == "whitened" else None)
                 embeddings = sentence_embeddings(out, feed)
                 similarity = cosine_rows(originals["newsgroups"], embeddings)
-                lines.append(f"| {policy.describe()} | {method} | {report.dense_params_after / report.dense_params_before:.1%} | "
-                             f"{similarity.mean():.4f} / {similarity.min():.4f} | {probe_accuracy(embeddings, labels):.3f} |")
+                kept_fraction = report.dense_params_after / report.dense_params_before
+                lines.append(f"| {policy.describe()} | {method} | {kept_fraction:.1%} | "
+                             f"{similarity.mean():.4f} / {similarity.min():.4f} | "
+                             f"{probe_accuracy(embeddings, labels):.3f} |")
     lines += ["", "Budget: `compress --min-cosine C --data polarity` (whitened factors; 40% of the sentences held out"
               " and reported on):", "",
               "| budget | chosen tau | dense params kept | held-out output cosine mean / min |", "|---|---:|---:|---:|"]

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mlp_table_") as tmp:
         for name in args.models:
             original = (MODELS / f"{name}_mlp.onnx").stat().st_size
-            for min_params, title in ((DEFAULT_MIN_PARAMS, "defaults: layers under 4096 parameters (the head) kept dense"),
+            for min_params, title in ((DEFAULT_MIN_PARAMS,
+                                       "defaults: layers under 4096 parameters (the head) kept dense"),
                                       (0, "`min_params=0`: every layer considered, head included, as in the paper")):
                 rows = run_model(name, Path(tmp), min_params)
                 parts += [f"## {name}_mlp.onnx, {title}\n\n{rows[0].total:,} dense params, {original:,} bytes",

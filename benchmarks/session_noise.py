@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    lines = ["| model | batch | two sessions, one file: median ratio per trial | range | one session vs itself: range |",
+    lines = ["| model | batch | two sessions, one file: median ratio per trial | range"
+             " | one session vs itself: range |",
              "|---|---:|---|---:|---:|"]
     for name in ("fashion", "digits"):
         path = ROOT / "models" / f"{name}_mlp.onnx"
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                 a, b = interleaved_times(first, first, feed, min_seconds=args.seconds / 2)
                 self_ratios.append(float(np.median(b / a)))
             lines.append(f"| {path.name} | {batch} | {', '.join(f'{r:.3f}' for r in pair_ratios)} | "
-                         f"{min(pair_ratios):.3f}-{max(pair_ratios):.3f} | {min(self_ratios):.3f}-{max(self_ratios):.3f} |")
+                         f"{min(pair_ratios):.3f}-{max(pair_ratios):.3f} | "
+                         f"{min(self_ratios):.3f}-{max(self_ratios):.3f} |")
             print(lines[-1], flush=True)
     text = "\n".join([
         *header("Session-to-session timing noise (A/A)", __file__, argv,

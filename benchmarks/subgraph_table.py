@@ -55,7 +55,8 @@ def accuracies(path: Path, rows: slice = slice(None)) -> list[float]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with np.load(DATA) as data:
         x, labels = data["input"][rows], data["labels"][rows]
-    return [float(np.mean(session.run(None, {"input": x, "branch": np.array([flag], np.float32)})[0].argmax(1) == labels))
+    return [float(np.mean(session.run(None, {"input": x, "branch": np.array([flag], np.float32)})[0].argmax(1)
+                          == labels))
             for flag in BRANCHES.values()]
 
 
@@ -93,7 +94,8 @@ def main(argv: list[str]) -> None:
             ranks = " / ".join(f"{d.name.split('::')[-1]} {d.rank}{'' if d.factored else '*'}" for d in report.layers)
             compressed = accuracies(out)
             rows.append([policy.describe(), f"`{ranks}`",
-                         f"{report.dense_params_after:,} ({report.dense_params_after / report.dense_params_before:.1%})",
+                         f"{report.dense_params_after:,} "
+                         f"({report.dense_params_after / report.dense_params_before:.1%})",
                          f"{out.stat().st_size:,}",
                          *(f"{a:.2%} -> {c:.2%}" for a, c in zip(original, compressed, strict=True))])
         whitened = whitened_rows(Path(tmp))

@@ -270,7 +270,8 @@ def compress(
         compressed = written_model.path if written_model is not None else loaded
         latency_check: list[LatencyComparison] = []
         if guard is not None and provider is not None and factored:
-            compressed_source = os.fspath(compressed) if written_model is not None else model_source(loaded)[0]
+            compressed_source = (os.fspath(written_model.path) if written_model is not None
+                                 else model_source(loaded)[0])
             latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
                                               loaded, progress)
         verification = None
@@ -280,6 +281,7 @@ def compress(
         _check_result(verification, search)
         written = _Written()
         if written_model is not None:
+            assert output is not None  # _staged writes a model only when there is an output path
             written_model.place()
             before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
             written = _Written(os.fspath(output), before, model_file_bytes(output))

@@ -196,8 +196,9 @@ def _classes(model: ir.Model | _Session) -> int | None:
     if len(shape) < 2:
         raise InvalidInputError(f"labels need a first output of shape (samples, classes); {name!r} has rank "
                                 f"{len(shape)}")
-    if all(d is not None for d in shape[1:]):
-        classes = math.prod(shape[1:])
+    known = [d for d in shape[1:] if d is not None]
+    if len(known) == len(shape) - 1:
+        classes = math.prod(known)
         if classes < 2:
             raise InvalidInputError(f"labels need at least 2 classes; output {name!r} has {classes}")
         return classes

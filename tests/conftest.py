@@ -95,7 +95,7 @@ def make_mlp(sizes: tuple[int, ...] = (48, 40, 32, 10), seed: int = 0, decay: fl
     """A Gemm/Relu MLP with a dynamic batch, weights with a decaying spectrum."""
     nodes, initializers = [], []
     current = "X"
-    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         initializers += [
             numpy_helper.from_array(random_weight(m, n, seed=seed + i, decay=decay).astype(np.float32), f"W{i}"),
             numpy_helper.from_array(np.full(n, 0.1, np.float32), f"b{i}"),

@@ -37,7 +37,8 @@ def test_inspect_json_has_every_column(mlp_path: Path, capsys: pytest.CaptureFix
     assert data["policy"] == "energy(tau=0.9)"
 
 
-def test_compress_writes_verified_model_and_report(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compress_writes_verified_model_and_report(mlp_path: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     before = _digest(mlp_path)
     assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "ratio", "--ratio", "0.25",
@@ -136,7 +137,8 @@ LISTED_BY_INSPECT = {  # what inspect prints instead of failing: its "not factor
 
 @pytest.mark.parametrize("case", sorted(BAD_MODELS))
 @pytest.mark.parametrize("command", ["inspect", "compress"])
-def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     content, code, message = BAD_MODELS[case]
     path = tmp_path / "model.onnx"
     if isinstance(content, bytes):
@@ -207,4 +209,5 @@ def test_compress_with_bench_reports_both(mlp_path: Path, tmp_path: Path, capsys
     data = json.loads(capsys.readouterr().out)
     assert data["factored_layers"] == 3
     assert [c["batch"] for c in data["benchmark"]["latency"]] == [2]
-    assert data["benchmark"]["dense_flop_ratio"] == pytest.approx(data["dense_params_after"] / data["dense_params_before"])
+    assert data["benchmark"]["dense_flop_ratio"] == pytest.approx(data["dense_params_after"]
+                                                                  / data["dense_params_before"])
