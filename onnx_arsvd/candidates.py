@@ -20,7 +20,9 @@ import onnx_ir as ir
 
 from onnx_arsvd.errors import UnsupportedModelError
 
-__all__ = ["Layer", "Skipped", "WeightKey", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array"]
+__all__ = [
+    "Layer", "Skipped", "WeightKey", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array",
+]
 
 WeightKey = tuple[str, bool]
 """(scope-qualified weight value name, transposed): identifies the matrix a layer multiplies by."""
@@ -198,7 +200,8 @@ def _fold(source: ir.Value, chain: tuple[ir.Node, ...]) -> ir.TensorProtocol:
 def _quantized_producer(value: ir.Value | None) -> str | None:
     """The (De)QuantizeLinear op behind ``value``, through any Transpose/Cast/Reshape/Identity chain, else None."""
     producer = value.producer() if value is not None else None
-    while producer is not None and producer.op_type in _CHAIN_OPS and producer.inputs and producer.inputs[0] is not None:
+    while (producer is not None and producer.op_type in _CHAIN_OPS and producer.inputs
+           and producer.inputs[0] is not None):
         producer = producer.inputs[0].producer()
     return producer.op_type if producer is not None and producer.op_type in _QUANTIZED_PRODUCERS else None
 
@@ -237,7 +240,8 @@ class _Finder:
             return source, chain, None, f"weight is cast to {tensor.dtype.name}; only float weights can be factored"
         if len(tensor.shape) != 2:
             what = " after its Transpose/Cast/Reshape/Identity chain" if chain else ""
-            return source, chain, None, f"weight has {len(tensor.shape)} dimensions{what}; only 2-D weights are factored"
+            return (source, chain, None,
+                    f"weight has {len(tensor.shape)} dimensions{what}; only 2-D weights are factored")
         if 0 in tensor.shape.numpy():
             return source, chain, None, f"weight is empty (shape {list(tensor.shape.numpy())}); nothing to factor"
         return source, chain, folded, ""
@@ -312,7 +316,8 @@ class _Finder:
         if _attr(node, "axis", 0) != 0:
             return self.skip(node, scope, "Gather along axis 1 selects columns, not embedding rows")
         if table.is_graph_input() and self.feedable_initializers:
-            return self.skip(node, scope, "table is also a graph input, so a user may feed another value; left as it is")
+            return self.skip(node, scope,
+                             "table is also a graph input, so a user may feed another value; left as it is")
         if table.is_graph_output():
             return self.skip(node, scope, "table is also a graph output")
         self.add(node, scope, table, (), None, transposed=False, alpha=1.0, bias=None, beta=0.0)

@@ -137,7 +137,8 @@ class _Rewriter:
         if bias is not None:
             product = result
             result = ir.Value(name=self.name(f"{label}/arsvd_biased"), type=tensor_type, shape=old_output.shape)
-            new_nodes.append(ir.Node("", "Add", [product, bias], outputs=[result], name=self.name(f"{label}/arsvd_bias")))
+            new_nodes.append(ir.Node("", "Add", [product, bias], outputs=[result],
+                                     name=self.name(f"{label}/arsvd_bias")))
         graph.insert_before(node, new_nodes)
         name, output_type, output_shape = old_output.name, old_output.type, old_output.shape
         old_output.replace_all_uses_with(result, replace_graph_outputs=True)

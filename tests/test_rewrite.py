@@ -120,7 +120,7 @@ def test_shared_weight_is_factored_once() -> None:
     assert report.factored == 2 and report.dense_params_before == 32 * 24
     assert len(compressed.graph.initializer) == 2  # one A and one B for both nodes
     feed = _feed(model)
-    for expected, actual in zip(run(model, feed), run(compressed, feed)):
+    for expected, actual in zip(run(model, feed), run(compressed, feed), strict=True):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 

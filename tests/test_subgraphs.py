@@ -64,7 +64,8 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 def _full_rank(model: onnx.ModelProto, expected_factored: int) -> onnx.ModelProto:
     """Every layer factored at full rank (a fixed rank is capped at min(m, n))."""
-    compressed, report = compress(model, policy=FixedRankPolicy(10**6), max_rank_fraction=1e9, min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(10**6), max_rank_fraction=1e9, min_params=0,
+                                  check=False)
     assert report.factored == expected_factored, [(d.name, d.reason) for d in report.layers]
     assert all(d.rank == d.full_rank for d in report.layers)
     onnx.checker.check_model(compressed, full_check=True)
@@ -216,12 +217,13 @@ def test_weight_shared_between_main_graph_and_branches_is_factored_once() -> Non
     w = _w(16, 12, 6)
     then_branch = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["yt"], name="mm_then")], "t", [],
                                     [_vi("yt", ["batch", 12])])
-    else_branch = helper.make_graph([helper.make_node("Gemm", ["X", "W"], ["ye"], name="gemm_else", alpha=2.0)], "e", [],
-                                    [_vi("ye", ["batch", 12])])
+    else_branch = helper.make_graph([helper.make_node("Gemm", ["X", "W"], ["ye"], name="gemm_else", alpha=2.0)], "e",
+                                    [], [_vi("ye", ["batch", 12])])
     model = _model(
         [helper.make_node("MatMul", ["X", "W"], ["Y1"], name="mm_main"),
          helper.make_node("If", ["cond"], ["Y2"], name="branch", then_branch=then_branch, else_branch=else_branch)],
-        [_vi("cond", [], TensorProto.BOOL), _vi("X", ["batch", 16])], [_vi("Y1", ["batch", 12]), _vi("Y2", ["batch", 12])],
+        [_vi("cond", [], TensorProto.BOOL), _vi("X", ["batch", 16])],
+        [_vi("Y1", ["batch", 12]), _vi("Y2", ["batch", 12])],
         [_init("W", w)])
     compressed = _full_rank(model, 3)
     report = inspect_model(model, min_params=0)
@@ -383,7 +385,8 @@ class _Reader:
 def _main_and_loop_model() -> onnx.ModelProto:
     """h = X @ W0 in the main graph, then h <- tanh(h @ W1) twice in a Loop body (W1 captured)."""
     body = helper.make_graph(
-        [helper.make_node("MatMul", ["h_in", "W1"], ["mm"], name="body_matmul"), helper.make_node("Tanh", ["mm"], ["h_out"]),
+        [helper.make_node("MatMul", ["h_in", "W1"], ["mm"], name="body_matmul"),
+         helper.make_node("Tanh", ["mm"], ["h_out"]),
          helper.make_node("Identity", ["c_in"], ["c_out"])],
         "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
         [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
@@ -502,8 +505,8 @@ def test_inspect_says_what_share_of_the_parameters_is_factorable() -> None:
     dense = sum(t.size for t in tensors if t.ndim == 2)  # the four Linear weights; biases and scalars are 0-/1-D
     report = inspect_model(MODELS / "branch_mlp.onnx")
     assert report.params_before == total and report.dense_params_before == dense
-    assert f"factorable layers hold {dense / 1e3:.1f}k of the model's {total / 1e3:.1f}k parameters ({dense / total:.1%})" \
-        in format_report(report)
+    assert (f"factorable layers hold {dense / 1e3:.1f}k of the model's {total / 1e3:.1f}k parameters "
+            f"({dense / total:.1%})") in format_report(report)
 
 
 def test_calibration_on_the_real_if_model_sees_each_branch_on_its_own_rows() -> None:
