@@ -19,9 +19,9 @@ import onnx_ir as ir
 
 from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.budget import Budget, BudgetSearch
-from onnx_arsvd.data import ArrayReader, check_labels, load_data, load_labels
+from onnx_arsvd.data import ArrayReader, Feed, check_labels, load_data, load_labels
 from onnx_arsvd.errors import InvalidInputError, OutputError
-from onnx_arsvd.guard import LatencyGuard
+from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.output import Staged, check_paths, stage_model
@@ -29,6 +29,7 @@ from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
 from onnx_arsvd.verification import (
     DEFAULT_BATCH_SIZE,
@@ -36,6 +37,7 @@ from onnx_arsvd.verification import (
     VerificationReport,
     check_dims,
     check_files,
+    generated_batches,
     model_source,
     verify,
 )
@@ -94,7 +96,8 @@ def _build_report(
         verification=verification,
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
-        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *regressions,
+        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *planned.notes,
+               *regressions,
                *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped)],
     )
 
@@ -119,7 +122,7 @@ def inspect_model(
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
                          embedding_policy, factor_heads, jobs)
     loaded = to_model(model)
-    planned = plan_model(loaded, settings, with_factors=False, progress=progress)
+    planned = plan_model(loaded, settings, with_factors=False, progress=progress, allow_empty=True)
     size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
     weights = weight_stats(loaded)
     return _build_report(model, settings, planned, weights, weights, written=_Written(file_bytes_before=size),
@@ -253,7 +256,9 @@ def compress(
             data, labels = search.held_out, None
     planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
     if guard is not None and provider is not None:
-        guard.apply(planned.plans, provider, dims or {}, progress)
+        layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
+        rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
+        guard.apply(planned.plans, provider, dims or {}, progress, rows)
     if search is not None:
         search.measure_errors(loaded, planned.plans, progress)
     reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
@@ -265,7 +270,8 @@ def compress(
         compressed = written_model.path if written_model is not None else loaded
         latency_check: list[LatencyComparison] = []
         if guard is not None and provider is not None and factored:
-            compressed_source = os.fspath(compressed) if written_model is not None else model_source(loaded)[0]
+            compressed_source = (os.fspath(written_model.path) if written_model is not None
+                                 else model_source(loaded)[0])
             latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
                                               loaded, progress)
         verification = None
@@ -275,6 +281,7 @@ def compress(
         _check_result(verification, search)
         written = _Written()
         if written_model is not None:
+            assert output is not None  # _staged writes a model only when there is an output path
             written_model.place()
             before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
             written = _Written(os.fspath(output), before, model_file_bytes(output))
@@ -290,3 +297,10 @@ def compress(
                            dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
+
+
+def _shape_feed(source: ModelLike, model: ir.Model, data: DataSource | None, dims: Mapping[str, int]) -> Feed:
+    """A few samples the model really sees (the data's first 8), or one generated one: to observe activation shapes."""
+    if data is not None:
+        return {name: array[:8] for name, array in load_data(data, model)[0].items()}
+    return generated_batches(make_session(model_source(source)[0]), model, dims, samples=1)[0]

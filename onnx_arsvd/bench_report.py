@@ -44,7 +44,8 @@ def format_benchmark(result: BenchmarkResult, markdown: bool = False) -> str:
     style = "github" if markdown else "simple"
     limit = result.dense_flop_ratio
     rows = [[_short(c.provider), c.batch, f"{c.original.median_ms:.4g}", f"{c.compressed.median_ms:.4g}",
-             f"{c.original.p90_ms:.4g} / {c.original.p99_ms:.4g}", f"{c.compressed.p90_ms:.4g} / {c.compressed.p99_ms:.4g}",
+             f"{c.original.p90_ms:.4g} / {c.original.p99_ms:.4g}",
+             f"{c.compressed.p90_ms:.4g} / {c.compressed.p99_ms:.4g}",
              f"{c.compressed.throughput:,.0f}", f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]",
              ", ".join(f"{r:.2f}" for r in c.round_ratios),
              f"{limit:.3f}", f"{(1 - c.ratio) / (1 - limit):.0%}" if limit < 1 else "n/a"]

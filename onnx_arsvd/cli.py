@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from onnx_arsvd.errors import ArsvdError, InvalidInputError
 
@@ -38,7 +38,8 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-rank-fraction", type=float, default=0.8, metavar="F",
                        help="factor a layer only if rank <= F * m*n/(m+n) (default 0.8: demand a real saving)")
     group.add_argument("--min-params", type=int, default=4096, metavar="N",
-                       help="leave weights with fewer than N parameters dense (default 4096; heads are often this small)")
+                       help="leave weights with fewer than N parameters dense "
+                            "(default 4096; heads are often this small)")
     group.add_argument("--method", choices=["svd", "whitened", "lp"],
                        help="svd: minimise the weight error; whitened: minimise the layer's output error on "
                             "--calibration inputs; lp: robust l_p fit of the weight's rows, see --p "
@@ -90,7 +91,8 @@ def _add_bench_options(parser: argparse.ArgumentParser) -> None:
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
-    parser.add_argument("--report", metavar="PATH", help="also write the report to PATH: Markdown if it ends in .md, else JSON")
+    parser.add_argument("--report", metavar="PATH",
+                        help="also write the report to PATH: Markdown if it ends in .md, else JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -106,22 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    inspect = commands.add_parser("inspect", parents=[debug], help="list the factorable layers and what the policy would do")
+    inspect = commands.add_parser("inspect", parents=[debug],
+                                  help="list the factorable layers and what the policy would do")
     inspect.add_argument("model", help="the ONNX model to read (never modified)")
     _add_policy_options(inspect)
     _add_output_options(inspect)
 
-    compress = commands.add_parser("compress", parents=[debug], help="factor the dense layers, write the model, verify it")
+    compress = commands.add_parser("compress", parents=[debug],
+                                   help="factor the dense layers, write the model, verify it")
     compress.add_argument("model", help="the ONNX model to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
     compress.add_argument("--external-data", action="store_true",
-                          help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
+                          help="always write weights as external data "
+                               "(automatic above 1.8 GB or when the input has it)")
     compress.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     compress.add_argument("--bench", action="store_true", help="benchmark the original and the written model")
     budget = compress.add_argument_group("budget: the fewest parameters within an accuracy budget (splits --data)")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
                         help="at most this many accuracy points lost (needs labels in --data or --labels)")
-    budget.add_argument("--min-cosine", type=float, help="mean cosine of every output with the original's at least this")
+    budget.add_argument("--min-cosine", type=float,
+                        help="mean cosine of every output with the original's at least this")
     budget.add_argument("--target-params", type=float, metavar="F",
                         help="keep at most this fraction of the dense-layer parameters, as accurately as possible")
     budget.add_argument("--holdout", type=float, default=0.4,
@@ -129,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--guard", choices=["latency"],
                           help="latency: keep each layer dense where factoring it is not faster on --target, "
                                "then time the whole model (batch sizes from --batch)")
-    compress.add_argument("--target", default="cpu", help="execution provider the guard times on: cpu (default), cuda, ...")
+    compress.add_argument("--target", default="cpu",
+                          help="execution provider the guard times on: cpu (default), cuda, ...")
     compress.add_argument("--guard-seconds", type=float, default=0.3,
                           help="minimum measuring time per layer and batch size (default 0.3)")
     compress.add_argument("--guard-margin", type=float, default=0.0, metavar="M",
@@ -140,15 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_options(compress)
     _add_output_options(compress)
 
-    verify = commands.add_parser("verify", parents=[debug], help="compare a compressed model with its original in onnxruntime")
+    verify = commands.add_parser("verify", parents=[debug],
+                                 help="compare a compressed model with its original in onnxruntime")
     verify.add_argument("original", help="the reference model")
     verify.add_argument("compressed", help="the model to compare with it")
     _add_data_options(verify)
     _add_batch_size_option(verify)
-    verify.add_argument("--providers", help="execution providers to verify on, comma-separated: cpu (default), cuda, ...")
+    verify.add_argument("--providers",
+                        help="execution providers to verify on, comma-separated: cpu (default), cuda, ...")
     _add_output_options(verify)
 
-    bench = commands.add_parser("bench", parents=[debug], help="latency, memory and accuracy of both models on every execution provider")
+    bench = commands.add_parser("bench", parents=[debug],
+                                help="latency, memory and accuracy of both models on every execution provider")
     bench.add_argument("original", help="the reference model")
     bench.add_argument("compressed", help="the model to compare with it")
     _add_data_options(bench)
@@ -243,10 +253,10 @@ def _version() -> str:
 def _check_paths(args: argparse.Namespace) -> None:
     """Every output path writable and clashing with no input or other output, before any work."""
     from onnx_arsvd.model_io import external_data_files, load_model
-    from onnx_arsvd.output import check_paths
+    from onnx_arsvd.output import PathLike, check_paths
 
     models = [args.model] if args.command in ("inspect", "compress") else [args.original, args.compressed]
-    inputs: dict[str, object] = {}
+    inputs: dict[str, PathLike | Iterable[PathLike] | None] = {}
     for index, model in enumerate(models):
         label = "input model" if len(models) == 1 else ("original model", "compressed model")[index]
         inputs[label] = model
@@ -321,9 +331,11 @@ def _run(args: argparse.Namespace) -> int:
                                  model_seconds=args.seconds)
         args.budget = _budget(args)
         _, report = api.compress(
-            args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
+            args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include,
+            exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
-            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
+            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args),
+            factor_heads=_factor_heads(args),
             external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
             batch_size=args.batch_size, guard=guard, jobs=args.jobs,

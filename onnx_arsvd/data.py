@@ -75,8 +75,8 @@ def _session_specs(session: _Session) -> list[InputSpec]:
         name = arg.type.removeprefix("tensor(").removesuffix(")")
         try:
             dtype = np.dtype(_ORT_TYPES.get(name, name))
-        except TypeError:
-            raise UnsupportedModelError(f"input {arg.name!r} has unsupported type {arg.type}") from None
+        except TypeError as error:
+            raise UnsupportedModelError(f"input {arg.name!r} has unsupported type {arg.type}") from error
         shape = None if arg.shape is None else tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
         specs.append(InputSpec(arg.name, dtype, shape))
     return specs
@@ -97,8 +97,8 @@ def input_specs(model: ir.Model | _Session) -> list[InputSpec]:
             raise UnsupportedModelError(f"input {value.name!r} has no tensor type")
         try:
             dtype = np.dtype(value.dtype.numpy())
-        except (TypeError, ValueError):
-            raise UnsupportedModelError(f"input {value.name!r} has unsupported type {value.dtype}") from None
+        except (TypeError, ValueError) as error:
+            raise UnsupportedModelError(f"input {value.name!r} has unsupported type {value.dtype}") from error
         shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
         specs.append(InputSpec(value.name or "", dtype, shape))
     return specs
@@ -120,16 +120,21 @@ def load_arrays(data: DataSource, what: str = "data") -> dict[str, np.ndarray]:
         raise InvalidInputError(f"{path}: not a readable .npz file ({error})") from error
 
 
-def _check_array(array: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
-    expected = f"input {spec.name!r} expects {spec.describe()} with samples on the first axis"
-    if array.ndim == 0 and spec.shape != ():  # a scalar input takes a 0-d array (from a reader: no sample axis)
+def _check_array(array: np.ndarray, spec: InputSpec, where: str, samples: bool) -> np.ndarray:
+    """``array`` cast to the input's dtype; with ``samples`` its first axis counts samples (a batch dim)."""
+    expected = f"input {spec.name!r} expects {spec.describe()}" + (" with samples on the first axis" if samples else "")
+    rank = None if spec.shape is None else len(spec.shape)
+    if samples and rank == 0:
+        raise InvalidInputError(f"{where}: input {spec.name!r} is a scalar: arrays cannot hold samples of it "
+                                "(feed it with a CalibrationDataReader)")
+    if array.ndim == 0 and rank != 0:
         raise InvalidInputError(f"{where}: array {spec.name!r} is 0-d; {expected}")
     if array.dtype.kind not in "biuf" or not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
         raise InvalidInputError(f"{where}: array {spec.name!r} is {array.dtype}; {expected}")
     if spec.shape is not None:
-        fixed = [(i, d) for i, d in enumerate(spec.shape) if d is not None and i > 0]
-        first = spec.shape[0] if spec.shape else None
-        if (array.ndim != len(spec.shape) or any(array.shape[i] != d for i, d in fixed)
+        checked = [(i, d) for i, d in enumerate(spec.shape) if d is not None and (i > 0 or not samples)]
+        first = spec.shape[0] if spec.shape and samples else None
+        if (array.ndim != len(spec.shape) or any(array.shape[i] != d for i, d in checked)
                 or (first is not None and len(array) < first)):
             raise InvalidInputError(f"{where}: array {spec.name!r} has shape {array.shape}; {expected}")
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
@@ -144,7 +149,7 @@ def check_feed(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], where: 
         if spec.name not in arrays:
             raise InvalidInputError(f"{where}: no array for model input {spec.name!r} "
                                     f"(has: {', '.join(arrays) or 'nothing'})")
-        feed[spec.name] = _check_array(np.asarray(arrays[spec.name]), spec, where)
+        feed[spec.name] = _check_array(np.asarray(arrays[spec.name]), spec, where, samples)
     if samples and feed:
         counts = {len(a) for a in feed.values()}
         if len(counts) != 1:
@@ -191,8 +196,9 @@ def _classes(model: ir.Model | _Session) -> int | None:
     if len(shape) < 2:
         raise InvalidInputError(f"labels need a first output of shape (samples, classes); {name!r} has rank "
                                 f"{len(shape)}")
-    if all(d is not None for d in shape[1:]):
-        classes = math.prod(shape[1:])
+    known = [d for d in shape[1:] if d is not None]
+    if len(known) == len(shape) - 1:
+        classes = math.prod(known)
         if classes < 2:
             raise InvalidInputError(f"labels need at least 2 classes; output {name!r} has {classes}")
         return classes

@@ -82,8 +82,8 @@ def _data_bytes(tensor: onnx.TensorProto) -> int:
     """What the declared dims and type take, in bytes."""
     try:
         itemsize = ir.DataType(tensor.data_type).itemsize
-    except ValueError:
-        raise UnsupportedModelError(f"tensor {tensor.name!r} has unknown data type {tensor.data_type}") from None
+    except ValueError as error:
+        raise UnsupportedModelError(f"tensor {tensor.name!r} has unknown data type {tensor.data_type}") from error
     return math.ceil(math.prod(tensor.dims) * itemsize)
 
 
@@ -101,8 +101,8 @@ def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
     try:
         offset = int(info.get("offset") or 0)
         length = int(info["length"]) if info.get("length") else None
-    except ValueError:
-        raise UnsupportedModelError(f"tensor {tensor.name!r}: external data offset/length are not integers") from None
+    except ValueError as error:
+        raise UnsupportedModelError(f"tensor {tensor.name!r}: external data offset/length are not integers") from error
     return info.get("location", ""), offset, length
 
 
@@ -150,11 +150,29 @@ def _check_inline(tensor: onnx.TensorProto, where: str) -> None:
                                     f"({expected} {unit}) but holds {actual}")
 
 
+def _sparse_user(graph: onnx.GraphProto) -> str | None:
+    """The first node (in ``graph`` or its bodies) with a sparse tensor attribute, by name or type."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("sparse_tensor") or attribute.sparse_tensors:
+                return node.name or node.op_type
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                if (found := _sparse_user(body)) is not None:
+                    return found
+    return None
+
+
 def _check_tensors(proto: onnx.ModelProto, folder: Path, where: str) -> None:
-    """Refuse any tensor whose dims, data or external data location is not what it claims."""
+    """Refuse any tensor whose dims, data or external data location is not what it claims.
+
+    Sparse tensors are refused outright: onnx_ir does not carry them, so they would vanish from the output.
+    """
     if proto.graph.sparse_initializer:
         names = ", ".join(repr(s.values.name) for s in proto.graph.sparse_initializer)
         raise UnsupportedModelError(f"{where}: sparse initializers ({names}) are not supported; store them dense")
+    if (node := _sparse_user(proto.graph)) is not None:
+        raise UnsupportedModelError(f"{where}: node {node!r} has a sparse tensor attribute, which is not supported; "
+                                    "store it dense")
     for tensor in proto_tensors(proto):
         if any(d < 0 for d in tensor.dims):
             raise UnsupportedModelError(f"{where}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")

@@ -61,7 +61,8 @@ class ModelPlan:
 
     def decisions(self) -> list[LayerDecision]:
         """Every layer's decision, in graph order."""
-        rows = [(layer, decision) for plan in self.plans for layer, decision in zip(plan.layers, plan.decisions)]
+        rows = [(layer, decision) for plan in self.plans
+                for layer, decision in zip(plan.layers, plan.decisions, strict=True)]
         rows += self.excluded
         rows.sort(key=lambda row: self.order[id(row[0].node)])
         return [decision for _, decision in rows]
@@ -76,7 +77,8 @@ class ModelPlan:
 def _keep_heads_dense(plans: list[WeightPlan]) -> None:
     """Leave dense every weight that would be factored but feeds a graph output (a classifier head)."""
     for plan in plans:
-        if plan.factored and not plan.layers[0].is_embedding and any(feeds_graph_output(l.node) for l in plan.layers):
+        if (plan.factored and not plan.layers[0].is_embedding
+                and any(feeds_graph_output(layer.node) for layer in plan.layers)):
             plan.decisions = [dataclasses.replace(d, factored=False, reason=HEAD_REASON) for d in plan.decisions]
             plan.factors = None
 
@@ -128,8 +130,10 @@ def plan_model(
         _keep_heads_dense(plans)
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     notes = []
-    if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):
-        notes.append(f"note: the calibration data never reached {len(unseen)} weight(s) (an If branch not taken?); "
-                     f"they got plain SVD factors: {', '.join(sorted(key[0] for key in unseen))}")
+    if (settings.method == "whitened" and grams is not None
+            and (unseen := {layer.weight_key for layer in dense} - set(grams))):
+        notes.append(f"note: no activations were captured for {len(unseen)} weight(s) (an If branch the data never "
+                     "takes, or a loop body whose activations change shape between iterations); they got plain SVD "
+                     f"factors: {', '.join(sorted(key[0] for key in unseen))}")
     return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], skipped, order,
                      notes)

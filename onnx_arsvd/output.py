@@ -124,7 +124,7 @@ def _temporary_name(target: Path) -> Path:
     return target.parent / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
 
 
-def write_file(path: PathLike, write: Callable[[Path], None], what: str = "output") -> Path:
+def write_file(path: PathLike, write: Callable[[Path], object], what: str = "output") -> Path:
     """Call ``write(temporary)`` beside ``path``, then rename it into place; no file is left on failure.
 
     The file is created with the user's umask, as ``open`` does.

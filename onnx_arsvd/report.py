@@ -99,7 +99,7 @@ class Report:
 def report_to_json(report: Report) -> str:
     """The report as JSON, with derived totals spelled out for machines."""
     data = dataclasses.asdict(report)
-    for row, layer in zip(data["layers"], report.layers):
+    for row, layer in zip(data["layers"], report.layers, strict=True):
         row.update(params=layer.params, params_after=layer.params_after, saving=layer.saving,
                    predicted_error=layer.predicted_error)
     data.update(
@@ -141,7 +141,8 @@ def _error_cell(layer: LayerDecision, whitened: bool) -> str:
     """Predicted (only whitened spectra predict an *output* error) / measured on held-out activations."""
     if not layer.factored or layer.measured_error is None:
         return ""
-    return f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened else f"- / {layer.measured_error:.3f}"
+    return (f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened
+            else f"- / {layer.measured_error:.3f}")
 
 
 def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
@@ -180,7 +181,8 @@ def format_verification(verification: VerificationReport, markdown: bool = False
     if verification.original is not None and verification.compressed is not None:
         o, c = verification.original, verification.compressed
         lines.append(tabulate(
-            [["original", f"{o.accuracy:.2%}", f"{o.macro_f1:.4f}"], ["compressed", f"{c.accuracy:.2%}", f"{c.macro_f1:.4f}"]],
+            [["original", f"{o.accuracy:.2%}", f"{o.macro_f1:.4f}"],
+             ["compressed", f"{c.accuracy:.2%}", f"{c.macro_f1:.4f}"]],
             ["model", "top-1 accuracy", "macro-F1"], tablefmt=style,
         ))
         lines.append(f"accuracy drop: {verification.accuracy_drop:.2f} points (original - compressed)")
@@ -218,7 +220,8 @@ def format_report(report: Report, markdown: bool = False) -> str:
     style = "github" if markdown else "simple"
     headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving",
                *(["factored/dense time"] if any(layer.timings for layer in report.layers) else []),
-               *(["output error predicted / held-out"] if any(l.measured_error is not None for l in report.layers) else []),
+               *(["output error predicted / held-out"]
+                 if any(layer.measured_error is not None for layer in report.layers) else []),
                "decision"]
     parts = [f"model: {report.model}   policy: {report.policy}   factors: {report.method}   factor only at rank <= "
              f"{report.max_rank_fraction:g} x break-even and >= {report.min_params} parameters"]

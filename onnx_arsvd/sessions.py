@@ -32,7 +32,8 @@ def make_session(
 ) -> ort.InferenceSession:
     """A session on ``provider`` (and the CPU for unsupported nodes with ``cpu_fallback``); one-line errors."""
     model = source if isinstance(source, bytes) else os.fspath(source)
-    providers = [provider, "CPUExecutionProvider"] if cpu_fallback and provider != "CPUExecutionProvider" else [provider]
+    providers = ([provider, "CPUExecutionProvider"] if cpu_fallback and provider != "CPUExecutionProvider"
+                 else [provider])
     try:
         return ort.InferenceSession(model, session_options(threads), providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types

@@ -102,7 +102,8 @@ def generated_batches(
             elif np.issubdtype(dtype, np.integer):
                 feed[node_arg.name] = rng.integers(0, bounds.get(node_arg.name, 2), shape).astype(dtype)
             else:
-                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; pass --data")
+                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; "
+                                            "pass --data")
         batches.append(feed)
     return batches
 
@@ -185,17 +186,18 @@ def compare_models(
     """
     names = [o.name for o in original.get_outputs()]
     if names != [o.name for o in compressed.get_outputs()]:
-        raise UnsupportedModelError(f"the models have different outputs: {names} vs {[o.name for o in compressed.get_outputs()]}")
+        raise UnsupportedModelError(f"the models have different outputs: {names} vs "
+                                    f"{[o.name for o in compressed.get_outputs()]}")
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = 0
     bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed in batches:
         expected, actual = run_session(original, names, feed), run_session(compressed, names, feed)
-        for name, e, a in zip(names, expected, actual):
+        for name, e, a in zip(names, expected, actual, strict=True):
             agreements[name].add(np.asarray(e), np.asarray(a))
         if labels is not None:
-            for kept, first in zip(predictions, (expected[0], actual[0])):
+            for kept, first in zip(predictions, (expected[0], actual[0]), strict=True):
                 kept.append(_rows(np.asarray(first)).argmax(axis=1))
         count = len(next(iter(feed.values()))) if feed else 1
         samples += count
@@ -263,9 +265,9 @@ def verify(
         labels = load_labels(labels)
     if data is not None:
         feed, data_labels = load_data(data, session_a)
-        if labels is not None or data_labels is not None:
-            labels = check_labels(labels if labels is not None else data_labels, len(next(iter(feed.values()))),
-                                  session_a)
+        given = labels if labels is not None else data_labels
+        if given is not None:
+            labels = check_labels(given, len(next(iter(feed.values()))), session_a)
         batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
         total = len(next(iter(feed.values()))) if feed else None
         described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)

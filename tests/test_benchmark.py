@@ -31,7 +31,7 @@ from onnx_arsvd.benchmark import (
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict
+from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict, observed_rows
 from onnx_arsvd.results import LayerTiming
 from onnx_arsvd.verification import make_session
 from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
@@ -50,7 +50,8 @@ def test_latency_stats() -> None:
 def test_ratio_comes_from_the_pairs() -> None:
     original = np.array([1.0, 2.0, 4.0, 1.0, 2.0])
     compressed = np.array([0.5, 1.0, 2.0, 1.0, 0.2])  # pair ratios .5 .5 .5 1 .1
-    result = compare_latency("CPUExecutionProvider", 1, [(original[:3], compressed[:3]), (original[3:], compressed[3:])])
+    result = compare_latency("CPUExecutionProvider", 1,
+                             [(original[:3], compressed[:3]), (original[3:], compressed[3:])])
     assert result.ratio == 0.5
     assert result.ratio_p10 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 10))
     assert result.ratio_p90 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 90))
@@ -60,8 +61,10 @@ def test_ratio_comes_from_the_pairs() -> None:
 
 def test_slower_only_when_every_round_agrees() -> None:
     base = np.ones(10)
-    two_of_three = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.1), (base, base * 1.1), (base, base * 0.95)])
-    every_round = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.1), (base, base * 1.02), (base, base * 1.05)])
+    two_of_three = compare_latency("CPUExecutionProvider", 1,
+                                   [(base, base * 1.1), (base, base * 1.1), (base, base * 0.95)])
+    every_round = compare_latency("CPUExecutionProvider", 1,
+                                  [(base, base * 1.1), (base, base * 1.02), (base, base * 1.05)])
     single_round = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.5)])
     assert two_of_three.ratio > 1.0 and not two_of_three.consistently_slower
     assert every_round.consistently_slower
@@ -288,7 +291,8 @@ def test_cli_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     (["--batch", "a,b"], "--batch expects positive integers"),
     (["--providers", "nonesuch"], "no requested execution provider can run here"),
 ])
-def test_cli_bench_bad_options(options: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bench_bad_options(options: list[str], message: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
     original, small = _pair(tmp_path)
     assert main(["bench", str(original), str(small), *options, "-q"]) == 2
     err = capsys.readouterr().err
@@ -311,3 +315,14 @@ def test_interleaved_times_stop_at_max_seconds_with_at_least_three_pairs(tmp_pat
     feed = {"X": np.zeros((2, 48), np.float32)}
     first, second = interleaved_times(session, session, feed, warmup=0, min_runs=1000, max_seconds=0.0)
     assert len(first) == len(second) == 3
+
+
+def test_guard_observes_the_rows_a_layer_really_multiplies() -> None:
+    """A MatMul on a (batch, seq, 48) activation whose seq is symbolic multiplies seq rows per sample;
+    the graph's shapes alone would time it at one row per sample."""
+    model = ir.from_proto(make_linear_model(48, 40, op="MatMul", x_shape=("batch", "seq", 48)))
+    layers, _ = find_layers(model)
+    feed = {"X": np.zeros((3, 7, 48), np.float32)}
+    rows = observed_rows(model, layers, feed)
+    assert rows == {id(layers[0].node): 7.0}
+    assert activation_rows(layers[0], 3, {}) == 3  # what the symbolic shape gives without observation

@@ -159,6 +159,13 @@ def _sparse_initializer(folder: Path) -> onnx.ModelProto:
     return model
 
 
+def _sparse_constant(folder: Path) -> onnx.ModelProto:
+    model = _sparse_initializer(folder)
+    sparse = model.graph.sparse_initializer.pop()
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["S"], name="sparse_bias", sparse_value=sparse))
+    return model
+
+
 def _missing_bias_file(folder: Path) -> onnx.ModelProto:
     model = make_linear_model()
     model.graph.initializer[1].CopyFrom(_external(model.graph.initializer[1], "bias.bin"))
@@ -177,6 +184,7 @@ HOSTILE_MODELS: dict[str, tuple[Callable[[Path], onnx.ModelProto], str]] = {
     "huge-dims": (_huge_dims, "declares dims [1000000, 1000000]"),
     "negative-dims": (_negative_dims, "negative dims [-32, -24]"),
     "sparse-initializer": (_sparse_initializer, "sparse initializers ('S') are not supported"),
+    "sparse-constant": (_sparse_constant, "node 'sparse_bias' has a sparse tensor attribute"),
     "missing-external-file": (_missing_bias_file, "external data file 'bias.bin' cannot be read"),
 }
 
@@ -328,6 +336,7 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["inspect", str(tmp_path / "m.onnx"), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("onnx-arsvd: error: ")
+    assert "The above exception was the direct cause of the following exception" in err  # the cause is chained
 
 
 def test_ctrl_c_during_start_up_exits_130(mlp_path: Path) -> None:
@@ -358,6 +367,7 @@ def test_a_zero_size_weight_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
                  "-q"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("onnx-arsvd: error: ") and err.count("\n") == 1, err
+    assert "weight is empty (shape [32, 0])" in err  # the skip reason, not an internal error
     assert _snapshot(tmp_path) == before
 
 
@@ -377,3 +387,22 @@ def test_a_calibration_reader_feeding_nan_fails_before_any_output(tmp_path: Path
         compress(tmp_path / "m.onnx", tmp_path / "out.onnx", policy=EnergyPolicy(0.9), method="whitened",
                  calibration=NanReader(), min_params=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_write_that_runs_out_of_space_is_one_line_and_leaves_nothing(mlp_path: Path, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes every write past 4 KiB fail with EFBIG, as a full disk fails with ENOSPC."""
+    import resource
+    import signal
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.run([sys.executable, "-m", "onnx_arsvd", "compress", str(mlp_path), "-o", str(out / "c.onnx"),
+                            "--no-verify", "-q"], cwd=REPO, env={**os.environ, "PYTHONPATH": os.fspath(REPO)},
+                           capture_output=True, text=True, preexec_fn=limit_file_size, timeout=120, check=False)
+    assert child.returncode == 1 and child.stderr.count("\n") == 1, child.stderr
+    assert child.stderr.startswith("onnx-arsvd: error: ") and "cannot write the output" in child.stderr
+    assert list(out.iterdir()) == []

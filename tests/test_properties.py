@@ -2,7 +2,7 @@
 
 Graphs are chains and DAGs of MatMul/Gemm (random shapes, transB, alpha/beta, every bias form, shared
 weights) with Relu or Add between them, at opsets 7 to the newest, in fp32 and fp16. CI runs 600
-examples (about 20 s); ``pytest -m thorough tests/test_properties.py`` runs 12,000 more.
+examples (about 20 s); ``pytest -m thorough tests/test_properties.py`` runs 6,000 more.
 """
 
 from __future__ import annotations

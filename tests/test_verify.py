@@ -37,7 +37,7 @@ def test_comparison_metrics() -> None:
     expected = [np.array([[3.0, 4.0]]), np.array([[1.0, 0.0]])]  # two batches, compared as one set of rows
     actual = [np.array([[3.0, 4.0]]), np.array([[0.0, 1.0]])]
     agreement = OutputAgreement("y")
-    for e, a in zip(expected, actual):
+    for e, a in zip(expected, actual, strict=True):
         agreement.add(e, a)
     result = agreement.result()
     assert result.max_abs_error == 1.0
@@ -108,7 +108,8 @@ def test_verify_detects_a_changed_model() -> None:
 def test_unknown_dim_name_is_an_error() -> None:
     model = _embedding_model()
     session = make_session(model.SerializeToString())
-    with pytest.raises(InvalidInputError, match=r"dimension sequence: no dynamic dimension of that name; the model's are: batch, seq"):
+    with pytest.raises(InvalidInputError,
+                       match=r"dimension sequence: no dynamic dimension of that name; the model's are: batch, seq"):
         generated_batches(session, ir.from_proto(model), {"sequence": 16}, samples=1)
 
 
