@@ -58,7 +58,8 @@ def build(folder: Path, blocks: int, hidden: int, seed: int = 0) -> Path:
     current = "X"
     with data.open("wb") as sink:
         for b in range(blocks):
-            for name, (m, n) in (("attn", (hidden, hidden)), ("up", (hidden, 4 * hidden)), ("down", (4 * hidden, hidden))):
+            shapes = (("attn", (hidden, hidden)), ("up", (hidden, 4 * hidden)), ("down", (4 * hidden, hidden)))
+            for name, (m, n) in shapes:
                 weight = power_law_weight(m, n, rng)
                 offset = sink.tell()
                 sink.write(weight.tobytes())
@@ -78,7 +79,8 @@ def build(folder: Path, blocks: int, hidden: int, seed: int = 0) -> Path:
             ]
             current = f"y{b}"
     nodes[-1].output[0] = "Y"
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "seq", hidden])],
+    graph = helper.make_graph(nodes, "big",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "seq", hidden])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "seq", hidden])],
                               initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -111,7 +113,8 @@ def child(arguments: list[str], src: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="hidden size 2048 x scale (default 1: 2.4 GB at 16 blocks)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="hidden size 2048 x scale (default 1: 2.4 GB at 16 blocks)")
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--jobs", type=int, help="passed to compress --jobs")
     parser.add_argument("--src", action="append", default=[], type=Path,
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"({out_size / size:.2f}x) | {result['error']} |")
         shutil.rmtree(output.parent, ignore_errors=True)
     imports = child(IMPORTS_ONLY, ROOT)
-    rows.append(f"| imports only (the constant part) | {imports['status']} | {imports['wall']:.1f} | {imports['cpu']:.1f} | "
+    rows.append(f"| imports only (the constant part) | {imports['status']} | {imports['wall']:.1f} | "
+                f"{imports['cpu']:.1f} | "
                 f"{imports['rss'] / 2**20:.0f} | | |")
     load_after = os.getloadavg()
     if not args.keep:

@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "# Factoring throughput: onnx-arsvd's solver vs scipy gesdd",
         "",
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, one BLAS thread, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, "
+        "one BLAS thread, "
         f"{package_versions(('numpy', 'scipy', 'scikit-learn'))}; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (shared machine: wall times are "
         "inflated by other work, CPU seconds much less); "

@@ -158,8 +158,9 @@ def _randomized(matrix: np.ndarray, rank: int, energy: float, seed: int) -> Spec
 def _adaptive(matrix: np.ndarray, tau: float, energy: float, seed: int, vectors: bool, limit: int,
               cap: int | None) -> Spectrum:
     """Grow a randomized basis on the residual W - Q Q^T W (doubling it, or by the margin still missing) until
-    tau of the energy is reached with an oversampling margin left; LAPACK once the basis would pass ``limit``, values only when a ``cap``
-    is given (the rank is then most likely above it: the caller decomposes again in the rare other case)."""
+    tau of the energy is reached with an oversampling margin left; LAPACK once the basis would pass ``limit``,
+    values only when a ``cap`` is given (the rank is then most likely above it: the caller decomposes again
+    in the rare other case)."""
     rng = np.random.RandomState(seed)
     basis = np.zeros((matrix.shape[0], 0), dtype=matrix.dtype)
     residual = matrix
@@ -226,8 +227,9 @@ def decompose(
         spec = _lapack(matrix, vectors, energy)
     if not transposed:
         return spec
-    u, vt = (None, None) if spec.u is None else (spec.vt.T, spec.u.T)
-    return Spectrum(u, spec.s, vt, spec.energy, spec.full_rank, spec.solver, spec.shape[::-1])
+    u = None if spec.vt is None else spec.vt.T
+    vt = None if spec.u is None else spec.u.T
+    return Spectrum(u, spec.s, vt, spec.energy, spec.full_rank, spec.solver, (spec.shape[1], spec.shape[0]))
 
 
 def spectrum(weight: np.ndarray) -> Spectrum:
@@ -287,6 +289,13 @@ class LpFit:
     converged: bool
 
 
+def _leading_right_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
+    """V_k (n x k) of an exact SVD."""
+    vt = spectrum(matrix).vt
+    assert vt is not None  # an exact SVD with vectors
+    return vt[:rank].T
+
+
 def lp_factors(weight: np.ndarray, rank: int, p: float, *, max_iter: int = 50, tol: float = 1e-6) -> LpFit:
     """Rank-k factors whose row space V (n x k) approximately minimises sum_i dist(row_i, span V)^p.
 
@@ -303,7 +312,7 @@ def lp_factors(weight: np.ndarray, rank: int, p: float, *, max_iter: int = 50, t
         raise ValueError(f"p must be in [1, 2], got {p}")
     matrix = np.asarray(weight, dtype=np.float64)
     eps = 1e-8 * float(np.sqrt(np.mean(np.sum(matrix * matrix, axis=1)))) or 1e-300
-    basis = spectrum(matrix).vt[:rank].T  # n x k, the SVD start
+    basis = _leading_right_vectors(matrix, rank)  # n x k, the SVD start
 
     def residuals(v: np.ndarray) -> np.ndarray:
         return np.sum(np.square(matrix - (matrix @ v) @ v.T), axis=1)
@@ -313,7 +322,7 @@ def lp_factors(weight: np.ndarray, rank: int, p: float, *, max_iter: int = 50, t
     converged = p == 2.0
     for _ in range(0 if converged else max_iter):
         weights = (squared + eps**2) ** (p / 2 - 1)
-        candidate = spectrum(np.sqrt(weights)[:, None] * matrix).vt[:rank].T
+        candidate = _leading_right_vectors(np.sqrt(weights)[:, None] * matrix, rank)
         candidate_squared = residuals(candidate)
         value = float(np.sum((candidate_squared + eps**2) ** (p / 2)))
         if value > history[-1]:  # rounding at convergence: keep the better subspace

@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RANK_FRACTION = 0.8
-"""Factor only at k <= 0.8 m*n/(m+n): ranks near break-even ran 1.15x slower at batch 1 (benchmarks/latency_table.py)."""
+"""Factor only at k <= 0.8 m*n/(m+n): ranks near break-even ran 1.15x slower at batch 1
+(benchmarks/latency_table.py)."""
 
 DEFAULT_MIN_PARAMS = 4096
 """Leave weights under 64 x 64 dense: they save a few KiB, add an operator's fixed cost, and are most
@@ -304,4 +305,6 @@ def relative_output_error(weight: np.ndarray, factors: tuple[np.ndarray, np.ndar
     w = np.asarray(weight, dtype=np.float64)
     difference = w - factors[0] @ factors[1]
     denominator = float(np.sum(w * (gram @ w)))
-    return float(np.sqrt(max(0.0, float(np.sum(difference * (gram @ difference)))) / denominator)) if denominator > 0 else 0.0
+    if denominator <= 0:
+        return 0.0
+    return float(np.sqrt(max(0.0, float(np.sum(difference * (gram @ difference)))) / denominator))

@@ -95,7 +95,7 @@ class EnergyPolicy:
     def choose(self, singular_values: np.ndarray, shape: tuple[int, int], total_energy: float | None = None) -> int:
         energy = np.cumsum(np.square(singular_values.astype(np.float64)))
         partial = total_energy is not None and len(singular_values) < min(shape)
-        total = total_energy if partial else energy[-1]
+        total = float(energy[-1]) if total_energy is None or not partial else total_energy
         if total <= 0:
             return 1
         share = energy / total  # exact: share[-1] is exactly 1.0, so tau = 1.0 keeps every value

@@ -3,6 +3,8 @@ solvers within 1% of the optimal error, on real weights and on flat and decaying
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -234,7 +236,7 @@ def test_lp_objective_never_increases(p: float) -> None:
     rows, _ = _inliers_and_outliers(seed=1)
     fit = lp_factors(rows, 3, p, max_iter=30, tol=0.0)
     assert len(fit.objective) > 2
-    assert all(later <= earlier * (1 + 1e-12) for earlier, later in zip(fit.objective, fit.objective[1:]))
+    assert all(later <= earlier * (1 + 1e-12) for earlier, later in itertools.pairwise(fit.objective))
 
 
 def test_lp_rejects_p_outside_one_to_two() -> None:
