@@ -292,12 +292,16 @@ def plan_layers(
     groups = _group_by_weight(layers)
     bar = tqdm(total=sum(group[0].shape[0] * group[0].shape[1] for group in groups), unit="param", unit_scale=True,
                desc="factoring" if with_factors else "spectra", disable=None if progress else True)
-    with bar, single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_plan_weight, group, settings) for group in groups]
-        for future in as_completed(futures):
-            plan = future.result()
-            bar.update(plan.decisions[0].params)
-        return [future.result() for future in futures]
+    pool = ThreadPoolExecutor(workers)
+    with bar, single_threaded_blas():
+        try:
+            futures = [pool.submit(_plan_weight, group, settings) for group in groups]
+            for future in as_completed(futures):
+                plan = future.result()
+                bar.update(plan.decisions[0].params)
+            return [future.result() for future in futures]
+        finally:  # on an error or Ctrl-C, weights not started yet are dropped, not factored first
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def relative_output_error(weight: np.ndarray, factors: tuple[np.ndarray, np.ndarray], gram: np.ndarray) -> float:
