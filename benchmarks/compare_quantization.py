@@ -53,10 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # text_eval, whether run as a script or with -m
 
 from results_io import write_result
+
 from onnx_arsvd import EnergyPolicy, compress
-from onnx_arsvd.benchmark import LatencyComparison, compare_latency, latency_stats, timed_rounds
+from onnx_arsvd.benchmark import compare_latency, latency_stats, timed_rounds
 from onnx_arsvd.model_io import model_file_bytes
-from onnx_arsvd.verify import compare_models, load_data, make_session, split_batches
+from onnx_arsvd.results import LatencyComparison
+from onnx_arsvd.verification import compare_models, load_data, make_session, split_batches
 
 MODELS = ROOT / "models"
 MINILM = MODELS / "build" / "minilm.onnx"
@@ -425,10 +427,10 @@ def header(argv: list[str], args: argparse.Namespace, started: str, load_before:
         " original in the same pairs (the original row: the median of its runs pooled over all pairs); ratio ="
         " median of the per-pair variant/original ratios (below 1 = faster) with the p10-p90 of those ratios."
         " Compare ratios, not ms across rows: the load on the machine can change between pairs",
-        f"- INT8 = `onnxruntime.quantization.quantize_dynamic(model, out, weight_type=QuantType.QInt8,"
-        f" per_channel=True, reduce_range=True)` unless marked unsafe (`reduce_range=False`); other arguments"
+        "- INT8 = `onnxruntime.quantization.quantize_dynamic(model, out, weight_type=QuantType.QInt8,"
+        " per_channel=True, reduce_range=True)` unless marked unsafe (`reduce_range=False`); other arguments"
         " default (every op type it supports, so Gather on constant tables is quantized too)",
-        f"- SVD = `onnx_arsvd.compress(model, out, policy=EnergyPolicy(tau))` with the default gates;"
+        "- SVD = `onnx_arsvd.compress(model, out, policy=EnergyPolicy(tau))` with the default gates;"
         " weights = ranks per layer in graph order (`*` = kept dense) or the number of factored layers",
         f"- machine load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_before)}",
     ]

@@ -52,12 +52,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
-
 from results_io import package_versions, write_result
+
 from onnx_arsvd import EnergyPolicy, compress
-from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, timed_rounds
+from onnx_arsvd.benchmark import batch_feed, compare_latency, timed_rounds
 from onnx_arsvd.model_io import load_model
-from onnx_arsvd.verify import make_session
+from onnx_arsvd.results import LatencyComparison
+from onnx_arsvd.verification import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "models" / "fashion_mlp.onnx"
@@ -418,7 +419,7 @@ def mlp_section(args, folder: Path) -> Section:
     variants = {"original": MLP, **paths}
     lines, counts, _ = session_section("fashion MLP", variants, folder)
     section.session_lost = lost_fusions(counts)
-    section.lines += [f"MLP ranks (None = dense): " + "; ".join(f"{k}: {ranks(r)}" for k, r in reports.items()), "", *lines, ""]
+    section.lines += ["MLP ranks (None = dense): " + "; ".join(f"{k}: {ranks(r)}" for k, r in reports.items()), "", *lines, ""]
     fused = {v: counts[(v, "ORT_ENABLE_ALL")].get("FusedGemm", 0) for v in variants}
     gemm_basic = {v: counts[(v, "ORT_ENABLE_BASIC")].get("Gemm", 0) for v in variants}
     fmm = {v: counts[(v, "ORT_ENABLE_ALL")].get("FusedMatMul", 0) for v in variants}

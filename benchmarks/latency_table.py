@@ -21,10 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from results_io import package_versions, write_result
+
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
-from onnx_arsvd.benchmark import BenchmarkResult, benchmark_models
+from onnx_arsvd.benchmark import benchmark_models
 from onnx_arsvd.guard import LatencyGuard
 from onnx_arsvd.rank import RankPolicy
+from onnx_arsvd.results import BenchmarkResult
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

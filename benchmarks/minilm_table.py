@@ -18,10 +18,9 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
-
-from results_io import package_versions, write_result
 import numpy as np
+from results_io import package_versions, write_result
+from text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
 
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress
 from onnx_arsvd.budget import Budget

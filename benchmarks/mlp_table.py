@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from results_io import package_versions, write_result
+
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, Report, compress
 from onnx_arsvd.plan import DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import RankPolicy

@@ -22,7 +22,7 @@ from results_io import package_versions, write_result
 
 from onnx_arsvd.benchmark import batch_feed, interleaved_times
 from onnx_arsvd.model_io import load_model
-from onnx_arsvd.verify import make_session
+from onnx_arsvd.verification import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "session_noise.md"

@@ -6,14 +6,14 @@ import dataclasses
 import json
 import os
 import platform
+from importlib.metadata import version
 from pathlib import Path
 
-import onnxruntime as ort
 from tabulate import tabulate
 
-from onnx_arsvd.benchmark import BenchmarkResult
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.report import format_verification, verification_to_dict
+from onnx_arsvd.results import BenchmarkResult
 
 __all__ = ["benchmark_to_json", "format_benchmark", "plot_benchmark"]
 
@@ -36,7 +36,7 @@ def benchmark_to_json(result: BenchmarkResult) -> str:
 
 def _machine() -> dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "onnxruntime": ort.__version__}
+            "cpus": os.cpu_count(), "onnxruntime": version("onnxruntime")}
 
 
 def format_benchmark(result: BenchmarkResult, markdown: bool = False) -> str:

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,9 @@ from tqdm.auto import tqdm
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, model_file_bytes, weight_stats
-from onnx_arsvd.verify import Feed, ModelSource, VerificationReport, generated_batches, make_session
+from onnx_arsvd.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
+from onnx_arsvd.sessions import ModelSource, make_session
+from onnx_arsvd.verification import Feed, generated_batches, verify
 
 __all__ = [
     "BenchmarkResult",
@@ -50,67 +51,6 @@ PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvide
 _NOT_COMPUTE = frozenset({"AzureExecutionProvider"})  # remote-call provider: no local kernels to time
 
 
-@dataclass(frozen=True)
-class LatencyStats:
-    """Per-call latency of one model: milliseconds, and samples per second at the median."""
-
-    median_ms: float
-    p90_ms: float
-    p99_ms: float
-    throughput: float
-    runs: int
-
-
-@dataclass(frozen=True)
-class LatencyComparison:
-    """Original vs compressed on one provider at one batch size, over several rounds.
-
-    Each round creates fresh sessions for both models and times them interleaved. ``ratio`` is the
-    median of all per-pair ratios compressed / original, with their p10-p90; ``round_ratios`` holds
-    each round's median ratio. Two sessions of the *same* file differ by a few percent at small
-    batch sizes (where the weights land in memory), so a difference counts only when every round,
-    each with its own sessions, shows it.
-    """
-
-    provider: str
-    batch: int
-    original: LatencyStats
-    compressed: LatencyStats
-    ratio: float
-    ratio_p10: float
-    ratio_p90: float
-    round_ratios: tuple[float, ...]
-
-    @property
-    def consistently_slower(self) -> bool:
-        """Slower overall and in every round (with 3 rounds, pure session noise does this 1 time in 8)."""
-        return self.ratio > 1.0 and len(self.round_ratios) > 1 and min(self.round_ratios) > 1.0
-
-
-@dataclass(frozen=True)
-class MemoryStats:
-    """What a model costs in bytes: on disk, in weights, and as resident memory of a fresh process."""
-
-    file_bytes: int
-    weight_params: int
-    weight_bytes: int
-    peak_rss_bytes: int | None
-    rss_increase_bytes: int | None
-
-
-@dataclass
-class BenchmarkResult:
-    """Everything ``bench`` measured."""
-
-    threads: int
-    providers: list[str]
-    dense_flop_ratio: float
-    latency: list[LatencyComparison] = field(default_factory=list)
-    memory: dict[str, MemoryStats] = field(default_factory=dict)
-    accuracy: dict[str, VerificationReport] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
 def _resolve(name: str) -> str:
     return PROVIDER_ALIASES.get(name.lower(), name)
 
@@ -128,20 +68,30 @@ def discover_providers(requested: Sequence[str] | None = None) -> tuple[list[str
     notes: list[str] = []
     probe = _identity_model()
     for provider in dict.fromkeys(wanted):
+        if provider not in ort.get_all_providers():
+            notes.append(f"{provider} skipped: unknown provider (onnxruntime knows {', '.join(_known_names())})")
+            continue
         if provider not in available:
             notes.append(f"{provider} skipped: not offered by this onnxruntime build ({ort.__version__})")
             continue
         try:
-            session = ort.InferenceSession(probe, providers=[provider])
-            if session.get_providers()[0] != provider:
-                raise RuntimeError("fell back to " + session.get_providers()[0])
-        except Exception as error:  # a missing driver or library surfaces as any exception type
-            notes.append(f"{provider} skipped: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}")
+            actual = make_session(probe, provider).get_providers()[0]
+        except UnsupportedModelError as error:  # a missing driver or library
+            notes.append(f"{provider} skipped: {error}")
+            continue
+        if actual != provider:
+            notes.append(f"{provider} skipped: fell back to {actual}")
             continue
         usable.append(provider)
     if not usable:
         raise InvalidInputError("no requested execution provider can run here; " + "; ".join(notes))
     return usable, notes
+
+
+def _known_names() -> list[str]:
+    """Short names of the providers onnxruntime knows, and the aliases accepted here."""
+    aliases = {full: short for short, full in PROVIDER_ALIASES.items()}
+    return [aliases.get(p, p) for p in ort.get_all_providers() if p not in _NOT_COMPUTE]
 
 
 def _identity_model() -> bytes:
@@ -288,8 +238,6 @@ def benchmark_models(
     progress: bool = False,
 ) -> BenchmarkResult:
     """Latency at each batch size and provider, memory of each model, and accuracy on each provider."""
-    from onnx_arsvd.api import verify  # api imports this module's callers; import here to keep layers one-way
-
     if not batches or any(b < 1 for b in batches):
         raise InvalidInputError(f"batch sizes must be positive integers, got {list(batches)}")
     dims = dict(dims or {})

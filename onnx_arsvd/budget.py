@@ -13,15 +13,37 @@ a search that stops exactly at the budget on one sample overshoots it on another
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
 
+from onnx_arsvd.calibration import capture_grams
+from onnx_arsvd.candidates import read_array
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.model_io import to_model
+from onnx_arsvd.model_plan import PlanMemo, plan_model
+from onnx_arsvd.plan import WeightPlan, relative_output_error
+from onnx_arsvd.rank import EnergyPolicy
+from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
+from onnx_arsvd.settings import CalibrationSource, Settings
+from onnx_arsvd.verification import (
+    ModelLike,
+    compare_models,
+    load_arrays,
+    load_data,
+    load_labels,
+    model_source,
+    split_batches,
+)
 
-__all__ = ["Budget", "SearchStep", "bisect_tau", "split_data"]
+__all__ = ["Budget", "BudgetSearch", "SearchOutcome", "SearchStep", "bisect_tau", "split_data"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +78,11 @@ class Budget:
         return self.target_params is None
 
     @property
-    def measure(self) -> str:
-        """What each search step measures."""
+    def measure(self) -> str | None:
+        """What each search step measures in onnxruntime; None when parameters alone decide."""
         if self.max_drop is not None:
             return "accuracy drop, 95% upper bound (points)"
-        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else "none (parameters only)"
+        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else None
 
     def describe(self) -> str:
         if self.max_drop is not None:
@@ -126,3 +148,104 @@ def bisect_tau(
         if math.isclose(low, high, abs_tol=1e-6):
             break
     return best, tried
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """The settings with the chosen threshold, and the memo of Gram matrices and spectra the search filled."""
+
+    settings: Settings
+    memo: PlanMemo
+
+
+class BudgetSearch:
+    """Splits the data, then finds the energy threshold whose model meets the budget with fewest parameters."""
+
+    def __init__(
+        self,
+        model: ModelLike,
+        budget: Budget,
+        data: str | os.PathLike | Mapping[str, np.ndarray] | None,
+        labels: np.ndarray | str | os.PathLike | None,
+        method: str,
+        calibration: CalibrationSource | None,
+    ) -> None:
+        self.model, self.budget = model, budget
+        self.calibration_part: dict[str, np.ndarray] = {}
+        self.held_out: dict[str, np.ndarray] | None = None
+        self.steps: list[SearchStep] = []
+        self.chosen: SearchStep | None = None
+        if budget.needs_data and data is None:
+            raise InvalidInputError("an accuracy budget needs --data: inputs (and labels) to split and measure")
+        if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
+            arrays = load_arrays(data)
+            if labels is not None:
+                arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
+            if budget.max_drop is not None and "labels" not in arrays:
+                raise InvalidInputError("--max-drop needs labels (a 'labels' array in --data, or --labels)")
+            self.calibration_part, self.held_out = split_data(arrays, budget.holdout, budget.seed)
+        if method == "whitened" and calibration is None and not self.calibration_part:
+            raise InvalidInputError("--method whitened needs calibration inputs (--calibration or --data)")
+        self.calibration: CalibrationSource | None = (
+            calibration if calibration is not None else (self.calibration_part or None))
+
+    def run(self, loaded: ir.Model, settings: Settings, progress: bool = False) -> SearchOutcome:
+        """Decompose every weight once, then bisect the threshold, each step checked in onnxruntime."""
+        memo = PlanMemo()
+        plan_model(loaded, settings, with_factors=False, progress=progress, memo=memo)
+        judge = make_session(model_source(self.model)[0]) if self.budget.needs_data else None
+        batches = list(split_batches(load_data(self.calibration_part, judge)[0], judge, 256)) if judge else []
+        bar = tqdm(total=self.budget.steps + 1, desc="budget search", unit="step", disable=None if progress else True)
+
+        def evaluate(tau: float) -> SearchStep:
+            step = self._evaluate(tau, settings, memo, judge, batches)
+            bar.update()
+            bar.set_postfix(tau=f"{tau:.4f}", kept=f"{step.params_kept:.1%}", ok=step.feasible)
+            return step
+
+        with bar:
+            self.chosen, self.steps = bisect_tau(evaluate, self.budget.steps,
+                                                 feasible_above=self.budget.target_params is None)
+        return SearchOutcome(dataclasses.replace(settings, policy=EnergyPolicy(self.chosen.tau)), memo)
+
+    def _evaluate(self, tau: float, settings: Settings, memo: PlanMemo, judge, batches: Sequence) -> SearchStep:
+        """One candidate: plan at ``tau``; unless the budget is on parameters alone, build and measure it."""
+        candidate = to_model(self.model)
+        planned = plan_model(candidate, dataclasses.replace(settings, policy=EnergyPolicy(tau)), with_factors=True,
+                             memo=memo)
+        kept = planned.params_kept()
+        if self.budget.target_params is not None:
+            return SearchStep(tau, kept, None, kept <= self.budget.target_params)
+        apply_plans(candidate, planned.plans)
+        result = compare_models(judge, make_session(ir.to_proto(candidate).SerializeToString()), batches,
+                                labels=self.calibration_part.get("labels"))
+        if self.budget.max_drop is not None:  # the drop's 95% upper bound, so held-out data meets it too
+            bound = result.accuracy_drop_bound()
+            return SearchStep(tau, kept, bound, bound is not None and bound <= self.budget.max_drop)
+        cosine = min(o.cosine_bound() for o in result.outputs)  # 95% lower bound, as for --max-drop
+        return SearchStep(tau, kept, cosine, cosine >= (self.budget.min_cosine or 0.0))
+
+    def measure_errors(self, loaded: ir.Model, plans: Sequence[WeightPlan], progress: bool = False) -> None:
+        """Each factored layer's relative output error on the held-out part's activations."""
+        factored = [plan for plan in plans
+                    if plan.factored and plan.factors is not None and not plan.layers[0].is_embedding]
+        if not factored or self.held_out is None:
+            return
+        inputs = {k: v for k, v in self.held_out.items() if k != "labels"}
+        grams = capture_grams(loaded, [layer for plan in factored for layer in plan.layers], inputs, progress=progress)
+        for plan in factored:
+            first = plan.layers[0]
+            matrix = read_array(first.weight)
+            assert plan.factors is not None  # filtered above
+            error = relative_output_error(matrix.T if first.transposed else matrix, plan.factors,
+                                          grams[first.weight_key])
+            plan.decisions = [dataclasses.replace(d, measured_error=error) for d in plan.decisions]
+
+    def summary(self) -> dict[str, object]:
+        """What the report shows of the search."""
+        samples = {name: len(next(iter(part.values()))) if part else 0
+                   for name, part in (("calibration", self.calibration_part), ("held_out", self.held_out or {}))}
+        return {"budget": self.budget.describe(), "measure": self.budget.measure,
+                "met": bool(self.chosen and self.chosen.feasible),
+                "tau": self.chosen.tau if self.chosen else None, "samples": samples,
+                "steps": [dataclasses.asdict(step) for step in self.steps]}

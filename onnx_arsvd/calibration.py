@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.verify import Feed, load_data, make_session, split_batches
+from onnx_arsvd.sessions import make_session
+from onnx_arsvd.verification import Feed, load_data, split_batches
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
 

@@ -8,6 +8,7 @@ a usage error (bad argument, missing file), 1 for a model that cannot be handled
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -24,7 +25,12 @@ _POLICY_PARAMS = {"energy": "tau", "entropy": "scale", "rank": "rank", "ratio": 
 def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("rank policy")
     group.add_argument("--policy", help="energy (default), entropy, rank or ratio")
-    group.add_argument("--tau", type=float, help="energy policy: share of sum(s^2) to keep, in (0, 1] (default 0.99)")
+    group.add_argument("--tau", type=float,
+                       help="energy policy: share of the weight's energy sum(s^2) to keep, in (0, 1] (default 0.99)")
+    group.add_argument("--output-tau", type=float, metavar="TAU",
+                       help="energy policy with --method whitened: share of each layer's output energy on the "
+                            "calibration inputs to keep (a different scale from --tau: 0.99 of the output energy "
+                            "is often a far lower rank than 0.99 of the weight's)")
     group.add_argument("--scale", type=float, help="entropy policy: multiplier of the effective rank (default 1)")
     group.add_argument("--rank", type=int, help="rank policy: the rank of every layer")
     group.add_argument("--ratio", type=float, help="ratio policy: rank = ratio * min(m, n), in (0, 1]")
@@ -57,6 +63,11 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--samples", type=int, default=16, help="generated input batches (default 16)")
 
 
+def _add_batch_size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+                        help="samples per onnxruntime call when verifying --data (default 64; bounds memory)")
+
+
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("benchmark")
     group.add_argument("--batch", default="1,32", metavar="B1,B2",
@@ -81,15 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnx-arsvd", description="Factor the dense layers of an ONNX model with adaptive-rank SVD."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="list the factorable layers and what the policy would do")
-    inspect.add_argument("model")
+    inspect.add_argument("model", help="the ONNX model to read (never modified)")
     _add_policy_options(inspect)
     _add_output_options(inspect)
 
     compress = commands.add_parser("compress", help="factor the dense layers, write the model, verify it")
-    compress.add_argument("model")
+    compress.add_argument("model", help="the ONNX model to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
     compress.add_argument("--external-data", action="store_true",
                           help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
@@ -113,18 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="factor a layer only if it is at least M faster, e.g. 0.05 (default 0: any gain)")
     _add_policy_options(compress)
     _add_data_options(compress)
+    _add_batch_size_option(compress)
     _add_bench_options(compress)
     _add_output_options(compress)
 
     verify = commands.add_parser("verify", help="compare a compressed model with its original in onnxruntime")
-    verify.add_argument("original")
-    verify.add_argument("compressed")
+    verify.add_argument("original", help="the reference model")
+    verify.add_argument("compressed", help="the model to compare with it")
     _add_data_options(verify)
+    _add_batch_size_option(verify)
+    verify.add_argument("--providers", help="execution providers to verify on, comma-separated: cpu (default), cuda, ...")
     _add_output_options(verify)
 
     bench = commands.add_parser("bench", help="latency, memory and accuracy of both models on every execution provider")
-    bench.add_argument("original")
-    bench.add_argument("compressed")
+    bench.add_argument("original", help="the reference model")
+    bench.add_argument("compressed", help="the model to compare with it")
     _add_data_options(bench)
     _add_bench_options(bench)
     _add_output_options(bench)
@@ -135,10 +150,20 @@ def _policy(args: argparse.Namespace):
     from onnx_arsvd.rank import make_policy
 
     if getattr(args, "budget", None) is not None:
-        if args.policy is not None or any(getattr(args, p) is not None for p in _POLICY_PARAMS.values()):
+        settings = [*_POLICY_PARAMS.values(), "output_tau"]
+        if args.policy is not None or any(getattr(args, p) is not None for p in settings):
             raise InvalidInputError("a budget chooses the ranks itself: leave out --policy and its settings")
         return None
-    name = args.policy or "energy"
+    whitened = args.method == "whitened"
+    if args.output_tau is not None and not whitened:
+        raise InvalidInputError("--output-tau is a share of output energy: it needs --method whitened (else use --tau)")
+    if whitened and args.tau is not None:
+        raise InvalidInputError("with --method whitened the threshold is on each layer's output energy: "
+                                "use --output-tau (--tau is a share of the weight's energy)")
+    if args.output_tau is not None:
+        args.tau = args.output_tau
+    given = [name for name, param in _POLICY_PARAMS.items() if getattr(args, param) is not None]
+    name = args.policy or (given[0] if len(given) == 1 else "energy")  # --ratio 0.3 alone means --policy ratio
     for other, param in _POLICY_PARAMS.items():
         if other != name and getattr(args, param) is not None:
             raise InvalidInputError(f"--{param} does not apply to --policy {name}")
@@ -170,6 +195,12 @@ def _dims(pairs: Sequence[str]) -> dict[str, int]:
             raise InvalidInputError(f"--dim expects NAME=POSITIVE_INTEGER, got {pair!r}")
         dims[name] = int(value)
     return dims
+
+
+def _version() -> str:
+    from onnx_arsvd import __version__
+
+    return __version__
 
 
 def _check_report_path(path: str | None) -> None:
@@ -247,11 +278,9 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
             calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
-            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples, guard=guard,
+            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
+            batch_size=args.batch_size, guard=guard,
         )
-        for note in report.notes:
-            if note.startswith("WARNING"):
-                print(f"onnx-arsvd: {note}", file=sys.stderr)
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:
             from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
@@ -263,10 +292,18 @@ def _run(args: argparse.Namespace) -> int:
             _plot(args, result)
         _emit(args, human, markdown, machine)
     elif args.command == "verify":
-        verification = api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
-                                  dims=_dims(args.dim), samples=args.samples)
-        _emit(args, format_verification(verification), format_verification(verification, True),
-              json.dumps(verification_to_dict(verification), indent=2))
+        from onnx_arsvd.benchmark import discover_providers
+
+        providers, skipped = discover_providers(_providers(args) or ["cpu"])
+        for note in skipped:
+            print(f"onnx-arsvd: {note}", file=sys.stderr)
+        verifications = [api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
+                                    dims=_dims(args.dim), samples=args.samples, batch_size=args.batch_size,
+                                    provider=provider) for provider in providers]
+        _emit(args, "\n\n".join(format_verification(v) for v in verifications),
+              "\n\n".join(format_verification(v, True) for v in verifications),
+              json.dumps([verification_to_dict(v) for v in verifications] if len(verifications) > 1
+                         else verification_to_dict(verifications[0]), indent=2))
     else:
         from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
 
@@ -283,8 +320,26 @@ def _plot(args: argparse.Namespace, result) -> None:
         plot_benchmark(result, args.plot)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    """The library's warnings (logger ``onnx_arsvd``) as ``onnx-arsvd: warning: ...`` lines on stderr."""
+    logger = logging.getLogger("onnx_arsvd")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("onnx-arsvd: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    _log_to_stderr()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

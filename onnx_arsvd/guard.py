@@ -18,29 +18,16 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.benchmark import LatencyComparison, batch_feed, compare_latency, discover_providers, timed_rounds
+from onnx_arsvd.benchmark import batch_feed, compare_latency, discover_providers, timed_rounds
 from onnx_arsvd.candidates import Layer, read_array
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import WeightPlan
-from onnx_arsvd.verify import make_session
+from onnx_arsvd.results import LatencyComparison, LayerTiming
+from onnx_arsvd.sessions import make_session
 
 __all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LayerTiming", "activation_rows", "guard_verdict", "time_layer"]
 
 DEFAULT_MARGIN = 0.0
-
-
-@dataclass(frozen=True)
-class LayerTiming:
-    """Median milliseconds of one layer, dense and factored, at one batch size (``rows`` activation rows)."""
-
-    batch: int
-    rows: int
-    dense_ms: float
-    factored_ms: float
-
-    @property
-    def ratio(self) -> float:
-        return self.factored_ms / self.dense_ms
 
 
 def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float = DEFAULT_MARGIN) -> str:
@@ -191,7 +178,7 @@ class LatencyGuard:
         Fresh sessions of one unchanged file already differ by a few percent, so a single round (or a
         test that treats its pairs as independent) would raise the alarm on noise.
         """
-        return [f"WARNING: the compressed model is SLOWER than the original at batch {c.batch} on "
+        return [f"the compressed model is SLOWER than the original at batch {c.batch} on "
                 f"{c.provider.removesuffix('ExecutionProvider')}: median {c.compressed.median_ms:.4g} ms vs "
                 f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f}; per round "
                 f"{', '.join(f'{r:.3f}' for r in c.round_ratios)}); the layers' gains did not survive in the "

@@ -36,16 +36,14 @@ def reset_peak() -> bool:
 def main(argv: list[str]) -> int:
     model, provider, feed_path, threads = argv
     import numpy as np
-    import onnxruntime as ort
+
+    from onnx_arsvd.sessions import make_session  # imports onnxruntime: before the baseline is read
 
     with np.load(feed_path) as archive:
         feed = {name: archive[name] for name in archive.files}
     exact = reset_peak()
     baseline = _status_bytes("VmRSS")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model, options, providers=[provider, "CPUExecutionProvider"])
+    session = make_session(model, provider, int(threads), cpu_fallback=True)
     for _ in range(3):
         session.run(None, feed)
     print(json.dumps({"baseline": baseline, "peak": _status_bytes("VmHWM"), "peak_reset": exact}))

@@ -13,6 +13,7 @@ from onnx_arsvd.candidates import Layer, WeightKey, read_array
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.factorize import Spectrum, factors_at_rank, lp_factors, spectrum, whitened_spectrum
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
+from onnx_arsvd.results import LayerTiming
 
 __all__ = [
     "DEFAULT_MAX_RANK_FRACTION",
@@ -49,8 +50,8 @@ class LayerDecision:
     factored: bool
     reason: str
     shared_by: int
-    timings: tuple = field(default=())
-    """Latency-guard measurements (:class:`onnx_arsvd.guard.LayerTiming`), when the guard ran."""
+    timings: tuple[LayerTiming, ...] = field(default=())
+    """Latency-guard measurements, when the guard ran."""
     measured_error: float | None = None
     """Relative output error ||X(W - AB)|| / ||XW|| on held-out activations, when a budget measured it."""
 

@@ -8,18 +8,32 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.candidates import Skipped
 from onnx_arsvd.plan import LayerDecision
-from onnx_arsvd.verify import VerificationReport
+from onnx_arsvd.results import LatencyComparison, VerificationReport
 
-__all__ = ["Report", "format_report", "format_verification", "report_to_json", "verification_to_dict"]
+__all__ = ["Report", "format_report", "format_verification", "nothing_factored_note", "report_to_json",
+           "verification_to_dict"]
 
-NOTHING_FACTORED_NOTE = (
-    "note: no layer was factored. On ordinarily trained weights, energy thresholds of 0.95 and above (and the "
-    "entropy rank at scale 1) often select ranks near or above break-even; try a lower --tau or --scale, "
-    "or --policy ratio, and check accuracy with --data."
+_CAUSES = (  # (what a keep reason starts with, what the note says of such layers)
+    (("not matched by --include", "matched by --exclude"), "not selected by --include/--exclude"),
+    (("latency guard",), "kept dense by the latency guard: factored was not faster on the target"),
+    (("too small",), "too small to pay off (see --min-params)"),
+    (("embedding table",), "embedding tables, factored only with --embedding-tau"),
+    (("saves too little",), "at a rank that saves too little (see --max-rank-fraction). On ordinarily trained "
+     "weights, energy thresholds of 0.95 and above (and the entropy rank at scale 1) often select ranks near or "
+     "above break-even; try a lower --tau or --scale, or --policy ratio, and check accuracy with --data"),
 )
+
+
+def nothing_factored_note(layers: list[LayerDecision]) -> str:
+    """Why no layer was factored, counted by cause, from the layers' own keep reasons."""
+    parts = []
+    for prefixes, cause in _CAUSES:
+        count = sum(layer.reason.startswith(prefixes) for layer in layers)
+        if count:
+            parts.append(f"{count} of {len(layers)} {cause}")
+    return "note: no layer was factored: " + ("; ".join(parts) if parts else "no candidate layer") + "."
 
 
 @dataclass
@@ -134,7 +148,9 @@ def format_verification(verification: VerificationReport, markdown: bool = False
     rows = [[o.name, f"{o.max_abs_error:.3g}", f"{o.relative_error:.3g}", f"{o.mean_cosine:.6f}", f"{o.min_cosine:.6f}"]
             for o in verification.outputs]
     lines = [
-        f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})",
+        f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})"
+        + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (pass --data)"
+           if verification.inputs.startswith("generated") else ""),
         tabulate(rows, ["output", "max abs err", "rel err", "cosine (mean)", "cosine (min)"], tablefmt=style),
     ]
     if verification.original is not None and verification.compressed is not None:
@@ -148,17 +164,19 @@ def format_verification(verification: VerificationReport, markdown: bool = False
 
 
 def _budget_text(budget: dict, style: str) -> str:
-    samples = budget["samples"]
+    samples, measure = budget["samples"], budget["measure"]
     verdict = (f"met with tau = {budget['tau']:.4f} (energy of each layer's output)" if budget["met"]
                else "NOT met even with every layer dense: the model is returned unfactored")
-    rows = [[f"{s['tau']:.4f}", f"{s['params_kept']:.1%}", "" if s["value"] is None else f"{s['value']:.4g}",
+    chosen = (f"chosen on {samples['calibration']} calibration samples" if measure
+              else "chosen by the parameter count alone")
+    verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
+                else "no held-out data")
+    rows = [[f"{s['tau']:.4f}", f"{s['params_kept']:.1%}",
+             *([] if not measure else ["" if s["value"] is None else f"{s['value']:.4g}"]),
              "yes" if s["feasible"] else "no"] for s in budget["steps"]]
-    return "\n".join([
-        f"budget: {budget['budget']}; {verdict}; chosen on {samples['calibration']} calibration samples, "
-        f"verified below on {samples['held_out']} held-out samples",
-        tabulate(rows, ["tau", "dense params kept", f"{budget['measure']} on calibration part", "within budget"],
-                 tablefmt=style, disable_numparse=True),
-    ])
+    headers = ["tau", "dense params kept", *([f"{measure} on calibration part"] if measure else []), "within budget"]
+    return "\n".join([f"budget: {budget['budget']}; {verdict}; {chosen}, {verified}",
+                      tabulate(rows, headers, tablefmt=style, disable_numparse=True)])
 
 
 def format_report(report: Report, markdown: bool = False) -> str:

@@ -29,8 +29,9 @@ from onnx_arsvd.benchmark import (
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, LayerTiming, _layer_models, activation_rows, guard_verdict
-from onnx_arsvd.verify import make_session
+from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict
+from onnx_arsvd.results import LayerTiming
+from onnx_arsvd.verification import make_session
 from tests.conftest import make_linear_model, make_mlp, random_weight
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -115,5 +115,18 @@ def test_cli_calibration_errors(options: list[str], message: str, mlp_path: Path
 def test_cli_whitened_inspect_reports_the_method(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     np.savez(tmp_path / "calib.npz", X=np.random.default_rng(0).standard_normal((30, 48)).astype(np.float32))
     assert main(["inspect", str(mlp_path), "--method", "whitened", "--calibration", str(tmp_path / "calib.npz"),
-                 "--tau", "0.9", "-q"]) == 0
-    assert f"factors: whitened (calibration: {tmp_path / 'calib.npz'})" in capsys.readouterr().out
+                 "--output-tau", "0.9", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"factors: whitened (calibration: {tmp_path / 'calib.npz'})" in out
+    assert "policy: output energy(tau=0.9)" in out
+
+
+def test_cli_tau_and_output_tau_are_not_interchangeable(mlp_path: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--tau is a share of weight energy, --output-tau of output energy: each refuses the other's method."""
+    np.savez(tmp_path / "calib.npz", X=np.random.default_rng(0).standard_normal((30, 48)).astype(np.float32))
+    whitened = ["--method", "whitened", "--calibration", str(tmp_path / "calib.npz")]
+    assert main(["inspect", str(mlp_path), *whitened, "--tau", "0.9", "-q"]) == 2
+    assert "use --output-tau" in capsys.readouterr().err
+    assert main(["inspect", str(mlp_path), "--output-tau", "0.9", "-q"]) == 2
+    assert "needs --method whitened" in capsys.readouterr().err

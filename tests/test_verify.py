@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import verify
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.verify import _compare, generated_batches, macro_f1, make_session, split_batches
+from onnx_arsvd.verification import OutputAgreement, generated_batches, macro_f1, make_session, split_batches
 from tests.conftest import make_mlp
 
 
@@ -25,9 +25,12 @@ def test_macro_f1_by_hand() -> None:
 
 
 def test_comparison_metrics() -> None:
-    expected = [np.array([[3.0, 4.0], [1.0, 0.0]])]
-    actual = [np.array([[3.0, 4.0], [0.0, 1.0]])]
-    result = _compare("y", expected, actual)
+    expected = [np.array([[3.0, 4.0]]), np.array([[1.0, 0.0]])]  # two batches, compared as one set of rows
+    actual = [np.array([[3.0, 4.0]]), np.array([[0.0, 1.0]])]
+    agreement = OutputAgreement("y")
+    for e, a in zip(expected, actual):
+        agreement.add(e, a)
+    result = agreement.result()
     assert result.max_abs_error == 1.0
     assert result.relative_error == pytest.approx(np.sqrt(2) / np.sqrt(26))
     assert result.mean_cosine == pytest.approx(0.5) and result.min_cosine == pytest.approx(0.0)
@@ -93,7 +96,7 @@ def test_generated_masks_are_all_ones() -> None:
 
 
 def test_accuracy_drop_bound_uses_the_flipped_samples() -> None:
-    from onnx_arsvd.verify import TaskScores, VerificationReport
+    from onnx_arsvd.results import TaskScores, VerificationReport
 
     report = VerificationReport("CPUExecutionProvider", "", 400, original=TaskScores(0.9, 0.9),
                                 compressed=TaskScores(0.895, 0.89), flipped=4)

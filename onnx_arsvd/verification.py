@@ -1,0 +1,314 @@
+"""Run the original and the compressed model in onnxruntime on the same inputs and compare."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnx_arsvd.candidates import constant_tensor
+from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.model_io import load_model
+from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.sessions import make_session
+
+__all__ = [
+    "ModelLike",
+    "OutputAgreement",
+    "OutputComparison",
+    "TaskScores",
+    "VerificationReport",
+    "check_dims",
+    "check_files",
+    "compare_models",
+    "generated_batches",
+    "load_arrays",
+    "load_data",
+    "load_labels",
+    "macro_f1",
+    "make_session",
+    "model_source",
+    "verify",
+]
+
+Feed = dict[str, np.ndarray]
+ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+DEFAULT_BATCH_SIZE = 64
+"""Samples per onnxruntime call in verification: bounds memory by one batch of both models' outputs."""
+
+
+def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
+    type_name = node_arg.type.removeprefix("tensor(").removesuffix(")")
+    aliases = {"float": "float32", "double": "float64", "bool": "bool_"}
+    try:
+        return np.dtype(aliases.get(type_name, type_name))
+    except TypeError:
+        raise UnsupportedModelError(f"input {node_arg.name!r} has unsupported type {node_arg.type}") from None
+
+
+def load_arrays(data: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, or of a mapping, by name."""
+    if isinstance(data, Mapping):
+        return {key: np.asarray(value) for key, value in data.items()}
+    try:
+        with np.load(data, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except Exception as error:
+        raise InvalidInputError(f"{os.fspath(data)}: not a readable .npz file ({error})") from None
+
+
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    """A labels array from an ``.npy`` file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise InvalidInputError(f"{os.fspath(path)}: cannot read labels ({error})") from None
+
+
+def load_data(data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
+    """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array.
+
+    ``data`` is an ``.npz`` path or a mapping of arrays holding the same keys.
+    """
+    arrays = load_arrays(data)
+    where = "data" if isinstance(data, Mapping) else os.fspath(data)
+    feed: Feed = {}
+    for node_arg in session.get_inputs():
+        if node_arg.name not in arrays:
+            raise InvalidInputError(f"{where}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
+        array, dtype = arrays[node_arg.name], _input_dtype(node_arg)
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise InvalidInputError(f"{where}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
+        feed[node_arg.name] = array.astype(dtype, copy=False)
+    counts = {len(a) for a in feed.values()}
+    if len(counts) != 1:
+        raise InvalidInputError(f"{where}: input arrays have different sample counts {sorted(counts)}")
+    return feed, arrays.get("labels")
+
+
+def _index_bounds(model: ir.Model) -> dict[str, int]:
+    """For integer inputs that index an embedding table (Gather on a constant), the table's size."""
+    bounds: dict[str, int] = {}
+    for value in model.graph.inputs:
+        for user, index in value.uses():
+            if user.op_type == "Gather" and index == 1 and constant_tensor(user.inputs[0]) is not None:
+                axis = user.attributes.get("axis")
+                size = int(constant_tensor(user.inputs[0]).shape[axis.value if axis else 0])
+                bounds[value.name] = min(size, bounds.get(value.name, size))
+    return bounds
+
+
+def check_dims(dynamic: set[str], dims: Mapping[str, int]) -> None:
+    """Every name in ``dims`` must be one of the model's dynamic input dimensions."""
+    unknown = sorted(set(dims) - dynamic)
+    if unknown:
+        raise InvalidInputError(f"--dim {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
+                                f"{', '.join(sorted(dynamic)) or 'none'}")
+
+
+def generated_batches(
+    session: ort.InferenceSession,
+    model: ir.Model | None,
+    dims: Mapping[str, int],
+    samples: int,
+    seed: int = 0,
+) -> list[Feed]:
+    """``samples`` random feeds built from the input types and shapes; dynamic dims from ``dims`` (default 1).
+
+    Floats are standard normal; inputs named like ``*mask*`` are all ones (a random 0/1 mask has holes
+    that fused attention kernels, which read it as sequence lengths, do not support); other integers
+    index validly into the embedding table they feed, else are 0 or 1.
+    """
+    check_dims({str(d) for arg in session.get_inputs() for d in arg.shape if not (isinstance(d, int) and d >= 0)}, dims)
+    rng = np.random.default_rng(seed)
+    bounds = _index_bounds(model) if model is not None else {}
+    batches: list[Feed] = []
+    for _ in range(samples):
+        feed: Feed = {}
+        for node_arg in session.get_inputs():
+            shape = [d if isinstance(d, int) and d >= 0 else dims.get(str(d), 1) for d in node_arg.shape]
+            dtype = _input_dtype(node_arg)
+            if np.issubdtype(dtype, np.floating):
+                feed[node_arg.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                feed[node_arg.name] = rng.integers(0, 2, shape).astype(bool)
+            elif "mask" in node_arg.name.lower():  # attention masks: fused attention assumes right padding
+                feed[node_arg.name] = np.ones(shape, dtype)
+            elif np.issubdtype(dtype, np.integer):
+                feed[node_arg.name] = rng.integers(0, bounds.get(node_arg.name, 2), shape).astype(dtype)
+            else:
+                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; pass --data")
+        batches.append(feed)
+    return batches
+
+
+def split_batches(feed: Feed, session: ort.InferenceSession, batch_size: int) -> Iterator[Feed]:
+    """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
+    first_dims = [arg.shape[0] if arg.shape else None for arg in session.get_inputs()]
+    fixed = next((d for d in first_dims if isinstance(d, int) and d > 0), None)
+    step = fixed or batch_size
+    total = len(next(iter(feed.values())))
+    stop = total - total % step if fixed else total
+    for start in range(0, stop, step):
+        yield {name: array[start : start + step] for name, array in feed.items()}
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over every class seen in labels or predictions."""
+    scores = []
+    for cls in np.union1d(labels, predictions):
+        tp = np.sum((predictions == cls) & (labels == cls))
+        wrong = np.sum((predictions == cls) != (labels == cls))
+        scores.append(2 * tp / (2 * tp + wrong) if (2 * tp + wrong) else 0.0)
+    return float(np.mean(scores))
+
+
+def _scores(predictions: np.ndarray, labels: np.ndarray) -> TaskScores:
+    return TaskScores(accuracy=float(np.mean(predictions == labels)), macro_f1=macro_f1(labels, predictions))
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """One row per sample (a 0-d or 1-d output is one sample), in float64."""
+    return np.asarray(array).reshape(array.shape[0] if array.ndim > 1 else 1, -1).astype(np.float64)
+
+
+class OutputAgreement:
+    """How far one output of the compressed model is from the original's, accumulated batch by batch.
+
+    Only running sums and one cosine per sample are kept, so memory does not grow with the outputs' size.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.max_abs_error = 0.0
+        self.squared_error = 0.0
+        self.squared_reference = 0.0
+        self.cosines: list[np.ndarray] = []
+
+    def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
+        """Compare one batch of this output."""
+        rows_e, rows_a = _rows(expected), _rows(actual)
+        diff = rows_a - rows_e
+        if diff.size:
+            self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(diff))))
+        self.squared_error += float(np.sum(diff * diff))
+        self.squared_reference += float(np.sum(rows_e * rows_e))
+        dots = np.sum(rows_e * rows_a, axis=1)
+        norms = np.linalg.norm(rows_e, axis=1) * np.linalg.norm(rows_a, axis=1)
+        self.cosines.append(np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                                     np.where(np.any(diff != 0, axis=1), 0.0, 1.0)))
+
+    def result(self) -> OutputComparison:
+        cosines = np.concatenate(self.cosines) if self.cosines else np.ones(1)
+        error, reference = np.sqrt(self.squared_error), np.sqrt(self.squared_reference)
+        return OutputComparison(
+            name=self.name,
+            max_abs_error=self.max_abs_error,
+            relative_error=float(error / reference) if reference > 0 else float(error),
+            mean_cosine=float(np.mean(cosines)),
+            min_cosine=float(np.min(cosines)),
+            cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
+        )
+
+
+def compare_models(
+    original: ort.InferenceSession,
+    compressed: ort.InferenceSession,
+    batches: Iterable[Feed],
+    *,
+    labels: np.ndarray | None = None,
+    inputs: str = "",
+) -> VerificationReport:
+    """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory.
+
+    With ``labels``, the first output is read as class scores (argmax per sample) for accuracy and macro-F1.
+    """
+    names = [o.name for o in original.get_outputs()]
+    if names != [o.name for o in compressed.get_outputs()]:
+        raise UnsupportedModelError(f"the models have different outputs: {names} vs {[o.name for o in compressed.get_outputs()]}")
+    agreements = {name: OutputAgreement(name) for name in names}
+    predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    samples = 0
+    for feed in batches:
+        expected, actual = original.run(names, feed), compressed.run(names, feed)
+        for name, e, a in zip(names, expected, actual):
+            agreements[name].add(np.asarray(e), np.asarray(a))
+        if labels is not None:
+            for kept, first in zip(predictions, (expected[0], actual[0])):
+                kept.append(_rows(np.asarray(first)).argmax(axis=1))
+        samples += len(next(iter(feed.values()))) if feed else 1
+    report = VerificationReport(provider=original.get_providers()[0], inputs=inputs, samples=samples,
+                                outputs=[agreement.result() for agreement in agreements.values()])
+    if labels is not None:
+        predicted_e, predicted_a = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in predictions)
+        labels = np.asarray(labels).reshape(-1)[: len(predicted_e)]
+        if len(labels) != len(predicted_e):
+            raise InvalidInputError(f"{len(labels)} labels for {len(predicted_e)} samples")
+        report.original, report.compressed = _scores(predicted_e, labels), _scores(predicted_a, labels)
+        report.flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
+    return report
+
+
+def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
+    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand."""
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise InvalidInputError(f"{os.fspath(model)}: no such file")
+        return os.fspath(model), None
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
+
+
+def check_files(**paths: object) -> None:
+    """Fail before any work when a named input file is missing."""
+    for kind, path in paths.items():
+        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+            raise InvalidInputError(f"{os.fspath(path)}: no such {kind} file")
+
+
+def verify(
+    original: ModelLike,
+    compressed: ModelLike,
+    *,
+    data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    labels: np.ndarray | str | os.PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+    samples: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    provider: str = "CPUExecutionProvider",
+) -> VerificationReport:
+    """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
+
+    ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
+    Both models run ``batch_size`` samples at a time and only per-sample summaries are kept, so
+    memory is bounded by one batch's outputs.
+    """
+    if batch_size < 1:
+        raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
+    check_files(data=data, labels=labels)
+    original_source, original_ir = model_source(original)
+    compressed_source, _ = model_source(compressed)
+    session_a = make_session(original_source, provider)
+    session_b = make_session(compressed_source, provider)
+    if data is not None:
+        feed, data_labels = load_data(data, session_a)
+        batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
+        described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
+    else:
+        if samples < 1:
+            raise InvalidInputError(f"samples must be at least 1, got {samples}")
+        ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
+        batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
+        data_labels = None
+        described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
+    return compare_models(session_a, session_b, batches,
+                          labels=labels if labels is not None else data_labels, inputs=described)
