@@ -112,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                 summary[q].append(float(np.median(ratios)))
                 per_rank_summary[q].append(float(np.median(per_rank)))
                 lines.append(f"| {m} x {n} | {rows} | {q} | {np.median(ratios):.3f} | {np.percentile(ratios, 10):.3f} |"
-                             f" {np.percentile(ratios, 90):.3f} | {np.mean(ratios <= 1.0):.0%} | {np.median(per_rank):.3f} |"
-                             f" {times[64]:.4f} |"
-                             f" {times[65]:.4f} | {times[96]:.4f} |")
+                             f" {np.percentile(ratios, 90):.3f} | {np.mean(ratios <= 1.0):.0%} |"
+                             f" {np.median(per_rank):.3f} | {times[64]:.4f} | {times[65]:.4f} | {times[96]:.4f} |")
             print(f"{m}x{n} rows {rows} done at {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
     lines += ["", "Median over the shapes and row counts of the median ratio: "
               + ", ".join(f"q={q}: {np.median(v):.3f}" for q, v in summary.items())
-              + "; of the per-rank ratio: " + ", ".join(f"q={q}: {np.median(v):.3f}" for q, v in per_rank_summary.items()),
+              + "; of the per-rank ratio: "
+              + ", ".join(f"q={q}: {np.median(v):.3f}" for q, v in per_rank_summary.items()),
               "", f"Wall time {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.2f}."]
     write_result("\n".join(lines) + "\n", args.out)
     return 0

@@ -24,10 +24,14 @@ import numpy as np
 
 from onnx_arsvd.rank import break_even_rank
 
-__all__ = ["DENSE", "Allocation", "LayerOptions", "allocation_path", "best_within", "frontier", "layer_options", "param_cost"]
+__all__ = ["DENSE", "Allocation", "LayerOptions", "allocation_path", "best_within", "frontier", "layer_options",
+           "param_cost"]
 
 DENSE = 0
 """The rank that stands for "kept dense" in options and allocations."""
+
+MIN_CHOICES = 16
+"""A layer whose rank limit holds fewer multiples than this gets a finer grid (a power of two less)."""
 
 Cost = Callable[[tuple[int, int], int], float]
 """Cost of a weight of shape (m, n) at a rank, ``DENSE`` for the dense weight."""
@@ -63,14 +67,18 @@ def layer_options(
 ) -> LayerOptions:
     """The options of a weight whose loss at rank k is ``scale * losses[k]`` (k = 0 .. min(m, n)).
 
-    Ranks are the multiples of ``multiple`` up to ``max_rank_fraction`` x break-even; a weight under
-    ``min_params`` parameters, or with no such rank, is dense only.
+    Ranks are the multiples of ``multiple`` up to ``max_rank_fraction`` x break-even (halved, down
+    to 1, until the layer has at least ``MIN_CHOICES`` of them); a weight under ``min_params``
+    parameters, or with no such rank, is dense only.
     Points off the lower convex hull of (cost, loss) are dropped: no multiplier would pick them.
     """
     if multiple < 1:
         raise ValueError(f"rank multiple must be at least 1, got {multiple}")
     limit = max_rank_fraction * break_even_rank(shape)
-    ranks = [] if shape[0] * shape[1] < min_params else [k for k in range(multiple, len(losses), multiple) if k <= limit]
+    step = multiple
+    while step > 1 and limit / step < MIN_CHOICES:  # small layers: a finer grid, so they keep a real choice
+        step //= 2
+    ranks = [] if shape[0] * shape[1] < min_params else [k for k in range(step, len(losses), step) if k <= limit]
     points = [(cost(shape, k), scale * float(losses[k]), k) for k in ranks] + [(cost(shape, DENSE), 0.0, DENSE)]
     hull: list[tuple[float, float, int]] = []
     for point in sorted(points, key=lambda p: (p[0], p[1])):
@@ -79,7 +87,7 @@ def layer_options(
         while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], point):
             hull.pop()  # the middle point lies on or above the chord: not on the lower hull
         hull.append(point)
-    costs, values, kept = zip(*hull)
+    costs, values, kept = zip(*hull, strict=True)
     return LayerOptions(key, tuple(kept), tuple(costs), tuple(values), tuple(points))
 
 
@@ -135,7 +143,7 @@ def frontier(options: Sequence[LayerOptions], cells: int = 8192) -> list[Allocat
     for o in options:
         shifts = [int(np.ceil(c[0] / unit - 1e-9)) for c in o.choices]
         table = np.full((len(o.choices), len(exact) + max(shifts)), np.inf)
-        for index, ((_, loss, _), shift) in enumerate(zip(o.choices, shifts)):
+        for index, ((_, loss, _), shift) in enumerate(zip(o.choices, shifts, strict=True)):
             table[index, shift:shift + len(exact)] = exact + loss
         picks.append((np.argmin(table, axis=0), shifts))
         exact = table.min(axis=0)
@@ -156,7 +164,7 @@ def _backtrack(options: Sequence[LayerOptions], picks: list[tuple[np.ndarray, li
     """The allocation behind the knapsack table's ``cell``, with its true (unrounded) cost and loss."""
     ranks: dict[Hashable, int] = {}
     cost = loss = 0.0
-    for o, (choice, shifts) in zip(reversed(options), reversed(picks)):
+    for o, (choice, shifts) in zip(reversed(options), reversed(picks), strict=True):
         index = int(choice[cell])
         cell -= shifts[index]
         ranks[o.key] = o.choices[index][2]

@@ -51,7 +51,7 @@ class _DropHint(logging.Filter):
 
 
 def _nbits_quantizer() -> type:
-    """onnxruntime's MatMulNBitsQuantizer, imported without letting its import-time basicConfig touch the root logger."""
+    """onnxruntime's MatMulNBitsQuantizer, imported so that its import-time basicConfig leaves the root logger alone."""
     root, guard = logging.getLogger(), logging.NullHandler()
     root.addHandler(guard)  # basicConfig does nothing when the root logger has a handler
     try:

@@ -21,15 +21,20 @@ from tests.test_losscurve import real_layer
 
 
 def test_options_respect_the_multiple_the_limit_and_the_size_gate() -> None:
-    shape = (64, 48)
-    losses = np.linspace(1.0, 0.0, 49) ** 3  # convex, falling
+    shape = (640, 480)
+    losses = np.linspace(1.0, 0.0, 481) ** 3  # convex, falling
     options = layer_options("w", shape, losses, multiple=8, max_rank_fraction=0.8)
     factored = [k for k in options.ranks if k != DENSE]
     assert factored and all(k % 8 == 0 and k <= 0.8 * break_even_rank(shape) for k in factored)
-    assert options.ranks[-1] == DENSE and options.costs[-1] == 64 * 48 and options.losses[-1] == 0.0
-    assert options.costs == tuple(sorted(options.costs)) and options.losses == tuple(sorted(options.losses, reverse=True))
-    assert layer_options("w", shape, losses, min_params=64 * 48 + 1).ranks == (DENSE,)
-    assert layer_options("w", (10, 4), np.ones(5), multiple=8).ranks == (DENSE,)  # no multiple of 8 under the limit
+    assert {c[2] for c in options.choices} == {*range(8, 220, 8), DENSE}
+    # a small layer (limit 21.9) gets a finer grid: multiples of 1, at least 16 choices
+    small = layer_options("w", (64, 48), np.linspace(1.0, 0.0, 49) ** 3, multiple=8)
+    assert [c[2] for c in small.choices if c[2] != DENSE] == list(range(1, 22))
+    assert options.ranks[-1] == DENSE and options.costs[-1] == 640 * 480 and options.losses[-1] == 0.0
+    assert options.costs == tuple(sorted(options.costs))
+    assert options.losses == tuple(sorted(options.losses, reverse=True))
+    assert layer_options("w", shape, losses, min_params=640 * 480 + 1).ranks == (DENSE,)
+    assert layer_options("w", (2, 1), np.ones(2), multiple=8).ranks == (DENSE,)  # no rank under the limit
     with pytest.raises(ValueError, match="multiple"):
         layer_options("w", shape, losses, multiple=0)
 
@@ -46,7 +51,7 @@ def test_points_above_the_hull_are_dropped() -> None:
 def _random_options(rng: np.random.Generator, count: int) -> list:
     layers = []
     for index in range(count):
-        m, n = (int(v) for v in rng.integers(12, 40, size=2))
+        m, n = (int(v) for v in rng.integers(80, 120, size=2))  # limits of 32+: a grid of 2s
         r = min(m, n)
         losses = np.concatenate([np.sort(rng.random(r))[::-1] * rng.uniform(0.5, 5.0), [0.0]])  # not convex
         layers.append(((m, n), losses, layer_options(index, (m, n), losses, multiple=2)))
@@ -96,7 +101,7 @@ def test_on_real_layers_the_allocation_beats_one_global_threshold_at_equal_cost(
     for tau in (0.8, 0.9, 0.95, 0.98):
         ranks = [int(np.searchsorted(1 - c.relative(), tau)) for c in curves]
         cost = loss = 0.0
-        for c, k in zip(curves, ranks):
+        for c, k in zip(curves, ranks, strict=True):
             dense = k > 0.8 * break_even_rank(c.shape)
             cost += param_cost(c.shape, DENSE if dense else k)
             loss += 0.0 if dense else c.relative()[k]
