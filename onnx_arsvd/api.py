@@ -23,6 +23,7 @@ from onnx_arsvd.guard import LatencyGuard
 from onnx_arsvd.model_io import model_file_bytes, save_model, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
+from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
@@ -150,6 +151,7 @@ def compress(
     batch_size: int = DEFAULT_BATCH_SIZE,
     guard: LatencyGuard | None = None,
     budget: Budget | None = None,
+    quantize: Quantization | str | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
@@ -165,13 +167,18 @@ def compress(
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a
     ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
-    the whole model is timed against the original at the end (``report.latency_check``).
+    the whole model is timed against the original at the end (``report.latency_check``). With
+    ``quantize`` ("int8", "int4" or a :class:`~onnx_arsvd.quantize.Quantization`) the factored model is
+    quantized by onnxruntime's quantizers; under a budget every candidate is, so the budget judges the
+    model that ships.
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
     if method is None:  # data-driven factors when the data is there for a budget anyway
         method = "whitened" if budget is not None and data is not None else "svd"
-    search = BudgetSearch(model, budget, data, labels, method, calibration) if budget is not None else None
+    if isinstance(quantize, str):
+        quantize = Quantization(quantize)
+    search = BudgetSearch(model, budget, data, labels, method, calibration, quantize) if budget is not None else None
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
@@ -184,12 +191,14 @@ def compress(
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
 
     memo: PlanMemo | None = None
+    planned: ModelPlan | None = None
     if search is not None:
         outcome = search.run(loaded, settings, progress)
-        settings, memo = outcome.settings, outcome.memo
+        settings, memo, planned = outcome.settings, outcome.memo, outcome.planned
         if search.held_out is not None:  # report on data the search never saw
             data, labels = search.held_out, None
-    planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
+    if planned is None:
+        planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
     if guard is not None and provider is not None:
         guard.apply(planned.plans, provider, dims or {}, progress)
     if search is not None:
@@ -198,6 +207,9 @@ def compress(
     weights_before = weight_stats(loaded)
     if apply_plans(loaded, planned.plans):
         loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
+    if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
+        loaded = ir.from_proto(quantize.apply(loaded))
+        loaded.metadata_props["onnx_arsvd.quantize"] = quantize.describe()
     written = _write(model, loaded, output, external_data)
     factored = any(plan.factored for plan in planned.plans)
     latency_check: list[LatencyComparison] = []
@@ -217,6 +229,8 @@ def compress(
     report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
                            search=search, latency_check=latency_check,
                            regressions=[f"WARNING: {text}" for text in regressions], verification=verification)
+    if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
+        report.policy = f"budget search: {search.summary()['allocation']}"
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
 

@@ -20,7 +20,7 @@ from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers
 from onnx_arsvd.settings import Settings
 
-__all__ = ["ModelPlan", "PlanMemo", "plan_model"]
+__all__ = ["LayerSelection", "ModelPlan", "PlanMemo", "plan_model", "select_layers"]
 
 
 @dataclass
@@ -53,14 +53,19 @@ class ModelPlan:
         return sum(d.params_after for d in decisions) / sum(d.params for d in decisions)
 
 
-def plan_model(
-    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None
-) -> ModelPlan:
-    """Every layer's plan under ``settings``.
+@dataclass(frozen=True)
+class LayerSelection:
+    """A model's layers sorted by what happens to them, before any weight is decomposed."""
 
-    Whitened plans capture their Gram matrices unless ``memo`` has them; a ``memo`` also keeps every
-    spectrum, so later plans of the same model (reloads included) decompose no weight again.
-    """
+    dense: list[Layer]
+    embeddings: list[Layer]
+    excluded: list[tuple[Layer, LayerDecision]]
+    skipped: list[Skipped]
+    order: dict[int, int]
+
+
+def select_layers(model: ir.Model, settings: Settings) -> LayerSelection:
+    """Find the factorable layers, drop those excluded by name (and embedding tables without a policy)."""
     layers, skipped = find_layers(model)
     if not layers:
         reasons = "; ".join(sorted({f"{s.op_type} {s.name!r}: {s.reason}" for s in skipped})[:3])
@@ -72,6 +77,21 @@ def plan_model(
     if settings.embedding_policy is None:
         excluded += [(layer, "embedding table: factored only with --embedding-tau") for layer in embeddings]
         embeddings = []
+    order = {id(layer.node): index for index, layer in enumerate(layers)}
+    return LayerSelection(dense, embeddings, [(layer, dense_decision(layer, reason)) for layer, reason in excluded],
+                          skipped, order)
+
+
+def plan_model(
+    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None
+) -> ModelPlan:
+    """Every layer's plan under ``settings``.
+
+    Whitened plans capture their Gram matrices unless ``memo`` has them; a ``memo`` also keeps every
+    spectrum, so later plans of the same model (reloads included) decompose no weight again.
+    """
+    selection = select_layers(model, settings)
+    dense, embeddings = selection.dense, selection.embeddings
     grams = memo.grams if memo is not None else None
     if settings.method == "whitened" and dense and grams is None:
         grams = capture_grams(model, dense, settings.calibration, progress=progress)
@@ -84,5 +104,4 @@ def plan_model(
     plans = plan(dense, settings.policy, grams=grams if settings.method == "whitened" else None)
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten
         plans += plan(embeddings, settings.embedding_policy)
-    order = {id(layer.node): index for index, layer in enumerate(layers)}
-    return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], skipped, order)
+    return ModelPlan(plans, selection.excluded, selection.skipped, selection.order)
