@@ -178,7 +178,8 @@ def compress(
         method = "whitened" if budget is not None and data is not None else "svd"
     if isinstance(quantize, str):
         quantize = Quantization(quantize)
-    search = BudgetSearch(model, budget, data, labels, method, calibration, quantize) if budget is not None else None
+    search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size)
+              if budget is not None else None)
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,

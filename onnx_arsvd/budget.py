@@ -11,14 +11,16 @@ layer's ranks and "dense" (:mod:`onnx_arsvd.allocate`) is then bisected: the che
 model meets the budget on the calibration part. A point that crosses the budget is rolled back
 (the search keeps the last point that met it). With ``quantize`` every candidate is quantized
 before it is judged, so the budget judges the model that ships; if even quantization alone
-misses the budget, the search runs again without it and says so.
+misses the budget, the search runs again without it and says so. Candidates run in batches of the verification's size:
+dynamic INT8 takes each activation's scale from the whole batch, so its outputs depend on the batching.
 
 Threshold (``allocation="threshold"``, and always with l_p factors): one global threshold tau on
 every layer's own output-energy curve, found by bisection, as before.
 
-An accuracy budget is judged by the one-sided 95% upper confidence bound of the drop, a cosine
-budget by the lower bound of the mean cosine, not by the point estimates: a search that stops
-exactly at the budget on one sample overshoots it on another about half the time.
+An accuracy budget is judged by a one-sided 95% upper bound of the drop, a cosine budget by a lower
+bound of the mean cosine, not by the point estimates: a search that stops exactly at the budget on
+one sample overshoots it on another about half the time. The bounds predict the held-out
+measurement (both parts' sampling noise), since that is what the report shows.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import Allocation, LayerOptions, best_within, frontier
 from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import read_array
+from onnx_arsvd.candidates import WeightKey, read_array
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.model_io import to_model
@@ -46,10 +48,11 @@ from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.results import VerificationReport
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sensitivity import layer_gains
+from onnx_arsvd.sensitivity import Response, layer_responses
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import CalibrationSource, Settings
 from onnx_arsvd.verification import (
+    DEFAULT_BATCH_SIZE,
     Feed,
     ModelLike,
     compare_models,
@@ -64,6 +67,8 @@ __all__ = ["ALLOCATIONS", "Budget", "BudgetSearch", "SearchOutcome", "SearchStep
            "split_data"]
 
 ALLOCATIONS = ("global", "threshold")
+Z_95 = 1.645
+"""One-sided 95% normal quantile."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,8 @@ class Budget:
     def measure(self) -> str | None:
         """What each search step measures in onnxruntime; None when parameters alone decide."""
         if self.max_drop is not None:
-            return "accuracy drop, 95% upper bound (points)"
-        return "mean output cosine, 95% lower bound" if self.min_cosine is not None else None
+            return "accuracy drop, 95% upper prediction bound for the held-out part (points)"
+        return "mean output cosine, 95% lower prediction bound" if self.min_cosine is not None else None
 
     def describe(self) -> str:
         if self.max_drop is not None:
@@ -136,7 +141,8 @@ class SearchStep:
     quantized: bool = False
 
 
-def split_data(arrays: Mapping[str, np.ndarray], holdout: float, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def split_data(arrays: Mapping[str, np.ndarray], holdout: float,
+               seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A seeded random split of every array along the first axis: (calibration, held-out)."""
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
@@ -230,8 +236,9 @@ class BudgetSearch:
         method: str,
         calibration: CalibrationSource | None,
         quantize: Quantization | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        self.model, self.budget, self.quantize = model, budget, quantize
+        self.model, self.budget, self.quantize, self.batch_size = model, budget, quantize, batch_size
         self.calibration_part: dict[str, np.ndarray] = {}
         self.held_out: dict[str, np.ndarray] | None = None
         self.steps: list[SearchStep] = []
@@ -263,9 +270,10 @@ class BudgetSearch:
 
     def run(self, loaded: ir.Model, settings: Settings, progress: bool = False) -> SearchOutcome:
         """Search under the budget; each candidate (unless the budget is on parameters alone) checked in onnxruntime."""
-        if self.budget.needs_data:
+        if self.calibration_part:  # end-to-end checks, and (for a global allocation) the layers' gains
             self._judge = make_session(model_source(self.model)[0])
-            self._batches = list(split_batches(load_data(self.calibration_part, self._judge)[0], self._judge, 256))
+            self._batches = list(split_batches(load_data(self.calibration_part, self._judge)[0], self._judge,
+                                               self.batch_size))
         if self.allocation == "threshold":
             return self._run_threshold(loaded, settings, progress)
         return self._run_global(loaded, settings, progress)
@@ -281,12 +289,20 @@ class BudgetSearch:
         return compare_models(self._judge, make_session(serialized), batches, labels=labels), len(serialized)
 
     def _verdict(self, result: VerificationReport) -> tuple[float | None, bool]:
-        """The measured bound and whether it is within the budget."""
-        if self.budget.max_drop is not None:  # the drop's 95% upper bound, so held-out data meets it too
-            bound = result.accuracy_drop_bound()
-            return bound, bound is not None and bound <= self.budget.max_drop
-        cosine = min(o.cosine_bound() for o in result.outputs)  # 95% lower bound, as for --max-drop
-        return cosine, cosine >= (self.budget.min_cosine or 0.0)
+        """The measured bound and whether it is within the budget.
+
+        The bound is a 95% *prediction* bound for what the held-out part will measure: the held-out
+        estimate has its own sampling noise, so the standard error is widened by sqrt(1 + n_cal / n_held)
+        (the variance of a difference of two independent means). The plain confidence bound let the
+        Fashion MLP at a 0.5-point budget measure 0.60 points on its 4,000 held-out images.
+        """
+        held = len(next(iter(self.held_out.values()))) if self.held_out else 0
+        z = Z_95 * (np.sqrt(1.0 + result.samples / held) if held else 1.0)
+        if self.budget.max_drop is not None:
+            bound = result.accuracy_drop_bound(float(z))
+            return (None, False) if bound is None else (float(bound), bool(bound <= self.budget.max_drop))
+        cosine = float(min(o.cosine_bound(float(z)) for o in result.outputs))
+        return cosine, bool(cosine >= (self.budget.min_cosine or 0.0))
 
     # -- global allocation ---------------------------------------------------------------------------------------
 
@@ -300,8 +316,8 @@ class BudgetSearch:
         options = self._options(settings, None)
         if self.budget.sensitivity and self._judge is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
-            gains = layer_gains(self.model, choosing, self._batches, progress=progress)
-            options = self._options(settings, gains)
+            responses = layer_responses(self.model, choosing, self._batches, progress=progress)
+            options = self._options(settings, responses)
         self._points = frontier(options)
         self._total = sum(d.params for d in self._decisions(self._points[-1], loaded))
         self._fixed = self._fixed_params(loaded)
@@ -319,8 +335,8 @@ class BudgetSearch:
             self._measure_frontier(self.chosen.point)
         return SearchOutcome(settings, memo, planned)
 
-    def _options(self, settings: Settings, gains: Mapping | None) -> list[LayerOptions]:
-        return weight_options(self._curves, gains=gains, multiple=self.budget.rank_multiple,
+    def _options(self, settings: Settings, responses: Mapping[WeightKey, Response] | None) -> list[LayerOptions]:
+        return weight_options(self._curves, responses=responses, multiple=self.budget.rank_multiple,
                               max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params)
 
     def _plan(self, point: Allocation, model: ir.Model) -> ModelPlan:
@@ -387,7 +403,7 @@ class BudgetSearch:
         allocation factored, and factored + quantized."""
         assert self.held_out is not None and self._judge is not None
         inputs = {k: v for k, v in self.held_out.items() if k != "labels"}
-        batches = list(split_batches(load_data(inputs, self._judge)[0], self._judge, 256))
+        batches = list(split_batches(load_data(inputs, self._judge)[0], self._judge, self.batch_size))
         labels = self.held_out.get("labels")
         dense = len(self._points) - 1
         variants = [("original", dense, False)]
@@ -465,7 +481,7 @@ class BudgetSearch:
                    for name, part in (("calibration", self.calibration_part), ("held_out", self.held_out or {}))}
         allocation = self.allocation
         if allocation == "global":
-            weighting = "measured end-to-end gains" if self.budget.sensitivity and self._judge is not None else \
+            weighting = "measured end-to-end responses" if self.budget.sensitivity and self._judge is not None else \
                 "relative output errors"
             allocation = f"global (knapsack over every layer's loss curve, {weighting}, ranks in multiples of " \
                          f"{self.budget.rank_multiple})"

@@ -8,7 +8,7 @@ Without a Gram matrix (plain SVD) the curve is that of identity inputs, ||W - A 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,17 +60,21 @@ def weight_curves(layers: Sequence[Layer], grams: Mapping[WeightKey, np.ndarray]
 def weight_options(
     curves: Sequence[WeightCurve],
     *,
-    gains: Mapping[WeightKey, float] | None = None,
+    responses: Mapping[WeightKey, Callable[[np.ndarray], np.ndarray]] | None = None,
     multiple: int = 16,
     max_rank_fraction: float = 0.8,
     min_params: int = 4096,
     cost: Cost = param_cost,
 ) -> list[LayerOptions]:
     """Allocation options of every weight; losses are relative output errors (loss / output energy),
-    times the weight's measured end-to-end gain when ``gains`` has it."""
-    return [layer_options(c.key, c.curve.shape, c.curve.relative(), scale=(gains or {}).get(c.key, 1.0),
+    mapped through the weight's measured end-to-end response when ``responses`` has one."""
+    return [layer_options(c.key, c.curve.shape, (responses or {}).get(c.key, _same)(c.curve.relative()),
                           multiple=multiple, max_rank_fraction=max_rank_fraction, min_params=min_params, cost=cost)
             for c in curves]
+
+
+def _same(relative: np.ndarray) -> np.ndarray:
+    return relative
 
 
 def allocation_plans(layers: Sequence[Layer], curves: Sequence[WeightCurve], allocation: Allocation, *,

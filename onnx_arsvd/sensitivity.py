@@ -1,16 +1,19 @@
 """How much each layer's output error moves the model's outputs: one onnxruntime run per weight.
 
-A layer's loss curve gives its own relative output error e_l(k). What the budget judges is the
-model's: to first order, the model's relative squared output error is D ~ sum_l g_l e_l(k_l), with a
-gain g_l per layer (how much of a unit of error at that layer reaches the outputs: attenuated by a
-following softmax or normalisation, amplified by a sensitive head). g_l is measured once per weight:
-the model with only that weight factored, at the rank whose relative error is nearest ``probe``,
-runs on the calibration batches, and g_l = D_l / e_l. The allocation then minimises sum_l g_l e_l.
+A layer's loss curve gives its own relative squared output error e_l(k). What the budget judges is
+the model's: the model's relative squared output error is taken as D ~ sum_l D_l(e_l(k_l)), each
+layer's response D_l measured, not assumed: how much of an error at that layer reaches the outputs
+(attenuated by a following ReLU, softmax or normalisation, amplified by a sensitive head). It is
+measured once per weight and probe: the model with only that weight factored, at the rank whose
+relative error is nearest the probe (0.01 and 0.1), runs on the calibration batches. A power law
+D_l = a e^b through the two points carries it between and beyond them: one probe alone (a linear
+gain) overrated the layers whose response saturates, and starved them at small budgets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -24,9 +27,9 @@ from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import Feed, ModelLike
 
-__all__ = ["layer_gains", "output_distortion"]
+__all__ = ["Response", "layer_responses", "output_distortion"]
 
-DEFAULT_PROBE = 0.01
+DEFAULT_PROBES = (0.01, 0.1)
 
 
 def _outputs(session, batches: Sequence[Feed]) -> list[list[np.ndarray]]:
@@ -41,20 +44,46 @@ def output_distortion(reference: list[list[np.ndarray]], outputs: list[list[np.n
     return error / energy if energy > 0 else error
 
 
-def layer_gains(model: ModelLike, curves: Sequence[WeightCurve], batches: Sequence[Feed], *,
-                probe: float = DEFAULT_PROBE, progress: bool = False) -> dict[WeightKey, float]:
-    """g_l = D_l / e_l for every weight (see the module's docstring); 0 for a weight whose curve is flat zero."""
+@dataclass(frozen=True)
+class Response:
+    """How a layer's relative output error e reaches the model's outputs: D = scale * e ** power,
+    fitted through two probes (one probe: power 1)."""
+
+    scale: float
+    power: float = 1.0
+
+    def __call__(self, relative: np.ndarray) -> np.ndarray:
+        return self.scale * np.power(np.clip(relative, 0.0, None), self.power)
+
+
+def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Sequence[Feed], *,
+                    probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False) -> dict[WeightKey, Response]:
+    """Every weight's response (see the module's docstring), each probe one onnxruntime run."""
     reference = _outputs(make_session(ir.to_proto(to_model(model)).SerializeToString()), batches)
-    gains: dict[WeightKey, float] = {}
+    responses: dict[WeightKey, Response] = {}
     for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
         relative = c.curve.relative()
-        rank = int(np.clip(np.argmin(np.abs(relative[1:] - probe)) + 1, 1, c.curve.max_rank))
-        if relative[rank] <= 0:
-            gains[c.key] = 0.0
-            continue
-        candidate = to_model(model)
-        apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
-                                                min_params=0))
-        session = make_session(ir.to_proto(candidate).SerializeToString())
-        gains[c.key] = output_distortion(reference, _outputs(session, batches)) / float(relative[rank])
-    return gains
+        points = []
+        for probe in probes:
+            rank = int(np.argmin(np.abs(relative[1:] - probe)) + 1)
+            if relative[rank] <= 0 or any(r == rank for r, _, _ in points):
+                continue
+            candidate = to_model(model)
+            apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
+                                                    min_params=0))
+            session = make_session(ir.to_proto(candidate).SerializeToString())
+            points.append((rank, float(relative[rank]), output_distortion(reference, _outputs(session, batches))))
+        responses[c.key] = _fit(points)
+    return responses
+
+
+def _fit(points: list[tuple[int, float, float]]) -> Response:
+    """The power law through the probes (log-log line through the outer two), power clipped to [0.5, 2]."""
+    usable = [(e, d) for _, e, d in points if e > 0 and d > 0]
+    if not usable:
+        return Response(0.0)
+    if len(usable) == 1 or usable[0][0] == usable[-1][0]:
+        return Response(usable[0][1] / usable[0][0])
+    (e1, d1), (e2, d2) = usable[0], usable[-1]
+    power = float(np.clip(np.log(d2 / d1) / np.log(e2 / e1), 0.5, 2.0))
+    return Response(d1 / e1**power, power)
