@@ -14,6 +14,9 @@ before it is judged, so the budget judges the model that ships; if even quantiza
 misses the budget, the search runs again without it and says so. Candidates run in batches of the verification's size:
 dynamic INT8 takes each activation's scale from the whole batch, so its outputs depend on the batching.
 
+With ``sequential`` every candidate's factors are refitted layer by layer on the partially
+compressed model's activations (:mod:`onnx_arsvd.sequential`) before it is judged.
+
 Threshold (``allocation="threshold"``, and always with l_p factors): one global threshold tau on
 every layer's own output-energy curve, found by bisection, as before.
 
@@ -49,6 +52,7 @@ from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.results import VerificationReport
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import Response, layer_responses
+from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import CalibrationSource, Settings
 from onnx_arsvd.verification import (
@@ -86,7 +90,9 @@ class Budget:
     rank_multiple: int = 8
     """Ranks are multiples of this (finer for small layers): benchmarks/results/rank_multiple.md."""
     sensitivity: bool = True
-    """Weight each layer's loss by its measured end-to-end gain (needs data); else relative losses."""
+    """Map each layer's loss through its measured end-to-end response (needs data); else relative losses."""
+    sequential: bool = False
+    """Refit every candidate's factors layer by layer on the partially compressed model (needs data)."""
 
     def __post_init__(self) -> None:
         given = [v is not None for v in (self.max_drop, self.min_cosine, self.target_params)]
@@ -267,6 +273,7 @@ class BudgetSearch:
         self._points: list[Allocation] = []
         self._total = 0.0
         self._fixed = 0.0
+        self._refits: dict[int, dict[WeightKey, tuple[np.ndarray, np.ndarray]]] = {}
 
     def run(self, loaded: ir.Model, settings: Settings, progress: bool = False) -> SearchOutcome:
         """Search under the budget; each candidate (unless the budget is on parameters alone) checked in onnxruntime."""
@@ -330,7 +337,7 @@ class BudgetSearch:
         else:
             self._bisect(progress)
         assert self.chosen is not None and self.chosen.point is not None
-        planned = self._plan(self._points[self.chosen.point], loaded)
+        planned = self._plan(self._points[self.chosen.point], loaded, self._refitted(self.chosen.point))
         if self.held_out is not None and self._judge is not None:
             self._measure_frontier(self.chosen.point)
         return SearchOutcome(settings, memo, planned)
@@ -339,10 +346,21 @@ class BudgetSearch:
         return weight_options(self._curves, responses=responses, multiple=self.budget.rank_multiple,
                               max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params)
 
-    def _plan(self, point: Allocation, model: ir.Model) -> ModelPlan:
+    def _refitted(self, index: int) -> dict[WeightKey, tuple[np.ndarray, np.ndarray]] | None:
+        """With ``sequential``, the frontier point's factors refitted layer by layer (once per point)."""
+        if not self.budget.sequential or not self._batches:
+            return None
+        if index not in self._refits:
+            self._refits[index] = sequential_factors(to_model(self.model), self._curves, self._points[index],
+                                                     self._batches)
+        return self._refits[index]
+
+    def _plan(self, point: Allocation, model: ir.Model,
+              factors: Mapping[WeightKey, tuple[np.ndarray, np.ndarray]] | None = None) -> ModelPlan:
         """The plan of ``model`` (the original or a fresh copy) at an allocation; embedding tables by their policy."""
         selection = select_layers(model, self._settings)
-        plans = allocation_plans(selection.dense, self._curves, point, min_params=self._settings.min_params)
+        plans = allocation_plans(selection.dense, self._curves, point, min_params=self._settings.min_params,
+                                 factors=factors)
         if selection.embeddings and self._settings.embedding_policy is not None:
             plans += plan_layers(selection.embeddings, self._settings.embedding_policy,
                                  max_rank_fraction=self._settings.max_rank_fraction,
@@ -377,7 +395,7 @@ class BudgetSearch:
 
             def evaluate(index: int, quantized: bool = quantized, bar: tqdm = bar) -> SearchStep:
                 candidate = to_model(self.model)
-                apply_plans(candidate, self._plan(self._points[index], candidate).plans)
+                apply_plans(candidate, self._plan(self._points[index], candidate, self._refitted(index)).plans)
                 result, nbytes = self._judged(candidate, quantized, self._batches, labels)
                 step = self._step(index, (*self._verdict(result), nbytes), quantized)
                 bar.update()
@@ -414,7 +432,7 @@ class BudgetSearch:
             variants.append((f"factored + {self.quantize.mode}", index, True))
         for label, point, quantized in variants:
             candidate = to_model(self.model)
-            apply_plans(candidate, self._plan(self._points[point], candidate).plans)
+            apply_plans(candidate, self._plan(self._points[point], candidate, self._refitted(point)).plans)
             result, nbytes = self._judged(candidate, quantized, batches, labels)
             row: dict[str, object] = {"variant": label, "model_bytes": nbytes,
                                       "params_kept": self._kept(point),
@@ -484,7 +502,7 @@ class BudgetSearch:
             weighting = "measured end-to-end responses" if self.budget.sensitivity and self._judge is not None else \
                 "relative output errors"
             allocation = f"global (knapsack over every layer's loss curve, {weighting}, ranks in multiples of " \
-                         f"{self.budget.rank_multiple})"
+                         f"{self.budget.rank_multiple}" + (", refitted sequentially" if self._refits else "") + ")"
         return {"budget": self.budget.describe(), "measure": self.budget.measure,
                 "met": bool(self.chosen and self.chosen.feasible),
                 "tau": self.chosen.tau if self.chosen else None, "samples": samples,

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "threshold: one output-energy threshold for all layers")
     budget.add_argument("--rank-multiple", type=int, default=8, metavar="Q",
                         help="ranks in multiples of Q, finer for small layers (default 8: CPU kernels' preference)")
+    budget.add_argument("--sequential", action="store_true",
+                        help="refit each candidate's factors layer by layer on the partially compressed model "
+                             "(slower: one activation pass per layer input; global allocation only)")
     compress.add_argument("--quantize", choices=["int8", "int4"],
                           help="quantize the factored model with onnxruntime: int8 dynamic (reduce_range without "
                                "VNNI) or int4 weight-only MatMulNBits; under a budget every candidate is quantized")
@@ -192,7 +195,8 @@ def _budget(args: argparse.Namespace):
     from onnx_arsvd.budget import Budget
 
     return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
-                  holdout=args.holdout, allocation=args.allocation, rank_multiple=args.rank_multiple)
+                  holdout=args.holdout, allocation=args.allocation, rank_multiple=args.rank_multiple,
+                  sequential=args.sequential)
 
 
 def _dims(pairs: Sequence[str]) -> dict[str, int]:

@@ -78,9 +78,11 @@ def _same(relative: np.ndarray) -> np.ndarray:
 
 
 def allocation_plans(layers: Sequence[Layer], curves: Sequence[WeightCurve], allocation: Allocation, *,
-                     min_params: int = 4096, with_factors: bool = True) -> list[WeightPlan]:
+                     min_params: int = 4096, with_factors: bool = True,
+                     factors: Mapping[WeightKey, tuple[np.ndarray, np.ndarray]] | None = None) -> list[WeightPlan]:
     """The weight plans of an allocation for ``layers`` (of the model to rewrite, which may be a fresh
-    copy of the one the curves came from: weights are matched by key), factors sliced from each curve."""
+    copy of the one the curves came from: weights are matched by key), factors sliced from each curve
+    unless ``factors`` has the weight's (e.g. refitted by :mod:`onnx_arsvd.sequential`)."""
     by_key: dict[WeightKey, list[Layer]] = {}
     for layer in layers:
         by_key.setdefault(layer.weight_key, []).append(layer)
@@ -108,6 +110,8 @@ def allocation_plans(layers: Sequence[Layer], curves: Sequence[WeightCurve], all
             )
             for layer in group
         ]
-        factors = c.curve.factors(rank) if factored and with_factors else None
-        plans.append(WeightPlan(layers=group, rank=shown, decisions=decisions, factors=factors))
+        chosen = None
+        if factored and with_factors:
+            chosen = factors[c.key] if factors is not None and c.key in factors else c.curve.factors(rank)
+        plans.append(WeightPlan(layers=group, rank=shown, decisions=decisions, factors=chosen))
     return plans

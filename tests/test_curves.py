@@ -15,6 +15,7 @@ from onnx_arsvd.model_io import load_model, to_model
 from onnx_arsvd.plan import relative_output_error
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import Response, layer_responses, output_distortion
+from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import load_data, split_batches
 from tests.conftest import MODELS
@@ -75,3 +76,24 @@ def test_responses_predict_the_end_to_end_distortion_of_a_combined_allocation(fa
     measured = output_distortion([original.run(None, b) for b in batches], [compressed.run(None, b) for b in batches])
     predicted = sum(float(responses[c.key](c.curve.relative()[ranks[c.key]])) for c in curves[:2])
     assert 0.0 < measured and 1 / 1.5 < predicted / measured < 1.5
+
+
+def test_sequential_refit_lowers_the_calibration_error_of_an_allocation(fashion) -> None:
+    """Refitting layer by layer on the partially compressed model's inputs absorbs part of the first
+    layer's error in the second: the model's output error on the calibration images drops (measured
+    0.012 -> 0.002 relative squared error at ranks 24/24, on 600 images: an optimistic figure, since the
+    refit is fitted on them; held out, on the full split, 0.0146 -> 0.0068). The factored shapes stay the same."""
+    curves, batches, _ = fashion
+    allocation = Allocation({curves[0].key: 24, curves[1].key: 24, curves[2].key: DENSE}, 0.0, 0.0)
+    refitted = sequential_factors(load_model(FASHION), curves, allocation, batches)
+    assert set(refitted) == {curves[0].key, curves[1].key}
+    assert [f.shape for f in refitted[curves[1].key]] == [(512, 24), (24, 256)]
+    original = make_session(FASHION)
+    reference = [original.run(None, b) for b in batches]
+    distortion = {}
+    for name, factors in (("one-shot", None), ("sequential", refitted)):
+        candidate = to_model(FASHION)
+        apply_plans(candidate, allocation_plans(find_layers(candidate)[0], curves, allocation, factors=factors))
+        session = make_session(ir.to_proto(candidate).SerializeToString())
+        distortion[name] = output_distortion(reference, [session.run(None, b) for b in batches])
+    assert distortion["sequential"] < 0.8 * distortion["one-shot"]
