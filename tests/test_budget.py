@@ -184,3 +184,12 @@ def test_cli_quantize_under_a_budget(tmp_path: Path, capsys: pytest.CaptureFixtu
                  str(MODELS / "digits_test.npz"), "--max-drop", "1", "--quantize", "int4", "-q"])
     assert code == 0 and "MatMulNBits" in _ops(output)
     assert "frontier on the 216 held-out samples" in capsys.readouterr().out
+
+
+def test_sequential_refit_under_a_budget_is_checked_like_any_candidate(tmp_path: Path) -> None:
+    output = tmp_path / "seq.onnx"
+    _, report = compress(MODELS / "digits_mlp.onnx", output, budget=Budget(max_drop=1.0, sequential=True),
+                         data=MODELS / "digits_test.npz")
+    assert "refitted sequentially" in report.budget["allocation"] and report.budget["met"]
+    assert report.factored >= 1 and report.verification.samples == 216
+    assert len(report.budget["steps"]) >= 2 and all(step["value"] is not None for step in report.budget["steps"])
