@@ -18,7 +18,7 @@ from onnx_arsvd.allocate import DENSE, Allocation, Cost, LayerOptions, layer_opt
 from onnx_arsvd.candidates import Layer, WeightKey, read_array
 from onnx_arsvd.errors import UnsupportedModelError
 from onnx_arsvd.losscurve import LossCurve, loss_curve
-from onnx_arsvd.plan import LayerDecision, WeightPlan
+from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS, LayerDecision, WeightPlan
 from onnx_arsvd.rank import break_even_rank
 
 __all__ = ["WeightCurve", "allocation_plans", "weight_curves", "weight_options"]
@@ -61,9 +61,9 @@ def weight_options(
     curves: Sequence[WeightCurve],
     *,
     responses: Mapping[WeightKey, Callable[[np.ndarray], np.ndarray]] | None = None,
-    multiple: int = 16,
-    max_rank_fraction: float = 0.8,
-    min_params: int = 4096,
+    multiple: int = 8,
+    max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
+    min_params: int = DEFAULT_MIN_PARAMS,
     cost: Cost = param_cost,
 ) -> list[LayerOptions]:
     """Allocation options of every weight; losses are relative output errors (loss / output energy),
@@ -78,7 +78,7 @@ def _same(relative: np.ndarray) -> np.ndarray:
 
 
 def allocation_plans(layers: Sequence[Layer], curves: Sequence[WeightCurve], allocation: Allocation, *,
-                     min_params: int = 4096, with_factors: bool = True,
+                     min_params: int = DEFAULT_MIN_PARAMS, with_factors: bool = True,
                      factors: Mapping[WeightKey, tuple[np.ndarray, np.ndarray]] | None = None) -> list[WeightPlan]:
     """The weight plans of an allocation for ``layers`` (of the model to rewrite, which may be a fresh
     copy of the one the curves came from: weights are matched by key), factors sliced from each curve
