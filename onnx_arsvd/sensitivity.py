@@ -59,7 +59,8 @@ class Response:
 def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Sequence[Feed], *,
                     probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False) -> dict[WeightKey, Response]:
     """Every weight's response (see the module's docstring), each probe one onnxruntime run."""
-    reference = _outputs(make_session(ir.to_proto(to_model(model)).SerializeToString()), batches)
+    base = to_model(model)  # loaded once; each probe rewrites a clone
+    reference = _outputs(make_session(ir.to_proto(base).SerializeToString()), batches)
     responses: dict[WeightKey, Response] = {}
     for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
         relative = c.curve.relative()
@@ -68,7 +69,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
             rank = int(np.argmin(np.abs(relative[1:] - probe)) + 1)
             if relative[rank] <= 0 or any(r == rank for r, _, _ in points):
                 continue
-            candidate = to_model(model)
+            candidate = base.clone()
             apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
                                                     min_params=0))
             session = make_session(ir.to_proto(candidate).SerializeToString())
