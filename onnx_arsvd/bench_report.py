@@ -52,7 +52,11 @@ def format_benchmark(result: BenchmarkResult, markdown: bool = False) -> str:
     headers = ["provider", "batch", "orig median ms", "comp median ms", "orig p90/p99", "comp p90/p99",
                "comp samples/s", "ratio comp/orig [p10, p90]", "per round", "limit", "of possible gain"]
     machine = _machine()
-    parts = [f"machine: {machine['platform']}, {machine['cpus']} CPUs, onnxruntime {machine['onnxruntime']}",
+    shapes = "; ".join(f"batch {batch}: " + ", ".join(f"{name} {shape}" for name, shape in inputs.items())
+                       for batch, inputs in result.input_shapes.items())
+    parts = [f"{result.models[1]} against {result.models[0]}",
+             f"machine: {machine['platform']}, {machine['cpus']} CPUs, onnxruntime {machine['onnxruntime']}",
+             *([f"input shapes: {shapes}"] if shapes else []),
              tabulate(rows, headers, tablefmt=style, disable_numparse=True),
              f"limit = dense-layer multiply-adds, compressed / original ({limit:.3f}); "
              "'of possible gain' = (1 - ratio) / (1 - limit)"]
@@ -73,20 +77,25 @@ def plot_benchmark(result: BenchmarkResult, path: str | os.PathLike) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InvalidInputError("--plot needs matplotlib: pip install 'onnx-arsvd[plot]'") from None
+        raise InvalidInputError("plotting needs matplotlib: pip install 'onnx-arsvd[plot]'") from None
     labels = [f"{_short(c.provider)}\nbatch {c.batch}" for c in result.latency]
     ratios = [c.ratio for c in result.latency]
-    errors = [[c.ratio - c.ratio_p10 for c in result.latency], [c.ratio_p90 - c.ratio for c in result.latency]]
-    figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 2), 3.5))
-    axes.bar(labels, ratios, yerr=errors, capsize=4, color="tab:blue", label="latency ratio (median, p10-p90)")
-    axes.axhline(result.dense_flop_ratio, color="tab:green", linestyle="--", label="dense multiply-add ratio (limit)")
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 4.5), 4.0))
+    bars = axes.bar(labels, ratios, color="tab:blue", label="latency ratio (median of interleaved pairs)")
+    axes.bar_label(bars, labels=[f"{c.ratio:.2f}\n[{c.ratio_p10:.2f}, {c.ratio_p90:.2f}]" for c in result.latency],
+                   fontsize="small", padding=2)
+    axes.axhline(result.dense_flop_ratio, color="tab:green", linestyle="--",
+                 label=f"dense multiply-add ratio, the limit ({result.dense_flop_ratio:.2f})")
     memory = result.memory
     if "original" in memory and "compressed" in memory:
         size = memory["compressed"].file_bytes / memory["original"].file_bytes
         axes.axhline(size, color="tab:orange", linestyle=":", label=f"file size ratio ({size:.2f})")
     axes.axhline(1.0, color="black", linewidth=0.8)
-    axes.set_ylabel("compressed / original")
-    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.set_ylim(0, max([1.0, *ratios]) * 1.25)
+    axes.set_ylabel("compressed / original (lower is better)")
+    names = " vs ".join(Path(m).name for m in reversed(result.models))
+    axes.set_title(f"{names}\nlatency ratio per provider and batch; [p10, p90] of the pairs", fontsize="medium")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
     target = Path(path)
     figure.savefig(target, dpi=120)

@@ -111,15 +111,25 @@ def interleaved_times(
     min_runs: int = 20,
     max_runs: int = 2000,
     min_seconds: float = 1.0,
+    max_seconds: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds per call of each session, measured in alternating pairs until enough time has passed."""
+    """Seconds per call of each session, measured in alternating pairs until enough time has passed.
+
+    ``max_seconds`` bounds a slow model's measurement: past it, no more than 3 pairs are taken.
+    """
     for _ in range(warmup):
         first.run(None, feed)
         second.run(None, feed)
     times: tuple[list[float], list[float]] = ([], [])
     started = time.perf_counter()
     pair = 0
-    while pair < min_runs or (pair < max_runs and time.perf_counter() - started < min_seconds):
+    def more() -> bool:
+        elapsed = time.perf_counter() - started
+        if max_seconds is not None and elapsed > max_seconds and pair >= 3:
+            return False
+        return pair < min_runs or (pair < max_runs and elapsed < min_seconds)
+
+    while more():
         order = (0, 1) if pair % 2 == 0 else (1, 0)  # alternate who goes first, so neither always runs warm
         for index in order:
             session = (first, second)[index]
@@ -140,10 +150,11 @@ def timed_rounds(
     rounds: int = 3,
     min_seconds: float = 1.0,
     min_runs: int = 20,
+    max_seconds: float | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Interleaved times of both models in ``rounds`` rounds, each with freshly created sessions.
 
-    Creation order alternates between rounds; ``min_seconds`` is the total over all rounds.
+    Creation order alternates between rounds; ``min_seconds`` and ``max_seconds`` are totals over all rounds.
     """
     results = []
     for index in range(rounds):
@@ -153,7 +164,8 @@ def timed_rounds(
         else:
             first = make_session(original, provider, threads)
             second = make_session(compressed, provider, threads)
-        results.append(interleaved_times(first, second, feed, min_runs=min_runs, min_seconds=min_seconds / rounds))
+        results.append(interleaved_times(first, second, feed, min_runs=min_runs, min_seconds=min_seconds / rounds,
+                                         max_seconds=None if max_seconds is None else max_seconds / rounds))
         del first, second
     return results
 
@@ -214,7 +226,7 @@ def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed, thr
     """
     with tempfile.TemporaryDirectory(prefix="onnx-arsvd-memory-") as folder:
         feed_path = Path(folder) / "feed.npz"
-        np.savez(feed_path, **feed)
+        np.savez(feed_path, **feed)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path), str(threads)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if completed.returncode != 0:
@@ -244,15 +256,21 @@ def benchmark_models(
     paths = {"original": Path(original), "compressed": Path(compressed)}
     models = {name: load_model(path) for name, path in paths.items()}
     usable, notes = discover_providers(providers)
-    result = BenchmarkResult(threads=threads, providers=usable,
+    result = BenchmarkResult(threads=threads, providers=usable, models=(os.fspath(original), os.fspath(compressed)),
                              dense_flop_ratio=dense_flop_ratio(models["original"], models["compressed"]), notes=notes)
     result.notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off; "
                         f"3 rounds of fresh sessions per batch size, runs interleaved pairwise, at least "
                         f"{min_seconds:g} s in all")
+    inner = {str(d) for arg in make_session(paths["original"]).get_inputs() for d in arg.shape[1:]
+             if not isinstance(d, int)}
+    if unset := sorted(inner - set(dims)):
+        result.notes.append(f"dynamic dims {', '.join(unset)} set to 1: pass --dim NAME=VALUE for the shapes "
+                            "the model really sees (a sequence length of 1 times a different model)")
     steps = [(p, b) for p in usable for b in batches]
     for provider, batch in tqdm(steps, desc="latency", unit="case", disable=None if progress else True):
         feed = batch_feed(make_session(paths["original"], provider, threads), models["original"], batch, dims)
         actual = len(next(iter(feed.values()))) if feed else batch
+        result.input_shapes[actual] = {name: list(array.shape) for name, array in feed.items()}
         if actual != batch:
             result.notes.append(f"batch {batch} asked, the model's fixed batch dim gives {actual}")
         rounds = timed_rounds(paths["original"], paths["compressed"], feed, provider=provider, threads=threads,

@@ -41,12 +41,21 @@ from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import Allocation, LayerOptions, best_within, frontier
 from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import WeightKey, read_array
+from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
+from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.model_io import to_model
-from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model, select_layers
-from onnx_arsvd.plan import LayerDecision, WeightPlan, plan_layers, relative_output_error
+from onnx_arsvd.model_plan import (
+    HEAD_REASON,
+    LayerSelection,
+    ModelPlan,
+    PlanMemo,
+    feeds_graph_output,
+    plan_model,
+    select_layers,
+)
+from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers, relative_output_error
 from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.results import VerificationReport
@@ -55,17 +64,7 @@ from onnx_arsvd.sensitivity import Response, layer_responses
 from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import CalibrationSource, Settings
-from onnx_arsvd.verification import (
-    DEFAULT_BATCH_SIZE,
-    Feed,
-    ModelLike,
-    compare_models,
-    load_arrays,
-    load_data,
-    load_labels,
-    model_source,
-    split_batches,
-)
+from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, ModelLike, compare_models, model_source
 
 __all__ = ["ALLOCATIONS", "Budget", "BudgetSearch", "SearchOutcome", "SearchStep", "bisect_index", "bisect_tau",
            "split_data"]
@@ -315,7 +314,7 @@ class BudgetSearch:
 
     def _run_global(self, loaded: ir.Model, settings: Settings, progress: bool) -> SearchOutcome:
         memo = self._memo
-        selection = select_layers(loaded, settings)
+        selection = self._select(loaded, settings)
         if settings.method == "whitened" and selection.dense:
             memo.grams = capture_grams(loaded, selection.dense, settings.calibration, progress=progress)
         self._settings = settings
@@ -342,6 +341,16 @@ class BudgetSearch:
             self._measure_frontier(self.chosen.point)
         return SearchOutcome(settings, memo, planned)
 
+    @staticmethod
+    def _select(model: ir.Model, settings: Settings) -> LayerSelection:
+        """The model's layers; without ``factor_heads`` the layers feeding a graph output are set aside, dense."""
+        selection = select_layers(model, settings)
+        if settings.factor_heads:
+            return selection
+        heads = [layer for layer in selection.dense if feeds_graph_output(layer.node)]
+        return dataclasses.replace(selection, dense=[layer for layer in selection.dense if layer not in heads],
+                                   excluded=selection.excluded + [(layer, HEAD_REASON) for layer in heads])
+
     def _options(self, settings: Settings, responses: Mapping[WeightKey, Response] | None) -> list[LayerOptions]:
         return weight_options(self._curves, responses=responses, multiple=self.budget.rank_multiple,
                               max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params)
@@ -358,14 +367,15 @@ class BudgetSearch:
     def _plan(self, point: Allocation, model: ir.Model,
               factors: Mapping[WeightKey, tuple[np.ndarray, np.ndarray]] | None = None) -> ModelPlan:
         """The plan of ``model`` (the original or a fresh copy) at an allocation; embedding tables by their policy."""
-        selection = select_layers(model, self._settings)
+        selection = self._select(model, self._settings)
         plans = allocation_plans(selection.dense, self._curves, point, min_params=self._settings.min_params,
                                  factors=factors)
         if selection.embeddings and self._settings.embedding_policy is not None:
             plans += plan_layers(selection.embeddings, self._settings.embedding_policy,
                                  max_rank_fraction=self._settings.max_rank_fraction,
                                  min_params=self._settings.min_params, cache=self._memo.spectra)
-        return ModelPlan(plans, selection.excluded, selection.skipped, selection.order)
+        excluded = [(layer, dense_decision(layer, reason)) for layer, reason in selection.excluded]
+        return ModelPlan(plans, excluded, selection.skipped, selection.order)
 
     def _decisions(self, point: Allocation, model: ir.Model) -> list[LayerDecision]:
         planned = self._plan(point, model)
@@ -487,10 +497,10 @@ class BudgetSearch:
         grams = capture_grams(loaded, [layer for plan in factored for layer in plan.layers], inputs, progress=progress)
         for plan in factored:
             first = plan.layers[0]
-            matrix = read_array(first.weight)
+            if first.weight_key not in grams:  # used inside an If/Loop/Scan body: no activations to measure on
+                continue
             assert plan.factors is not None  # filtered above
-            error = relative_output_error(matrix.T if first.transposed else matrix, plan.factors,
-                                          grams[first.weight_key])
+            error = relative_output_error(first.matrix(), plan.factors, grams[first.weight_key])
             plan.decisions = [dataclasses.replace(d, measured_error=error) for d in plan.decisions]
 
     def summary(self) -> dict[str, object]:

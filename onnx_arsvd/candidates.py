@@ -1,16 +1,18 @@
-"""Find the dense layers whose weight is a constant; every node passed over carries its reason.
+"""Find the dense layers whose weight is a constant, in the main graph and in every If/Loop/Scan body.
 
-A *layer* is ``Y = alpha * X @ W (+ bias)`` with ``W`` (m x n) constant: a ``MatMul`` whose second
-input is a 2-D float constant, or a ``Gemm`` with ``transA = 0`` and a constant ``B`` (``W = B`` or
-``B^T`` with ``transB``); or an embedding lookup ``Gather(W, ids)`` on axis 0 of a 2-D float
-constant table (vocab x hidden). Constants are initializers (inline or external data) or
-``Constant`` nodes.
+A *layer* multiplies an activation by a constant matrix: ``MatMul(X, W)`` or ``MatMul(W, X)`` with
+W a 2-D float constant, ``Gemm`` with a constant ``A`` or ``B`` (any ``transA``/``transB``, alpha, and
+a bias that folds), or an embedding lookup ``Gather(W, ids)`` on axis 0 of a 2-D float table.
+Constants are initializers (inline or external data), ``Constant`` nodes, or either one reached
+through a chain of ``Transpose``/``Cast``/``Reshape``/``Identity`` nodes (folded with onnx's
+reference implementation of each op). A body may use its own constants or capture them from an
+outer scope. Every MatMul/Gemm/Gather (and every quantized matrix product) passed over carries its reason.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,15 +23,24 @@ from onnx_arsvd.errors import UnsupportedModelError
 __all__ = ["Layer", "Skipped", "WeightKey", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array"]
 
 WeightKey = tuple[str, bool]
-"""(weight value name, transposed): identifies the matrix a layer multiplies by."""
+"""(scope-qualified weight value name, transposed): identifies the matrix a layer multiplies by."""
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _QUANTIZED_PRODUCERS = frozenset({"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"})
+_QUANTIZED_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+                            "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized"})
+_CHAIN_OPS = frozenset({"Transpose", "Cast", "Reshape", "Identity"})
+_SCOPE_SEPARATOR = "::"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
-    """One factorable node. ``shape`` is the effective W's (in_features, out_features)."""
+    """One factorable node. ``shape`` is the effective matrix M's (in_features, out_features).
+
+    ``X @ M`` is what the node computes (up to alpha and bias) for ``left=False``; for ``left=True``
+    (the constant is the first operand, ``W @ X``) it computes ``M^T @ X``. ``transposed`` says M is
+    the stored (or folded) matrix transposed. ``trans_x``: Gemm transposes the activation operand.
+    """
 
     node: ir.Node
     weight: ir.Value
@@ -37,10 +48,22 @@ class Layer:
     alpha: float
     bias: ir.Value | None
     beta: float
+    left: bool = False
+    trans_x: bool = False
+    scope: str = ""
+    """Where the node is: "" for the main graph, else ``If_0.then_branch`` (nested: joined by ``::``)."""
+    weight_scope: str = ""
+    """Where the weight value is defined; its factors go there, where every use can see them."""
+    chain: tuple[ir.Node, ...] = ()
+    """Transpose/Cast/Reshape/Identity nodes from the constant to ``weight``, in graph order."""
+    folded: ir.TensorProtocol | None = None
+    """The chain's result, when there is a chain."""
+    storage: ir.DataType | None = None
+    """The dtype to store factors in, when narrower than the one the layer computes in (fp16 behind a Cast)."""
 
     @property
     def name(self) -> str:
-        return node_label(self.node)
+        return _qualified(self.scope, node_label(self.node))
 
     @property
     def op_type(self) -> str:
@@ -52,25 +75,49 @@ class Layer:
         return self.node.op_type == "Gather"
 
     @property
+    def is_plain(self) -> bool:
+        """``X @ W`` on a stored constant, as the latency guard's one-node models time it."""
+        return not (self.left or self.trans_x or self.chain or self.is_embedding)
+
+    @property
+    def in_subgraph(self) -> bool:
+        return bool(self.scope)
+
+    @property
     def weight_name(self) -> str:
         return self.weight.name or ""
 
     @property
+    def tensor(self) -> ir.TensorProtocol:
+        """The matrix as stored (chain folded), before any ``transposed``."""
+        return self.folded if self.folded is not None else constant_tensor(self.weight)  # type: ignore[return-value]
+
+    @property
     def dtype(self) -> ir.DataType:
-        return constant_tensor(self.weight).dtype  # type: ignore[union-attr]
+        return self.tensor.dtype
+
+    @property
+    def storage_dtype(self) -> ir.DataType:
+        """The dtype factors are stored in: the weight's own, before any widening Cast."""
+        return self.storage or self.dtype
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, cols = (int(d) for d in constant_tensor(self.weight).shape)  # type: ignore[union-attr]
+        rows, cols = (int(d) for d in self.tensor.shape)
         return (cols, rows) if self.transposed else (rows, cols)
 
     @property
     def weight_key(self) -> WeightKey:
         """Nodes with the same key multiply by the same matrix and share one factorization.
 
-        Value names are unique in a graph, so the key also holds across two loads of one model.
+        Value names are unique in a scope, so the key also holds across two loads of one model.
         """
-        return (self.weight_name, self.transposed)
+        return (_qualified(self.weight_scope, self.weight_name), self.transposed)
+
+    def matrix(self) -> np.ndarray:
+        """M (in_features x out_features) as numpy, in the weight's dtype."""
+        array = self.folded.numpy() if self.folded is not None else read_array(self.weight)
+        return array.T if self.transposed else array
 
 
 @dataclass(frozen=True)
@@ -80,6 +127,10 @@ class Skipped:
     name: str
     op_type: str
     reason: str
+
+
+def _qualified(scope: str, name: str) -> str:
+    return f"{scope}{_SCOPE_SEPARATOR}{name}" if scope else name
 
 
 def node_label(node: ir.Node) -> str:
@@ -112,24 +163,171 @@ def read_array(value: ir.Value) -> np.ndarray:
         raise UnsupportedModelError(f"cannot read weight {value.name!r}: {error}") from None
 
 
-def _weight_problem(value: ir.Value) -> str | None:
-    """Why this operand cannot be a factorable weight, or None if it can."""
-    tensor = constant_tensor(value)
-    if tensor is None:
-        producer = value.producer()
-        if producer is not None and producer.op_type in _QUANTIZED_PRODUCERS:
-            return f"weight comes from {producer.op_type} (quantized model); factor before quantizing"
-        return "weight is not a constant"
-    if tensor.dtype not in _FLOAT_TYPES:
-        return f"weight has dtype {tensor.dtype.name}; only float weights can be factored"
-    if len(tensor.shape) != 2:
-        return f"weight has {len(tensor.shape)} dimensions; only 2-D weights are factored"
-    if value.is_graph_output():
-        return "weight is also a graph output"
-    return None
+def _resolve(value: ir.Value | None) -> tuple[ir.Value | None, tuple[ir.Node, ...]]:
+    """The constant behind ``value`` and the Transpose/Cast/Reshape/Identity chain from it; (None, ()) if none."""
+    chain: list[ir.Node] = []
+    current = value
+    while current is not None and constant_tensor(current) is None:
+        producer = current.producer()
+        if producer is None or producer.op_type not in _CHAIN_OPS or producer.domain not in ("", "ai.onnx"):
+            return None, ()
+        if producer.op_type == "Reshape" and constant_tensor(producer.inputs[1]) is None:
+            return None, ()
+        chain.append(producer)
+        current = producer.inputs[0]
+    return (current, tuple(reversed(chain))) if current is not None else (None, ())
 
 
-def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
+def _fold(source: ir.Value, chain: tuple[ir.Node, ...]) -> ir.TensorProtocol:
+    """The chain's result, each op evaluated by onnx's reference implementation (no graph edit)."""
+    from onnx.reference import ReferenceEvaluator  # about 0.25 s to import; only weights behind a chain need it
+
+    array = read_array(source)
+    for node in chain:
+        proto = ir.serde.serialize_node(node)
+        feed = {proto.input[0]: array}
+        if node.op_type == "Reshape":
+            feed[proto.input[1]] = read_array(node.inputs[1])
+        (array,) = ReferenceEvaluator(proto).run(None, feed)[:1]
+    return ir.tensor(np.asarray(array))
+
+
+def _quantized_producer(value: ir.Value | None) -> str | None:
+    """The (De)QuantizeLinear op behind ``value``, through any Transpose/Cast/Reshape/Identity chain, else None."""
+    producer = value.producer() if value is not None else None
+    while producer is not None and producer.op_type in _CHAIN_OPS and producer.inputs and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()
+    return producer.op_type if producer is not None and producer.op_type in _QUANTIZED_PRODUCERS else None
+
+
+class _Finder:
+    """Walks every graph of one model, turning MatMul/Gemm/Gather nodes into layers or skips."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.feedable_initializers = model.ir_version >= 4  # from IR 4 an initializer that is an input may be fed
+        self.scopes: dict[int, str] = {}
+        self.layers: list[Layer] = []
+        self.skipped: list[Skipped] = []
+
+    def skip(self, node: ir.Node, scope: str, reason: str) -> None:
+        self.skipped.append(Skipped(_qualified(scope, node_label(node)), node.op_type, reason))
+
+    def weight(self, value: ir.Value) -> tuple[ir.Value | None, tuple[ir.Node, ...], ir.TensorProtocol | None, str]:
+        """(constant source, chain, folded tensor, problem); source None when the operand is not constant."""
+        source, chain = _resolve(value)
+        if source is None:
+            return None, (), None, ""
+        stored = constant_tensor(source)
+        if stored.dtype not in _FLOAT_TYPES:
+            return source, chain, None, f"weight has dtype {stored.dtype.name}; only float weights can be factored"
+        if source.is_graph_input() and self.feedable_initializers:
+            return source, chain, None, "weight is also a graph input, so a user may feed another value; left as it is"
+        if value.is_graph_output():
+            return source, chain, None, "weight is also a graph output"
+        folded = _fold(source, chain) if chain else None
+        tensor = folded if folded is not None else stored
+        if tensor.dtype not in _FLOAT_TYPES:
+            return source, chain, None, f"weight is cast to {tensor.dtype.name}; only float weights can be factored"
+        if len(tensor.shape) != 2:
+            what = " after its Transpose/Cast/Reshape/Identity chain" if chain else ""
+            return source, chain, None, f"weight has {len(tensor.shape)} dimensions{what}; only 2-D weights are factored"
+        return source, chain, folded, ""
+
+    def add(self, node: ir.Node, scope: str, weight: ir.Value, chain: tuple[ir.Node, ...],
+            folded: ir.TensorProtocol | None, **form: object) -> None:
+        weight_scope = self.scopes.get(id(weight.graph), scope)
+        storage = None
+        if folded is not None and any(n.op_type == "Cast" for n in chain):
+            stored = constant_tensor(chain[0].inputs[0]).dtype
+            storage = stored if stored.itemsize < folded.dtype.itemsize else None
+        self.layers.append(Layer(node=node, weight=weight, scope=scope, weight_scope=weight_scope, chain=chain,
+                                 folded=folded, storage=storage, **form))  # type: ignore[arg-type]
+
+    def matmul(self, node: ir.Node, scope: str) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        w_source, w_chain, w_folded, w_problem = self.weight(w)
+        x_source, x_chain, x_folded, x_problem = self.weight(x)
+        if w_source is not None and x_source is not None:
+            self.skip(node, scope, "both operands are constants (a constant-folding candidate, not a layer)")
+        elif w_source is not None or x_source is not None:
+            left = w_source is None
+            problem = x_problem if left else w_problem
+            if problem:
+                self.skip(node, scope, problem)
+            else:
+                weight, chain, folded = (x, x_chain, x_folded) if left else (w, w_chain, w_folded)
+                self.add(node, scope, weight, chain, folded, transposed=left, alpha=1.0, bias=None, beta=0.0, left=left)
+        elif (op := _quantized_producer(w) or _quantized_producer(x)) is not None:
+            self.skip(node, scope, f"weight comes from {op} (quantized model); factor before quantizing")
+        else:
+            self.skip(node, scope, "neither operand is a constant (activation x activation, e.g. attention scores)")
+
+    def gemm(self, node: ir.Node, scope: str) -> None:
+        trans_a, trans_b = bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))
+        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        a, b = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        b_source, b_chain, b_folded, b_problem = self.weight(b)
+        a_source, a_chain, a_folded, a_problem = self.weight(a)
+        if a_source is not None and b_source is not None:
+            return self.skip(node, scope, "both A and B are constants (a constant-folding candidate, not a layer)")
+        if a_source is None and b_source is None:
+            op = _quantized_producer(b) or _quantized_producer(a)
+            quantized = f"weight comes from {op} (quantized model); factor before quantizing"
+            return self.skip(node, scope, quantized if op else "neither A nor B is a constant")
+        left = b_source is None
+        problem = a_problem if left else b_problem
+        if problem:
+            return self.skip(node, scope, problem)
+        weight, chain, folded = (a, a_chain, a_folded) if left else (b, b_chain, b_folded)
+        tensor = folded if folded is not None else constant_tensor(weight)
+        if bias is not None and not left:  # X @ W + C: C must not vary along the batch rows to fold into an Add
+            problem = _bias_problem(bias, int(tensor.shape[0 if trans_b else 1]))
+            if problem:
+                return self.skip(node, scope, problem)
+        if bias is None or beta == 0.0:
+            bias, beta = None, 0.0
+        transposed, trans_x = (not trans_a, trans_b) if left else (trans_b, trans_a)
+        self.add(node, scope, weight, chain, folded, transposed=transposed, alpha=alpha, bias=bias, beta=beta,
+                 left=left, trans_x=trans_x)
+
+    def gather(self, node: ir.Node, scope: str) -> None:
+        """An embedding lookup: Gather on a 2-D float constant table with computed indices; other tables are listed."""
+        table, indices = node.inputs[0], node.inputs[1]
+        tensor = constant_tensor(table)
+        if tensor is None or len(tensor.shape) != 2 or tensor.dtype not in _FLOAT_TYPES:
+            return  # index or shape arithmetic, not a table of parameters
+        if constant_tensor(indices) is not None:
+            return self.skip(node, scope, "indices are constants (a constant-folding candidate, not a lookup)")
+        if _attr(node, "axis", 0) != 0:
+            return self.skip(node, scope, "Gather along axis 1 selects columns, not embedding rows")
+        if table.is_graph_input() and self.feedable_initializers:
+            return self.skip(node, scope, "table is also a graph input, so a user may feed another value; left as it is")
+        if table.is_graph_output():
+            return self.skip(node, scope, "table is also a graph output")
+        self.add(node, scope, table, (), None, transposed=False, alpha=1.0, bias=None, beta=0.0)
+
+    def walk(self, graph: ir.Graph, scope: str) -> None:
+        self.scopes[id(graph)] = scope
+        for node in graph:
+            if node.op_type in _QUANTIZED_OPS:
+                self.skip(node, scope, f"quantized layer ({node.op_type}); factor the float model before quantizing")
+            elif node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm", "Gather"):
+                getattr(self, node.op_type.lower())(node, scope)
+            for name, body in _bodies(node):
+                self.walk(body, _qualified(scope, f"{node_label(node)}.{name}"))
+
+
+def _bodies(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
+    """The node's subgraphs (If branches, Loop/Scan bodies), with their attribute names."""
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            yield attr.name, attr.value
+        elif attr.type == ir.AttributeType.GRAPHS:
+            yield from ((f"{attr.name}[{i}]", body) for i, body in enumerate(attr.value))
+
+
+def _attr(node: ir.Node, name: str, default: float) -> float | int:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
 
@@ -144,90 +342,22 @@ def _bias_problem(bias: ir.Value, out_features: int) -> str | None:
     return None
 
 
-def _inspect_matmul(node: ir.Node) -> Layer | Skipped | None:
-    x, w = node.inputs[0], node.inputs[1]
-    if constant_tensor(w) is None and constant_tensor(x) is not None:
-        return Skipped(node_label(node), node.op_type, "constant is the first operand (W @ X); only X @ W is factored")
-    if constant_tensor(w) is None and (w is None or w.producer() is None or w.producer().op_type not in _QUANTIZED_PRODUCERS):
-        return None  # activation x activation (e.g. attention scores): not a dense layer
-    problem = _weight_problem(w)
-    if problem:
-        return Skipped(node_label(node), node.op_type, problem)
-    return Layer(node=node, weight=w, transposed=False, alpha=1.0, bias=None, beta=0.0)
-
-
-def _inspect_gemm(node: ir.Node) -> Layer | Skipped:
-    name = node_label(node)
-    if _attr(node, "transA", 0):
-        return Skipped(name, "Gemm", "transA=1 (activation transposed) is not supported")
-    weight = node.inputs[1]
-    problem = _weight_problem(weight)
-    if problem:
-        return Skipped(name, "Gemm", problem)
-    transposed = bool(_attr(node, "transB", 0))
-    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None:
-        out_features = int(constant_tensor(weight).shape[0 if transposed else 1])
-        problem = _bias_problem(bias, out_features)
-        if problem:
-            return Skipped(name, "Gemm", problem)
-    if bias is None or beta == 0.0:
-        bias, beta = None, 0.0
-    return Layer(node=node, weight=weight, transposed=transposed, alpha=alpha, bias=bias, beta=beta)
-
-
-def _inspect_gather(node: ir.Node) -> Layer | Skipped | None:
-    """An embedding lookup: Gather on a 2-D float constant table with computed indices."""
-    table, indices = node.inputs[0], node.inputs[1]
-    tensor = constant_tensor(table)
-    if tensor is None or len(tensor.shape) != 2 or tensor.dtype not in _FLOAT_TYPES or constant_tensor(indices) is not None:
-        return None  # shape arithmetic or constant folding, not a table lookup
-    if _attr(node, "axis", 0) != 0:
-        return Skipped(node_label(node), "Gather", "Gather along axis 1 selects columns, not embedding rows")
-    if table.is_graph_output():
-        return Skipped(node_label(node), "Gather", "table is also a graph output")
-    return Layer(node=node, weight=table, transposed=False, alpha=1.0, bias=None, beta=0.0)
-
-
-def _subgraph_skips(graph: ir.Graph) -> Iterable[Skipped]:
-    """Dense-looking nodes inside If/Loop/Scan bodies, at any depth: not rewritten."""
-    for owner in graph:
-        for attr in owner.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                bodies = [attr.value]
-            elif attr.type == ir.AttributeType.GRAPHS:
-                bodies = list(attr.value)
-            else:
-                continue
-            for body in bodies:
-                for node in body.all_nodes():
-                    if node.op_type in ("MatMul", "Gemm"):
-                        reason = f"inside the {attr.name!r} subgraph of {owner.op_type} node {node_label(owner)!r}; subgraphs are not rewritten"
-                        yield Skipped(node_label(node), node.op_type, reason)
+def _function_skips(model: ir.Model) -> Iterator[Skipped]:
+    """Matrix products inside model-local functions: not rewritten."""
+    for function in model.functions.values():
+        for node in function.all_nodes():
+            if node.op_type in ("MatMul", "Gemm"):
+                reason = (f"inside model-local function {function.name!r}; functions are not rewritten "
+                          "(inline them first, e.g. with onnx_ir.passes.common.InlinePass)")
+                yield Skipped(node_label(node), node.op_type, reason)
 
 
 def find_layers(model: ir.Model) -> tuple[list[Layer], list[Skipped]]:
-    """All factorable layers of the main graph, and the dense-looking nodes passed over."""
-    layers: list[Layer] = []
-    skipped: list[Skipped] = []
-    for node in model.graph:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type == "MatMul":
-            found = _inspect_matmul(node)
-        elif node.op_type == "Gemm":
-            found = _inspect_gemm(node)
-        elif node.op_type == "Gather":
-            found = _inspect_gather(node)
-        else:
-            continue
-        if isinstance(found, Layer):
-            layers.append(found)
-        elif found is not None:
-            skipped.append(found)
-    skipped.extend(_subgraph_skips(model.graph))
-    return layers, skipped
+    """All factorable layers, in the main graph and every subgraph, and the nodes passed over with why."""
+    finder = _Finder(model)
+    finder.walk(model.graph, "")
+    finder.skipped.extend(_function_skips(model))
+    return finder.layers, finder.skipped
 
 
 def _matches(layer: Layer, patterns: Sequence[str]) -> bool:

@@ -1,19 +1,20 @@
 """The ``onnx-arsvd`` command line: inspect | compress | verify.
 
-``main(argv) -> int`` never raises for bad input: our errors become one line on stderr, exit 2 for
-a usage error (bad argument, missing file), 1 for a model that cannot be handled. Heavy imports
-(onnx, onnxruntime) happen inside the handlers so ``--help`` stays instant.
+``main(argv) -> int`` never lets a traceback reach the user: every error is one line on stderr, exit 2
+for a usage error (bad argument, path or data), 1 for a model that cannot be handled or a failed run,
+130 for Ctrl-C; ``--debug`` also prints the traceback. Every output path is checked against every
+input path before any work. Heavy imports (onnx, onnxruntime) happen inside the handlers so
+``--help`` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
-import os
 import sys
-import tempfile
+import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
 from onnx_arsvd.errors import ArsvdError, InvalidInputError
 
@@ -48,6 +49,9 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
                             "they usually need a higher one than dense layers (default: keep them dense)")
     group.add_argument("--calibration", metavar="NPZ",
                        help="inputs for --method whitened: arrays keyed by input name, first axis = samples")
+    group.add_argument("--factor-heads", action="store_true",
+                       help="also factor layers that feed a graph output (classifier heads); the default does so "
+                            "only with --data or --calibration, real inputs that check them")
     group.add_argument("--include", action="append", default=[], metavar="GLOB",
                        help="only layers whose node or weight name matches (repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -89,18 +93,22 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its three subcommands."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error instead of one line")
     parser = argparse.ArgumentParser(
-        prog="onnx-arsvd", description="Factor the dense layers of an ONNX model with adaptive-rank SVD."
+        prog="onnx-arsvd", description="Factor the dense layers of an ONNX model with adaptive-rank SVD.",
+        parents=[debug],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    inspect = commands.add_parser("inspect", help="list the factorable layers and what the policy would do")
+    inspect = commands.add_parser("inspect", parents=[debug], help="list the factorable layers and what the policy would do")
     inspect.add_argument("model", help="the ONNX model to read (never modified)")
     _add_policy_options(inspect)
     _add_output_options(inspect)
 
-    compress = commands.add_parser("compress", help="factor the dense layers, write the model, verify it")
+    compress = commands.add_parser("compress", parents=[debug], help="factor the dense layers, write the model, verify it")
     compress.add_argument("model", help="the ONNX model to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
     compress.add_argument("--external-data", action="store_true",
@@ -140,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_options(compress)
     _add_output_options(compress)
 
-    verify = commands.add_parser("verify", help="compare a compressed model with its original in onnxruntime")
+    verify = commands.add_parser("verify", parents=[debug], help="compare a compressed model with its original in onnxruntime")
     verify.add_argument("original", help="the reference model")
     verify.add_argument("compressed", help="the model to compare with it")
     _add_data_options(verify)
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--providers", help="execution providers to verify on, comma-separated: cpu (default), cuda, ...")
     _add_output_options(verify)
 
-    bench = commands.add_parser("bench", help="latency, memory and accuracy of both models on every execution provider")
+    bench = commands.add_parser("bench", parents=[debug], help="latency, memory and accuracy of both models on every execution provider")
     bench.add_argument("original", help="the reference model")
     bench.add_argument("compressed", help="the model to compare with it")
     _add_data_options(bench)
@@ -178,9 +186,9 @@ def _policy(args: argparse.Namespace):
     for other, param in _POLICY_PARAMS.items():
         if other != name and getattr(args, param) is not None:
             raise InvalidInputError(f"--{param} does not apply to --policy {name}")
-    param = _POLICY_PARAMS.get(name)
-    value = getattr(args, param) if param else None
-    return make_policy(name, **({param: value} if value is not None else {}))
+    setting = _POLICY_PARAMS.get(name)
+    value = getattr(args, setting) if setting is not None else None
+    return make_policy(name, **({setting: value} if setting is not None and value is not None else {}))
 
 
 def _embedding_policy(args: argparse.Namespace):
@@ -189,10 +197,36 @@ def _embedding_policy(args: argparse.Namespace):
     return EnergyPolicy(args.embedding_tau) if args.embedding_tau is not None else None
 
 
-def _budget(args: argparse.Namespace):
-    if args.max_drop is None and args.min_cosine is None and args.target_params is None:
+def _factor_heads(args: argparse.Namespace) -> bool:
+    """Heads are factored when asked, or when real inputs (--data, --calibration) check the result."""
+    return bool(args.factor_heads or getattr(args, "data", None) or args.calibration)
+
+
+def _labelled(path: str) -> bool | None:
+    """Whether an .npz holds a 'labels' array; None when it cannot be read (the data check says why later)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return "labels" in archive.files
+    except (OSError, ValueError):
         return None
+
+
+def _budget(args: argparse.Namespace):
     from onnx_arsvd.budget import Budget
+
+    if args.max_drop is None and args.min_cosine is None and args.target_params is None:
+        chosen = args.policy is not None or any(getattr(args, p) is not None for p in (*_POLICY_PARAMS.values(),
+                                                                                       "output_tau"))
+        labelled = None if args.data is None or chosen else bool(args.labels) or _labelled(args.data)
+        if labelled is None:
+            return None
+        budget = Budget(max_drop=1.0) if labelled else Budget(min_cosine=0.99)
+        logging.getLogger("onnx_arsvd").warning(
+            f"no rank policy given: choosing ranks for {budget.describe()} on --data (give --tau, --ratio, "
+            "--max-drop, ... to choose yourself)")
+        return budget
 
     return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
                   holdout=args.holdout, allocation=args.allocation, rank_multiple=args.rank_multiple,
@@ -215,17 +249,23 @@ def _version() -> str:
     return __version__
 
 
-def _check_report_path(path: str | None) -> None:
-    if path and not Path(path).parent.is_dir():
-        raise InvalidInputError(f"{Path(path).parent}: report folder does not exist")
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every output path writable and clashing with no input or other output, before any work."""
+    from onnx_arsvd.model_io import external_data_files, load_model
+    from onnx_arsvd.output import check_paths
 
-
-def _write_text(path: str, text: str) -> None:
-    """Write atomically: a temporary file beside ``path``, then rename."""
-    descriptor, temporary = tempfile.mkstemp(prefix=".onnx-arsvd-", dir=Path(path).parent)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text + "\n")
-    os.replace(temporary, path)
+    models = [args.model] if args.command in ("inspect", "compress") else [args.original, args.compressed]
+    inputs: dict[str, object] = {}
+    for index, model in enumerate(models):
+        label = "input model" if len(models) == 1 else ("original model", "compressed model")[index]
+        inputs[label] = model
+        inputs[f"{label}'s external data"] = external_data_files(load_model(model))
+    for option in ("data", "labels", "calibration"):
+        inputs[f"--{option}"] = getattr(args, option, None)
+    outputs = {"-o": getattr(args, "output", None), "--report": args.report, "--plot": getattr(args, "plot", None)}
+    check_paths(outputs, inputs)
+    if outputs["--plot"] and importlib.util.find_spec("matplotlib") is None:
+        raise InvalidInputError("--plot needs matplotlib: pip install 'onnx-arsvd[plot]'")
 
 
 def _batches(text: str) -> list[int]:
@@ -254,7 +294,9 @@ def _bench(args: argparse.Namespace, original: str, compressed: str):
 
 def _emit(args: argparse.Namespace, human: str, markdown: str, machine: str) -> None:
     if args.report:
-        _write_text(args.report, markdown if args.report.endswith(".md") else machine)
+        from onnx_arsvd.output import write_text
+
+        write_text(args.report, markdown if args.report.endswith(".md") else machine)
     print(machine if args.json else markdown if args.markdown else human)
 
 
@@ -264,12 +306,13 @@ def _run(args: argparse.Namespace) -> int:
     from onnx_arsvd import api
     from onnx_arsvd.report import format_report, format_verification, report_to_json, verification_to_dict
 
-    _check_report_path(args.report)
+    _check_paths(args)
     if args.command == "inspect":
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
                                    method=args.method or "svd", calibration=args.calibration, lp_power=args.p,
-                                   embedding_policy=_embedding_policy(args), progress=not args.quiet)
+                                   embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
+                                   progress=not args.quiet)
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
@@ -289,7 +332,8 @@ def _run(args: argparse.Namespace) -> int:
         _, report = api.compress(
             args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
-            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
+            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
+            external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
             batch_size=args.batch_size, guard=guard, quantize=args.quantize,
         )
@@ -311,7 +355,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"onnx-arsvd: {note}", file=sys.stderr)
         verifications = [api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
                                     dims=_dims(args.dim), samples=args.samples, batch_size=args.batch_size,
-                                    provider=provider) for provider in providers]
+                                    provider=provider, progress=not args.quiet) for provider in providers]
         _emit(args, "\n\n".join(format_verification(v) for v in verifications),
               "\n\n".join(format_verification(v, True) for v in verifications),
               json.dumps([verification_to_dict(v) for v in verifications] if len(verifications) > 1
@@ -328,8 +372,9 @@ def _run(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace, result) -> None:
     if args.plot:
         from onnx_arsvd.bench_report import plot_benchmark
+        from onnx_arsvd.output import write_file
 
-        plot_benchmark(result, args.plot)
+        write_file(args.plot, lambda temporary: plot_benchmark(result, temporary), "plot")
 
 
 class _StderrHandler(logging.Handler):
@@ -349,22 +394,38 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.WARNING)
 
 
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"onnx-arsvd: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    _log_to_stderr()
-    parser = build_parser()
+    """Run the CLI; returns the exit status. Every error is one line on stderr (``--debug``: the traceback)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
+        _log_to_stderr()
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
         return _run(args)
-    except InvalidInputError as error:
-        print(f"onnx-arsvd: error: {error}", file=sys.stderr)
-        return 2
-    except ArsvdError as error:
-        print(f"onnx-arsvd: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("onnx-arsvd: interrupted", file=sys.stderr)
         return 130
+    except InvalidInputError as error:
+        return _fail(str(error), 2, debug)
+    except ArsvdError as error:
+        return _fail(str(error), 1, debug)
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        return _fail(f"{where}{error.strerror or error}", 1, debug)
+    except MemoryError:
+        return _fail("out of memory", 1, debug)
+    except Exception as error:  # a bug: still one line, with the way to see more
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return _fail(f"internal error ({type(error).__name__}{': ' + first if first else ''}); "
+                     "run again with --debug for the traceback", 1, debug)

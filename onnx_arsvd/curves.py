@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import DENSE, Allocation, Cost, LayerOptions, layer_options, param_cost
-from onnx_arsvd.candidates import Layer, WeightKey, read_array
+from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import UnsupportedModelError
 from onnx_arsvd.losscurve import LossCurve, loss_curve
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS, LayerDecision, WeightPlan
@@ -37,10 +37,10 @@ class WeightCurve:
 
 
 def _matrix(layer: Layer) -> np.ndarray:
-    array = read_array(layer.weight)
+    array = layer.matrix()
     if not np.isfinite(array).all():
         raise UnsupportedModelError(f"weight {layer.weight_name!r} of node {layer.name!r} contains NaN or Inf")
-    return array.T if layer.transposed else array
+    return array
 
 
 def weight_curves(layers: Sequence[Layer], grams: Mapping[WeightKey, np.ndarray] | None = None, *,

@@ -43,7 +43,8 @@ def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float =
 
 def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
     """Rows of X the layer multiplies per call: batch times the activation's inner dims."""
-    shape = layer.node.inputs[0].shape
+    x = layer.node.inputs[0]
+    shape = x.shape if x is not None else None
     if shape is None or len(shape) < 2:
         return batch
     inner = [d if isinstance(d, int) else dims.get(str(d), 1) for d in shape[1:-1]]
@@ -87,8 +88,8 @@ def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, by
     if layer.bias is None:
         nodes.append(ir.Node("", "MatMul", [low, b_value], outputs=[y2]))
     else:
-        bias = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
-        bias_value = _constant("c", bias.astype(np_dtype))
+        folded = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
+        bias_value = _constant("c", folded.astype(np_dtype))
         product = ir.Value(name="product")
         nodes += [ir.Node("", "MatMul", [low, b_value], outputs=[product]),
                   ir.Node("", "Add", [product, bias_value], outputs=[y2])]
@@ -144,12 +145,14 @@ class LatencyGuard:
         try:
             return discover_providers([self.target])[0][0]
         except InvalidInputError as error:
-            raise InvalidInputError(f"--target {self.target}: {error}") from None
+            raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
 
     def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
         """Time every factored plan's layer; keep it dense where factoring is not faster."""
-        # a lookup costs no multiply-adds: only the dense layers are timed (the whole-model check sees all)
-        factored = [plan for plan in plans if plan.factored and plan.factors is not None and not plan.layers[0].is_embedding]
+        # only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
+        # weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all)
+        factored = [plan for plan in plans if plan.factored and plan.factors is not None
+                    and all(layer.is_plain for layer in plan.layers)]
         for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
             timings = tuple(time_layer(plan.layers[0], plan.factors, provider=provider, batches=self.batches,
                                        dims=dims, threads=self.threads, min_seconds=self.layer_seconds))
@@ -160,14 +163,19 @@ class LatencyGuard:
                 plan.factors = None
 
     def check_model(
-        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model
+        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model,
+        progress: bool = False,
     ) -> list[LatencyComparison]:
-        """The whole models timed against each other at the guard's batch sizes."""
+        """The whole models timed against each other at the guard's batch sizes, in bounded time.
+
+        Each batch size takes at least ``model_seconds`` and about 10x that at most: a slow model gets
+        fewer pairs (never under 3 per round) instead of minutes per batch size.
+        """
         comparisons = []
-        for batch in self.batches:
+        for batch in tqdm(self.batches, desc="whole-model timing", unit="batch", disable=None if progress else True):
             feed = batch_feed(make_session(original, provider, self.threads), model, batch, dims)
             rounds = timed_rounds(original, compressed, feed, provider=provider, threads=self.threads,
-                                  min_seconds=self.model_seconds)
+                                  min_seconds=self.model_seconds, min_runs=10, max_seconds=10 * self.model_seconds)
             comparisons.append(compare_latency(provider, batch, rounds))
         return comparisons
 

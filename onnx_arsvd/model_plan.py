@@ -7,7 +7,9 @@ steps) share Gram matrices and spectra instead of recomputing them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +22,24 @@ from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers
 from onnx_arsvd.settings import Settings
 
-__all__ = ["LayerSelection", "ModelPlan", "PlanMemo", "plan_model", "select_layers"]
+__all__ = ["HEAD_REASON", "LayerSelection", "ModelPlan", "PlanMemo", "feeds_graph_output", "plan_model",
+           "select_layers"]
+
+HEAD_REASON = "feeds a graph output (a head): kept dense without real data to check it (pass --data, or --factor-heads)"
+
+_PASS_THROUGH = frozenset({"Add", "Identity", "Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Squeeze"})
+"""Ops between a head's product and the graph output that leave it the model's answer (bias, normalisation)."""
+
+
+def feeds_graph_output(node: ir.Node, depth: int = 3) -> bool:
+    """Whether the node's output reaches a graph output directly or through a few pass-through ops."""
+    frontier = list(node.outputs)
+    for _ in range(depth + 1):
+        if any(value.is_graph_output() for value in frontier):
+            return True
+        frontier = [out for value in frontier for user, _ in value.uses() if user.op_type in _PASS_THROUGH
+                    for out in user.outputs]
+    return False
 
 
 @dataclass
@@ -39,6 +58,7 @@ class ModelPlan:
     excluded: list[tuple[Layer, LayerDecision]]
     skipped: list[Skipped]
     order: dict[int, int]
+    notes: list[str] = field(default_factory=list)
 
     def decisions(self) -> list[LayerDecision]:
         """Every layer's decision, in graph order."""
@@ -48,9 +68,31 @@ class ModelPlan:
         return [decision for _, decision in rows]
 
     def params_kept(self) -> float:
-        """Share of the considered and excluded layers' parameters the plan keeps (each weight once)."""
-        decisions = [d for plan in self.plans for d in plan.decisions[:1]] + [d for _, d in self.excluded]
-        return sum(d.params_after for d in decisions) / sum(d.params for d in decisions)
+        """Share of the dense layers' parameters the plan keeps, each weight once (embedding tables apart)."""
+        firsts = [(plan.layers[0], plan.decisions[0]) for plan in self.plans] + self.excluded
+        decisions = [decision for layer, decision in firsts if not layer.is_embedding]
+        return sum(d.params_after for d in decisions) / sum(d.params for d in decisions) if decisions else 1.0
+
+
+def _keep_heads_dense(plans: list[WeightPlan]) -> None:
+    """Leave dense every weight that would be factored but feeds a graph output (a classifier head)."""
+    for plan in plans:
+        if plan.factored and not plan.layers[0].is_embedding and any(feeds_graph_output(l.node) for l in plan.layers):
+            plan.decisions = [dataclasses.replace(d, factored=False, reason=HEAD_REASON) for d in plan.decisions]
+            plan.factors = None
+
+
+def no_layer_message(skipped: Sequence[Skipped]) -> str:
+    """One line: no factorable layer, and every reason a node was passed over (with up to 3 node names each)."""
+    by_reason: dict[str, list[str]] = {}
+    for node in skipped:
+        by_reason.setdefault(f"{node.op_type}: {node.reason}", []).append(node.name)
+    reasons = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        reasons.append(f"{reason} ({', '.join(repr(n) for n in names[:3])}{more})")
+    return ("no factorable layer (MatMul/Gemm/Gather with a 2-D float constant weight)"
+            + (f"; passed over: {'; '.join(reasons)}" if reasons else "; the model has no MatMul, Gemm or Gather"))
 
 
 @dataclass(frozen=True)
@@ -59,18 +101,16 @@ class LayerSelection:
 
     dense: list[Layer]
     embeddings: list[Layer]
-    excluded: list[tuple[Layer, LayerDecision]]
+    excluded: list[tuple[Layer, str]]
     skipped: list[Skipped]
     order: dict[int, int]
 
 
-def select_layers(model: ir.Model, settings: Settings) -> LayerSelection:
-    """Find the factorable layers, drop those excluded by name (and embedding tables without a policy)."""
+def select_layers(model: ir.Model, settings: Settings, *, allow_empty: bool = False) -> LayerSelection:
+    """Find the factorable layers; set aside those excluded by name (and embedding tables without a policy)."""
     layers, skipped = find_layers(model)
-    if not layers:
-        reasons = "; ".join(sorted({f"{s.op_type} {s.name!r}: {s.reason}" for s in skipped})[:3])
-        raise UnsupportedModelError("no factorable layer (MatMul/Gemm with a 2-D float constant weight)"
-                                    + (f"; skipped: {reasons}" if reasons else ""))
+    if not layers and not allow_empty:
+        raise UnsupportedModelError(no_layer_message(skipped))
     considered, excluded = filter_layers(layers, settings.include, settings.exclude)
     dense = [layer for layer in considered if not layer.is_embedding]
     embeddings = [layer for layer in considered if layer.is_embedding]
@@ -78,22 +118,22 @@ def select_layers(model: ir.Model, settings: Settings) -> LayerSelection:
         excluded += [(layer, "embedding table: factored only with --embedding-tau") for layer in embeddings]
         embeddings = []
     order = {id(layer.node): index for index, layer in enumerate(layers)}
-    return LayerSelection(dense, embeddings, [(layer, dense_decision(layer, reason)) for layer, reason in excluded],
-                          skipped, order)
+    return LayerSelection(dense, embeddings, excluded, skipped, order)
 
 
 def plan_model(
-    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None
+    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None,
+    allow_empty: bool = False,
 ) -> ModelPlan:
-    """Every layer's plan under ``settings``.
+    """Every layer's plan under ``settings``; a model without any layer is an error unless ``allow_empty``.
 
     Whitened plans capture their Gram matrices unless ``memo`` has them; a ``memo`` also keeps every
     spectrum, so later plans of the same model (reloads included) decompose no weight again.
     """
-    selection = select_layers(model, settings)
-    dense, embeddings = selection.dense, selection.embeddings
+    selection = select_layers(model, settings, allow_empty=allow_empty)
+    dense, embeddings, excluded = selection.dense, selection.embeddings, selection.excluded
     grams = memo.grams if memo is not None else None
-    if settings.method == "whitened" and dense and grams is None:
+    if settings.method == "whitened" and dense and grams is None and settings.calibration is not None:
         grams = capture_grams(model, dense, settings.calibration, progress=progress)
         if memo is not None:
             memo.grams = grams
@@ -104,4 +144,11 @@ def plan_model(
     plans = plan(dense, settings.policy, grams=grams if settings.method == "whitened" else None)
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten
         plans += plan(embeddings, settings.embedding_policy)
-    return ModelPlan(plans, selection.excluded, selection.skipped, selection.order)
+    if not settings.factor_heads:
+        _keep_heads_dense(plans)
+    notes = []
+    if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):
+        notes.append(f"note: the calibration data never reached {len(unseen)} weight(s) (an If branch not taken?); "
+                     f"they got plain SVD factors: {', '.join(sorted(key[0] for key in unseen))}")
+    return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], selection.skipped,
+                     selection.order, notes)

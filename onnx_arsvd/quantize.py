@@ -65,11 +65,10 @@ def _gemm_as_matmul(model: ir.Model) -> int:
     """Rewrite, in place, every dense Gemm with a constant weight as MatMul(X, alpha W) [+ Add(beta C)]."""
     count, replaced = 0, []
     for layer in find_layers(model)[0]:
-        if layer.op_type != "Gemm":
-            continue
+        if layer.op_type != "Gemm" or layer.left or layer.trans_x or layer.scope:
+            continue  # MatMulNBits takes X @ W in the main graph only
         node, dtype = layer.node, layer.dtype.numpy()
-        weight = constant_tensor(layer.weight).numpy().astype(np.float64)
-        weight = layer.alpha * (weight.T if layer.transposed else weight)
+        weight = layer.alpha * layer.matrix().astype(np.float64)
         label = node_label(node)
         w = _initializer(model, f"{label}.int4_weight", weight.astype(dtype))
         output = node.outputs[0]

@@ -59,20 +59,37 @@ class Report:
     budget: dict[str, object] | None = None
     notes: list[str] = field(default_factory=list)
 
-    def _unique(self) -> list[LayerDecision]:
+    def _unique(self, tables: bool) -> list[LayerDecision]:
+        """Dense layers' (or, with ``tables``, embedding tables') decisions, each shared weight once."""
         seen: dict[str, LayerDecision] = {}
         for layer in self.layers:
-            seen.setdefault(f"{layer.weight}/{layer.shape}", layer)
+            if (layer.op_type == "Gather") == tables:
+                seen.setdefault(f"{layer.weight}/{layer.shape}", layer)
         return list(seen.values())
 
     @property
     def dense_params_before(self) -> int:
-        """Parameters of the candidate layers' weights (each shared weight once)."""
-        return sum(layer.params for layer in self._unique())
+        """Parameters of the dense (MatMul/Gemm) layers' weights, each shared weight once."""
+        return sum(layer.params for layer in self._unique(tables=False))
 
     @property
     def dense_params_after(self) -> int:
-        return sum(layer.params_after for layer in self._unique())
+        return sum(layer.params_after for layer in self._unique(tables=False))
+
+    @property
+    def embedding_params_before(self) -> int:
+        """Parameters of the embedding tables (Gather on a constant), counted apart from dense layers."""
+        return sum(layer.params for layer in self._unique(tables=True))
+
+    @property
+    def embedding_params_after(self) -> int:
+        return sum(layer.params_after for layer in self._unique(tables=True))
+
+    @property
+    def factorable_share(self) -> float | None:
+        """Share of the model's parameters in the layers found (dense layers and tables), before compression."""
+        found = self.dense_params_before + self.embedding_params_before
+        return found / self.params_before if self.params_before else None
 
     @property
     def factored(self) -> int:
@@ -88,6 +105,9 @@ def report_to_json(report: Report) -> str:
     data.update(
         dense_params_before=report.dense_params_before,
         dense_params_after=report.dense_params_after,
+        embedding_params_before=report.embedding_params_before,
+        embedding_params_after=report.embedding_params_after,
+        factorable_share=report.factorable_share,
         factored_layers=report.factored,
     )
     if report.verification is not None:
@@ -105,6 +125,10 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k" if n >= 10_000 else str(n)
 
 
+def _share(what: str, before: int, after: int) -> str:
+    return f"{what}: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else ""
+
+
 def _bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -120,12 +144,12 @@ def _error_cell(layer: LayerDecision, whitened: bool) -> str:
     return f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened else f"- / {layer.measured_error:.3f}"
 
 
-def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[object]]:
+def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     rows = []
     guarded = any(layer.timings for layer in layers)
     measured = any(layer.measured_error is not None for layer in layers)
     for layer in layers:
-        action = "factor" if layer.factored else f"keep: {layer.reason}"
+        action = ("factor" if layer.factored else f"keep: {layer.reason}") + (f" ({layer.note})" if layer.note else "")
         rows.append([
             layer.name + (f" (shares weight x{layer.shared_by})" if layer.shared_by > 1 else ""),
             layer.op_type,
@@ -199,6 +223,16 @@ def _budget_text(budget: dict, style: str) -> str:
     return "\n".join(lines)
 
 
+def _share_line(report: Report) -> str:
+    """How much of the model the layers found cover, and how many nodes were passed over."""
+    if report.factorable_share is None:
+        return ""
+    passed = f"; {len(report.skipped)} nodes passed over, with why, under 'not factored'" if report.skipped else ""
+    found = report.dense_params_before + report.embedding_params_before
+    return (f"factorable layers hold {_count(found)} of the model's {_count(report.params_before)} "
+            f"parameters ({report.factorable_share:.1%}){passed}")
+
+
 def format_report(report: Report, markdown: bool = False) -> str:
     """A human-readable report: layer table, skipped nodes, totals, verification."""
     style = "github" if markdown else "simple"
@@ -216,7 +250,9 @@ def format_report(report: Report, markdown: bool = False) -> str:
     before, after = report.dense_params_before, report.dense_params_after
     totals = [
         f"layers factored: {report.factored} of {len(report.layers)}",
-        f"dense-layer parameters: {_count(before)} -> {_count(after)} ({after / before:.1%} kept)" if before else "",
+        _share_line(report),
+        _share("dense-layer parameters", before, after),
+        _share("embedding-table parameters", report.embedding_params_before, report.embedding_params_after),
         f"model parameters: {_count(report.params_before)} -> {_count(report.params_after)}; "
         f"weight bytes: {_bytes(report.weight_bytes_before)} -> {_bytes(report.weight_bytes_after)}",
     ]

@@ -20,7 +20,7 @@ import scipy.linalg
 from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import DENSE, Allocation
-from onnx_arsvd.candidates import Layer, WeightKey, find_layers, read_array
+from onnx_arsvd.candidates import Layer, WeightKey, find_layers
 from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.losscurve import loss_curve
 from onnx_arsvd.model_io import to_model
@@ -80,7 +80,9 @@ def sequential_factors(model: ir.Model, curves: Sequence[WeightCurve], allocatio
     working = to_model(model)
     factored = {c.key for c in curves if allocation.ranks.get(c.key, DENSE) != DENSE}
     stages: dict[str, list[WeightKey]] = {}
-    for layer in find_layers(original)[0]:  # graph order; one stage per input tensor
+    for layer in find_layers(original)[0]:  # graph order; one stage per input tensor of the main graph
+        if layer.scope or layer.left or layer.trans_x:
+            continue  # inside a subgraph, or a W @ X / transposed-input form: keeps its one-shot factors
         if layer.weight_key in factored and layer.weight_key not in {k for keys in stages.values() for k in keys}:
             stages.setdefault(layer.node.inputs[0].name, []).append(layer.weight_key)
     refitted: dict[WeightKey, Factors] = {}
@@ -90,9 +92,8 @@ def sequential_factors(model: ir.Model, curves: Sequence[WeightCurve], allocatio
         grams = _cross_grams(original, working, layers, batches)
         for key in keys:
             first = next(layer for layer in layers if layer.weight_key == key)
-            weight = read_array(first.weight).astype(np.float64)
             own, cross = grams[key]
-            refitted[key] = _refit(weight.T if first.transposed else weight, own, cross, allocation.ranks[key])
+            refitted[key] = _refit(first.matrix().astype(np.float64), own, cross, allocation.ranks[key])
         stage = Allocation({key: allocation.ranks[key] for key in keys}, 0.0, 0.0)
         apply_plans(working, allocation_plans(layers, [c for c in curves if c.key in keys], stage,
                                               min_params=0, factors=refitted))

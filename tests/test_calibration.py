@@ -100,8 +100,8 @@ def test_whitened_compress_of_fashion_is_more_accurate_on_held_out_data(tmp_path
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--method", "whitened"], "--method whitened needs calibration inputs"),
-    (["--calibration", "c.npz"], "calibration inputs are only used by --method whitened"),
+    (["--method", "whitened"], "the whitened method needs calibration inputs"),
+    (["--calibration", "c.npz"], "calibration inputs are only used by the whitened method"),
     (["--method", "whitened", "--calibration", "missing.npz"], "missing.npz: no such calibration file"),
 ])
 def test_cli_calibration_errors(options: list[str], message: str, mlp_path: Path, tmp_path: Path,

@@ -41,7 +41,7 @@ def test_compress_writes_verified_model_and_report(mlp_path: Path, tmp_path: Pat
     out, report = tmp_path / "small.onnx", tmp_path / "report.json"
     before = _digest(mlp_path)
     assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "ratio", "--ratio", "0.25",
-                 "--dim", "batch=4", "--min-params", "0", "--report", str(report), "-q"]) == 0
+                 "--dim", "batch=4", "--min-params", "0", "--factor-heads", "--report", str(report), "-q"]) == 0
     assert "verification on CPUExecutionProvider" in capsys.readouterr().out
     assert _digest(mlp_path) == before
     onnx.checker.check_model(str(out), full_check=True)
@@ -156,13 +156,13 @@ def test_bad_model_one_line_error_and_no_output(case: str, command: str, tmp_pat
         (["--policy", "magic"], "unknown policy 'magic'"),
         (["--policy", "ratio", "--tau", "0.9"], "--tau does not apply to --policy ratio"),
         (["--dim", "batch"], "--dim expects NAME=POSITIVE_INTEGER"),
-        (["--dim", "sequence=16"], "--dim sequence: no dynamic dimension of that name; the model's are: batch"),
+        (["--dim", "sequence=16"], "dimension sequence: no dynamic dimension of that name; the model's are: batch"),
         (["--data", "missing.npz"], "no such data file"),
         (["--labels", "missing.npy"], "no such labels file"),
         (["--max-rank-fraction", "0"], "max rank fraction must be positive"),
-        (["--report", "nowhere/report.json"], "nowhere: report folder does not exist"),
-        (["--method", "lp", "--p", "3"], "--p must be in [1, 2], got 3.0"),
-        (["--method", "lp", "--calibration", "c.npz"], "calibration inputs are only used by --method whitened"),
+        (["--report", "nowhere/report.json"], "nowhere: --report folder does not exist"),
+        (["--method", "lp", "--p", "3"], "p must be in [1, 2], got 3.0"),
+        (["--method", "lp", "--calibration", "c.npz"], "calibration inputs are only used by the whitened method"),
         (["--bench", "--providers", "nonesuch"], "no requested execution provider can run here"),
         (["--bench", "--batch", "0"], "--batch expects positive integers"),
     ],
@@ -179,7 +179,7 @@ def test_bad_options_are_usage_errors(options: list[str], message: str, mlp_path
 def test_output_equal_to_input_is_refused(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _digest(mlp_path)
     assert main(["compress", str(mlp_path), "-o", str(mlp_path), "-q"]) == 2
-    assert "the output path is the input model" in capsys.readouterr().err
+    assert "-o would overwrite the input model file" in capsys.readouterr().err
     assert _digest(mlp_path) == before
 
 
@@ -191,7 +191,7 @@ def test_usage_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
 def test_compress_with_bench_reports_both(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "small.onnx"
     assert main(["compress", str(mlp_path), "-o", str(out), "--policy", "rank", "--rank", "4", "--min-params", "0",
-                 "--bench", "--batch", "2", "--seconds", "0.01", "--no-memory", "--json", "-q"]) == 0
+                 "--factor-heads", "--bench", "--batch", "2", "--seconds", "0.01", "--no-memory", "--json", "-q"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["factored_layers"] == 3
     assert [c["batch"] for c in data["benchmark"]["latency"]] == [2]

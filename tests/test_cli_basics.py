@@ -18,7 +18,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"onnx-arsvd {__version__}"
 
 
-@pytest.mark.parametrize("command, positional", [("compress", "model"), ("verify", "compressed"), ("bench", "original")])
+@pytest.mark.parametrize("command, positional",
+                         [("compress", "model"), ("verify", "compressed"), ("bench", "original")])
 def test_positional_arguments_have_help(command: str, positional: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "--help"]) == 0
     text = capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 from onnx_arsvd.allocate import DENSE, Allocation
 from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers, read_array
+from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
 from onnx_arsvd.model_io import load_model, to_model
 from onnx_arsvd.plan import relative_output_error
@@ -46,7 +46,7 @@ def test_plans_of_an_allocation_rebuild_the_predicted_layer_errors(fashion) -> N
     assert "too small" in plans[2].decisions[0].reason and plans[2].rank == 10
     grams = capture_grams(model, layers, calibration)
     for plan, curve in zip(plans[:2], curves[:2], strict=True):
-        matrix = read_array(plan.layers[0].weight).T
+        matrix = plan.layers[0].matrix()
         measured = relative_output_error(matrix, plan.factors, grams[curve.key])
         assert measured == pytest.approx(np.sqrt(curve.curve.relative()[plan.rank]), rel=1e-6)
         assert plan.decisions[0].predicted_error == pytest.approx(measured, rel=1e-6)

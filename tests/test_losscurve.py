@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers, read_array
+from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.factorize import factors_at_rank, spectrum
 from onnx_arsvd.losscurve import loss_curve
 from onnx_arsvd.model_io import load_model
@@ -27,8 +27,7 @@ def real_layer(name: str, index: int, samples: int = 300) -> tuple[np.ndarray, n
     proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(layer.node.inputs[0].name))
     feed = {proto.graph.input[0].name: feed["input"].astype(_input_dtype(proto))}
     x = run(proto, feed)[0].astype(np.float64)
-    weight = read_array(layer.weight).astype(np.float64)
-    return (weight.T if layer.transposed else weight), x, gram
+    return layer.matrix().astype(np.float64), x, gram
 
 
 def _input_dtype(proto: onnx.ModelProto) -> np.dtype:
