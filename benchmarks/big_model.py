@@ -9,7 +9,7 @@ given runs too, e.g. another checkout's package, for a before/after), and the sc
 time, CPU time (user + system of the child), peak resident memory (the child's ru_maxrss, from wait4) and
 the output's size.
 
-Usage: python benchmarks/big_model.py [--scale 0.25] [--blocks 16] [--jobs 2] [--src /other/checkout]
+Usage: python -m benchmarks.big_model [--scale 0.25] [--blocks 16] [--jobs 2] [--src /other/checkout]
        [--out benchmarks/results/big_model.md] [--keep]
 """
 
@@ -25,10 +25,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
-from results_io import package_versions, write_result
+
+from benchmarks.results_io import package_versions, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "big_model.md"

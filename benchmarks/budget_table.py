@@ -11,22 +11,22 @@ measured on the held-out part, which no method used to choose anything.
    that meets the same budget, chosen the same way (on the calibration part, by the drop's 95% upper
    bound), and, for reference, an optimistic plain tau picked on the held-out part it is scored on.
 
-Usage: python benchmarks/budget_table.py [--out benchmarks/results/budget.md]
+Usage: python -m benchmarks.budget_table [--out benchmarks/results/budget.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-from results_io import package_versions, write_result
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
+from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress, inspect_model
 from onnx_arsvd.budget import Budget, split_data
 from onnx_arsvd.rank import RankPolicy
@@ -157,14 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    parts = [
-        "# Data-driven compression of the shipped MLPs",
-        "",
-        f"- command: `python benchmarks/budget_table.py`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; {package_versions()}",
-        f"- each test split divided once ({HOLDOUT:.0%} held out, seed {SEED}), as `compress --max-drop` does;"
-        " every accuracy is on the held-out part; default gates (the 10-class head stays dense)",
-    ]
+    parts = header("Data-driven compression of the shipped MLPs", __file__, argv, notes=[
+        f"each test split divided once ({HOLDOUT:.0%} held out, seed {SEED}), as `compress --max-drop` does;"
+        " every accuracy is on the held-out part; default gates (the 10-class head stays dense)"])
     for name in ("digits", "fashion"):
         points: list[Point] = []
         parts += ["", f"## {name}_mlp.onnx: methods at matched parameters", "", *matched_table(name, points),

@@ -10,7 +10,7 @@ and wall medians, and each result's relative Frobenius error ||W - A B|| / ||W||
 rank-k error (from the float64 SVD). On the shipped real weights (MLPs, MiniLM when built) it also
 reports the worst extra error of the randomized factors and of the adaptive energy ranks.
 
-Usage: python benchmarks/factor_throughput.py [--shapes 768x3072,4096x4096] [--ranks 256,1024] [--repeats 1]
+Usage: python -m benchmarks.factor_throughput [--shapes 768x3072,4096x4096] [--ranks 256,1024] [--repeats 1]
        [--taus 0.8] [--out benchmarks/results/factor_throughput.md]
 """
 
@@ -20,17 +20,21 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import onnx
 import scipy.linalg
 from onnx import numpy_helper
-from results_io import package_versions, write_result
 
+from benchmarks.results_io import package_versions, write_result
 from onnx_arsvd.factorize import Need, decompose, factors_at_rank, seed_for
 from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.threads import single_threaded_blas

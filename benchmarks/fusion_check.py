@@ -20,7 +20,7 @@ shipped MLP (``models/fashion_mlp.onnx``, 3 Gemm) and on all-MiniLM-L6-v2
    (never more than two live sessions); and max |difference| of every optimised compressed model
    from the same compressed model run with all graph optimisation disabled.
 
-Usage: python benchmarks/fusion_check.py [--seconds 2] [--threads 0] [--out benchmarks/results/fusion.md]
+Usage: python -m benchmarks.fusion_check [--seconds 2] [--threads 0] [--out benchmarks/results/fusion.md]
 """
 
 from __future__ import annotations
@@ -32,14 +32,12 @@ import logging
 import os
 import platform
 import re
-import shlex
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 # The SVDs inside compress() use OpenBLAS; with its default thread count on a busy 2-core machine
@@ -47,13 +45,16 @@ from pathlib import Path
 # whose kernels use their own thread pool.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
-from results_io import package_versions, write_result
 
+from benchmarks.results_io import header as common_header
+from benchmarks.results_io import write_result
 from onnx_arsvd import EnergyPolicy, compress
 from onnx_arsvd.benchmark import batch_feed, compare_latency, timed_rounds
 from onnx_arsvd.model_io import load_model
@@ -636,22 +637,16 @@ def minilm_section(args, folder: Path) -> Section:
     return section
 
 
-def header(argv: list[str], args, seconds_total: float | None) -> list[str]:
+def header(argv: list[str] | None, args, seconds_total: float) -> list[str]:
     threads = args.threads or f"onnxruntime default ({os.cpu_count()} CPUs)"
-    versions = package_versions()
-    return [
-        "# Do onnxruntime's fusions survive the ARSVD rewrite?",
-        "",
-        f"- command: `{shlex.join(['python', *argv])}`",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
-        + (f"; wall time {seconds_total:.0f} s" if seconds_total is not None else ""),
-        f"- platform: {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}",
-        f"- versions: {versions}",
-        f"- provider {PROVIDER}; intra-op threads: {threads}; thread spinning off; timing: pairs run interleaved "
+    return [*common_header("Do onnxruntime's fusions survive the ARSVD rewrite?", __file__, argv,
+                           machine=platform.processor() or platform.machine(), notes=[
+        f"wall time {seconds_total:.0f} s",
+        f"provider {PROVIDER}; intra-op threads: {threads}; thread spinning off; timing: pairs run interleaved "
         f"(A B, B A, ...) for at least {args.seconds:g} s per row (MiniLM batch 32: at least 5 pairs after 1 warm-up pair); "
         f"ratio = median of per-pair B/A; MiniLM feeds are generated, batch x {SEQ} tokens, attention_mask all ones "
         "(no padding).",
-        "- timings come from one run; on a shared or busy machine they are noisy, and p10-p90 shows how much.",
+        "timings come from one run; on a shared or busy machine they are noisy, and p10-p90 shows how much."]),
         "",
     ]
 
@@ -682,7 +677,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opt-levels", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                         help="optimize_model opt_levels for the statistics table (default 0,1,2; 1 is always run)")
     args = parser.parse_args(argv)
-    argv_shown = ["benchmarks/fusion_check.py", *(sys.argv[1:] if argv is None else argv)]
     for path in (MLP, MINILM):
         if not path.exists():
             print(f"{path} missing (MiniLM: run python models/build_minilm.py first)", file=sys.stderr)
@@ -694,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         minilm = minilm_section(args, folder)
     elapsed = time.perf_counter() - started
 
-    lines = header(argv_shown, args, elapsed)
+    lines = header(argv, args, elapsed)
     lines += ["## Conclusion (measured in this run)", ""]
     checked = mlp.session_lost[0] + minilm.session_lost[0]
     lost = mlp.session_lost[1] + minilm.session_lost[1]

@@ -21,9 +21,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from results_io import package_versions, write_result
-from text_eval import MINILM, load_text_set
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
+
+from benchmarks.results_io import package_versions, write_result
+from benchmarks.text_eval import MINILM, load_text_set
 from onnx_arsvd import compress, format_report
 from onnx_arsvd.budget import Budget
 

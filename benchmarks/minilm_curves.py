@@ -20,10 +20,14 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-from results_io import package_versions, write_result
-from text_eval import MINILM, load_text_set
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
+import numpy as np
+
+from benchmarks.results_io import package_versions, write_result
+from benchmarks.text_eval import MINILM, load_text_set
 from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers

@@ -5,23 +5,23 @@ measure, on gensim's polarity (200 movie-review sentences) and newsgroups (200 p
 sentence-embedding cosine with the original (attention-mask mean pooling; mean and minimum over
 sentences) and a 5-fold logistic-regression probe's accuracy on the compressed embeddings.
 
-Usage: python benchmarks/minilm_table.py [--out benchmarks/results/minilm_table.md]
+Usage: python -m benchmarks.minilm_table [--out benchmarks/results/minilm_table.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-from results_io import package_versions, write_result
-from text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
+from benchmarks.results_io import MINILM_PACKAGES, header, write_result
+from benchmarks.text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress
 from onnx_arsvd.budget import Budget
 from onnx_arsvd.rank import RankPolicy
@@ -90,14 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| min cosine {cosine:g} | {chosen} | "
                      f"{report.dense_params_after / report.dense_params_before:.1%} | "
                      f"{output.mean_cosine:.4f} / {output.min_cosine:.4f} |")
-    versions = package_versions()
     text = "\n".join([
-        "# ARSVD on all-MiniLM-L6-v2 (36 MatMul weights, 10.6M dense parameters)",
-        "",
-        f"- command: `python benchmarks/minilm_table.py`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; versions: {versions}",
-        "- defaults: factor only at rank <= 0.8 x break-even; probe = 5-fold logistic regression on mean-pooled"
-        " embeddings (200 sentences: fold-to-fold spread is 4-6 points on polarity)",
+        *header("ARSVD on all-MiniLM-L6-v2 (36 MatMul weights, 10.6M dense parameters)", __file__, argv,
+                packages=MINILM_PACKAGES, notes=[
+                    "defaults: factor only at rank <= 0.8 x break-even; probe = 5-fold logistic regression on"
+                    " mean-pooled embeddings (200 sentences: fold-to-fold spread is 4-6 points on polarity)"]),
         "",
         *lines,
     ]) + "\n"

@@ -20,10 +20,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from results_io import package_versions, write_result
+
+from benchmarks.results_io import package_versions, write_result
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rank_multiple.md"
 SHAPES = ((384, 1536), (1536, 384), (784, 512))

@@ -19,10 +19,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
 import numpy as np
 import onnx_ir as ir
-from results_io import package_versions, write_result
 
+from benchmarks.results_io import package_versions, write_result
 from onnx_arsvd.allocate import best_within, frontier
 from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams

@@ -19,9 +19,9 @@ import onnx_ir as ir
 
 from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.budget import Budget, BudgetSearch
-from onnx_arsvd.data import ArrayReader, check_labels, load_data, load_labels
+from onnx_arsvd.data import ArrayReader, Feed, check_labels, load_data, load_labels
 from onnx_arsvd.errors import InvalidInputError, OutputError
-from onnx_arsvd.guard import LatencyGuard
+from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.output import Staged, check_paths, stage_model
@@ -30,6 +30,7 @@ from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
 from onnx_arsvd.verification import (
     DEFAULT_BATCH_SIZE,
@@ -37,6 +38,7 @@ from onnx_arsvd.verification import (
     VerificationReport,
     check_dims,
     check_files,
+    generated_batches,
     model_source,
     verify,
 )
@@ -95,7 +97,8 @@ def _build_report(
         verification=verification,
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
-        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *regressions,
+        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *planned.notes,
+               *regressions,
                *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped)],
     )
 
@@ -114,12 +117,13 @@ def inspect_model(
     embedding_policy: RankPolicy | None = None,
     factor_heads: bool = True,
     progress: bool = False,
+    jobs: int = 1,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy, factor_heads)
+                         embedding_policy, factor_heads, jobs)
     loaded = to_model(model)
-    planned = plan_model(loaded, settings, with_factors=False, progress=progress)
+    planned = plan_model(loaded, settings, with_factors=False, progress=progress, allow_empty=True)
     size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
     weights = weight_stats(loaded)
     return _build_report(model, settings, planned, weights, weights, written=_Written(file_bytes_before=size),
@@ -128,9 +132,9 @@ def inspect_model(
 
 def _settings(policy: RankPolicy | None, include: Sequence[str], exclude: Sequence[str], max_rank_fraction: float,
               min_params: int, method: str, calibration: CalibrationSource | None, lp_power: float,
-              embedding_policy: RankPolicy | None, factor_heads: bool) -> Settings:
+              embedding_policy: RankPolicy | None, factor_heads: bool, jobs: int) -> Settings:
     return Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
-                    lp_power, embedding_policy, factor_heads)
+                    lp_power, embedding_policy, factor_heads, jobs)
 
 
 def _input_files(model: ModelLike, loaded: ir.Model, data: object, labels: object, calibration: object) -> dict:
@@ -205,6 +209,7 @@ def compress(
     batch_size: int = DEFAULT_BATCH_SIZE,
     guard: LatencyGuard | None = None,
     budget: Budget | None = None,
+    jobs: int = 1,
     quantize: Quantization | str | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
@@ -223,7 +228,8 @@ def compress(
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a
     ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
-    the whole model is timed against the original at the end (``report.latency_check``). With
+    the whole model is timed against the original at the end (``report.latency_check``). ``jobs`` weights
+    are factored at once (threads, one BLAS thread each); the output is the same whatever ``jobs`` is. With
     ``quantize`` ("int8", "int4" or a :class:`~onnx_arsvd.quantize.Quantization`) the factored model is
     quantized by onnxruntime's quantizers; under a budget every candidate is, so the budget judges the
     model that ships.
@@ -246,7 +252,7 @@ def compress(
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy, factor_heads)
+                         embedding_policy, factor_heads, jobs)
     provider = guard.provider() if guard is not None else None
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
 
@@ -260,7 +266,9 @@ def compress(
     if planned is None:
         planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
     if guard is not None and provider is not None:
-        guard.apply(planned.plans, provider, dims or {}, progress)
+        layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
+        rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
+        guard.apply(planned.plans, provider, dims or {}, progress, rows)
     if search is not None:
         search.measure_errors(loaded, planned.plans, progress)
     reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
@@ -304,3 +312,10 @@ def compress(
         report.policy = f"budget search: {search.summary()['allocation']}"
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
+
+
+def _shape_feed(source: ModelLike, model: ir.Model, data: DataSource | None, dims: Mapping[str, int]) -> Feed:
+    """A few samples the model really sees (the data's first 8), or one generated one: to observe activation shapes."""
+    if data is not None:
+        return {name: array[:8] for name, array in load_data(data, model)[0].items()}
+    return generated_batches(make_session(model_source(source)[0]), model, dims, samples=1)[0]

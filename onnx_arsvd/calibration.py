@@ -34,6 +34,20 @@ def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     return x.astype(np.float64).reshape(-1, layer.shape[0])
 
 
+class _Capture:
+    """A session of the model with the layers' inputs exposed, and how to read each layer's rows from it."""
+
+    def __init__(self, model: ir.Model, layers: Sequence[Layer]) -> None:
+        self.layers = list(layers)
+        serialized, self.by_node = exposed_model(model, self.layers)
+        self.names = list(dict.fromkeys(self.by_node.values()))
+        self.session = make_session(serialized)
+
+    def rows(self, feed: dict[str, np.ndarray]) -> list[tuple[Layer, np.ndarray]]:
+        outputs = dict(zip(self.names, run_session(self.session, self.names, feed), strict=True))
+        return [(layer, _rows(layer, outputs[self.by_node[id(layer.node)]])) for layer in self.layers]
+
+
 def capture_grams(
     model: ir.Model,
     layers: Sequence[Layer],
@@ -45,25 +59,36 @@ def capture_grams(
 
     ``data`` is an ``.npz`` path, a mapping of arrays, or a ``CalibrationDataReader``. Layers
     sharing a weight (same key) add their activations into one Gram matrix, in whichever scopes they
-    are. Layers inside If/Loop/Scan bodies are captured too (:mod:`onnx_arsvd.capture`); a weight
-    whose layers the data never reached (an If branch never taken) gets no Gram matrix, hence plain factors.
+    are. Layers inside If/Loop/Scan bodies are captured too (:mod:`onnx_arsvd.capture`). A weight
+    gets no Gram matrix, hence plain factors, when the data never reached its layers (an If branch
+    never taken), or when exposing body values made onnxruntime fail (a loop whose lifted activation
+    changes shape between iterations): then every weight used in a body is left out, and the rest is
+    captured on the same feeds.
     """
     if not layers:
         return {}
-    serialized, outputs_by_node = exposed_model(model, layers)
-    names = list(dict.fromkeys(outputs_by_node.values()))
     if isinstance(data, (str, os.PathLike, Mapping)):
         reader: CalibrationDataReader = ArrayReader(data, model)
     else:
         reader = CheckedReader(data, model)
-    session = make_session(serialized)
+    capture = _Capture(model, layers)
     grams: dict[WeightKey, np.ndarray] = {}
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
         while (feed := reader.get_next()) is not None:
-            outputs = dict(zip(names, run_session(session, names, feed), strict=True))
-            for layer in layers:
-                x = _rows(layer, outputs[outputs_by_node[id(layer.node)]])
+            try:
+                rows = capture.rows(feed)
+            except InvalidInputError:
+                in_bodies = {layer.weight_key for layer in capture.layers if layer.in_subgraph}
+                if not in_bodies:
+                    raise
+                grams = {key: gram for key, gram in grams.items() if key not in in_bodies}
+                kept = [layer for layer in capture.layers if layer.weight_key not in in_bodies]
+                if not kept:
+                    return {}
+                capture = _Capture(model, kept)
+                rows = capture.rows(feed)  # the same feed, without the body values: fails again on bad data
+            for layer, x in rows:
                 grams[layer.weight_key] = grams.get(layer.weight_key, 0.0) + x.T @ x
             batches += 1
             bar.update()

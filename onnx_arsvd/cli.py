@@ -52,6 +52,9 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--factor-heads", action="store_true",
                        help="also factor layers that feed a graph output (classifier heads); the default does so "
                             "only with --data or --calibration, real inputs that check them")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="factor N weights at once, one BLAS thread each, N capped at the cores (default 1); "
+                            "the output is the same whatever N")
     group.add_argument("--include", action="append", default=[], metavar="GLOB",
                        help="only layers whose node or weight name matches (repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -312,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
                                    method=args.method or "svd", calibration=args.calibration, lp_power=args.p,
                                    embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, jobs=args.jobs)
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
@@ -335,7 +338,7 @@ def _run(args: argparse.Namespace) -> int:
             calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
             external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
-            batch_size=args.batch_size, guard=guard, quantize=args.quantize,
+            batch_size=args.batch_size, guard=guard, jobs=args.jobs, quantize=args.quantize,
         )
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:

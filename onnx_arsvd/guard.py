@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 
 from onnx_arsvd.benchmark import batch_feed, compare_latency, discover_providers, timed_rounds
 from onnx_arsvd.candidates import Layer, read_array
+from onnx_arsvd.capture import exposed_model
+from onnx_arsvd.data import Feed
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import WeightPlan
 from onnx_arsvd.results import LatencyComparison, LayerTiming
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.sessions import make_session, run_session
 
-__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LayerTiming", "activation_rows", "guard_verdict", "time_layer"]
+__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "activation_rows", "guard_verdict", "observed_rows", "time_layer"]
 
 DEFAULT_MARGIN = 0.0
 
@@ -41,8 +43,24 @@ def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float =
             f"({worst.factored_ms:.3g} vs {worst.dense_ms:.3g} ms)")
 
 
+def observed_rows(model: ir.Model, layers: Sequence[Layer], feed: Feed) -> dict[int, float]:
+    """Rows of X each main-graph layer multiplies per sample, seen in one onnxruntime run on ``feed``.
+
+    Keyed by ``id(layer.node)``. Graph shapes are often symbolic or missing (a sequence length named
+    ``Reshape_470_o0__d2``, 197 patches of a ViT): the real activation is the only reliable count.
+    """
+    layers = [layer for layer in layers if layer.node.graph is model.graph]
+    if not layers or not feed:
+        return {}
+    serialized, names = exposed_model(model, layers)
+    wanted = list(dict.fromkeys(names.values()))
+    outputs = dict(zip(wanted, run_session(make_session(serialized), wanted, feed), strict=True))
+    samples = len(next(iter(feed.values())))
+    return {id(layer.node): outputs[names[id(layer.node)]].size / layer.shape[0] / samples for layer in layers}
+
+
 def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
-    """Rows of X the layer multiplies per call: batch times the activation's inner dims."""
+    """Rows of X the layer multiplies per call, from the graph's shapes: batch times the activation's inner dims."""
     x = layer.node.inputs[0]
     shape = x.shape if x is not None else None
     if shape is None or len(shape) < 2:
@@ -106,13 +124,19 @@ def time_layer(
     dims: Mapping[str, int],
     threads: int = 0,
     min_seconds: float = 0.3,
+    rows_per_sample: float | None = None,
 ) -> list[LayerTiming]:
-    """Median latency of the layer dense and factored, at each batch size, on ``provider``."""
+    """Median latency of the layer dense and factored, at each batch size, on ``provider``.
+
+    Each call multiplies ``batch x rows_per_sample`` rows when that was observed, else the rows the
+    graph's shapes give.
+    """
     dense_model, factored_model = _layer_models(layer, *factors)
     rng = np.random.default_rng(0)
     timings = []
     for batch in batches:
-        rows = activation_rows(layer, batch, dims)
+        rows = (max(1, round(batch * rows_per_sample)) if rows_per_sample is not None
+                else activation_rows(layer, batch, dims))
         feed = {"x": rng.standard_normal((rows, layer.shape[0])).astype(layer.dtype.numpy())}
         rounds = timed_rounds(dense_model, factored_model, feed, provider=provider, threads=threads,
                               min_seconds=min_seconds, min_runs=10)
@@ -147,15 +171,20 @@ class LatencyGuard:
         except InvalidInputError as error:
             raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
 
-    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
-        """Time every factored plan's layer; keep it dense where factoring is not faster."""
+    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False,
+              rows: Mapping[int, float] | None = None) -> None:
+        """Time every factored plan's layer; keep it dense where factoring is not faster.
+
+        ``rows`` (from :func:`observed_rows`) gives each layer's real activation rows per sample.
+        """
         # only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
         # weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all)
         factored = [plan for plan in plans if plan.factored and plan.factors is not None
                     and all(layer.is_plain for layer in plan.layers)]
         for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
             timings = tuple(time_layer(plan.layers[0], plan.factors, provider=provider, batches=self.batches,
-                                       dims=dims, threads=self.threads, min_seconds=self.layer_seconds))
+                                       dims=dims, threads=self.threads, min_seconds=self.layer_seconds,
+                                       rows_per_sample=(rows or {}).get(id(plan.layers[0].node))))
             reason = guard_verdict(timings, provider, self.margin)
             plan.decisions = [dataclasses.replace(d, factored=not reason, reason=reason, timings=timings)
                               for d in plan.decisions]

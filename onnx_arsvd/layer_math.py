@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnx_arsvd.candidates import Layer, constant_tensor
+from onnx_arsvd.candidates import Layer, read_array
 
 __all__ = ["folded_bias", "storage_problem", "stored_factors"]
 
@@ -43,8 +43,7 @@ def folded_bias(layer: Layer) -> np.ndarray | None:
     C in its own Gemm (a constant first operand: the bias is added along columns there)."""
     if layer.bias is None or layer.left:
         return None
-    tensor = constant_tensor(layer.bias)
-    return layer.beta * np.broadcast_to(tensor.numpy().astype(np.float64).reshape(-1), (layer.shape[1],))
+    return layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (layer.shape[1],))
 
 
 def storage_problem(layer: Layer, a: np.ndarray, b: np.ndarray) -> str:

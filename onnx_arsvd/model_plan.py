@@ -139,7 +139,7 @@ def plan_model(
             memo.grams = grams
     plan = functools.partial(plan_layers, max_rank_fraction=settings.max_rank_fraction,
                              min_params=settings.min_params, with_factors=with_factors,
-                             cache=memo.spectra if memo is not None else None, progress=progress,
+                             cache=memo.spectra if memo is not None else None, progress=progress, jobs=settings.jobs,
                              lp_power=settings.lp_power if settings.method == "lp" else None)
     plans = plan(dense, settings.policy, grams=grams if settings.method == "whitened" else None)
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten
@@ -148,7 +148,8 @@ def plan_model(
         _keep_heads_dense(plans)
     notes = []
     if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):
-        notes.append(f"note: the calibration data never reached {len(unseen)} weight(s) (an If branch not taken?); "
-                     f"they got plain SVD factors: {', '.join(sorted(key[0] for key in unseen))}")
+        notes.append(f"note: no activations were captured for {len(unseen)} weight(s) (an If branch the data never "
+                     "takes, or a loop body whose activations change shape between iterations); they got plain SVD "
+                     f"factors: {', '.join(sorted(key[0] for key in unseen))}")
     return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], selection.skipped,
                      selection.order, notes)

@@ -11,9 +11,18 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.candidates import Layer, WeightKey, constant_tensor
+from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
-from onnx_arsvd.factorize import Need, Spectrum, decompose, factors_at_rank, lp_factors, seed_for, whitened_spectrum
+from onnx_arsvd.factorize import (
+    MIN_RANDOMIZED_DIM,
+    Need,
+    Spectrum,
+    decompose,
+    factors_at_rank,
+    lp_factors,
+    seed_for,
+    whitened_spectrum,
+)
 from onnx_arsvd.layer_math import storage_problem
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept, energy_rank_bounds
 from onnx_arsvd.results import LayerTiming
@@ -132,7 +141,7 @@ def _weight_matrix(layer: Layer) -> np.ndarray:
 def _release(layer: Layer) -> None:
     """Unmap a weight read from external data, so its pages stop counting in this process's memory
     (onnx_ir maps it again if it is read later)."""
-    tensor = constant_tensor(layer.weight)
+    tensor = layer.tensor
     if isinstance(tensor, ir.ExternalTensor):
         try:
             tensor.release()
@@ -172,23 +181,25 @@ class _Settings:
     lp_power: float | None
 
 
-def _decompose(first: Layer, settings: _Settings, need: Need, vectors: bool, cap: int | None = None) -> Spectrum:
-    """The weight's (whitened) spectrum, decomposed as far as ``need`` asks; cached for a later plan."""
+def _solve(first: Layer, settings: _Settings, need: Need, vectors: bool, cap: int | None = None) -> Spectrum:
+    """The weight's (whitened) spectrum, decomposed as far as ``need`` asks."""
     key = first.weight_key
-    cached = settings.cache.get(key) if settings.cache is not None else None
-    if cached is not None and cached.covers(need, vectors):
-        return cached
-    if settings.cache is not None:  # a search over policies reuses it: every value and vector, once
-        need, vectors = Need(), True
     matrix = _weight_matrix(first)
-    seed = seed_for(first.weight_name)
+    seed = seed_for(key[0])
     if settings.grams is not None and key in settings.grams:
-        spec = whitened_spectrum(matrix, settings.grams[key], need=need, seed=seed)
-    else:
-        spec = decompose(matrix, need, vectors=vectors, seed=seed, cap=cap)
-    if settings.cache is not None:
-        settings.cache[key] = spec
-    return spec
+        return whitened_spectrum(matrix, settings.grams[key], need=need, seed=seed, vectors=vectors)
+    return decompose(matrix, need, vectors=vectors, seed=seed, cap=cap)
+
+
+def _spectrum(first: Layer, settings: _Settings, need: Need, vectors: bool, cap: int) -> Spectrum:
+    """As :func:`_solve`; with a cache (a search over policies), every singular value of the weight, once:
+    its whole energy curve, with vectors only where LAPACK computes them anyway (small weights)."""
+    if settings.cache is None:
+        return _solve(first, settings, need, vectors, cap)
+    key = first.weight_key
+    if key not in settings.cache:
+        settings.cache[key] = _solve(first, settings, Need(), min(first.shape) < MIN_RANDOMIZED_DIM)
+    return settings.cache[key]
 
 
 def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
@@ -200,7 +211,7 @@ def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
     cap = _cap(shape, settings.max_rank_fraction)
     vectors = (settings.with_factors and settings.lp_power is None and not small
                and (need.rank is None or need.rank <= cap))
-    spec = _decompose(first, settings, need, vectors, cap)
+    spec = _spectrum(first, settings, need, vectors, cap)
     rank = policy.choose(spec.s, shape, spec.energy)
     reason = _keep_reason(shape, rank, settings.max_rank_fraction, settings.min_params)
     notes = [_rank_note(spec, policy, rank, shape)]
@@ -213,7 +224,7 @@ def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
                 notes.append(f"l_p fit stopped at its iteration cap ({LP_MAX_ITER} steps) before converging")
         else:
             if spec.u is None or rank > len(spec.s):  # the rank needs more than this spectrum holds
-                spec = _decompose(first, settings, Need(rank=rank), True)
+                spec = _solve(first, settings, Need(rank=rank), True)
             factors = factors_at_rank(spec, rank)
     decisions = [
         LayerDecision(
@@ -263,9 +274,10 @@ def plan_layers(
     for a float64 weight). A weight shared by several nodes is factored once.
     With ``grams`` (input Gram matrices by ``Layer.weight_key``) the spectra and factors are the
     activation-aware ones (:func:`onnx_arsvd.factorize.whitened_spectrum`): policies then rank the
-    layer's output energy on the calibration data. A ``cache`` dict keeps each weight's full spectrum
-    between calls, so a search over policies decomposes every weight once (at the memory cost of every
-    U and V). With ``lp_power`` p the rank still comes from the SVD spectrum, and the factors from
+    layer's output energy on the calibration data. A ``cache`` dict keeps every singular value of each
+    weight between calls, so a search over policies decomposes every weight once; the factors at each
+    call's ranks are then cut from a decomposition at that rank (the vectors of small weights are cached).
+    With ``lp_power`` p the rank still comes from the SVD spectrum, and the factors from
     :func:`onnx_arsvd.factorize.lp_factors`. ``jobs`` weights are factored at once (threads, one BLAS
     thread each, capped at the cores); every weight's random numbers come from its name, so the result
     is the same whatever ``jobs`` is.

@@ -31,7 +31,7 @@ from onnx_arsvd.benchmark import (
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict
+from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict, observed_rows
 from onnx_arsvd.results import LayerTiming
 from onnx_arsvd.verification import make_session
 from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
@@ -311,3 +311,14 @@ def test_interleaved_times_stop_at_max_seconds_with_at_least_three_pairs(tmp_pat
     feed = {"X": np.zeros((2, 48), np.float32)}
     first, second = interleaved_times(session, session, feed, warmup=0, min_runs=1000, max_seconds=0.0)
     assert len(first) == len(second) == 3
+
+
+def test_guard_observes_the_rows_a_layer_really_multiplies() -> None:
+    """A MatMul on a (batch, seq, 48) activation whose seq is symbolic multiplies seq rows per sample;
+    the graph's shapes alone would time it at one row per sample."""
+    model = ir.from_proto(make_linear_model(48, 40, op="MatMul", x_shape=("batch", "seq", 48)))
+    layers, _ = find_layers(model)
+    feed = {"X": np.zeros((3, 7, 48), np.float32)}
+    rows = observed_rows(model, layers, feed)
+    assert rows == {id(layers[0].node): 7.0}
+    assert activation_rows(layers[0], 3, {}) == 3  # what the symbolic shape gives without observation

@@ -123,13 +123,6 @@ def test_energy_is_the_squared_frobenius_norm_whatever_the_solver() -> None:
         assert spec.energy == pytest.approx(total, rel=1e-9) and spec.shape == (800, 1000)
 
 
-def test_a_partial_spectrum_covers_smaller_needs_only() -> None:
-    spec = decompose(random_weight(900, 700, decay=0.02).astype(np.float32), Need(rank=60))
-    assert spec.covers(Need(rank=60), vectors=True) and not spec.covers(Need(rank=200), vectors=True)
-    assert not spec.covers(Need(), vectors=False)
-    assert spectrum(random_weight(20, 10)).covers(Need(energy=0.99), vectors=True)
-
-
 def test_exact_low_rank_weight_is_reproduced() -> None:
     w = random_weight(60, 40, true_rank=7)
     a, b = factors_at_rank(spectrum(w), 7)

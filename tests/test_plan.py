@@ -26,10 +26,10 @@ def test_factors_are_identical_whatever_the_jobs(big_layers: list, policy) -> No
     one, two = (plan_layers(big_layers, policy, jobs=jobs) for jobs in (1, 2))
     assert [p.rank for p in one] == [p.rank for p in two]
     assert one[0].decisions[0].solver.split()[0] in {"randomized", "adaptive"}
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert (a.factors is None) == (b.factors is None)
         if a.factors is not None:
-            assert all(x.tobytes() == y.tobytes() for x, y in zip(a.factors, b.factors))
+            assert all(x.tobytes() == y.tobytes() for x, y in zip(a.factors, b.factors, strict=True))
 
 
 def test_a_rank_from_a_randomized_spectrum_says_how_far_it_may_be(big_layers: list) -> None:
@@ -72,10 +72,9 @@ def test_jobs_are_checked_and_capped_at_the_cores() -> None:
 def test_weights_from_external_data_are_unmapped_once_planned(tmp_path) -> None:
     """Each weight's memory map is closed after its plan, so a big model's pages do not pile up."""
     from onnx_arsvd.model_io import load_model
-    from onnx_arsvd.output import save_model
 
     path = tmp_path / "mlp.onnx"
-    save_model(ir.from_proto(make_mlp((96, 80, 64, 10))), path, external_data=True)
+    ir.save(ir.from_proto(make_mlp((96, 80, 64, 10))), path, external_data="mlp.onnx.data")
     model = load_model(path)
     layers = find_layers(model)[0]
     tensors = [layer.weight.const_value for layer in layers]
@@ -83,3 +82,38 @@ def test_weights_from_external_data_are_unmapped_once_planned(tmp_path) -> None:
     plans = plan_layers(layers, RatioPolicy(0.25), min_params=0)
     assert all(t.raw is None for t in tensors) and plans[0].factored
     assert tensors[0].numpy().shape == (96, 80)  # and a later read maps it again
+
+
+def test_a_search_cache_keeps_every_singular_value_once_and_no_big_vectors(big_layers: list) -> None:
+    """The budget search's memo: exact energy curves (no vectors of big weights); factors per step at its rank."""
+    cache: dict = {}
+    plan_layers(big_layers, EnergyPolicy(0.9), with_factors=False, cache=cache)
+    big = big_layers[0].weight_key
+    assert cache[big].exact and cache[big].u is None
+    assert cache[big_layers[2].weight_key].u is not None  # 640 x 10: LAPACK, vectors kept
+    first = cache[big]
+    plans = plan_layers(big_layers, EnergyPolicy(0.5), cache=cache)
+    assert cache[big] is first  # not decomposed again
+    assert plans[0].rank == EnergyPolicy(0.5).choose(first.s, big_layers[0].shape) and plans[0].factors is not None
+    assert plans[0].decisions[0].note == ""  # the rank came from the exact values
+
+
+def test_compress_writes_the_same_bytes_whatever_the_jobs(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """Through the CLI: --jobs 1 and --jobs 2 write byte-identical models (randomized solvers included)."""
+    import onnx
+
+    from onnx_arsvd.cli import main
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp((1024, 768, 640, 10), decay=0.004), source)
+    outputs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}.onnx"
+        assert main(["compress", str(source), "-o", str(out), "--policy", "ratio", "--ratio", "0.1", "--no-verify",
+                     "-q", "--json", "--jobs", str(jobs)]) == 0
+        outputs.append(out.read_bytes())
+    report = capsys.readouterr().out
+    assert '"solver": "randomized float32' in report
+    assert outputs[0] == outputs[1]
+    assert main(["compress", str(source), "-o", str(tmp_path / "bad.onnx"), "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("jobs must be a positive integer, got 0")

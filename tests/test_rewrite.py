@@ -149,3 +149,11 @@ def test_lp_method_at_p_two_matches_svd_and_reproduces_low_rank() -> None:
     for actual in outputs.values():  # an exactly rank-4 weight: every method reproduces it
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(outputs[("lp", 2.0)], outputs[("svd", 1.0)], rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_bias_with_beta_zero_is_dropped_with_the_node() -> None:
+    """beta = 0 ignores C: once the Gemm is factored, nothing uses C and it must not stay in the file."""
+    model = make_linear_model(64, 48, op="Gemm", beta=0.0)
+    compressed, report = compress(model, policy=FixedRankPolicy(8), min_params=0, check=False)
+    assert report.factored == 1
+    assert initializer_names(compressed) == {"W.arsvd_a", "W.arsvd_b"}

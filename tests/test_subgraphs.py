@@ -409,7 +409,7 @@ def test_calibration_captures_inside_a_loop_body() -> None:
     np.testing.assert_allclose(grams[("W1", False)], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     compressed, report = compress(model, method="whitened", calibration=_Reader(feeds), policy=FixedRankPolicy(10**6),
                                   max_rank_fraction=1e9, min_params=0, check=False)
-    assert report.factored == 2 and not any("never reached" in note for note in report.notes)
+    assert report.factored == 2 and not any("no activations were captured" in note for note in report.notes)
     _same_outputs(model, compressed, {"X": _x(5, 16, seed=9)})  # whitened factors are exact at full rank too
 
 
@@ -422,9 +422,14 @@ def test_calibration_inside_if_branches_sees_only_the_rows_each_branch_ran_on() 
     x_then, x_else = x_then.astype(np.float64), x_else.astype(np.float64)
     np.testing.assert_allclose(grams[("branch.then_branch::Wt", False)], x_then.T @ x_then, rtol=1e-6)
     np.testing.assert_allclose(grams[("We", True)], x_else.T @ x_else, rtol=1e-6)
-    # a branch the data never takes gets no Gram matrix: plain factors
+    # a branch the data never takes gets no Gram matrix: plain factors, and the report says so
     only_then = [{"cond": np.array(True), "X": x_then.astype(np.float32)}]
     assert set(capture_grams(ir.from_proto(model), layers, _Reader(only_then))) == {("branch.then_branch::Wt", False)}
+    _, report = compress(model, method="whitened", calibration=_Reader(only_then), policy=FixedRankPolicy(3),
+                         min_params=0, check=False)
+    assert [n for n in report.notes if "no activations were captured" in n] == [
+        "note: no activations were captured for 1 weight(s) (an If branch the data never takes, or a loop body whose "
+        "activations change shape between iterations); they got plain SVD factors: We"]
 
 
 def test_calibration_inside_nested_bodies_and_a_scan() -> None:
@@ -513,3 +518,63 @@ def test_calibration_on_the_real_if_model_sees_each_branch_on_its_own_rows() -> 
     hidden = np.maximum(x.astype(np.float64) / 16 @ weights["trunk.weight"].T + weights["trunk.bias"], 0)  # the trunk
     for key, rows in ((("relu_branch.weight", True), hidden[:300]), (("tanh_branch.weight", True), hidden[300:])):
         np.testing.assert_allclose(grams[key], rows.T @ rows, rtol=1e-4, atol=1e-4 * np.abs(rows.T @ rows).max())
+
+
+def test_calibration_falls_back_when_a_loop_alternates_branches() -> None:
+    """An If inside a Loop taking the then-branch on even iterations only, its MatMul on a value computed in the
+    branch: the lifted activation is (4, 16) in some iterations and empty in others, which onnxruntime cannot
+    stack; body weights then get plain factors."""
+    then_branch = helper.make_graph([helper.make_node("Relu", ["h_in"], ["relu"]),
+                                     helper.make_node("MatMul", ["relu", "W"], ["t"], name="alt_then")], "t", [],
+                                    [_vi("t", ["batch", 16])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h_in"], ["e"])], "e", [], [_vi("e", ["batch", 16])])
+    body = helper.make_graph(
+        [helper.make_node("Mod", ["i", "two"], ["r"]), helper.make_node("Equal", ["r", "zero"], ["even"]),
+         helper.make_node("If", ["even"], ["mm"], name="alt_if", then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
+    model = _model([helper.make_node("MatMul", ["X", "W0"], ["h0"], name="main_mm"),
+                    helper.make_node("Loop", ["trip", "keep_going", "h0"], ["H"], name="loop", body=body)],
+                   [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
+                   [_init("W", _w(16, 16, 3)), _init("W0", _w(16, 16, 5)), _init("trip", np.array(3, np.int64)),
+                    _init("keep_going", np.array(True)), _init("two", np.array(2, np.int64)),
+                    _init("zero", np.array(0, np.int64))])
+    layers, _ = find_layers(ir.from_proto(model))
+    feeds = [{"X": _x(4, 16, seed=s)} for s in range(2)]
+    grams = capture_grams(ir.from_proto(model), layers, _Reader(feeds))
+    rows = np.concatenate([f["X"] for f in feeds]).astype(np.float64)
+    assert set(grams) == {("W0", False)}  # both feeds still count for the main-graph layer
+    np.testing.assert_allclose(grams[("W0", False)], rows.T @ rows, rtol=1e-6)
+    compressed, report = compress(model, method="whitened", calibration=_Reader(feeds), policy=FixedRankPolicy(10**6),
+                                  max_rank_fraction=1e9, min_params=0, check=False)
+    assert report.factored == 2 and any(n.endswith("they got plain SVD factors: W") for n in report.notes)
+    _same_outputs(model, compressed, {"X": _x(3, 16, seed=7)})
+
+
+def test_calibration_in_a_loop_that_alternates_branches_on_a_visible_value() -> None:
+    """The then-branch (even iterations) multiplies h_in, a value the else-branch sees too: the else-branch
+    outputs zeros of h_in's shape, so the loop stacks one shape and W counts the rows of iterations 0 and 2."""
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["h_in", "W"], ["t"], name="alt_then")], "t", [],
+                                    [_vi("t", ["batch", 16])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h_in"], ["e"])], "e", [], [_vi("e", ["batch", 16])])
+    body = helper.make_graph(
+        [helper.make_node("Mod", ["i", "two"], ["r"]), helper.make_node("Equal", ["r", "zero"], ["even"]),
+         helper.make_node("If", ["even"], ["mm"], name="alt_if", then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
+    w, w0 = _w(16, 16, 3), _w(16, 16, 5)
+    model = _model([helper.make_node("MatMul", ["X", "W0"], ["h0"], name="main_mm"),
+                    helper.make_node("Loop", ["trip", "keep_going", "h0"], ["H"], name="loop", body=body)],
+                   [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
+                   [_init("W", w), _init("W0", w0), _init("trip", np.array(3, np.int64)),
+                    _init("keep_going", np.array(True)), _init("two", np.array(2, np.int64)),
+                    _init("zero", np.array(0, np.int64))])
+    layers, _ = find_layers(ir.from_proto(model))
+    x = _x(4, 16)
+    grams = capture_grams(ir.from_proto(model), layers, _Reader([{"X": x}]))
+    h0 = x.astype(np.float64) @ w0
+    h2 = np.tanh(-np.tanh(h0 @ w))  # iteration 0 (then), iteration 1 (else: tanh(-h))
+    expected = h0.T @ h0 + h2.T @ h2
+    np.testing.assert_allclose(grams[("W", False)], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
