@@ -450,6 +450,14 @@ class BudgetSearch:
             if result.accuracy_drop is not None:
                 row["accuracy_drop"] = result.accuracy_drop
             self.frontier_rows.append(row)
+        shipped = self.frontier_rows[-1 if self.chosen is not None and self.chosen.quantized else
+                                     (2 if self.quantize is not None else 1)]
+        if self.budget.max_drop is not None and float(shipped.get("accuracy_drop", 0.0)) > self.budget.max_drop:
+            self.notes.append(f"MISSED on the held-out part: {shipped['variant']} loses "
+                              f"{shipped['accuracy_drop']:.2f} points (budget {self.budget.max_drop:g})")
+        if self.budget.min_cosine is not None and float(shipped["mean_cosine"]) < self.budget.min_cosine:
+            self.notes.append(f"MISSED on the held-out part: {shipped['variant']} has mean output cosine "
+                              f"{shipped['mean_cosine']:.4f} (budget {self.budget.min_cosine:g})")
 
     # -- one global threshold ----------------------------------------------------------------------------------
 
