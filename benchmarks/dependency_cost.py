@@ -6,7 +6,7 @@ imports the module, minus that of one that imports nothing, median of ``--repeat
 ``onnx_arsvd`` and ``onnx_arsvd.factorize`` show that the package itself does not pay it until a weight
 uses the randomized solver.
 
-Usage: python benchmarks/dependency_cost.py [--repeats 5] [--out benchmarks/results/dependency_cost.md]
+Usage: python -m benchmarks.dependency_cost [--repeats 5] [--out benchmarks/results/dependency_cost.md]
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from importlib.metadata import distribution
 from pathlib import Path
 
-from results_io import package_versions, write_result
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_io import header, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dependency_cost.md"
@@ -55,11 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                               "scipy")]
     imports = [f"| `import {module}` | {statistics.median(times[module]) - base:.2f} |" for module in MODULES]
     text = "\n".join([
-        "# What scikit-learn costs as a dependency",
-        "",
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {package_versions(('scikit-learn', 'scipy', 'numpy'))}; "
-        f"load average {load_before[0]:.1f} (a shared machine). Command: `python benchmarks/dependency_cost.py "
-        f"--repeats {args.repeats}`",
+        *header("What scikit-learn costs as a dependency", "dependency_cost", argv,
+                packages=("onnxruntime", "scikit-learn", "scipy", "numpy"),
+                notes=[f"load average at start {load_before[0]:.1f} (a shared machine)"]),
         "",
         "| distribution | installed MiB |",
         "|---|---:|",

@@ -43,6 +43,8 @@ class Script:
     wall_time: str
     minilm: bool = True
     """Whether its result covers the MiniLM export (without it, the script skips that part or stops)."""
+    runs: tuple[tuple[str, ...], ...] = ((),)
+    """The arguments of each run that writes its results (one run with none, by default)."""
 
 
 SCRIPTS = (
@@ -56,8 +58,17 @@ SCRIPTS = (
     Script("compare_quantization", ("quantization.md",), "169 s (recorded in quantization.md)"),
     Script("subgraph_table", ("subgraph_table.md",), "6 s (load 6)", minilm=False),
     Script("factor_throughput", ("factor_throughput.md",), "not timed", minilm=False),
-    Script("big_model", ("big_model.md",), "not timed: minutes (builds a 2.4 GB model by default, then compresses it)",
-           minilm=False),
+    Script("dependency_cost", ("dependency_cost.md",), "about 30 s", minilm=False),
+    Script("big_model", ("big_model.md", "big_model_full.md"),
+           "minutes: 57 s at scale 0.5, 125 s compressing the 2.3 GB model after building it (load 5-7)", minilm=False,
+           runs=(("--scale", "0.5", "--jobs", "2"),
+                 ("--scale", "1", "--jobs", "2", "--out", "benchmarks/results/big_model_full.md"))),
+    Script("rank_multiple", ("rank_multiple.md",), "not timed: a minute or two", minilm=False),
+    Script("frontier", ("frontier.md",), "not timed: about 10 minutes (budget searches on both MLPs)", minilm=False),
+    Script("sequential", ("sequential.md",), "not timed: minutes", minilm=False),
+    Script("minilm_curves", ("minilm_curves.md",), "not timed: minutes"),
+    Script("minilm_budget", ("minilm_budget.md", "minilm_budget_responses.md"), "205 s and 638 s (load 5)",
+           runs=((), ("--responses", "--out", "benchmarks/results/minilm_budget_responses.md"))),
 )
 
 
@@ -75,12 +86,15 @@ def version_mismatches() -> list[str]:
 
 
 def run(script: Script) -> tuple[int, float]:
-    """Exit status and wall seconds of ``python -m benchmarks.NAME`` in a fresh process."""
+    """Exit status (the first failing run's) and wall seconds of each ``python -m benchmarks.NAME ARGS``,
+    each in a fresh process."""
     environment = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **os.environ}
-    started = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-m", f"benchmarks.{script.name}"], cwd=ROOT, env=environment,
-                               check=False)
-    return completed.returncode, time.perf_counter() - started
+    started, status = time.perf_counter(), 0
+    for args in script.runs:
+        completed = subprocess.run([sys.executable, "-m", f"benchmarks.{script.name}", *args], cwd=ROOT,
+                                   env=environment, check=False)
+        status = status or completed.returncode
+    return status, time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_f
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.output import Staged, check_paths, stage_model
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
+from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
@@ -209,6 +210,7 @@ def compress(
     guard: LatencyGuard | None = None,
     budget: Budget | None = None,
     jobs: int = 1,
+    quantize: Quantization | str | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
@@ -227,7 +229,10 @@ def compress(
     verification reports on; ``policy`` must then be left out. With a
     ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
     the whole model is timed against the original at the end (``report.latency_check``). ``jobs`` weights
-    are factored at once (threads, one BLAS thread each); the output is the same whatever ``jobs`` is.
+    are factored at once (threads, one BLAS thread each); the output is the same whatever ``jobs`` is. With
+    ``quantize`` ("int8", "int4" or a :class:`~onnx_arsvd.quantize.Quantization`) the factored model is
+    quantized by onnxruntime's quantizers; under a budget every candidate is, so the budget judges the
+    model that ships.
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
@@ -240,7 +245,10 @@ def compress(
     source_files = external_data_files(loaded)
     if external_data is None and source_files:  # a model that had external data keeps it, whatever is factored
         external_data = True
-    search = BudgetSearch(model, budget, data, labels, method, calibration) if budget is not None else None
+    if isinstance(quantize, str):
+        quantize = Quantization(quantize)
+    search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size)
+              if budget is not None else None)
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
@@ -249,12 +257,14 @@ def compress(
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
 
     memo: PlanMemo | None = None
+    planned: ModelPlan | None = None
     if search is not None:
         outcome = search.run(loaded, settings, progress)
-        settings, memo = outcome.settings, outcome.memo
+        settings, memo, planned = outcome.settings, outcome.memo, outcome.planned
         if search.held_out is not None:  # report on data the search never saw
             data, labels = search.held_out, None
-    planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
+    if planned is None:
+        planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
     if guard is not None and provider is not None:
         layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
         rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
@@ -265,6 +275,11 @@ def compress(
     weights_before = weight_stats(loaded)
     if apply_plans(loaded, planned.plans):
         loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
+    if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
+        quantized = ir.from_proto(quantize.apply(loaded))
+        quantized.meta.update(loaded.meta)
+        quantized.metadata_props["onnx_arsvd.quantize"] = quantize.describe()
+        loaded = quantized
     factored = any(plan.factored for plan in planned.plans)
     with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
         compressed = written_model.path if written_model is not None else loaded
@@ -295,6 +310,8 @@ def compress(
                            search=search, latency_check=latency_check,
                            regressions=[f"WARNING: {text}" for text in regressions], verification=verification,
                            dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
+    if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
+        report.policy = f"budget search: {search.summary()['allocation']}"
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
 

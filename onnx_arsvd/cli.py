@@ -132,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep at most this fraction of the dense-layer parameters, as accurately as possible")
     budget.add_argument("--holdout", type=float, default=0.4,
                         help="share of --data held out to report on, never used to choose ranks (default 0.4)")
+    budget.add_argument("--allocation", choices=["global", "threshold"], default="global",
+                        help="global (default): every layer's rank from one knapsack over the layers' loss curves; "
+                             "threshold: one output-energy threshold for all layers")
+    budget.add_argument("--rank-multiple", type=int, default=8, metavar="Q",
+                        help="ranks in multiples of Q, finer for small layers (default 8: CPU kernels' preference)")
+    budget.add_argument("--sequential", action="store_true",
+                        help="refit each candidate's factors layer by layer on the partially compressed model "
+                             "(slower: one activation pass per layer input; global allocation only)")
+    compress.add_argument("--quantize", choices=["int8", "int4"],
+                          help="quantize the factored model with onnxruntime: int8 dynamic (reduce_range without "
+                               "VNNI) or int4 weight-only MatMulNBits; under a budget every candidate is quantized")
     compress.add_argument("--guard", choices=["latency"],
                           help="latency: keep each layer dense where factoring it is not faster on --target, "
                                "then time the whole model (batch sizes from --batch)")
@@ -231,7 +242,8 @@ def _budget(args: argparse.Namespace):
         return budget
 
     return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
-                  holdout=args.holdout)
+                  holdout=args.holdout, allocation=args.allocation, rank_multiple=args.rank_multiple,
+                  sequential=args.sequential)
 
 
 def _dims(pairs: Sequence[str]) -> dict[str, int]:
@@ -338,7 +350,7 @@ def _run(args: argparse.Namespace) -> int:
             factor_heads=_factor_heads(args),
             external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
-            batch_size=args.batch_size, guard=guard, jobs=args.jobs,
+            batch_size=args.batch_size, guard=guard, jobs=args.jobs, quantize=args.quantize,
         )
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:

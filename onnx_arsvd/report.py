@@ -191,18 +191,38 @@ def format_verification(verification: VerificationReport, markdown: bool = False
 
 def _budget_text(budget: dict, style: str) -> str:
     samples, measure = budget["samples"], budget["measure"]
-    verdict = (f"met with tau = {budget['tau']:.4f} (energy of each layer's output)" if budget["met"]
+    by_threshold = budget["tau"] is not None
+    chosen_with = (f"tau = {budget['tau']:.4f} (energy of each layer's output)" if by_threshold
+                   else budget.get("allocation", "a global allocation"))
+    verdict = (f"met with {chosen_with}" if budget["met"]
                else "NOT met even with every layer dense: the model is returned unfactored")
     chosen = (f"chosen on {samples['calibration']} calibration samples" if measure
               else "chosen by the parameter count alone")
     verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
                 else "no held-out data")
-    rows = [[f"{s['tau']:.4f}", f"{s['params_kept']:.1%}",
+    steps = budget["steps"]
+    rows = [[f"{s['tau']:.4f}" if by_threshold else str(s["point"]), f"{s['params_kept']:.1%}",
+             *([] if by_threshold else [f"{s['predicted_loss']:.4g}"]),
              *([] if not measure else ["" if s["value"] is None else f"{s['value']:.4g}"]),
-             "yes" if s["feasible"] else "no"] for s in budget["steps"]]
-    headers = ["tau", "dense params kept", *([f"{measure} on calibration part"] if measure else []), "within budget"]
-    return "\n".join([f"budget: {budget['budget']}; {verdict}; {chosen}, {verified}",
-                      tabulate(rows, headers, tablefmt=style, disable_numparse=True)])
+             *(["yes" if s.get("quantized") else "no"] if budget.get("quantize") else []),
+             "yes" if s["feasible"] else "no"] for s in steps]
+    headers = ["tau" if by_threshold else "frontier point", "dense params kept",
+               *([] if by_threshold else ["predicted loss"]),
+               *([f"{measure} on calibration part"] if measure else []),
+               *(["quantized"] if budget.get("quantize") else []), "within budget"]
+    lines = [f"budget: {budget['budget']}; {verdict}; {chosen}, {verified}",
+             tabulate(rows, headers, tablefmt=style, disable_numparse=True)]
+    if budget.get("frontier"):
+        original = budget["frontier"][0]["model_bytes"]
+        table = [[r["variant"], f"{r['model_bytes'] / original:.3f}", f"{r['params_kept']:.1%}",
+                  f"{r['mean_cosine']:.4f}", *([f"{r['accuracy_drop']:+.2f}"] if "accuracy_drop" in r else [])]
+                 for r in budget["frontier"]]
+        head = ["variant", "size (serialized, x original)", "dense params kept", "output cosine (mean)",
+                *(["accuracy drop (pts)"] if "accuracy_drop" in budget["frontier"][0] else [])]
+        lines += [f"frontier on the {samples['held_out']} held-out samples:",
+                  tabulate(table, head, tablefmt=style, disable_numparse=True)]
+    lines += [f"NOTE: {note}" for note in budget.get("notes", [])]
+    return "\n".join(lines)
 
 
 def _share_line(report: Report) -> str:
