@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.budget import Budget, BudgetSearch
 from onnx_arsvd.data import ArrayReader, Feed, check_labels, load_data, load_labels
-from onnx_arsvd.errors import InvalidInputError, OutputError
+from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
@@ -185,6 +185,20 @@ def _check_result(verification: VerificationReport | None, search: BudgetSearch 
                               f"{output.newly_nonfinite} samples where the original's is finite; nothing written")
 
 
+def _held_out_miss(verification: VerificationReport | None, search: BudgetSearch | None) -> str:
+    """How the verified model misses its budget on the held-out part, or "" when it meets it (or none applies)."""
+    if search is None or search.held_out is None or verification is None:
+        return ""
+    budget = search.budget
+    drop = verification.accuracy_drop
+    if budget.max_drop is not None and drop is not None and drop > budget.max_drop:
+        return f"the budget ({budget.describe()}) is missed on the held-out data: {drop:.2f} points lost"
+    worst = min((o.mean_cosine for o in verification.outputs), default=1.0)
+    if budget.min_cosine is not None and worst < budget.min_cosine:
+        return f"the budget ({budget.describe()}) is missed on the held-out data: mean output cosine {worst:.4f}"
+    return ""
+
+
 def compress(
     model: ModelLike,
     output: str | os.PathLike | None = None,
@@ -281,37 +295,43 @@ def compress(
         quantized.metadata_props["onnx_arsvd.quantize"] = quantize.describe()
         loaded = quantized
     factored = any(plan.factored for plan in planned.plans)
+    latency_check: list[LatencyComparison] = []
+    verification: VerificationReport | None = None
+
+    def make_report(written: _Written) -> Report:
+        report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
+                               search=search, latency_check=latency_check,
+                               regressions=[f"WARNING: {text}" for text in LatencyGuard.regressions(latency_check)],
+                               verification=verification, dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
+        if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
+            report.policy = f"budget search: {search.summary()['allocation']}"
+        return report
+
     with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
         compressed = written_model.path if written_model is not None else loaded
-        latency_check: list[LatencyComparison] = []
         if guard is not None and provider is not None and factored:
             compressed_source = (os.fspath(written_model.path) if written_model is not None
                                  else model_source(loaded)[0])
             latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
                                               loaded, progress)
-        verification = None
         if check:
             verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
                                   batch_size=batch_size, progress=progress)
         _check_result(verification, search)
+        if missed := _held_out_miss(verification, search):
+            raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()))
         written = _Written()
         if written_model is not None:
             assert output is not None  # _staged writes a model only when there is an output path
             written_model.place()
             before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
             written = _Written(os.fspath(output), before, model_file_bytes(output))
-    regressions = LatencyGuard.regressions(latency_check)
-    for warning in regressions:
+    for warning in LatencyGuard.regressions(latency_check):
         logger.warning(warning)
     if verification is not None and data is None:
         logger.warning("verified on generated inputs only: that checks the rewrite, not accuracy on real data "
                        "(pass --data with real inputs)")
-    report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
-                           search=search, latency_check=latency_check,
-                           regressions=[f"WARNING: {text}" for text in regressions], verification=verification,
-                           dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
-    if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
-        report.policy = f"budget search: {search.summary()['allocation']}"
+    report = make_report(written)
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
 

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Iterable, Sequence
 
-from onnx_arsvd.errors import ArsvdError, InvalidInputError
+from onnx_arsvd.errors import ArsvdError, BudgetMissedError, InvalidInputError
 
 __all__ = ["main"]
 
@@ -342,16 +342,22 @@ def _run(args: argparse.Namespace) -> int:
                                  margin=args.guard_margin, layer_seconds=args.guard_seconds,
                                  model_seconds=args.seconds)
         args.budget = _budget(args)
-        _, report = api.compress(
-            args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include,
-            exclude=args.exclude,
-            max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
-            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args),
-            factor_heads=_factor_heads(args),
-            external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
-            data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
-            batch_size=args.batch_size, guard=guard, jobs=args.jobs, quantize=args.quantize,
-        )
+        try:
+            _, report = api.compress(
+                args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include,
+                exclude=args.exclude,
+                max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
+                calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args),
+                factor_heads=_factor_heads(args),
+                external_data=True if args.external_data else None, check=not args.no_verify,
+                progress=not args.quiet,
+                data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
+                batch_size=args.batch_size, guard=guard, jobs=args.jobs, quantize=args.quantize,
+            )
+        except BudgetMissedError as error:  # show what the run measured; nothing was written
+            report = error.report
+            print(report_to_json(report) if args.json else format_report(report, args.markdown))
+            raise
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:
             from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["ArsvdError", "InvalidInputError", "OutputError", "UnsupportedModelError"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onnx_arsvd.report import Report
+
+__all__ = ["ArsvdError", "BudgetMissedError", "InvalidInputError", "OutputError", "UnsupportedModelError"]
 
 
 class ArsvdError(Exception):
@@ -19,3 +24,14 @@ class UnsupportedModelError(ArsvdError):
 
 class OutputError(ArsvdError):
     """The output could not be written, or the written model failed its checks: nothing was placed."""
+
+
+class BudgetMissedError(OutputError):
+    """The compressed model misses its budget on the held-out data: nothing was placed.
+
+    ``report`` (an :class:`onnx_arsvd.report.Report`) shows the search and the held-out verification.
+    """
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report

@@ -11,7 +11,7 @@ import pytest
 from onnx_arsvd import EnergyPolicy, compress, format_report
 from onnx_arsvd.budget import Budget, SearchStep, bisect_index, bisect_tau, split_data
 from onnx_arsvd.cli import main
-from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.errors import BudgetMissedError, InvalidInputError
 from tests.conftest import MODELS
 
 
@@ -195,11 +195,23 @@ def test_sequential_refit_under_a_budget_is_checked_like_any_candidate(tmp_path:
     assert len(report.budget["steps"]) >= 2 and all(step["value"] is not None for step in report.budget["steps"])
 
 
-def test_a_budget_missed_on_held_out_data_is_said(tmp_path: Path) -> None:
+def test_a_budget_missed_on_held_out_data_fails_the_run_and_says_so(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """The sequential refit is fitted and judged on the calibration part: at a 0.5-point budget the
-    Fashion MLP then loses 0.75 points held out (benchmarks/results/frontier.md). The report says so."""
-    _, report = compress(MODELS / "fashion_mlp.onnx", budget=Budget(max_drop=0.5, sequential=True),
-                         data=MODELS / "fashion_test.npz")
-    assert report.verification.accuracy_drop > 0.5
+    Fashion MLP then loses 0.75 points held out (benchmarks/results/frontier.md). The run fails (exit 1,
+    nothing written) and the report it prints says why."""
+    output = tmp_path / "small.onnx"
+    with pytest.raises(BudgetMissedError, match="missed on the held-out data: 0.75 points lost") as missed:
+        compress(MODELS / "fashion_mlp.onnx", output, budget=Budget(max_drop=0.5, sequential=True),
+                 data=MODELS / "fashion_test.npz")
+    report = missed.value.report
+    assert report.verification.accuracy_drop > 0.5 and report.output is None
     assert any(note.startswith("MISSED on the held-out part") for note in report.budget["notes"])
     assert "NOTE: MISSED on the held-out part" in format_report(report)
+    assert list(tmp_path.iterdir()) == []
+    assert main(["compress", str(MODELS / "fashion_mlp.onnx"), "-o", str(output), "--max-drop", "0.5",
+                 "--sequential", "--data", str(MODELS / "fashion_test.npz"), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert "NOTE: MISSED on the held-out part" in captured.out
+    assert captured.err.strip().endswith("0.75 points lost; nothing written") and captured.err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
