@@ -86,7 +86,8 @@ def matched_table(name: str, points: list[Point]) -> list[str]:
             policy = _matched(model, make, target, **settings)
             kept, accuracy, drop = _held_out_accuracy(model, policy, held_out, **settings)
             points.append((label, kept, accuracy))
-            lines.append(f"| {target:.0%} | {label} | {policy.describe()} | {kept:.1%} | {accuracy:.2%} | {drop:+.2f} |")
+            lines.append(f"| {target:.0%} | {label} | {policy.describe()} | {kept:.1%} | {accuracy:.2%} | "
+                         f"{drop:+.2f} |")
     return lines
 
 
@@ -105,7 +106,8 @@ def budget_table(name: str, points: list[Point]) -> list[str]:
     model = MODELS / f"{name}_mlp.onnx"
     calibration, held_out = _split(name)
     on_calibration, on_held_out = _plain_scan(model, calibration), _plain_scan(model, held_out)
-    lines = ["| budget (pts) | method | chosen on | dense params kept | held-out drop (pts) |", "|---:|---|---|---:|---:|"]
+    lines = ["| budget (pts) | method | chosen on | dense params kept | held-out drop (pts) |",
+             "|---:|---|---|---:|---:|"]
     for budget in BUDGETS:
         _, report = compress(model, budget=Budget(max_drop=budget, holdout=HOLDOUT, seed=SEED), method="whitened",
                              data=MODELS / f"{name}_test.npz")
@@ -117,11 +119,12 @@ def budget_table(name: str, points: list[Point]) -> list[str]:
         if fair:
             kept, tau = min(fair)
             drop = next(d for t, _, d, _ in on_held_out if t == tau)
-            lines.append(f"| {budget:g} | plain ARSVD energy, tau {tau:.2f} (same rule: 95% bound) | calibration part | "
-                         f"{kept:.1%} | {drop:+.2f} |")
+            lines.append(f"| {budget:g} | plain ARSVD energy, tau {tau:.2f} (same rule: 95% bound) | "
+                         f"calibration part | {kept:.1%} | {drop:+.2f} |")
         generous = [(kept, tau, drop) for tau, kept, drop, _ in on_held_out if drop <= budget]
         kept, tau, drop = min(generous)
-        lines.append(f"| {budget:g} | plain ARSVD energy, tau {tau:.2f} (optimistic: picked on the data it is scored on) | "
+        lines.append(f"| {budget:g} | plain ARSVD energy, tau {tau:.2f} "
+                     "(optimistic: picked on the data it is scored on) | "
                      f"held-out part | {kept:.1%} | {drop:+.2f} |")
     return lines
 
@@ -135,7 +138,7 @@ def plot(name: str, points: list[Point], out: Path) -> Path:
 
     figure, axes = plt.subplots(figsize=(6.5, 4))
     for method in dict.fromkeys(label for label, _, _ in points):
-        kept, accuracy = zip(*sorted((k, a) for label, k, a in points if label == method))
+        kept, accuracy = zip(*sorted((k, a) for label, k, a in points if label == method), strict=True)
         if method.startswith("--max-drop"):
             axes.scatter(kept, accuracy, marker="*", s=160, zorder=3, label=method + " (whitened)")
         else:

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{probe_accuracy(embeddings, labels):.3f} |")
     lines += ["", "Budget: `compress --min-cosine C --data polarity` (whitened factors; 40% of the sentences held out"
               " and reported on):", "",
-              "| budget | chosen tau (global: allocation) | dense params kept | held-out output cosine mean / min |", "|---|---:|---:|---:|"]
+              "| budget | chosen tau (global: allocation) | dense params kept | held-out output cosine mean / min |",
+              "|---|---:|---:|---:|"]
     with np.load(BUILD / "polarity.npz") as archive:
         polarity = {k: archive[k] for k in archive.files if k != "labels"}
     for cosine in (0.95, 0.99):

@@ -146,6 +146,26 @@ class SearchStep:
     quantized: bool = False
 
 
+@dataclass(frozen=True)
+class FrontierRow:
+    """One variant measured on the held-out part: its serialized bytes, dense parameters kept, the
+    lowest mean output cosine over the outputs and, with labels, the accuracy drop in points."""
+
+    variant: str
+    model_bytes: int
+    params_kept: float
+    mean_cosine: float
+    accuracy_drop: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """The row as the report shows it (no accuracy_drop key without labels)."""
+        row: dict[str, object] = {"variant": self.variant, "model_bytes": self.model_bytes,
+                                  "params_kept": self.params_kept, "mean_cosine": self.mean_cosine}
+        if self.accuracy_drop is not None:
+            row["accuracy_drop"] = self.accuracy_drop
+        return row
+
+
 def split_data(arrays: Mapping[str, np.ndarray], holdout: float,
                seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A seeded random split of every array along the first axis: (calibration, held-out)."""
@@ -248,7 +268,7 @@ class BudgetSearch:
         self.held_out: dict[str, np.ndarray] | None = None
         self.steps: list[SearchStep] = []
         self.chosen: SearchStep | None = None
-        self.frontier_rows: list[dict[str, object]] = []
+        self.frontier_rows: list[FrontierRow] = []
         self.notes: list[str] = []
         self.allocation = budget.allocation if method != "lp" else "threshold"
         if budget.needs_data and data is None:
@@ -316,6 +336,8 @@ class BudgetSearch:
         memo = self._memo
         selection = self._select(loaded, settings)
         if settings.method == "whitened" and selection.dense:
+            if settings.calibration is None:  # Settings refuses the whitened method without calibration inputs
+                raise ValueError("whitened settings without calibration inputs")
             memo.grams = capture_grams(loaded, selection.dense, settings.calibration, progress=progress)
         self._settings = settings
         self._curves = weight_curves(selection.dense, memo.grams, progress=progress)
@@ -418,13 +440,19 @@ class BudgetSearch:
             self.chosen = chosen
             if chosen.feasible or not quantized:
                 break
-            self.notes.append(f"{self.quantize.describe()} alone misses the budget on the calibration part: "
+            self.notes.append(f"{self._quantize_label()} alone misses the budget on the calibration part: "
                               "searched again without quantization")
         assert self.chosen is not None
         last = len(self._points) - 1
         if self.chosen.feasible and self.chosen.point == last and self.chosen.quantized:
-            self.notes.append(f"the best model within the budget is {self.quantize.describe()} alone: "
+            self.notes.append(f"the best model within the budget is {self._quantize_label()} alone: "
                               "factoring any layer on top of it crossed the budget")
+
+    def _quantize_label(self) -> str:
+        """The quantization as the notes name it; asked for only of a search that quantizes."""
+        if self.quantize is None:
+            raise ValueError("no quantization was asked for: no quantized candidate to describe")
+        return self.quantize.describe()
 
     def _measure_frontier(self, index: int) -> None:
         """Size and quality on the held-out part of: the original, quantization alone, the chosen
@@ -444,20 +472,17 @@ class BudgetSearch:
             candidate = to_model(self.model)
             apply_plans(candidate, self._plan(self._points[point], candidate, self._refitted(point)).plans)
             result, nbytes = self._judged(candidate, quantized, batches, labels)
-            row: dict[str, object] = {"variant": label, "model_bytes": nbytes,
-                                      "params_kept": self._kept(point),
-                                      "mean_cosine": min(o.mean_cosine for o in result.outputs)}
-            if result.accuracy_drop is not None:
-                row["accuracy_drop"] = result.accuracy_drop
-            self.frontier_rows.append(row)
+            self.frontier_rows.append(FrontierRow(label, nbytes, self._kept(point),
+                                                  min(o.mean_cosine for o in result.outputs), result.accuracy_drop))
         shipped = self.frontier_rows[-1 if self.chosen is not None and self.chosen.quantized else
                                      (2 if self.quantize is not None else 1)]
-        if self.budget.max_drop is not None and float(shipped.get("accuracy_drop", 0.0)) > self.budget.max_drop:
-            self.notes.append(f"MISSED on the held-out part: {shipped['variant']} loses "
-                              f"{shipped['accuracy_drop']:.2f} points (budget {self.budget.max_drop:g})")
-        if self.budget.min_cosine is not None and float(shipped["mean_cosine"]) < self.budget.min_cosine:
-            self.notes.append(f"MISSED on the held-out part: {shipped['variant']} has mean output cosine "
-                              f"{shipped['mean_cosine']:.4f} (budget {self.budget.min_cosine:g})")
+        drop = shipped.accuracy_drop
+        if self.budget.max_drop is not None and drop is not None and drop > self.budget.max_drop:
+            self.notes.append(f"MISSED on the held-out part: {shipped.variant} loses "
+                              f"{drop:.2f} points (budget {self.budget.max_drop:g})")
+        if self.budget.min_cosine is not None and shipped.mean_cosine < self.budget.min_cosine:
+            self.notes.append(f"MISSED on the held-out part: {shipped.variant} has mean output cosine "
+                              f"{shipped.mean_cosine:.4f} (budget {self.budget.min_cosine:g})")
 
     # -- one global threshold ----------------------------------------------------------------------------------
 
@@ -527,4 +552,4 @@ class BudgetSearch:
                 "allocation": allocation,
                 "quantize": self.quantize.describe() if self.quantize is not None else None,
                 "steps": [dataclasses.asdict(step) for step in self.steps],
-                "frontier": self.frontier_rows, "notes": self.notes}
+                "frontier": [row.as_dict() for row in self.frontier_rows], "notes": self.notes}

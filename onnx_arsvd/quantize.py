@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_arsvd.candidates import constant_tensor, find_layers, node_label
+from onnx_arsvd.candidates import find_layers, node_label, read_array
 from onnx_arsvd.errors import InvalidInputError
 
 __all__ = ["QUANTIZE_MODES", "Quantization", "cpu_has_vnni"]
@@ -76,7 +76,7 @@ def _gemm_as_matmul(model: ir.Model) -> int:
         nodes = [ir.Node("", "MatMul", [node.inputs[0], w], outputs=[product], name=f"{label}/int4_matmul")]
         result = product
         if layer.bias is not None:
-            bias = layer.beta * constant_tensor(layer.bias).numpy().astype(np.float64).reshape(-1)
+            bias = layer.beta * read_array(layer.bias).astype(np.float64).reshape(-1)
             bias = np.broadcast_to(bias, (layer.shape[1],)).astype(dtype)
             b = _initializer(model, f"{label}.int4_bias", bias)
             result = ir.Value(name=f"{label}/int4_add_out")
@@ -90,6 +90,8 @@ def _gemm_as_matmul(model: ir.Model) -> int:
         count += 1
     for value in replaced:
         if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+            if value.name is None:  # onnx_ir registers initializers by name only
+                raise ValueError("an initializer without a name")
             del model.graph.initializers[value.name]
     return count
 
@@ -97,8 +99,8 @@ def _gemm_as_matmul(model: ir.Model) -> int:
 def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
     if name in model.graph.initializers:
         raise InvalidInputError(f"cannot convert Gemm for int4: the model already has an initializer {name!r}")
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type, value.shape = ir.TensorType(value.const_value.dtype), ir.Shape(array.shape)
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape))
     model.graph.register_initializer(value)
     return value
 

@@ -64,7 +64,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
     responses: dict[WeightKey, Response] = {}
     for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
         relative = c.curve.relative()
-        points = []
+        points: list[tuple[int, float, float]] = []
         for probe in probes:
             rank = int(np.argmin(np.abs(relative[1:] - probe)) + 1)
             if relative[rank] <= 0 or any(r == rank for r, _, _ in points):

@@ -20,7 +20,7 @@ import scipy.linalg
 from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import DENSE, Allocation
-from onnx_arsvd.candidates import Layer, WeightKey, find_layers
+from onnx_arsvd.candidates import Layer, WeightKey, find_layers, node_label
 from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.losscurve import loss_curve
 from onnx_arsvd.model_io import to_model
@@ -38,6 +38,14 @@ weights and overfits the calibration part; on the Fashion MLP (6,000 images) 1e-
 held-out output error of 1e-6 .. 1e-1."""
 
 
+def _input_name(layer: Layer) -> str:
+    """The name of the tensor ``layer`` multiplies (its node's first input)."""
+    value = layer.node.inputs[0]
+    if value is None or value.name is None:  # a loaded model names every value; MatMul/Gemm need input 0
+        raise ValueError(f"node {node_label(layer.node)!r} has no named first input")
+    return value.name
+
+
 def _exposing(model: ir.Model, names: Sequence[str]) -> bytes:
     """The model serialized with the named values as its only outputs."""
     exposed = model.clone()
@@ -51,7 +59,7 @@ def _exposing(model: ir.Model, names: Sequence[str]) -> bytes:
 def _cross_grams(original: ir.Model, working: ir.Model, layers: Sequence[Layer],
                  batches: Sequence[Feed]) -> dict[WeightKey, tuple[np.ndarray, np.ndarray]]:
     """(X'^T X', X'^T X) per weight of ``layers``, X from ``original`` and X' from ``working``."""
-    names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
+    names = list(dict.fromkeys(_input_name(layer) for layer in layers))
     before, after = make_session(_exposing(original, names)), make_session(_exposing(working, names))
     grams: dict[WeightKey, tuple[np.ndarray, np.ndarray]] = {}
     for feed in batches:
@@ -59,8 +67,8 @@ def _cross_grams(original: ir.Model, working: ir.Model, layers: Sequence[Layer],
         shifted = dict(zip(names, after.run(names, feed), strict=True))
         for layer in layers:
             m = layer.shape[0]
-            x = xs[layer.node.inputs[0].name].astype(np.float64).reshape(-1, m)
-            x2 = shifted[layer.node.inputs[0].name].astype(np.float64).reshape(-1, m)
+            x = xs[_input_name(layer)].astype(np.float64).reshape(-1, m)
+            x2 = shifted[_input_name(layer)].astype(np.float64).reshape(-1, m)
             own, cross = grams.get(layer.weight_key, (0.0, 0.0))
             grams[layer.weight_key] = (own + x2.T @ x2, cross + x2.T @ x)
     return grams
@@ -84,7 +92,7 @@ def sequential_factors(model: ir.Model, curves: Sequence[WeightCurve], allocatio
         if layer.scope or layer.left or layer.trans_x:
             continue  # inside a subgraph, or a W @ X / transposed-input form: keeps its one-shot factors
         if layer.weight_key in factored and layer.weight_key not in {k for keys in stages.values() for k in keys}:
-            stages.setdefault(layer.node.inputs[0].name, []).append(layer.weight_key)
+            stages.setdefault(_input_name(layer), []).append(layer.weight_key)
     refitted: dict[WeightKey, Factors] = {}
     for keys in tqdm(list(stages.values()), desc="sequential calibration", unit="stage",
                      disable=None if progress else True):
