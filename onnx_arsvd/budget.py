@@ -96,21 +96,21 @@ class Budget:
     def __post_init__(self) -> None:
         given = [v is not None for v in (self.max_drop, self.min_cosine, self.target_params)]
         if sum(given) != 1:
-            raise InvalidInputError("give exactly one budget: --max-drop, --min-cosine or --target-params")
+            raise InvalidInputError("give exactly one budget: max_drop, min_cosine or target_params")
         if self.max_drop is not None and not self.max_drop >= 0:
-            raise InvalidInputError(f"--max-drop must be a non-negative number of points, got {self.max_drop}")
+            raise InvalidInputError(f"max_drop must be a non-negative number of points, got {self.max_drop}")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
-            raise InvalidInputError(f"--min-cosine must be in [-1, 1], got {self.min_cosine}")
+            raise InvalidInputError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
         if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
-            raise InvalidInputError(f"--target-params must be in (0, 1], got {self.target_params}")
+            raise InvalidInputError(f"target_params must be in (0, 1], got {self.target_params}")
         if not 0.0 < self.holdout < 1.0:
-            raise InvalidInputError(f"--holdout must be in (0, 1), got {self.holdout}")
+            raise InvalidInputError(f"holdout must be in (0, 1), got {self.holdout}")
         if self.steps < 1:
             raise InvalidInputError(f"search steps must be at least 1, got {self.steps}")
         if self.allocation not in ALLOCATIONS:
             raise InvalidInputError(f"unknown allocation {self.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
         if self.rank_multiple < 1:
-            raise InvalidInputError(f"--rank-multiple must be at least 1, got {self.rank_multiple}")
+            raise InvalidInputError(f"rank_multiple must be at least 1, got {self.rank_multiple}")
 
     @property
     def needs_data(self) -> bool:
@@ -272,16 +272,16 @@ class BudgetSearch:
         self.notes: list[str] = []
         self.allocation = budget.allocation if method != "lp" else "threshold"
         if budget.needs_data and data is None:
-            raise InvalidInputError("an accuracy budget needs --data: inputs (and labels) to split and measure")
+            raise InvalidInputError("an accuracy budget needs data: inputs (and labels) to split and measure")
         if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
             arrays = load_arrays(data)
             if labels is not None:
                 arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
             if budget.max_drop is not None and "labels" not in arrays:
-                raise InvalidInputError("--max-drop needs labels (a 'labels' array in --data, or --labels)")
+                raise InvalidInputError("max_drop needs labels (a 'labels' array in the data, or labels given apart)")
             self.calibration_part, self.held_out = split_data(arrays, budget.holdout, budget.seed)
         if method == "whitened" and calibration is None and not self.calibration_part:
-            raise InvalidInputError("--method whitened needs calibration inputs (--calibration or --data)")
+            raise InvalidInputError("the whitened method needs calibration inputs (calibration data, or the budget's data)")
         self.calibration: CalibrationSource | None = (
             calibration if calibration is not None else (self.calibration_part or None))
         self._judge: ort.InferenceSession | None = None

@@ -46,11 +46,11 @@ def test_split_is_seeded_disjoint_and_complete() -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({}, "give exactly one budget"),
     ({"max_drop": 0.5, "min_cosine": 0.9}, "give exactly one budget"),
-    ({"max_drop": -1.0}, "--max-drop must be a non-negative"),
-    ({"target_params": 1.5}, "--target-params must be in (0, 1]"),
-    ({"max_drop": 0.5, "holdout": 1.0}, "--holdout must be in (0, 1)"),
+    ({"max_drop": -1.0}, "max_drop must be a non-negative"),
+    ({"target_params": 1.5}, "target_params must be in (0, 1]"),
+    ({"max_drop": 0.5, "holdout": 1.0}, "holdout must be in (0, 1)"),
     ({"max_drop": 0.5, "allocation": "greedy"}, "unknown allocation 'greedy'"),
-    ({"max_drop": 0.5, "rank_multiple": 0}, "--rank-multiple must be at least 1"),
+    ({"max_drop": 0.5, "rank_multiple": 0}, "rank_multiple must be at least 1"),
 ])
 def test_budget_settings_are_validated(kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -105,7 +105,7 @@ def test_target_params_keeps_at_most_that_share(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--max-drop", "0.5"], "an accuracy budget needs --data"),
+    (["--max-drop", "0.5"], "an accuracy budget needs data"),
     (["--max-drop", "0.5", "--tau", "0.9"], "a budget chooses the ranks itself"),
     (["--max-drop", "0.5", "--min-cosine", "0.9"], "give exactly one budget"),
 ])
@@ -121,7 +121,7 @@ def test_cli_max_drop_needs_labels(mlp_path: Path, tmp_path: Path, capsys: pytes
     np.savez(tmp_path / "x.npz", X=np.zeros((10, 48), np.float32))
     assert main(["compress", str(mlp_path), "-o", str(tmp_path / "o.onnx"), "--max-drop", "1",
                  "--data", str(tmp_path / "x.npz"), "-q"]) == 2
-    assert "--max-drop needs labels" in capsys.readouterr().err
+    assert "max_drop needs labels" in capsys.readouterr().err
 
 
 def _ops(path: Path) -> set[str]:
