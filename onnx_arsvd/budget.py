@@ -281,7 +281,8 @@ class BudgetSearch:
                 raise InvalidInputError("max_drop needs labels (a 'labels' array in the data, or labels given apart)")
             self.calibration_part, self.held_out = split_data(arrays, budget.holdout, budget.seed)
         if method == "whitened" and calibration is None and not self.calibration_part:
-            raise InvalidInputError("the whitened method needs calibration inputs (calibration data, or the budget's data)")
+            raise InvalidInputError("the whitened method needs calibration inputs "
+                                    "(calibration data, or the budget's data)")
         self.calibration: CalibrationSource | None = (
             calibration if calibration is not None else (self.calibration_part or None))
         self._judge: ort.InferenceSession | None = None
