@@ -15,7 +15,7 @@ Inputs, all as RapidOCR's recogniser sees them (height 48, aspect kept, zero pad
   in the scikit-image wheel (read as a file, scikit-image is never imported). The line quadrilaterals
   are those RapidOCR's own PP-OCRv6 detector finds on it (fixed below, so this script does not depend
   on the detector); each is cut out with a perspective warp as RapidOCR does. Ground truth typed by
-  hand from the image.
+  hand from each crop (the last box leaves out the line's ``>>>`` prompt, so its truth does too).
 * ``printed``: 200 printed lines of real English text: the first words (at most ``MAX_CHARS``
   characters, at a word boundary) of each of the 200 movie-review sentences in gensim's
   ``pang_lee_polarity.cor`` (in the gensim wheel, read as a file), rendered with the DejaVu and STIX
@@ -59,7 +59,7 @@ DEFAULT_OUT = HERE / "build"
 MODEL = "ppocr_rec.onnx"
 HEIGHT = 48
 WIDTH = 832  # 17.3 x the height: the widest photo line (RapidOCR batches to the widest line's ratio)
-MAX_CHARS = 48
+MAX_CHARS = 32
 CALIBRATION_LINES = 120
 SEED = 0
 
@@ -71,7 +71,7 @@ PHOTO_LINES: list[tuple[list[list[int]], str]] = [
     ([[1, 79], [380, 81], [380, 105], [1, 104]], "unambiguously as either object or background. Here,"),
     ([[1, 95], [381, 97], [381, 124], [1, 122]], "the markers are found at the two extreme parts of the"),
     ([[4, 114], [173, 120], [173, 140], [3, 133]], "histogram of grey values:"),
-    ([[38, 167], [243, 175], [242, 190], [37, 186]], ">>> markers = np.zeros_like(coins)"),
+    ([[38, 167], [243, 175], [242, 190], [37, 186]], "markers = np.zeros_like(coins)"),
 ]
 FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf",
          "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf")
