@@ -94,13 +94,13 @@ def score(outputs: np.ndarray, reference: np.ndarray, texts: list[str], referenc
     cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     squeeze = [t.replace(" ", "") for t in texts]
     gold = [line["text"].replace(" ", "") for line in truth]
-    exact = [s == g for s, g in zip(squeeze, gold)]
-    errors = sum(edit_distance(s, g) for s, g in zip(squeeze, gold))
+    exact = [s == g for s, g in zip(squeeze, gold, strict=True)]
+    errors = sum(edit_distance(s, g) for s, g in zip(squeeze, gold, strict=True))
     return Scores(
         cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()), exact=sum(exact),
-        photo_exact=sum(e for e, line in zip(exact, truth) if line["source"] == "photo"),
+        photo_exact=sum(e for e, line in zip(exact, truth, strict=True) if line["source"] == "photo"),
         char_accuracy=1.0 - errors / sum(len(g) for g in gold),
-        changed=sum(t != r for t, r in zip(texts, reference_texts)),
+        changed=sum(t != r for t, r in zip(texts, reference_texts, strict=True)),
     )
 
 
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "# PP-OCRv6 text recognition (SVTR vision transformer): onnx-arsvd against INT8 and INT4 alone",
         "",
-        f"- command: `python benchmarks/ppocr_table.py --budgets {args.budgets} --steps {args.steps} --seconds {args.seconds:g}`;"
+        f"- command: `python benchmarks/ppocr_table.py --budgets {args.budgets} --steps {args.steps}"
+        f" --seconds {args.seconds:g}`;"
         f" date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, load average at the end {load}"
         f" (shared: latency ratios are interleaved pairs, absolute times are not shown); versions: {versions}",

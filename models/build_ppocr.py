@@ -173,7 +173,8 @@ def build(out_dir: Path, force: bool) -> None:
     if force or not target.exists():
         shutil.copyfile(package_dir("rapidocr") / "models" / "PP-OCRv6_rec_small.onnx", target)
         print(f"wrote {target}")
-    if not force and all((out_dir / f"ppocr_{n}.{e}").exists() for n in ("calibration", "test") for e in ("npz", "json")):
+    outputs = [out_dir / f"ppocr_{n}.{e}" for n in ("calibration", "test") for e in ("npz", "json")]
+    if not force and all(path.exists() for path in outputs):
         print(f"kept the inputs in {out_dir} (--force rebuilds them)")
         return
     rng = np.random.default_rng(SEED)
