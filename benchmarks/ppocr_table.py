@@ -18,7 +18,7 @@ whitespace ignored, since CTC spacing is not what is being measured), the lines 
 the original model's, the file size, and the latency ratio to the original at batch 1 (one 48 x 832
 line), the median of interleaved pairs over 3 rounds of fresh single-thread sessions.
 
-Usage: python benchmarks/ppocr_table.py [--out benchmarks/results/ppocr.md] [--budgets 0.999,0.99] [--seconds 4]
+Usage: python benchmarks/ppocr_table.py [--out FILE.md] [--budgets 0.999,0.99] [--steps 12] [--seconds 4]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--budgets", default="0.999,0.99", help="min-cosine budgets for onnx-arsvd, comma-separated")
-    parser.add_argument("--steps", type=int, default=8, help="bisection steps of each budget search")
+    parser.add_argument("--steps", type=int, default=12, help="bisection steps per budget search (tool default)")
     parser.add_argument("--seconds", type=float, default=4.0, help="latency: interleaved seconds per variant")
     args = parser.parse_args(argv)
     if not MODEL.exists():
