@@ -7,26 +7,26 @@ measured on the held-out part, which no method used to choose anything.
 1. Matched parameters: for each target share p of the dense parameters, each method gets the most
    accurate setting that keeps at most p (its one parameter bisected on parameter count alone):
    fixed-ratio SVD, ARSVD energy, ARSVD entropy, and activation-aware (whitened) ARSVD energy.
-2. Budget: ``compress --max-drop B --method whitened`` against the best single tau of plain ARSVD
+2. Budget: ``compress --max-drop B --method whitened`` (global allocation) against the best single tau of plain ARSVD
    that meets the same budget, chosen the same way (on the calibration part, by the drop's 95% upper
    bound), and, for reference, an optimistic plain tau picked on the held-out part it is scored on.
 
-Usage: python benchmarks/budget_table.py [--out benchmarks/results/budget.md]
+Usage: python -m benchmarks.budget_table [--out benchmarks/results/budget.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-from results_io import package_versions, write_result
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
+from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress, inspect_model
 from onnx_arsvd.budget import Budget, split_data
 from onnx_arsvd.rank import RankPolicy
@@ -111,7 +111,7 @@ def budget_table(name: str, points: list[Point]) -> list[str]:
                              data=MODELS / f"{name}_test.npz")
         searched = report.dense_params_after / report.dense_params_before
         points.append((f"--max-drop {budget:g}", searched, report.verification.compressed.accuracy))
-        lines.append(f"| {budget:g} | `--max-drop {budget:g} --method whitened` (tau {report.budget['tau']:.4f}) | "
+        lines.append(f"| {budget:g} | `--max-drop {budget:g} --method whitened` (global allocation) | "
                      f"calibration part | {searched:.1%} | {report.verification.accuracy_drop:+.2f} |")
         fair = [(kept, tau) for tau, kept, _, bound in on_calibration if bound <= budget]
         if fair:
@@ -157,14 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    parts = [
-        "# Data-driven compression of the shipped MLPs",
-        "",
-        f"- command: `python benchmarks/budget_table.py`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; {package_versions()}",
-        f"- each test split divided once ({HOLDOUT:.0%} held out, seed {SEED}), as `compress --max-drop` does;"
-        " every accuracy is on the held-out part; default gates (the 10-class head stays dense)",
-    ]
+    parts = header("Data-driven compression of the shipped MLPs", __file__, argv, notes=[
+        f"each test split divided once ({HOLDOUT:.0%} held out, seed {SEED}), as `compress --max-drop` does;"
+        " every accuracy is on the held-out part; default gates (the 10-class head stays dense)"])
     for name in ("digits", "fashion"):
         points: list[Point] = []
         parts += ["", f"## {name}_mlp.onnx: methods at matched parameters", "", *matched_table(name, points),

@@ -20,7 +20,7 @@ and a linear-probe accuracy on real text (MiniLM). A second table per model list
 quantization ops in each file and after onnxruntime's graph optimizations, which shows what
 ``quantize_dynamic`` did to the factored MatMul pairs.
 
-Usage: python benchmarks/compare_quantization.py [--models digits fashion minilm] [--seconds 2]
+Usage: python -m benchmarks.compare_quantization [--models digits fashion minilm] [--seconds 2]
        [--threads 0] [--pairs 10] [--batches 1 32] [--out benchmarks/results/quantization.md]
 """
 
@@ -32,7 +32,6 @@ import logging
 import os
 import platform
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -40,26 +39,25 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # text_eval, whether run as a script or with -m
-
-from results_io import write_result
-
+from benchmarks.results_io import PACKAGES, write_result
+from benchmarks.results_io import header as common_header
 from onnx_arsvd import EnergyPolicy, compress
 from onnx_arsvd.benchmark import compare_latency, latency_stats, timed_rounds
 from onnx_arsvd.model_io import model_file_bytes
 from onnx_arsvd.results import LatencyComparison
 from onnx_arsvd.verification import compare_models, load_data, make_session, split_batches
 
+ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 MINILM = MODELS / "build" / "minilm.onnx"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quantization.md"
@@ -71,7 +69,8 @@ COMBINED_TAU = 0.9
 WARMUP = 3  # untimed calls of each session before timing (MiniLM at batch 32 takes about 0.4 s a call)
 PROVIDER = "CPUExecutionProvider"
 SAFE, UNSAFE = "safe", "unsafe"  # INT8 settings: per-channel signed weights with / without reduce_range
-QUANT_SETTINGS = {SAFE: {"per_channel": True, "reduce_range": True}, UNSAFE: {"per_channel": True, "reduce_range": False}}
+QUANT_SETTINGS = {SAFE: {"per_channel": True, "reduce_range": True},
+                  UNSAFE: {"per_channel": True, "reduce_range": False}}
 INT8_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 OP_PATTERN = re.compile(r"matmul|gemm|quantiz|attention", re.IGNORECASE)
@@ -104,7 +103,8 @@ ORIGINAL = Variant()
 
 
 def mlp_variants() -> list[Variant]:
-    return [ORIGINAL, Variant(0.9), Variant(0.8), Variant(quant=SAFE), Variant(COMBINED_TAU, SAFE), Variant(COMBINED_TAU, UNSAFE)]
+    return [ORIGINAL, Variant(0.9), Variant(0.8), Variant(quant=SAFE), Variant(COMBINED_TAU, SAFE),
+            Variant(COMBINED_TAU, UNSAFE)]
 
 
 def minilm_variants() -> list[Variant]:
@@ -294,7 +294,7 @@ def run_mlp(name: str, batches: Sequence[int], timing: Timing, workdir: Path) ->
 
 
 def run_minilm(batches: Sequence[int], timing: Timing, workdir: Path) -> tuple[list[Measured], dict]:
-    from text_eval import BUILD, cosine_rows, load_text_set, probe_accuracy, sentence_embeddings
+    from benchmarks.text_eval import BUILD, cosine_rows, load_text_set, probe_accuracy, sentence_embeddings
 
     results = measure_common("minilm", MINILM, minilm_variants(), workdir, timing.threads)
     with np.load(BUILD / "newsgroups.npz") as archive:
@@ -316,9 +316,10 @@ def run_minilm(batches: Sequence[int], timing: Timing, workdir: Path) -> tuple[l
         result.scores = cosines + probes
     safe, unsafe = cosine_mean[Variant(COMBINED_TAU, SAFE)], cosine_mean[Variant(COMBINED_TAU, UNSAFE)]
     lengths = {name: feed["input_ids"].shape[1] for name, (feed, _) in data.items()}
-    pitfall = "; ".join(f"{name} {u:.4f} vs {s:.4f}" for name, u, s in zip(TEXT_SETS, unsafe, safe))
+    pitfall = "; ".join(f"{name} {u:.4f} vs {s:.4f}" for name, u, s in zip(TEXT_SETS, unsafe, safe, strict=True))
     extra = {"pooled": pooled, "lengths": lengths,
-             "pitfall": f"minilm: SVD τ={COMBINED_TAU:g} + INT8 without reduce_range vs with it, mean cosine: {pitfall}"}
+             "pitfall": f"minilm: SVD τ={COMBINED_TAU:g} + INT8 without reduce_range vs with it, "
+                        f"mean cosine: {pitfall}"}
     return results, extra
 
 
@@ -397,43 +398,29 @@ def pitfall_note(flags: list[str]) -> str:
             "saturate with full-range signed 8-bit weights; `reduce_range=True` (7-bit weights) avoids it.")
 
 
-def package_versions(names: Sequence[str]) -> str:
-    parts = []
-    for name in names:
-        try:
-            parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            parts.append(f"{name} (not installed)")
-    return ", ".join(parts)
-
-
-def header(argv: list[str], args: argparse.Namespace, started: str, load_before: tuple[float, ...]) -> list[str]:
+def header(argv: list[str] | None, args: argparse.Namespace, load_before: tuple[float, ...]) -> list[str]:
     cpu, flags = cpu_description()
     threads = (f"{args.threads}" if args.threads else
                "onnxruntime default (0: one per physical core)")
-    return [
-        "# onnx-arsvd vs onnxruntime dynamic INT8 quantization, and both combined",
-        "",
-        f"- command: `{shlex.join(['python', *argv])}`",
-        f"- date: {started}",
-        f"- machine: {platform.platform()}, {cpu}, {os.cpu_count()} CPUs (os.cpu_count); int8-relevant CPU flags: "
-        f"{', '.join(flags) or 'none found'}; Python {platform.python_version()}",
-        f"- versions: {package_versions(('onnx-arsvd', 'onnx', 'onnxruntime', 'onnx-ir', 'numpy', 'scikit-learn'))}",
-        f"- sessions: {PROVIDER}, intra-op threads {threads}, inter-op threads default (sequential executor),"
+    title = "onnx-arsvd vs onnxruntime dynamic INT8 quantization, and both combined"
+    machine = f"{cpu}; int8-relevant CPU flags: {', '.join(flags) or 'none found'}"
+    return common_header(title, __file__, argv, packages=(*PACKAGES, "scikit-learn"), machine=machine, notes=[
+        f"sessions: {PROVIDER}, intra-op threads {threads}, inter-op threads default (sequential executor),"
         " intra-op thread spinning off (`session.intra_op.allow_spinning=0`), graph optimization level default (ALL)",
-        f"- latency: each variant is timed interleaved against the original (A B, B A, ...;"
-        f" at least {args.seconds:g} s and {args.pairs} pairs per variant and batch size), one pair of sessions live at a time;"
+        f"latency: each variant is timed interleaved against the original (A B, B A, ...;"
+        f" at least {args.seconds:g} s and {args.pairs} pairs per variant and batch size),"
+        " one pair of sessions live at a time;"
         f" {WARMUP} warm-up calls each; `bN ms (vs orig)` = median ms per call at batch N of the variant / of the"
         " original in the same pairs (the original row: the median of its runs pooled over all pairs); ratio ="
         " median of the per-pair variant/original ratios (below 1 = faster) with the p10-p90 of those ratios."
         " Compare ratios, not ms across rows: the load on the machine can change between pairs",
-        "- INT8 = `onnxruntime.quantization.quantize_dynamic(model, out, weight_type=QuantType.QInt8,"
+        "INT8 = `onnxruntime.quantization.quantize_dynamic(model, out, weight_type=QuantType.QInt8,"
         " per_channel=True, reduce_range=True)` unless marked unsafe (`reduce_range=False`); other arguments"
         " default (every op type it supports, so Gather on constant tables is quantized too)",
-        "- SVD = `onnx_arsvd.compress(model, out, policy=EnergyPolicy(tau))` with the default gates;"
+        "SVD = `onnx_arsvd.compress(model, out, policy=EnergyPolicy(tau))` with the default gates;"
         " weights = ranks per layer in graph order (`*` = kept dense) or the number of factored layers",
-        f"- machine load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_before)}",
-    ]
+        f"machine load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_before)}",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
         models.remove("minilm")
 
     started_at = time.perf_counter()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = os.getloadavg()
     sections, pitfalls = [], []
     with tempfile.TemporaryDirectory(prefix="compare_quantization_") as tmp:
@@ -486,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             pitfalls.append(extra["pitfall"])
     elapsed = time.perf_counter() - started_at
     _, flags = cpu_description()
-    argv_shown = sys.argv if argv is None else ["benchmarks/compare_quantization.py", *argv]
-    parts = ["\n".join(header(argv_shown, args, started, load_before)
+    parts = ["\n".join(header(argv, args, load_before)
                        + [f"- machine load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())};"
                           f" wall time of the run {elapsed:.0f} s"]
                        + [f"- {note}" for note in notes])]

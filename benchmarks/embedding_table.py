@@ -6,22 +6,21 @@ gensim's polarity and newsgroups sets: the sentence-embedding cosine with the or
 (attention-mask mean pooling) and a 5-fold logistic-regression probe's accuracy. The l_p paper reports
 a much smaller accuracy drop than SVD for embedding layers; this checks whether that holds here.
 
-Usage: python benchmarks/embedding_table.py [--out benchmarks/results/embedding.md]
+Usage: python -m benchmarks.embedding_table [--out benchmarks/results/embedding.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-from results_io import package_versions, write_result
-from text_eval import MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import MINILM_PACKAGES, header, write_result
+from benchmarks.text_eval import MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
 from onnx_arsvd import FixedRankPolicy, compress
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "embedding.md"
@@ -61,12 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                              + " | ".join(cosines + probes) + " |")
                 print(lines[-1], flush=True)
     text = "\n".join([
-        "# l_p vs SVD on all-MiniLM-L6-v2's word-embedding table (30522 x 384)",
-        "",
-        f"- command: `python benchmarks/embedding_table.py`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; {package_versions()}",
-        "- only the word-embedding table is factored; probe = 5-fold logistic regression on mean-pooled embeddings"
-        " (200 sentences per set: fold-to-fold spread 4-6 points on polarity)",
+        *header("l_p vs SVD on all-MiniLM-L6-v2's word-embedding table (30522 x 384)", __file__, argv,
+                packages=MINILM_PACKAGES, notes=[
+                    "only the word-embedding table is factored; probe = 5-fold logistic regression on mean-pooled"
+                    " embeddings (200 sentences per set: fold-to-fold spread 4-6 points on polarity)"]),
         "",
         *lines,
     ]) + "\n"

@@ -20,7 +20,7 @@ shipped MLP (``models/fashion_mlp.onnx``, 3 Gemm) and on all-MiniLM-L6-v2
    (never more than two live sessions); and max |difference| of every optimised compressed model
    from the same compressed model run with all graph optimisation disabled.
 
-Usage: python benchmarks/fusion_check.py [--seconds 2] [--threads 0] [--out benchmarks/results/fusion.md]
+Usage: python -m benchmarks.fusion_check [--seconds 2] [--threads 0] [--out benchmarks/results/fusion.md]
 """
 
 from __future__ import annotations
@@ -32,14 +32,12 @@ import logging
 import os
 import platform
 import re
-import shlex
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 # The SVDs inside compress() use OpenBLAS; with its default thread count on a busy 2-core machine
@@ -47,13 +45,16 @@ from pathlib import Path
 # whose kernels use their own thread pool.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
-from results_io import package_versions, write_result
 
+from benchmarks.results_io import header as common_header
+from benchmarks.results_io import write_result
 from onnx_arsvd import EnergyPolicy, compress
 from onnx_arsvd.benchmark import batch_feed, compare_latency, timed_rounds
 from onnx_arsvd.model_io import load_model
@@ -290,7 +291,7 @@ def max_diffs(paths: dict[str, Path], reference: str, tests: Sequence[str], dims
     """max |test - reference| where reference runs with graph optimisation off, each test at the default level."""
     def largest(actual, expected) -> float:
         return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                   for x, y in zip(actual, expected))
+                   for x, y in zip(actual, expected, strict=True))
 
     ref_session = unoptimised_session(paths[reference], threads)
     generated = batch_feed(ref_session, ir_model, batch, dims, seed=1)
@@ -305,7 +306,8 @@ def max_diffs(paths: dict[str, Path], reference: str, tests: Sequence[str], dims
         diff_holes = largest(session.run(None, holes), expected_holes) if has_mask else None
         del session
         ref_max = max(float(np.max(np.abs(y))) for y in expected)
-        fused = any(n.op_type in ("Attention", "MultiHeadAttention") for n in onnx.load(os.fspath(paths[test])).graph.node)
+        fused = any(n.op_type in ("Attention", "MultiHeadAttention")
+                    for n in onnx.load(os.fspath(paths[test])).graph.node)
         out.append(Diff(test, against or f"{reference} (ORT_DISABLE_ALL)", diff, ref_max, diff_holes, fused))
     del ref_session
     gc.collect()
@@ -341,9 +343,11 @@ def timing_table(timed: list[Timed]) -> list[str]:
     rows = []
     for t in timed:
         c = t.comparison
-        rows.append([t.group, c.batch, t.label_a, t.label_b, f"{c.original.median_ms:.3g}", f"{c.compressed.median_ms:.3g}",
+        rows.append([t.group, c.batch, t.label_a, t.label_b, f"{c.original.median_ms:.3g}",
+                     f"{c.compressed.median_ms:.3g}",
                      f"**{c.ratio:.3f}** ({c.ratio_p10:.2f}-{c.ratio_p90:.2f})", c.original.runs])
-    return table(["comparison", "batch", "A", "B", "A median ms", "B median ms", "B/A (p10-p90 of pair ratios)", "pairs"],
+    return table(["comparison", "batch", "A", "B", "A median ms", "B median ms", "B/A (p10-p90 of pair ratios)",
+                  "pairs"],
                  rows, align="r")
 
 
@@ -372,7 +376,8 @@ def fmt(value: float | None) -> str:
 # The two models
 # ---------------------------------------------------------------------------------------------
 
-def compress_variants(source: Path, folder: Path, stem: str, exclude: Sequence[str] = ()) -> tuple[dict[str, Path], dict]:
+def compress_variants(source: Path, folder: Path, stem: str,
+                      exclude: Sequence[str] = ()) -> tuple[dict[str, Path], dict]:
     paths, reports = {}, {}
     for tau in TAUS:
         label = f"tau {tau}"
@@ -399,17 +404,21 @@ def lost_fusions(counts: dict[tuple[str, str], Counter]) -> tuple[int, list[str]
     return checked, lost
 
 
-def session_section(title: str, variants: dict[str, Path], folder: Path) -> tuple[list[str], dict[tuple[str, str], Counter], list[str]]:
+def session_section(title: str, variants: dict[str, Path],
+                    folder: Path) -> tuple[list[str], dict[tuple[str, str], Counter], list[str]]:
     rows, counts, notes = [], {}, []
     for variant, path in variants.items():
         for level in LEVELS:
             got, used = session_optimised(path, level, folder / f"session_{path.stem}_{level}.onnx")
-            shown = level.removeprefix("ORT_ENABLE_") if used == level else f"{level.removeprefix('ORT_ENABLE_')} (saved at {used})"
+            shown = (level.removeprefix("ORT_ENABLE_") if used == level
+                     else f"{level.removeprefix('ORT_ENABLE_')} (saved at {used})")
             if used != level:
                 notes.append(f"{variant}: {level} could not be saved; counted {used} instead")
             rows.append((variant, shown, got))
             counts[(variant, level)] = got
-    return [f"### {title}: session-level optimisation (saved optimised graph)", "", *count_table(rows), *(f"- {n}" for n in notes)], counts, notes
+    lines = [f"### {title}: session-level optimisation (saved optimised graph)", "", *count_table(rows),
+             *(f"- {n}" for n in notes)]
+    return lines, counts, notes
 
 
 def mlp_section(args, folder: Path) -> Section:
@@ -419,7 +428,8 @@ def mlp_section(args, folder: Path) -> Section:
     variants = {"original": MLP, **paths}
     lines, counts, _ = session_section("fashion MLP", variants, folder)
     section.session_lost = lost_fusions(counts)
-    section.lines += ["MLP ranks (None = dense): " + "; ".join(f"{k}: {ranks(r)}" for k, r in reports.items()), "", *lines, ""]
+    section.lines += ["MLP ranks (None = dense): " + "; ".join(f"{k}: {ranks(r)}" for k, r in reports.items()), "",
+                      *lines, ""]
     fused = {v: counts[(v, "ORT_ENABLE_ALL")].get("FusedGemm", 0) for v in variants}
     gemm_basic = {v: counts[(v, "ORT_ENABLE_BASIC")].get("Gemm", 0) for v in variants}
     fmm = {v: counts[(v, "ORT_ENABLE_ALL")].get("FusedMatMul", 0) for v in variants}
@@ -457,14 +467,15 @@ def minilm_section(args, folder: Path) -> Section:
     section.lines += [*lines, ""]
     for tau in TAUS:
         r = shipped_reports[f"tau {tau}"]
+        ops_tau, ops_orig = counts[(f"tau {tau}", "ORT_ENABLE_ALL")], counts[("original", "ORT_ENABLE_ALL")]
         section.facts.append(
             f"MiniLM tau {tau} factors {r.factored}/{len(r.layers)} layers; at every session level its MatMul count "
-            f"is the original's + {counts[(f'tau {tau}', 'ORT_ENABLE_ALL')]['MatMul'] - counts[('original', 'ORT_ENABLE_ALL')]['MatMul']}"
+            f"is the original's + {ops_tau['MatMul'] - ops_orig['MatMul']}"
             f" and its FusedMatMul / BiasGelu / LayerNormalization counts at ALL are "
-            f"{counts[(f'tau {tau}', 'ORT_ENABLE_ALL')].get('FusedMatMul', 0)} / {counts[(f'tau {tau}', 'ORT_ENABLE_ALL')].get('BiasGelu', 0)}"
-            f" / {counts[(f'tau {tau}', 'ORT_ENABLE_ALL')].get('LayerNormalization', 0)} (original: "
-            f"{counts[('original', 'ORT_ENABLE_ALL')].get('FusedMatMul', 0)} / {counts[('original', 'ORT_ENABLE_ALL')].get('BiasGelu', 0)}"
-            f" / {counts[('original', 'ORT_ENABLE_ALL')].get('LayerNormalization', 0)}).")
+            f"{ops_tau.get('FusedMatMul', 0)} / {ops_tau.get('BiasGelu', 0)}"
+            f" / {ops_tau.get('LayerNormalization', 0)} (original: "
+            f"{ops_orig.get('FusedMatMul', 0)} / {ops_orig.get('BiasGelu', 0)}"
+            f" / {ops_orig.get('LayerNormalization', 0)}).")
 
     # ---- the fusable export and its variants
     log("MiniLM: fusable export and its variants")
@@ -472,9 +483,9 @@ def minilm_section(args, folder: Path) -> Section:
     changed = fusable_export(MINILM, fusable)
     fusable_all, _ = session_optimised(fusable, "ORT_ENABLE_ALL", folder / "session_fusable_ALL.onnx")
     section.facts.append(
-        "The fusable export (scale as Div) gives the same op counts as the shipped export at session level ORT_ENABLE_ALL: "
-        f"{'yes' if fusable_all == counts[('original', 'ORT_ENABLE_ALL')] else 'NO'} (FusedMatMul absorbs either form of "
-        "the scale), so plain ratios carry over between the two exports.")
+        "The fusable export (scale as Div) gives the same op counts as the shipped export at session level "
+        f"ORT_ENABLE_ALL: {'yes' if fusable_all == counts[('original', 'ORT_ENABLE_ALL')] else 'NO'} "
+        "(FusedMatMul absorbs either form of the scale), so plain ratios carry over between the two exports.")
     # Mul -> Div touches no weight, so the fusable compressed models are the shipped compressed
     # models with the same edit (no second SVD); one is compressed from the fusable export to check.
     f_paths = {k: folder / f"minilm_fusable_{k.split()[-1]}.onnx" for k in shipped}
@@ -483,8 +494,10 @@ def minilm_section(args, folder: Path) -> Section:
     f_reports = shipped_reports
     excl_path = folder / "minilm_fusable_qkv_dense_0.8.onnx"
     _, excl_report = compress(fusable, excl_path, policy=EnergyPolicy(0.8), exclude=[ATTENTION_GLOB], check=False)
-    excl_ranks = [r for d, r in zip(excl_report.layers, ranks(excl_report)) if not is_attention_proj(d.name)]
-    ref_ranks = [r for d, r in zip(shipped_reports["tau 0.8"].layers, ranks(shipped_reports["tau 0.8"]))
+    excl_ranks = [r for d, r in zip(excl_report.layers, ranks(excl_report), strict=True)
+                  if not is_attention_proj(d.name)]
+    ref_report = shipped_reports["tau 0.8"]
+    ref_ranks = [r for d, r in zip(ref_report.layers, ranks(ref_report), strict=True)
                  if not is_attention_proj(d.name)]
     same_ranks = excl_ranks == ref_ranks
 
@@ -516,11 +529,11 @@ def minilm_section(args, folder: Path) -> Section:
         paths[label] = folder / f"bert_mha_fusable_then_{tau}.onnx"
         _, mha_reports[tau] = compress(mha_original, paths[label], policy=EnergyPolicy(tau), check=False)
         model = onnx.load(os.fspath(paths[label]))
-        bert_rows.append((label, "(compressed after)", BertResult({op: n for op, n in op_counts(model).items()
-                                                                    if op in ("EmbedLayerNormalization", "MultiHeadAttention",
-                                                                              "BiasGelu", "SkipLayerNormalization",
-                                                                              "LayerNormalization")},
-                                                                   op_counts(model), attention_layers(model), 0.0)))
+        stats = {op: n for op, n in op_counts(model).items()
+                 if op in ("EmbedLayerNormalization", "MultiHeadAttention", "BiasGelu", "SkipLayerNormalization",
+                           "LayerNormalization")}
+        bert_rows.append((label, "(compressed after)",
+                          BertResult(stats, op_counts(model), attention_layers(model), 0.0)))
     stat_ops = sorted({op for _, _, r in bert_rows for op in r.stats},
                       key=lambda op: (OPS.index(op) if op in OPS else len(OPS), op))
     body = [[label, level, *(r.stats.get(op, 0) for op in stat_ops), r.counts.get("MatMul", 0),
@@ -528,10 +541,12 @@ def minilm_section(args, folder: Path) -> Section:
     section.lines += [
         "### MiniLM: transformer optimiser (`optimize_model(..., model_type='bert', num_heads=12, hidden_size=384)`)",
         "",
-        f"`get_fused_operator_statistics()` (non-zero entries), plain MatMul count, and the encoder layers whose self-attention "
-        f"became one Attention/MultiHeadAttention node. 'fusable' = the shipped export with the {changed} attention-scale Mul "
+        f"`get_fused_operator_statistics()` (non-zero entries), plain MatMul count, and the encoder layers whose "
+        f"self-attention became one Attention/MultiHeadAttention node. 'fusable' = the shipped export with the "
+        f"{changed} attention-scale Mul "
         f"nodes written as Div (see notes), and its tau variants are the shipped tau variants with the same edit; "
-        f"compressing the fusable export directly ('attention dense' row) gives the shipped export's ranks on the other layers: "
+        f"compressing the fusable export directly ('attention dense' row) gives the shipped export's ranks on the "
+        f"other layers: "
         f"{'yes' if same_ranks else 'NO'}. 'MHA-opt' = optimised with `use_multi_head_attention=True` at opt_level "
         f"{TIMED_OPT_LEVEL}; 'then tau' rows compress that optimised graph (counts read from the compressed file).",
         "",
@@ -551,7 +566,8 @@ def minilm_section(args, folder: Path) -> Section:
             fused = i in bert[(label, TIMED_OPT_LEVEL)].attention_layers
             lost_rule_ok &= fused == (not letters)
             row += [letters or "-", "yes" if fused else "**no**"]
-        row += ["yes" if i in r.attention_layers else "**no**" for _, lvl, r in bert_rows if lvl == "(compressed after)"]
+        row += ["yes" if i in r.attention_layers else "**no**"
+                for _, lvl, r in bert_rows if lvl == "(compressed after)"]
         per_layer.append(row)
     section.lines += [
         f"### MiniLM: Attention per encoder layer (fusable export, opt_level {TIMED_OPT_LEVEL})",
@@ -560,7 +576,8 @@ def minilm_section(args, folder: Path) -> Section:
         "o = attention output dense. 'attention dense' = tau 0.8 with `exclude=['" + ATTENTION_GLOB + "']`.",
         "",
         *table(["layer", "tau 0.9 factored", "tau 0.9 Attention", "tau 0.8 factored", "tau 0.8 Attention",
-                "attention dense: factored", "Attention", *(f"MHA-opt then tau {t}: MHA" for t in TAUS)], per_layer),
+                "attention dense: factored", "Attention", *(f"MHA-opt then tau {t}: MHA" for t in TAUS)],
+               per_layer),
         "",
     ]
     orig_att = len(bert[("fusable original", TIMED_OPT_LEVEL)].attention_layers)
@@ -569,19 +586,21 @@ def minilm_section(args, folder: Path) -> Section:
         kept = len(bert[(f"fusable tau {tau}", TIMED_OPT_LEVEL)].attention_layers)
         with_proj = sum(bool(v) for v in flags[f"tau {tau}"].values())
         section.facts.append(
-            f"Transformer optimiser, fusable export, tau {tau}: Attention fusion is lost in {orig_att - kept} of {orig_att} "
-            f"layers; {with_proj} layers have at least one of Q/K/V/attention-output factored. EmbedLayerNormalization: original "
+            f"Transformer optimiser, fusable export, tau {tau}: Attention fusion is lost in {orig_att - kept} of "
+            f"{orig_att} layers; {with_proj} layers have at least one of Q/K/V/attention-output factored. "
+            f"EmbedLayerNormalization: original "
             f"{bert[('fusable original', TIMED_OPT_LEVEL)].stats.get('EmbedLayerNormalization', 0)}, compressed "
             f"{bert[(f'fusable tau {tau}', TIMED_OPT_LEVEL)].stats.get('EmbedLayerNormalization', 0)}.")
     section.facts.append(
         "Rule 'a layer keeps Attention exactly when none of its Q, K, V and attention-output projections is factored' "
-        f"holds in every layer of the three variants: {'yes' if lost_rule_ok else 'NO'}. (The fuser walks up from the "
-        "normalisation node through the bias Add and the output projection's single MatMul to the Reshape of the attention "
-        "result, and "
-        "requires the Q/K/V MatMul nodes to read the LayerNorm output directly; a factored projection is two MatMuls, the "
-        "second reading the rank-k intermediate.)")
+        f"holds in every layer of the three variants: {'yes' if lost_rule_ok else 'NO'}. (The fuser walks up "
+        "from the normalisation node through the bias Add and the output projection's single MatMul to the Reshape "
+        "of the attention result, and "
+        "requires the Q/K/V MatMul nodes to read the LayerNorm output directly; a factored projection is two MatMuls, "
+        "the second reading the rank-k intermediate.)")
     section.facts.append(
-        f"Shipped export: Attention fused in {shipped_att} of 6 layers even uncompressed; SkipLayerNormalization / BiasGelu "
+        f"Shipped export: Attention fused in {shipped_att} of 6 layers even uncompressed; "
+        "SkipLayerNormalization / BiasGelu "
         f"after the optimiser: original {bert[('original', TIMED_OPT_LEVEL)].stats.get('SkipLayerNormalization', 0)} / "
         f"{bert[('original', TIMED_OPT_LEVEL)].stats.get('BiasGelu', 0)}, "
         + ", ".join(f"tau {t} {bert[(f'tau {t}', TIMED_OPT_LEVEL)].stats.get('SkipLayerNormalization', 0)} / "
@@ -591,12 +610,13 @@ def minilm_section(args, folder: Path) -> Section:
         f"Keeping the attention projections dense (`exclude=['{ATTENTION_GLOB}']`, tau 0.8: {excl_report.factored}/"
         f"{len(excl_report.layers)} layers factored, dense params kept "
         f"{excl_report.dense_params_after / excl_report.dense_params_before:.1%} vs "
-        f"{f_reports['tau 0.8'].dense_params_after / f_reports['tau 0.8'].dense_params_before:.1%} without the exclusion) keeps "
-        f"Attention in {len(excl.attention_layers)} of 6 layers.")
+        f"{f_reports['tau 0.8'].dense_params_after / f_reports['tau 0.8'].dense_params_before:.1%} without the "
+        f"exclusion) keeps Attention in {len(excl.attention_layers)} of 6 layers.")
     section.facts.append(
         "Optimising first with MultiHeadAttention and compressing the optimised graph: "
         + ", ".join(f"tau {t} factors {mha_reports[t].factored}/{len(mha_reports[t].layers)} layers and keeps "
-                    f"MultiHeadAttention in {len(next(r for l, lv, r in bert_rows if l == f'MHA-opt then tau {t}').attention_layers)} of 6"
+                    f"MultiHeadAttention in "
+                    f"{len(next(r for k, _, r in bert_rows if k == f'MHA-opt then tau {t}').attention_layers)} of 6"
                     for t in TAUS) + ".")
 
     # ---- latency
@@ -606,8 +626,10 @@ def minilm_section(args, folder: Path) -> Section:
         ("plain (default session optimisation)", "original", "tau 0.8", (1, 32)),
         ("optimiser, shipped export (no Attention in either)", "original +opt", "tau 0.9 +opt", (1,)),
         ("optimiser, shipped export (no Attention in either)", "original +opt", "tau 0.8 +opt", (1, 32)),
-        ("optimiser, fusable export (Attention lost where an attention projection is factored)", "fusable original +opt", "fusable tau 0.9 +opt", (1,)),
-        ("optimiser, fusable export (Attention lost where an attention projection is factored)", "fusable original +opt", "fusable tau 0.8 +opt", (1, 32)),
+        ("optimiser, fusable export (Attention lost where an attention projection is factored)",
+         "fusable original +opt", "fusable tau 0.9 +opt", (1,)),
+        ("optimiser, fusable export (Attention lost where an attention projection is factored)",
+         "fusable original +opt", "fusable tau 0.8 +opt", (1, 32)),
         ("optimise (MHA) first, then compress", "MHA-opt original", "MHA-opt then tau 0.9", (1,)),
         ("optimise (MHA) first, then compress", "MHA-opt original", "MHA-opt then tau 0.8", (1, 32)),
         ("what the optimiser buys", "original", "original +opt", (1,)),
@@ -628,30 +650,28 @@ def minilm_section(args, folder: Path) -> Section:
     # ---- numerics: every optimised compressed model against the same compressed model, unoptimised
     log("MiniLM: numerical checks")
     section.diffs += max_diffs(paths, "original", ["original", "original +opt", "fusable original",
-                                                   "fusable original +opt", "MHA-opt original"], dims, 2, args.threads, ir_model)
+                                                   "fusable original +opt", "MHA-opt original"],
+                               dims, 2, args.threads, ir_model)
     for tau in TAUS:
-        section.diffs += max_diffs(paths, f"tau {tau}", [f"tau {tau}", f"tau {tau} +opt"], dims, 2, args.threads, ir_model)
+        section.diffs += max_diffs(paths, f"tau {tau}", [f"tau {tau}", f"tau {tau} +opt"], dims, 2, args.threads,
+                                   ir_model)
         section.diffs += max_diffs(paths, f"fusable tau {tau}", [f"fusable tau {tau}", f"fusable tau {tau} +opt",
-                                                                 f"MHA-opt then tau {tau}"], dims, 2, args.threads, ir_model)
+                                                                 f"MHA-opt then tau {tau}"],
+                                   dims, 2, args.threads, ir_model)
     return section
 
 
-def header(argv: list[str], args, seconds_total: float | None) -> list[str]:
+def header(argv: list[str] | None, args, seconds_total: float) -> list[str]:
     threads = args.threads or f"onnxruntime default ({os.cpu_count()} CPUs)"
-    versions = package_versions()
-    return [
-        "# Do onnxruntime's fusions survive the ARSVD rewrite?",
-        "",
-        f"- command: `{shlex.join(['python', *argv])}`",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
-        + (f"; wall time {seconds_total:.0f} s" if seconds_total is not None else ""),
-        f"- platform: {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}",
-        f"- versions: {versions}",
-        f"- provider {PROVIDER}; intra-op threads: {threads}; thread spinning off; timing: pairs run interleaved "
-        f"(A B, B A, ...) for at least {args.seconds:g} s per row (MiniLM batch 32: at least 5 pairs after 1 warm-up pair); "
+    return [*common_header("Do onnxruntime's fusions survive the ARSVD rewrite?", __file__, argv,
+                           machine=platform.processor() or platform.machine(), notes=[
+        f"wall time {seconds_total:.0f} s",
+        f"provider {PROVIDER}; intra-op threads: {threads}; thread spinning off; timing: pairs run interleaved "
+        f"(A B, B A, ...) for at least {args.seconds:g} s per row "
+        "(MiniLM batch 32: at least 5 pairs after 1 warm-up pair); "
         f"ratio = median of per-pair B/A; MiniLM feeds are generated, batch x {SEQ} tokens, attention_mask all ones "
         "(no padding).",
-        "- timings come from one run; on a shared or busy machine they are noisy, and p10-p90 shows how much.",
+        "timings come from one run; on a shared or busy machine they are noisy, and p10-p90 shows how much."]),
         "",
     ]
 
@@ -659,15 +679,17 @@ def header(argv: list[str], args, seconds_total: float | None) -> list[str]:
 NOTES = [
     "## Notes",
     "",
-    "- The shipped export gets no Attention fusion, even uncompressed: transformers 5 eager attention scales the scores with "
-    "`Mul` after Q @ K^T, so the `Add` before the Softmax has two `Mul` parents (scale, and the mask bias). "
+    "- The shipped export gets no Attention fusion, even uncompressed: transformers 5 eager attention scales the "
+    "scores with `Mul` after Q @ K^T, so the `Add` before the Softmax has two `Mul` parents "
+    "(scale, and the mask bias). "
     "`fusion_attention.py` matches both the score path (`Softmax <- Add <- Mul <- MatMul`) and the mask path "
-    "(`Add <- Mul <- Sub <- Cast <- Unsqueeze <- Unsqueeze`) with 'first `Mul` parent', so one of them fails whatever the "
-    "input order ('failed to match mask path', or 'failed to match qk path' with the inputs swapped). The fusable export "
-    "writes the scale as `Div(QK, sqrt(32))`, which the fuser's path1 matches; it is an experiment made by this script, "
-    "not a change to the model file.",
+    "(`Add <- Mul <- Sub <- Cast <- Unsqueeze <- Unsqueeze`) with 'first `Mul` parent', so one of them fails "
+    "whatever the input order ('failed to match mask path', or 'failed to match qk path' with the inputs swapped). "
+    "The fusable export writes the scale as `Div(QK, sqrt(32))`, which the fuser's path1 matches; it is an "
+    "experiment made by this script, not a change to the model file.",
     "- Session-level counts at ORT_ENABLE_ALL come from a graph onnxruntime saves with a warning that it may contain "
-    "hardware-specific (NCHWc) changes; on this CPU and these models saving worked (a row says so if it fell back to EXTENDED).",
+    "hardware-specific (NCHWc) changes; on this CPU and these models saving worked "
+    "(a row says so if it fell back to EXTENDED).",
     "- Transformer-optimised models are saved at opt_level 1 (the default for bert) and then loaded with the default "
     "session optimisation (ORT_ENABLE_ALL) for timing and numerics.",
     "",
@@ -682,7 +704,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opt-levels", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                         help="optimize_model opt_levels for the statistics table (default 0,1,2; 1 is always run)")
     args = parser.parse_args(argv)
-    argv_shown = ["benchmarks/fusion_check.py", *(sys.argv[1:] if argv is None else argv)]
     for path in (MLP, MINILM):
         if not path.exists():
             print(f"{path} missing (MiniLM: run python models/build_minilm.py first)", file=sys.stderr)
@@ -694,12 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         minilm = minilm_section(args, folder)
     elapsed = time.perf_counter() - started
 
-    lines = header(argv_shown, args, elapsed)
+    lines = header(argv, args, elapsed)
     lines += ["## Conclusion (measured in this run)", ""]
     checked = mlp.session_lost[0] + minilm.session_lost[0]
     lost = mlp.session_lost[1] + minilm.session_lost[1]
-    lines.append(f"- Session-level optimisation (BASIC/EXTENDED/ALL): a compressed variant has fewer fused nodes than its "
-                 f"original in {len(lost)} of {checked} (variant, level, fused op) cases"
+    lines.append(f"- Session-level optimisation (BASIC/EXTENDED/ALL): a compressed variant has fewer fused nodes "
+                 f"than its original in {len(lost)} of {checked} (variant, level, fused op) cases"
                  + (": " + "; ".join(lost) if lost else "; no session-level fusion is lost by factoring.")
                  + f" Fused ops counted: {', '.join(FUSED)}.")
     lines += [f"- {fact}" for fact in mlp.facts + minilm.facts]
@@ -713,28 +734,31 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             lines.append(
                 f"- MiniLM tau {tau}, batch {batch}: compressed/original latency {fmt(plain)} at default session "
-                f"optimisation; {fmt(shipped_opt)} after the optimiser on the shipped export (same fusions on both sides); "
-                f"{fmt(att)} after the optimiser on the fusable export (the original has Attention in every layer, the compressed "
-                f"model loses it where an attention projection is factored); {fmt(mha)} when optimised with "
-                f"MultiHeadAttention first and compressed after."
+                f"optimisation; {fmt(shipped_opt)} after the optimiser on the shipped export "
+                f"(same fusions on both sides); "
+                f"{fmt(att)} after the optimiser on the fusable export (the original has Attention in every layer, "
+                f"the compressed model loses it where an attention projection is factored); {fmt(mha)} when optimised "
+                f"with MultiHeadAttention first and compressed after."
                 + (f" On the fusable export the optimiser moves the ratio by {att - plain:+.3f} from the plain ratio "
                    "(the original gains Attention, the compressed model keeps fewer or none)."
                    if att is not None and plain is not None else ""))
     gain_att = {b: ratio(minilm, "fusable original", "fusable original +opt", b) for b in (1, 32)}
-    lines.append("- Optimiser on the fusable original (Attention, EmbedLayerNorm, SkipLayerNorm, BiasGelu) vs default session "
-                 "optimisation: latency ratio " + ", ".join(f"batch {b} {fmt(v)}" for b, v in gain_att.items()) + ".")
-    for a, b, what in (("fusable tau 0.8", "fusable tau 0.8 +opt", "optimiser on the compressed tau 0.8 (fusable export; "
-                        "no Attention survives)"),
-                       ("tau 0.8", "MHA-opt then tau 0.8", "tau 0.8 optimised-with-MHA-first vs tau 0.8 at default session "
-                        "optimisation only"),
-                       ("fusable original +opt", "MHA-opt then tau 0.8", "MHA-opt-then-tau-0.8 vs the fully optimised "
-                        "original (Attention)")):
+    lines.append("- Optimiser on the fusable original (Attention, EmbedLayerNorm, SkipLayerNorm, BiasGelu) vs default "
+                 "session optimisation: latency ratio "
+                 + ", ".join(f"batch {b} {fmt(v)}" for b, v in gain_att.items()) + ".")
+    for a, b, what in (("fusable tau 0.8", "fusable tau 0.8 +opt",
+                        "optimiser on the compressed tau 0.8 (fusable export; no Attention survives)"),
+                       ("tau 0.8", "MHA-opt then tau 0.8",
+                        "tau 0.8 optimised-with-MHA-first vs tau 0.8 at default session optimisation only"),
+                       ("fusable original +opt", "MHA-opt then tau 0.8",
+                        "MHA-opt-then-tau-0.8 vs the fully optimised original (Attention)")):
         got = {bt: ratio(minilm, a, b, bt) for bt in (1, 32)}
         lines.append(f"- {what[0].upper() + what[1:]}: latency ratio "
                      + ", ".join(f"batch {bt} {fmt(v)}" for bt, v in got.items() if v is not None) + ".")
     worst = max((d for d in mlp.diffs + minilm.diffs), key=lambda d: d.max_abs / max(d.ref_max, 1e-30))
-    lines.append(f"- Numerics: the largest max |optimised - unoptimised| over all {len(mlp.diffs) + len(minilm.diffs)} checks "
-                 f"(MiniLM with a right-padded attention mask) is {worst.max_abs:.3g} ({worst.model} vs {worst.against}; "
+    lines.append(f"- Numerics: the largest max |optimised - unoptimised| over all {len(mlp.diffs) + len(minilm.diffs)} "
+                 f"checks (MiniLM with a right-padded attention mask) is {worst.max_abs:.3g} "
+                 f"({worst.model} vs {worst.against}; "
                  f"outputs reach {worst.ref_max:.3g}).")
     holes = [d for d in minilm.diffs if d.max_abs_holes is not None]
     big = [d for d in holes if d.max_abs_holes > 1e-3]
@@ -743,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- With a random 0/1 attention mask (zeros inside a row), {len(big)} of {len(holes)} "
                      f"MiniLM models differ from their unoptimised reference by more than 1e-3 (up to "
                      f"{max(d.max_abs_holes for d in big):.3g}): " + ", ".join(d.model for d in big) + ". "
-                     + ("These are exactly the models with a fused Attention/MultiHeadAttention node, compressed or not: "
+                     + ("These are exactly the models with a fused Attention/MultiHeadAttention node, "
+                        "compressed or not: "
                         "the optimiser turns the mask into per-row lengths, which only a right-padded mask satisfies."
                         if exact else "This is not the same set as the models with a fused attention node."))
     lines.append("")
@@ -753,7 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["## MiniLM", "", *minilm.lines, "#### Latency", "", *timing_table(minilm.timed), "",
               f"#### Numerics (generated feed, batch 2 x {SEQ})", "",
               "Each model at default session optimisation against the named model with all graph optimisation off; "
-              "generated input_ids/token_type_ids, attention_mask right-padded (rows keep 128 and 96 tokens) or random 0/1.",
+              "generated input_ids/token_type_ids, attention_mask right-padded (rows keep 128 and 96 tokens) "
+              "or random 0/1.",
               "", *diff_table(minilm.diffs), ""]
     text = "\n".join(lines)
     write_result(text, args.out)

@@ -6,22 +6,21 @@ the CPU at batch 1 and 32, then benchmark each result against the original with
 a fresh process per model for memory. One case sits deliberately near break-even (ranks ~0.9-1.0 x
 m*n/(m+n)), where factoring is expected to be slower: the guard must not ship that.
 
-Usage: python benchmarks/latency_table.py [--seconds 2] [--threads 0] [--quick] [--out benchmarks/results/latency.md]
+Usage: python -m benchmarks.latency_table [--seconds 2] [--threads 0] [--quick] [--out benchmarks/results/latency.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-from results_io import package_versions, write_result
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
 from onnx_arsvd.benchmark import benchmark_models
 from onnx_arsvd.guard import LatencyGuard
@@ -65,7 +64,8 @@ def cases() -> list[Case]:
 def _ratio(result: BenchmarkResult, batch: int) -> str:
     (c,) = [c for c in result.latency if c.batch == batch]
     rounds = ", ".join(f"{r:.2f}" for r in c.round_ratios)
-    return f"{c.ratio:.3f} [{c.ratio_p10:.2f}, {c.ratio_p90:.2f}] ({rounds})" + (" **slower**" if c.consistently_slower else "")
+    return (f"{c.ratio:.3f} [{c.ratio_p10:.2f}, {c.ratio_p90:.2f}] ({rounds})"
+            + (" **slower**" if c.consistently_slower else ""))
 
 
 def _quality(result: BenchmarkResult) -> str:
@@ -115,21 +115,18 @@ def main(argv: list[str] | None = None) -> int:
                                           dims=case.dims, min_seconds=seconds, accuracy_data=case.data)
                 lines.append(row(case, guarded, report, result))
                 print(lines[-1], flush=True)
-    versions = package_versions()
     text = "\n".join([
-        "# Latency, memory and accuracy on the CPU, with and without the latency guard",
-        "",
-        f"- command: `python benchmarks/latency_table.py{' --quick' if args.quick else ''} --seconds {seconds:g}"
-        f" --threads {args.threads}`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; {versions}",
-        f"- CPU execution provider, intra-op threads {args.threads or 'default'}, spinning off; two sessions live, runs"
-        f" interleaved pairwise for >= {seconds:g} s per batch size in all; ratio = compressed / original per pair",
-        "- each ratio cell: median of the per-pair ratios [p10, p90] (median of each of 3 rounds with fresh sessions);"
-        " **slower**: slower overall and in every round. Two sessions of one unchanged file differ by up to ~5% at"
-        " batch 1, so smaller differences are not resolved",
-        "- limit = multiply-adds of the dense layers, compressed / original: the best ratio the factoring alone can give",
-        "- RSS increase: resident memory a fresh process gains loading and running the model (batch 32)",
-        "- MiniLM at sequence length 128; its quality is the cosine of last_hidden_state on generated token ids",
+        *header("Latency, memory and accuracy on the CPU, with and without the latency guard", __file__, argv, notes=[
+            f"CPU execution provider, intra-op threads {args.threads or 'default'}, spinning off; two sessions live,"
+            f" runs interleaved pairwise for >= {seconds:g} s per batch size in all; ratio = compressed / original"
+            " per pair",
+            "each ratio cell: median of the per-pair ratios [p10, p90] (median of each of 3 rounds with fresh"
+            " sessions); **slower**: slower overall and in every round. Two sessions of one unchanged file differ by"
+            " up to ~5% at batch 1, so smaller differences are not resolved",
+            "limit = multiply-adds of the dense layers, compressed / original: the best ratio the factoring alone"
+            " can give",
+            "RSS increase: resident memory a fresh process gains loading and running the model (batch 32)",
+            "MiniLM at sequence length 128; its quality is the cosine of last_hidden_state on generated token ids"]),
         "",
         *lines,
     ]) + "\n"

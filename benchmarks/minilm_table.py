@@ -5,23 +5,23 @@ measure, on gensim's polarity (200 movie-review sentences) and newsgroups (200 p
 sentence-embedding cosine with the original (attention-mask mean pooling; mean and minimum over
 sentences) and a 5-fold logistic-regression probe's accuracy on the compressed embeddings.
 
-Usage: python benchmarks/minilm_table.py [--out benchmarks/results/minilm_table.md]
+Usage: python -m benchmarks.minilm_table [--out benchmarks/results/minilm_table.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-from results_io import package_versions, write_result
-from text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
+from benchmarks.results_io import MINILM_PACKAGES, header, write_result
+from benchmarks.text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress
 from onnx_arsvd.budget import Budget
 from onnx_arsvd.rank import RankPolicy
@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                 similarity = cosine_rows(originals[name], embeddings)
                 cosines.append(f"{similarity.mean():.4f} / {similarity.min():.4f}")
                 probes.append(f"{probe_accuracy(embeddings, labels):.3f}")
-            kept = f"{report.dense_params_after / report.dense_params_before:.1%} ({report.factored}/{len(report.layers)} factored)"
+            kept = (f"{report.dense_params_after / report.dense_params_before:.1%} "
+                    f"({report.factored}/{len(report.layers)} factored)")
             lines.append(_row(policy.describe(), kept, cosines + probes))
-    lines += ["", "Activation-aware factors (`--method whitened`), calibrated on the polarity sentences and measured on the"
-              " newsgroups posts (held out from the calibration), against plain SVD at the same ranks:", "",
+    lines += ["", "Activation-aware factors (`--method whitened`), calibrated on the polarity sentences and measured"
+              " on the newsgroups posts (held out from the calibration), against plain SVD at the same ranks:", "",
               "| policy | factors | dense params kept | newsgroups cosine mean / min | newsgroups probe |",
               "|---|---|---:|---:|---:|"]
     feed, labels = data["newsgroups"]
@@ -76,27 +77,27 @@ def main(argv: list[str] | None = None) -> int:
                                      calibration=calibration if method == "whitened" else None)
                 embeddings = sentence_embeddings(out, feed)
                 similarity = cosine_rows(originals["newsgroups"], embeddings)
-                lines.append(f"| {policy.describe()} | {method} | {report.dense_params_after / report.dense_params_before:.1%} | "
-                             f"{similarity.mean():.4f} / {similarity.min():.4f} | {probe_accuracy(embeddings, labels):.3f} |")
+                kept_fraction = report.dense_params_after / report.dense_params_before
+                lines.append(f"| {policy.describe()} | {method} | {kept_fraction:.1%} | "
+                             f"{similarity.mean():.4f} / {similarity.min():.4f} | "
+                             f"{probe_accuracy(embeddings, labels):.3f} |")
     lines += ["", "Budget: `compress --min-cosine C --data polarity` (whitened factors; 40% of the sentences held out"
               " and reported on):", "",
-              "| budget | chosen tau | dense params kept | held-out output cosine mean / min |", "|---|---:|---:|---:|"]
+              "| budget | chosen tau (global: allocation) | dense params kept | held-out output cosine mean / min |", "|---|---:|---:|---:|"]
     with np.load(BUILD / "polarity.npz") as archive:
         polarity = {k: archive[k] for k in archive.files if k != "labels"}
     for cosine in (0.95, 0.99):
         _, report = compress(model, budget=Budget(min_cosine=cosine), data=polarity)
         (output,) = report.verification.outputs
-        lines.append(f"| min cosine {cosine:g} | {report.budget['tau']:.4f} | "
+        chosen = "global" if report.budget["tau"] is None else f"{report.budget['tau']:.4f}"
+        lines.append(f"| min cosine {cosine:g} | {chosen} | "
                      f"{report.dense_params_after / report.dense_params_before:.1%} | "
                      f"{output.mean_cosine:.4f} / {output.min_cosine:.4f} |")
-    versions = package_versions()
     text = "\n".join([
-        "# ARSVD on all-MiniLM-L6-v2 (36 MatMul weights, 10.6M dense parameters)",
-        "",
-        f"- command: `python benchmarks/minilm_table.py`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; versions: {versions}",
-        "- defaults: factor only at rank <= 0.8 x break-even; probe = 5-fold logistic regression on mean-pooled"
-        " embeddings (200 sentences: fold-to-fold spread is 4-6 points on polarity)",
+        *header("ARSVD on all-MiniLM-L6-v2 (36 MatMul weights, 10.6M dense parameters)", __file__, argv,
+                packages=MINILM_PACKAGES, notes=[
+                    "defaults: factor only at rank <= 0.8 x break-even; probe = 5-fold logistic regression on"
+                    " mean-pooled embeddings (200 sentences: fold-to-fold spread is 4-6 points on polarity)"]),
         "",
         *lines,
     ]) + "\n"

@@ -10,29 +10,26 @@ dense) and ``min_params=0`` (the head is factored too, as in the paper). A closi
 names the best setting keeping at most 2/3 of the dense parameters with at most 1.0 point
 accuracy loss, or says that none does.
 
-Usage: python benchmarks/mlp_table.py [--models digits fashion] [--out benchmarks/results/mlp_table.md]
+Usage: python -m benchmarks.mlp_table [--models digits fashion] [--out benchmarks/results/mlp_table.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_io import package_versions, write_result
-
+from benchmarks.results_io import header, markdown_table, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, Report, compress
 from onnx_arsvd.plan import DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import RankPolicy
 
+ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mlp_table.md"
 POLICIES: list[RankPolicy] = [
@@ -105,26 +102,10 @@ def best_line(rows: list[Row]) -> str:
             f"at {best.change:+.2f} points accuracy (ranks `{best.ranks}`).")
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 7) + "|"]
-    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def header(argv: list[str]) -> str:
-    versions = package_versions()
-    return "\n".join([
-        "# ARSVD on the shipped MLPs",
-        "",
-        f"- command: `{shlex.join(['python', *argv])}`",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        f"- versions: {versions}",
-        "- ranks per layer in graph order; `*` = layer kept dense (rank above 0.8 x break-even m·n/(m+n),"
+NOTE = ("ranks per layer in graph order; `*` = layer kept dense (rank above 0.8 x break-even m·n/(m+n),"
         " or, with the defaults, fewer than 4096 parameters);"
         " dense params = weights of the candidate MatMul/Gemm layers; file bytes = the written model;"
-        " Δacc = compressed − original.",
-    ])
+        " Δacc = compressed − original.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,15 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=["digits", "fashion"], default=["digits", "fashion"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    parts = [header(sys.argv if argv is None else ["benchmarks/mlp_table.py", *argv])]
+    parts = ["\n".join(header("ARSVD on the shipped MLPs", __file__, argv, notes=[NOTE]))]
     with tempfile.TemporaryDirectory(prefix="mlp_table_") as tmp:
         for name in args.models:
             original = (MODELS / f"{name}_mlp.onnx").stat().st_size
-            for min_params, title in ((DEFAULT_MIN_PARAMS, "defaults: layers under 4096 parameters (the head) kept dense"),
+            for min_params, title in ((DEFAULT_MIN_PARAMS,
+                                       "defaults: layers under 4096 parameters (the head) kept dense"),
                                       (0, "`min_params=0`: every layer considered, head included, as in the paper")):
                 rows = run_model(name, Path(tmp), min_params)
                 parts += [f"## {name}_mlp.onnx, {title}\n\n{rows[0].total:,} dense params, {original:,} bytes",
-                          markdown_table(rows), best_line(rows)]
+                          markdown_table(HEADERS, [r.cells() for r in rows], "ll" + "r" * 7), best_line(rows)]
     text = "\n\n".join(parts) + "\n"
     write_result(text, args.out)
     return 0

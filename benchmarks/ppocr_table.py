@@ -36,10 +36,13 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import onnx
-from results_io import PACKAGES, package_versions, write_result
 
+from benchmarks.results_io import PACKAGES, package_versions, write_result
 from onnx_arsvd import Budget, compress
 from onnx_arsvd.benchmark import compare_latency, timed_rounds
 from onnx_arsvd.model_io import model_file_bytes

@@ -5,21 +5,21 @@ file and timing them interleaved like ``bench``; the median per-pair ratio of ea
 session-to-session spread that no real difference below it can be told from. A third session timed
 against itself (the same session object twice) shows the spread of the timing loop alone.
 
-Usage: python benchmarks/session_noise.py [--trials 6] [--seconds 1] [--out benchmarks/results/session_noise.md]
+Usage: python -m benchmarks.session_noise [--trials 6] [--seconds 1] [--out benchmarks/results/session_noise.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-from results_io import package_versions, write_result
+if not __package__:  # run as a file: import from the repository root, as python -m benchmarks.NAME does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
+from benchmarks.results_io import header, write_result
 from onnx_arsvd.benchmark import batch_feed, interleaved_times
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.verification import make_session
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    lines = ["| model | batch | two sessions, one file: median ratio per trial | range | one session vs itself: range |",
+    lines = ["| model | batch | two sessions, one file: median ratio per trial | range"
+             " | one session vs itself: range |",
              "|---|---:|---|---:|---:|"]
     for name in ("fashion", "digits"):
         path = ROOT / "models" / f"{name}_mlp.onnx"
@@ -49,15 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                 a, b = interleaved_times(first, first, feed, min_seconds=args.seconds / 2)
                 self_ratios.append(float(np.median(b / a)))
             lines.append(f"| {path.name} | {batch} | {', '.join(f'{r:.3f}' for r in pair_ratios)} | "
-                         f"{min(pair_ratios):.3f}-{max(pair_ratios):.3f} | {min(self_ratios):.3f}-{max(self_ratios):.3f} |")
+                         f"{min(pair_ratios):.3f}-{max(pair_ratios):.3f} | "
+                         f"{min(self_ratios):.3f}-{max(self_ratios):.3f} |")
             print(lines[-1], flush=True)
     text = "\n".join([
-        "# Session-to-session timing noise (A/A)",
-        "",
-        f"- command: `python benchmarks/session_noise.py --trials {args.trials} --seconds {args.seconds:g}`; "
-        f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; {package_versions()}; CPU provider, default threads,"
-        " spinning off",
+        *header("Session-to-session timing noise (A/A)", __file__, argv,
+                notes=[f"{args.trials} trials, {args.seconds:g} s each; CPU provider, default threads, spinning off"]),
         "",
         *lines,
     ]) + "\n"

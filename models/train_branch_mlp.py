@@ -65,7 +65,8 @@ def train(x: np.ndarray, y: np.ndarray) -> BranchMLP:
     generator = torch.Generator().manual_seed(SEED)
     for _ in range(EPOCHS):
         for batch in torch.randperm(len(inputs), generator=generator).split(64):
-            loss = sum(torch.nn.functional.cross_entropy(model.head(model.hidden(inputs[batch], use_relu)), labels[batch])
+            loss = sum(torch.nn.functional.cross_entropy(model.head(model.hidden(inputs[batch], use_relu)),
+                                                         labels[batch])
                        for use_relu in (True, False))
             optimizer.zero_grad()
             loss.backward()

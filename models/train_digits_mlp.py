@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx_eval import evaluate  # models/onnx_eval.py: this folder is on sys.path when run as a script
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
-
-from onnx_eval import evaluate  # models/onnx_eval.py: this folder is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "digits_mlp.onnx"
@@ -67,7 +66,7 @@ def to_onnx(clf: MLPClassifier) -> onnx.ModelProto:
     nodes = [helper.make_node("Mul", [INPUT_NAME, "scale"], ["x0"], name="scale_input")]
     prev = "x0"
     n_layers = len(clf.coefs_)
-    for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_)):
+    for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_, strict=True)):
         w_name, b_name = f"fc{i}.weight", f"fc{i}.bias"
         inits.append(numpy_helper.from_array(w.astype(np.float32), w_name))
         inits.append(numpy_helper.from_array(b.astype(np.float32), b_name))

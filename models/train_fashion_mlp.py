@@ -33,9 +33,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
-
 from onnx_eval import evaluate  # models/onnx_eval.py: this folder is on sys.path when run as a script
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "fashion_mlp.onnx"

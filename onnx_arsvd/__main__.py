@@ -2,6 +2,10 @@
 
 import sys
 
-from onnx_arsvd.cli import main
+try:
+    from onnx_arsvd.cli import main
+except KeyboardInterrupt:  # Ctrl-C before main() could catch it
+    print("onnx-arsvd: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,14 +19,18 @@ import onnx_ir as ir
 
 from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.budget import Budget, BudgetSearch
-from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard
-from onnx_arsvd.model_io import model_file_bytes, save_model, to_model, weight_stats
+from onnx_arsvd.data import ArrayReader, Feed, check_labels, load_data, load_labels
+from onnx_arsvd.errors import InvalidInputError, OutputError
+from onnx_arsvd.guard import LatencyGuard, observed_rows
+from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
+from onnx_arsvd.output import Staged, check_paths, stage_model
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
+from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
 from onnx_arsvd.verification import (
     DEFAULT_BATCH_SIZE,
@@ -33,6 +38,7 @@ from onnx_arsvd.verification import (
     VerificationReport,
     check_dims,
     check_files,
+    generated_batches,
     model_source,
     verify,
 )
@@ -69,6 +75,7 @@ def _build_report(
     latency_check: Sequence[LatencyComparison] = (),
     regressions: Sequence[str] = (),
     verification: VerificationReport | None = None,
+    dropped: Sequence[str] = (),
 ) -> Report:
     """The report, from every stage's result."""
     layers = planned.decisions()
@@ -90,7 +97,9 @@ def _build_report(
         verification=verification,
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
-        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *regressions],
+        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *planned.notes,
+               *regressions,
+               *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped)],
     )
 
 
@@ -108,29 +117,72 @@ def inspect_model(
     embedding_policy: RankPolicy | None = None,
     factor_heads: bool = True,
     progress: bool = False,
+    jobs: int = 1,
 ) -> Report:
     """What ``compress`` would do: every candidate layer with its rank, energy kept and saving."""
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy, factor_heads)
+                         embedding_policy, factor_heads, jobs)
     loaded = to_model(model)
-    planned = plan_model(loaded, settings, with_factors=False, progress=progress)
+    planned = plan_model(loaded, settings, with_factors=False, progress=progress, allow_empty=True)
     size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
     weights = weight_stats(loaded)
-    return _build_report(model, settings, planned, weights, weights, written=_Written(file_bytes_before=size))
+    return _build_report(model, settings, planned, weights, weights, written=_Written(file_bytes_before=size),
+                         dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
 
 
 def _settings(policy: RankPolicy | None, include: Sequence[str], exclude: Sequence[str], max_rank_fraction: float,
               min_params: int, method: str, calibration: CalibrationSource | None, lp_power: float,
-              embedding_policy: RankPolicy | None, factor_heads: bool) -> Settings:
+              embedding_policy: RankPolicy | None, factor_heads: bool, jobs: int) -> Settings:
     return Settings(policy or EnergyPolicy(), include, exclude, max_rank_fraction, min_params, method, calibration,
-                    lp_power, embedding_policy, factor_heads)
+                    lp_power, embedding_policy, factor_heads, jobs)
 
 
-def _check_output_path(source: ModelLike, output: str | os.PathLike) -> None:
-    if isinstance(source, (str, os.PathLike)):
-        src, dst = os.path.realpath(source), os.path.realpath(output)
-        if src == dst or (os.path.exists(dst) and os.path.samefile(src, dst)):
-            raise InvalidInputError(f"{os.fspath(output)}: the output path is the input model; choose another path")
+def _input_files(model: ModelLike, loaded: ir.Model, data: object, labels: object, calibration: object) -> dict:
+    """Every file the run reads, by what it is: none may be written over."""
+    return {"input model": model if isinstance(model, (str, os.PathLike)) else None,
+            "input model's external data": external_data_files(loaded),
+            "--data": data if isinstance(data, (str, os.PathLike)) else None,
+            "--labels": labels if isinstance(labels, (str, os.PathLike)) else None,
+            "--calibration": calibration if isinstance(calibration, (str, os.PathLike)) else None}
+
+
+def _checked_data(loaded: ir.Model, data: DataSource | None, labels: np.ndarray | str | os.PathLike | None,
+                  calibration: CalibrationSource | None) -> np.ndarray | None:
+    """Check the data, labels and calibration arrays against the model before any work; the labels array."""
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
+    if data is not None:
+        feed, data_labels = load_data(data, loaded)
+        given = labels if labels is not None else data_labels
+        if given is not None:
+            check_labels(given, len(next(iter(feed.values()))) if feed else 0, loaded)
+    elif labels is not None:
+        labels = np.asarray(labels)
+    if isinstance(calibration, (str, os.PathLike, Mapping)):
+        ArrayReader(calibration, loaded)
+    return labels
+
+
+@contextmanager
+def _staged(model: ir.Model, output: str | os.PathLike | None, external_data: bool | None,
+            keep: set) -> Iterator[Staged | None]:
+    """The model written into its staging folder beside ``output``, or None when there is no output."""
+    if output is None:
+        yield None
+        return
+    with stage_model(model, output, external_data=external_data, keep=keep) as staged:
+        yield staged
+
+
+def _check_result(verification: VerificationReport | None, search: BudgetSearch | None) -> None:
+    """A compressed model whose outputs turn NaN/Inf, or a budget the search could not meet, is a failed run."""
+    if search is not None and not search.summary()["met"]:
+        raise OutputError(f"the budget ({search.budget.describe()}) is not met even with every layer's full output "
+                          "energy kept; nothing written")
+    for output in verification.outputs if verification is not None else ():
+        if output.newly_nonfinite:
+            raise OutputError(f"output {output.name!r} of the compressed model is NaN or Inf on "
+                              f"{output.newly_nonfinite} samples where the original's is finite; nothing written")
 
 
 def compress(
@@ -157,6 +209,8 @@ def compress(
     batch_size: int = DEFAULT_BATCH_SIZE,
     guard: LatencyGuard | None = None,
     budget: Budget | None = None,
+    jobs: int = 1,
+    quantize: Quantization | str | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
@@ -174,50 +228,78 @@ def compress(
     output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a
     ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
-    the whole model is timed against the original at the end (``report.latency_check``).
+    the whole model is timed against the original at the end (``report.latency_check``). ``jobs`` weights
+    are factored at once (threads, one BLAS thread each); the output is the same whatever ``jobs`` is. With
+    ``quantize`` ("int8", "int4" or a :class:`~onnx_arsvd.quantize.Quantization`) the factored model is
+    quantized by onnxruntime's quantizers; under a budget every candidate is, so the budget judges the
+    model that ships.
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
     if method is None:  # data-driven factors when the data is there for a budget anyway
         method = "whitened" if budget is not None and data is not None else "svd"
-    search = BudgetSearch(model, budget, data, labels, method, calibration) if budget is not None else None
+    check_files(data=data, labels=labels)
+    loaded = to_model(model)
+    check_paths({"-o": output}, _input_files(model, loaded, data, labels, calibration))
+    labels = _checked_data(loaded, data, labels, calibration if method == "whitened" else None)
+    source_files = external_data_files(loaded)
+    if external_data is None and source_files:  # a model that had external data keeps it, whatever is factored
+        external_data = True
+    if isinstance(quantize, str):
+        quantize = Quantization(quantize)
+    search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size)
+              if budget is not None else None)
     if search is not None and method == "whitened":
         calibration = search.calibration
     settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy, factor_heads)
-    if output is not None:
-        _check_output_path(model, output)
-    check_files(data=data, labels=labels)
+                         embedding_policy, factor_heads, jobs)
     provider = guard.provider() if guard is not None else None
-    loaded = to_model(model)
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
 
     memo: PlanMemo | None = None
+    planned: ModelPlan | None = None
     if search is not None:
         outcome = search.run(loaded, settings, progress)
-        settings, memo = outcome.settings, outcome.memo
+        settings, memo, planned = outcome.settings, outcome.memo, outcome.planned
         if search.held_out is not None:  # report on data the search never saw
             data, labels = search.held_out, None
-    planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
+    if planned is None:
+        planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
     if guard is not None and provider is not None:
-        guard.apply(planned.plans, provider, dims or {}, progress)
+        layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
+        rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
+        guard.apply(planned.plans, provider, dims or {}, progress, rows)
     if search is not None:
         search.measure_errors(loaded, planned.plans, progress)
     reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
     weights_before = weight_stats(loaded)
     if apply_plans(loaded, planned.plans):
         loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
-    written = _write(model, loaded, output, external_data)
+    if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
+        quantized = ir.from_proto(quantize.apply(loaded))
+        quantized.meta.update(loaded.meta)
+        quantized.metadata_props["onnx_arsvd.quantize"] = quantize.describe()
+        loaded = quantized
     factored = any(plan.factored for plan in planned.plans)
-    latency_check: list[LatencyComparison] = []
-    if guard is not None and provider is not None and factored:
-        compressed_source = written.output or model_source(loaded)[0]
-        latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {}, loaded,
-                                          progress)
-    verification = None
-    if check:
-        verification = verify(reference, written.output or loaded, data=data, labels=labels, dims=dims,
-                              samples=samples, batch_size=batch_size, progress=progress)
+    with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
+        compressed = written_model.path if written_model is not None else loaded
+        latency_check: list[LatencyComparison] = []
+        if guard is not None and provider is not None and factored:
+            compressed_source = (os.fspath(written_model.path) if written_model is not None
+                                 else model_source(loaded)[0])
+            latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
+                                              loaded, progress)
+        verification = None
+        if check:
+            verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
+                                  batch_size=batch_size, progress=progress)
+        _check_result(verification, search)
+        written = _Written()
+        if written_model is not None:
+            assert output is not None  # _staged writes a model only when there is an output path
+            written_model.place()
+            before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
+            written = _Written(os.fspath(output), before, model_file_bytes(output))
     regressions = LatencyGuard.regressions(latency_check)
     for warning in regressions:
         logger.warning(warning)
@@ -226,15 +308,16 @@ def compress(
                        "(pass --data with real inputs)")
     report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
                            search=search, latency_check=latency_check,
-                           regressions=[f"WARNING: {text}" for text in regressions], verification=verification)
+                           regressions=[f"WARNING: {text}" for text in regressions], verification=verification,
+                           dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
+    if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
+        report.policy = f"budget search: {search.summary()['allocation']}"
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
 
 
-def _write(source: ModelLike, model: ir.Model, output: str | os.PathLike | None, external_data: bool | None) -> _Written:
-    """Save ``model`` to ``output`` (when given) and measure both files."""
-    if output is None:
-        return _Written()
-    save_model(model, output, external_data=external_data)
-    before = model_file_bytes(source) if isinstance(source, (str, os.PathLike)) else None
-    return _Written(os.fspath(output), before, model_file_bytes(output))
+def _shape_feed(source: ModelLike, model: ir.Model, data: DataSource | None, dims: Mapping[str, int]) -> Feed:
+    """A few samples the model really sees (the data's first 8), or one generated one: to observe activation shapes."""
+    if data is not None:
+        return {name: array[:8] for name, array in load_data(data, model)[0].items()}
+    return generated_batches(make_session(model_source(source)[0]), model, dims, samples=1)[0]

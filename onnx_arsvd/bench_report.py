@@ -44,7 +44,8 @@ def format_benchmark(result: BenchmarkResult, markdown: bool = False) -> str:
     style = "github" if markdown else "simple"
     limit = result.dense_flop_ratio
     rows = [[_short(c.provider), c.batch, f"{c.original.median_ms:.4g}", f"{c.compressed.median_ms:.4g}",
-             f"{c.original.p90_ms:.4g} / {c.original.p99_ms:.4g}", f"{c.compressed.p90_ms:.4g} / {c.compressed.p99_ms:.4g}",
+             f"{c.original.p90_ms:.4g} / {c.original.p99_ms:.4g}",
+             f"{c.compressed.p90_ms:.4g} / {c.compressed.p99_ms:.4g}",
              f"{c.compressed.throughput:,.0f}", f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]",
              ", ".join(f"{r:.2f}" for r in c.round_ratios),
              f"{limit:.3f}", f"{(1 - c.ratio) / (1 - limit):.0%}" if limit < 1 else "n/a"]
@@ -77,7 +78,7 @@ def plot_benchmark(result: BenchmarkResult, path: str | os.PathLike) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InvalidInputError("--plot needs matplotlib: pip install 'onnx-arsvd[plot]'") from None
+        raise InvalidInputError("plotting needs matplotlib: pip install 'onnx-arsvd[plot]'") from None
     labels = [f"{_short(c.provider)}\nbatch {c.batch}" for c in result.latency]
     ratios = [c.ratio for c in result.latency]
     figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(labels) + 4.5), 4.0))

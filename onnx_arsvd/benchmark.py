@@ -47,7 +47,8 @@ __all__ = [
     "measure_memory",
 ]
 
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider"}
 _NOT_COMPUTE = frozenset({"AzureExecutionProvider"})  # remote-call provider: no local kernels to time
 
 
@@ -212,13 +213,16 @@ def dense_flop_ratio(original: ir.Model, compressed: ir.Model) -> float:
     return macs(compressed) / before if before else 1.0
 
 
-def batch_feed(session: ort.InferenceSession, model: ir.Model, batch: int, dims: Mapping[str, int], seed: int = 0) -> Feed:
+def batch_feed(session: ort.InferenceSession, model: ir.Model, batch: int, dims: Mapping[str, int],
+               seed: int = 0) -> Feed:
     """One generated feed whose dynamic first dims are ``batch``; fixed dims are respected."""
-    batch_dims = {str(arg.shape[0]): batch for arg in session.get_inputs() if arg.shape and not isinstance(arg.shape[0], int)}
+    batch_dims = {str(arg.shape[0]): batch for arg in session.get_inputs()
+                  if arg.shape and not isinstance(arg.shape[0], int)}
     return generated_batches(session, model, {**dims, **batch_dims}, samples=1, seed=seed)[0]
 
 
-def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed, threads: int = 0) -> tuple[int, int | None]:
+def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed,
+                   threads: int = 0) -> tuple[int, int | None]:
     """(peak RSS, its increase over the process before the session) of a fresh process running ``model_path``.
 
     The increase is None where the kernel would not reset the high-water mark (it would then include
@@ -227,7 +231,8 @@ def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed, thr
     with tempfile.TemporaryDirectory(prefix="onnx-arsvd-memory-") as folder:
         feed_path = Path(folder) / "feed.npz"
         np.savez(feed_path, **feed)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
-        command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path), str(threads)]
+        command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path),
+                   str(threads)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if completed.returncode != 0:
         last = (completed.stderr.strip().splitlines() or ["no output"])[-1]

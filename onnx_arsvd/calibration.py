@@ -12,42 +12,19 @@ layer's Gram matrix is accumulated batch by batch in float64: memory is bounded 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.capture import exposed_model
-from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
-from onnx_arsvd.sessions import make_session
-from onnx_arsvd.verification import Feed, load_data, split_batches
+from onnx_arsvd.data import ArrayReader, CalibrationDataReader, CheckedReader
+from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
-
-
-class CalibrationDataReader(Protocol):
-    """onnxruntime's calibration protocol: feeds until ``get_next()`` returns None."""
-
-    def get_next(self) -> dict[str, np.ndarray] | None: ...
-
-
-class ArrayReader:
-    """A ``CalibrationDataReader`` over an ``.npz`` or a mapping of arrays, in batches of ``batch_size``."""
-
-    def __init__(self, data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession,
-                 batch_size: int = 256) -> None:
-        if isinstance(data, (str, os.PathLike)) and not Path(data).is_file():
-            raise InvalidInputError(f"{os.fspath(data)}: no such calibration file")
-        feed, _ = load_data(data, session)
-        self._batches: Iterator[Feed] = split_batches(feed, session, batch_size)
-
-    def get_next(self) -> Feed | None:
-        return next(self._batches, None)
 
 
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
@@ -55,6 +32,20 @@ def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
     if layer.left != layer.trans_x and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
     return x.astype(np.float64).reshape(-1, layer.shape[0])
+
+
+class _Capture:
+    """A session of the model with the layers' inputs exposed, and how to read each layer's rows from it."""
+
+    def __init__(self, model: ir.Model, layers: Sequence[Layer]) -> None:
+        self.layers = list(layers)
+        serialized, self.by_node = exposed_model(model, self.layers)
+        self.names = list(dict.fromkeys(self.by_node.values()))
+        self.session = make_session(serialized)
+
+    def rows(self, feed: dict[str, np.ndarray]) -> list[tuple[Layer, np.ndarray]]:
+        outputs = dict(zip(self.names, run_session(self.session, self.names, feed), strict=True))
+        return [(layer, _rows(layer, outputs[self.by_node[id(layer.node)]])) for layer in self.layers]
 
 
 def capture_grams(
@@ -68,31 +59,36 @@ def capture_grams(
 
     ``data`` is an ``.npz`` path, a mapping of arrays, or a ``CalibrationDataReader``. Layers
     sharing a weight (same key) add their activations into one Gram matrix, in whichever scopes they
-    are. Layers inside If/Loop/Scan bodies are captured too (:mod:`onnx_arsvd.capture`); a weight
-    whose layers the data never reached (an If branch never taken) gets no Gram matrix, hence plain factors.
+    are. Layers inside If/Loop/Scan bodies are captured too (:mod:`onnx_arsvd.capture`). A weight
+    gets no Gram matrix, hence plain factors, when the data never reached its layers (an If branch
+    never taken), or when exposing body values made onnxruntime fail (a loop whose lifted activation
+    changes shape between iterations): then every weight used in a body is left out, and the rest is
+    captured on the same feeds.
     """
     if not layers:
         return {}
-    serialized, outputs_by_node = exposed_model(model, layers)
-    names = list(dict.fromkeys(outputs_by_node.values()))
-    session = make_session(serialized)
     if isinstance(data, (str, os.PathLike, Mapping)):
-        reader: CalibrationDataReader = ArrayReader(data, session)
-    elif callable(getattr(data, "get_next", None)):
-        reader = data
+        reader: CalibrationDataReader = ArrayReader(data, model)
     else:
-        raise InvalidInputError(f"calibration data must be an .npz path or have get_next(), got {type(data).__name__}")
+        reader = CheckedReader(data, model)
+    capture = _Capture(model, layers)
     grams: dict[WeightKey, np.ndarray] = {}
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
         while (feed := reader.get_next()) is not None:
             try:
-                outputs = dict(zip(names, session.run(names, feed), strict=True))
-            except Exception as error:  # onnxruntime raises its own Fail/InvalidArgument/... types
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise UnsupportedModelError(f"onnxruntime failed on the calibration data: {first_line}") from None
-            for layer in layers:
-                x = _rows(layer, outputs[outputs_by_node[id(layer.node)]])
+                rows = capture.rows(feed)
+            except InvalidInputError:
+                in_bodies = {layer.weight_key for layer in capture.layers if layer.in_subgraph}
+                if not in_bodies:
+                    raise
+                grams = {key: gram for key, gram in grams.items() if key not in in_bodies}
+                kept = [layer for layer in capture.layers if layer.weight_key not in in_bodies]
+                if not kept:
+                    return {}
+                capture = _Capture(model, kept)
+                rows = capture.rows(feed)  # the same feed, without the body values: fails again on bad data
+            for layer, x in rows:
                 grams[layer.weight_key] = grams.get(layer.weight_key, 0.0) + x.T @ x
             batches += 1
             bar.update()

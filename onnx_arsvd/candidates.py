@@ -20,7 +20,9 @@ import onnx_ir as ir
 
 from onnx_arsvd.errors import UnsupportedModelError
 
-__all__ = ["Layer", "Skipped", "WeightKey", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array"]
+__all__ = [
+    "Layer", "Skipped", "WeightKey", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array",
+]
 
 WeightKey = tuple[str, bool]
 """(scope-qualified weight value name, transposed): identifies the matrix a layer multiplies by."""
@@ -103,7 +105,7 @@ class Layer:
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, cols = (int(d) for d in self.tensor.shape)
+        rows, cols = self.tensor.shape.numpy()
         return (cols, rows) if self.transposed else (rows, cols)
 
     @property
@@ -139,28 +141,30 @@ def node_label(node: ir.Node) -> str:
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The tensor behind an initializer or a ``Constant`` node's output, else None."""
+    """The tensor behind an initializer or a ``Constant`` node's output (onnx_ir's lookup), else None."""
     if value is None:
         return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.value
-    return None
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node (no attribute, or several): nothing we can read
+        return None
 
 
-def read_array(value: ir.Value) -> np.ndarray:
-    """The constant's data as numpy (memory-mapped for external data), or a clear error."""
+def _known_tensor(value: ir.Value | None) -> ir.TensorProtocol:
+    """``constant_tensor`` for a value known to be constant; an error names it otherwise."""
     tensor = constant_tensor(value)
     if tensor is None:
-        raise UnsupportedModelError(f"{value.name!r} is not a constant")
+        raise UnsupportedModelError(f"{value.name if value is not None else 'an absent input'!r} is not a constant")
+    return tensor
+
+
+def read_array(value: ir.Value | None) -> np.ndarray:
+    """The constant's data as numpy (memory-mapped for external data), or a clear error."""
+    tensor = _known_tensor(value)
     try:
         return tensor.numpy()
     except (OSError, ValueError) as error:
-        raise UnsupportedModelError(f"cannot read weight {value.name!r}: {error}") from None
+        raise UnsupportedModelError(f"cannot read weight {tensor.name!r}: {error}") from None
 
 
 def _resolve(value: ir.Value | None) -> tuple[ir.Value | None, tuple[ir.Node, ...]]:
@@ -188,16 +192,22 @@ def _fold(source: ir.Value, chain: tuple[ir.Node, ...]) -> ir.TensorProtocol:
         feed = {proto.input[0]: array}
         if node.op_type == "Reshape":
             feed[proto.input[1]] = read_array(node.inputs[1])
-        (array,) = ReferenceEvaluator(proto).run(None, feed)[:1]
-    return ir.tensor(np.asarray(array))
+        outputs = ReferenceEvaluator(proto).run(None, feed)  # a list unless intermediate=True
+        array = np.asarray(outputs[0] if isinstance(outputs, list) else outputs[proto.output[0]])
+    return ir.tensor(array)
 
 
 def _quantized_producer(value: ir.Value | None) -> str | None:
     """The (De)QuantizeLinear op behind ``value``, through any Transpose/Cast/Reshape/Identity chain, else None."""
     producer = value.producer() if value is not None else None
-    while producer is not None and producer.op_type in _CHAIN_OPS and producer.inputs and producer.inputs[0] is not None:
+    while (producer is not None and producer.op_type in _CHAIN_OPS and producer.inputs
+           and producer.inputs[0] is not None):
         producer = producer.inputs[0].producer()
     return producer.op_type if producer is not None and producer.op_type in _QUANTIZED_PRODUCERS else None
+
+
+_Operand = tuple[ir.Value | None, tuple[ir.Node, ...], ir.TensorProtocol | None, str]
+"""What an operand resolves to: (constant source, chain, folded tensor, problem)."""
 
 
 class _Finder:
@@ -212,12 +222,12 @@ class _Finder:
     def skip(self, node: ir.Node, scope: str, reason: str) -> None:
         self.skipped.append(Skipped(_qualified(scope, node_label(node)), node.op_type, reason))
 
-    def weight(self, value: ir.Value) -> tuple[ir.Value | None, tuple[ir.Node, ...], ir.TensorProtocol | None, str]:
+    def weight(self, value: ir.Value | None) -> _Operand:
         """(constant source, chain, folded tensor, problem); source None when the operand is not constant."""
         source, chain = _resolve(value)
-        if source is None:
+        if source is None or value is None:
             return None, (), None, ""
-        stored = constant_tensor(source)
+        stored = _known_tensor(source)
         if stored.dtype not in _FLOAT_TYPES:
             return source, chain, None, f"weight has dtype {stored.dtype.name}; only float weights can be factored"
         if source.is_graph_input() and self.feedable_initializers:
@@ -225,20 +235,24 @@ class _Finder:
         if value.is_graph_output():
             return source, chain, None, "weight is also a graph output"
         folded = _fold(source, chain) if chain else None
-        tensor = folded if folded is not None else stored
+        tensor: ir.TensorProtocol = folded if folded is not None else stored
         if tensor.dtype not in _FLOAT_TYPES:
             return source, chain, None, f"weight is cast to {tensor.dtype.name}; only float weights can be factored"
         if len(tensor.shape) != 2:
             what = " after its Transpose/Cast/Reshape/Identity chain" if chain else ""
-            return source, chain, None, f"weight has {len(tensor.shape)} dimensions{what}; only 2-D weights are factored"
+            return (source, chain, None,
+                    f"weight has {len(tensor.shape)} dimensions{what}; only 2-D weights are factored")
+        if 0 in tensor.shape.numpy():
+            return source, chain, None, f"weight is empty (shape {list(tensor.shape.numpy())}); nothing to factor"
         return source, chain, folded, ""
 
-    def add(self, node: ir.Node, scope: str, weight: ir.Value, chain: tuple[ir.Node, ...],
+    def add(self, node: ir.Node, scope: str, weight: ir.Value | None, chain: tuple[ir.Node, ...],
             folded: ir.TensorProtocol | None, **form: object) -> None:
+        assert weight is not None  # callers pass an operand that resolved to a constant
         weight_scope = self.scopes.get(id(weight.graph), scope)
         storage = None
         if folded is not None and any(n.op_type == "Cast" for n in chain):
-            stored = constant_tensor(chain[0].inputs[0]).dtype
+            stored = _known_tensor(chain[0].inputs[0]).dtype
             storage = stored if stored.itemsize < folded.dtype.itemsize else None
         self.layers.append(Layer(node=node, weight=weight, scope=scope, weight_scope=weight_scope, chain=chain,
                                  folded=folded, storage=storage, **form))  # type: ignore[arg-type]
@@ -280,11 +294,11 @@ class _Finder:
         if problem:
             return self.skip(node, scope, problem)
         weight, chain, folded = (a, a_chain, a_folded) if left else (b, b_chain, b_folded)
-        tensor = folded if folded is not None else constant_tensor(weight)
+        tensor = folded if folded is not None else _known_tensor(weight)
         if bias is not None and not left:  # X @ W + C: C must not vary along the batch rows to fold into an Add
-            problem = _bias_problem(bias, int(tensor.shape[0 if trans_b else 1]))
-            if problem:
-                return self.skip(node, scope, problem)
+            bias_problem = _bias_problem(bias, tensor.shape.numpy()[0 if trans_b else 1])
+            if bias_problem:
+                return self.skip(node, scope, bias_problem)
         if bias is None or beta == 0.0:
             bias, beta = None, 0.0
         transposed, trans_x = (not trans_a, trans_b) if left else (trans_b, trans_a)
@@ -295,14 +309,15 @@ class _Finder:
         """An embedding lookup: Gather on a 2-D float constant table with computed indices; other tables are listed."""
         table, indices = node.inputs[0], node.inputs[1]
         tensor = constant_tensor(table)
-        if tensor is None or len(tensor.shape) != 2 or tensor.dtype not in _FLOAT_TYPES:
+        if table is None or tensor is None or len(tensor.shape) != 2 or tensor.dtype not in _FLOAT_TYPES:
             return  # index or shape arithmetic, not a table of parameters
         if constant_tensor(indices) is not None:
             return self.skip(node, scope, "indices are constants (a constant-folding candidate, not a lookup)")
         if _attr(node, "axis", 0) != 0:
             return self.skip(node, scope, "Gather along axis 1 selects columns, not embedding rows")
         if table.is_graph_input() and self.feedable_initializers:
-            return self.skip(node, scope, "table is also a graph input, so a user may feed another value; left as it is")
+            return self.skip(node, scope,
+                             "table is also a graph input, so a user may feed another value; left as it is")
         if table.is_graph_output():
             return self.skip(node, scope, "table is also a graph output")
         self.add(node, scope, table, (), None, transposed=False, alpha=1.0, bias=None, beta=0.0)
@@ -336,7 +351,7 @@ def _bias_problem(bias: ir.Value, out_features: int) -> str | None:
     tensor = constant_tensor(bias)
     if tensor is None:
         return "bias C is not a constant"
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tensor.shape.numpy()
     if np.prod(shape, dtype=np.int64) not in (1, out_features) or any(d != 1 for d in shape[:-1]):
         return f"bias C of shape {shape} varies along the batch rows; only (n,), (1, n) or a scalar fold"
     return None

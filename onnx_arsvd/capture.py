@@ -3,8 +3,9 @@
 onnxruntime returns only a model's graph outputs, so a value computed in a body is lifted scope by
 scope: it becomes an extra output of its body and of the node that owns the body. For a ``Loop`` or
 ``Scan`` body the extra output is a scan output (one slice per iteration, stacked); for an ``If``
-branch the other branches output an empty tensor of the same dtype and rank (its rows add nothing to a
-Gram matrix), so whichever branch runs, the If's extra output holds exactly the rows that branch saw.
+branch the other branch outputs rows of zeros (they add nothing to a Gram matrix): zeros shaped like
+the value when that branch can see it, else an empty tensor of the same dtype and rank. Whichever
+branch runs, the If's extra output holds exactly the rows the layer saw.
 The model is a clone; the original is not touched.
 """
 
@@ -55,6 +56,20 @@ class _Lifter:
         body.append(ir.Node("", "Identity", [value], outputs=[out]))
         body.outputs.append(out)
 
+    def _nothing(self, branch: ir.Graph, value: ir.Value, visible: bool, features: int, feature_axis: int) -> None:
+        """An output of ``branch`` that adds no rows: zeros shaped like ``value`` when the branch can see it
+        (so a loop stacking it gets one shape every iteration), else an empty tensor of its rank."""
+        out = ir.Value(name=self.name(value.name or "nothing"), type=value.type)
+        if visible:
+            shape = ir.Value(name=self.name(f"{value.name}/shape"))
+            zero = ir.tensor(np.zeros(1, _empty_like(value, features, feature_axis).dtype))
+            branch.append(ir.Node("", "Shape", [value], outputs=[shape]))
+            branch.append(ir.Node("", "ConstantOfShape", [shape], [ir.AttrTensor("value", zero)], outputs=[out]))
+        else:
+            empty = ir.tensor(_empty_like(value, features, feature_axis))
+            branch.append(ir.Node("", "Constant", [], [ir.AttrTensor("value", empty)], outputs=[out]))
+        branch.outputs.append(out)
+
     def lift(self, value: ir.Value, graph: ir.Graph | None, features: int, feature_axis: int) -> ir.Value:
         """The main-graph value that carries the rows ``value`` has when ``graph`` (a body that uses it) runs.
 
@@ -67,14 +82,11 @@ class _Lifter:
             if owner.op_type == "If":
                 for attr in owner.attributes.values():
                     if attr.type == ir.AttributeType.GRAPH and attr.value is not graph:
-                        empty = ir.Value(name=self.name(value.name or "empty"), type=value.type)
-                        tensor = ir.tensor(_empty_like(value, features, feature_axis))
-                        attr.value.append(ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], outputs=[empty]))
-                        attr.value.outputs.append(empty)
+                        self._nothing(attr.value, value, value.graph is not graph, features, feature_axis)
             elif owner.op_type == "Scan":
                 for name in ("scan_output_axes", "scan_output_directions"):
-                    if (attr := owner.attributes.get(name)) is not None:
-                        owner.attributes[name] = ir.AttrInt64s(name, [*attr.value, 0])
+                    if (axes := owner.attributes.get(name)) is not None:
+                        owner.attributes[name] = ir.AttrInt64s(name, [*axes.value, 0])
             owner.resize_outputs(len(owner.outputs) + 1)
             value = owner.outputs[-1]
             value.name, value.type = self.name(owner.name or owner.op_type), graph.outputs[-1].type
@@ -99,6 +111,7 @@ def exposed_model(model: ir.Model, layers: Sequence[Layer]) -> tuple[bytes, dict
     for layer in layers:
         twin = twins[_key(layer)]
         value = twin.node.inputs[1 if twin.left else 0]
+        assert value is not None  # a layer's activation input is never absent
         axis = -2 if twin.left != twin.trans_x else -1
         key = (id(value), id(twin.node.graph), axis)
         if key not in lifted:
@@ -106,5 +119,5 @@ def exposed_model(model: ir.Model, layers: Sequence[Layer]) -> tuple[bytes, dict
             if id(lifted[key]) not in present:
                 clone.graph.outputs.append(lifted[key])
                 present.add(id(lifted[key]))
-        names[id(layer.node)] = lifted[key].name
+        names[id(layer.node)] = lifted[key].name or ""
     return ir.to_proto(clone).SerializeToString(), names

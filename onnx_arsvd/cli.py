@@ -1,19 +1,20 @@
 """The ``onnx-arsvd`` command line: inspect | compress | verify.
 
-``main(argv) -> int`` never raises for bad input: our errors become one line on stderr, exit 2 for
-a usage error (bad argument, missing file), 1 for a model that cannot be handled. Heavy imports
-(onnx, onnxruntime) happen inside the handlers so ``--help`` stays instant.
+``main(argv) -> int`` never lets a traceback reach the user: every error is one line on stderr, exit 2
+for a usage error (bad argument, path or data), 1 for a model that cannot be handled or a failed run,
+130 for Ctrl-C; ``--debug`` also prints the traceback. Every output path is checked against every
+input path before any work. Heavy imports (onnx, onnxruntime) happen inside the handlers so
+``--help`` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
-import os
 import sys
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
+import traceback
+from collections.abc import Iterable, Sequence
 
 from onnx_arsvd.errors import ArsvdError, InvalidInputError
 
@@ -37,7 +38,8 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-rank-fraction", type=float, default=0.8, metavar="F",
                        help="factor a layer only if rank <= F * m*n/(m+n) (default 0.8: demand a real saving)")
     group.add_argument("--min-params", type=int, default=4096, metavar="N",
-                       help="leave weights with fewer than N parameters dense (default 4096; heads are often this small)")
+                       help="leave weights with fewer than N parameters dense "
+                            "(default 4096; heads are often this small)")
     group.add_argument("--method", choices=["svd", "whitened", "lp"],
                        help="svd: minimise the weight error; whitened: minimise the layer's output error on "
                             "--calibration inputs; lp: robust l_p fit of the weight's rows, see --p "
@@ -51,6 +53,9 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--factor-heads", action="store_true",
                        help="also factor layers that feed a graph output (classifier heads); the default does so "
                             "only with --data or --calibration, real inputs that check them")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="factor N weights at once, one BLAS thread each, N capped at the cores (default 1); "
+                            "the output is the same whatever N")
     group.add_argument("--include", action="append", default=[], metavar="GLOB",
                        help="only layers whose node or weight name matches (repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -86,42 +91,63 @@ def _add_bench_options(parser: argparse.ArgumentParser) -> None:
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
-    parser.add_argument("--report", metavar="PATH", help="also write the report to PATH: Markdown if it ends in .md, else JSON")
+    parser.add_argument("--report", metavar="PATH",
+                        help="also write the report to PATH: Markdown if it ends in .md, else JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its three subcommands."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error instead of one line")
     parser = argparse.ArgumentParser(
-        prog="onnx-arsvd", description="Factor the dense layers of an ONNX model with adaptive-rank SVD."
+        prog="onnx-arsvd", description="Factor the dense layers of an ONNX model with adaptive-rank SVD.",
+        parents=[debug],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    inspect = commands.add_parser("inspect", help="list the factorable layers and what the policy would do")
+    inspect = commands.add_parser("inspect", parents=[debug],
+                                  help="list the factorable layers and what the policy would do")
     inspect.add_argument("model", help="the ONNX model to read (never modified)")
     _add_policy_options(inspect)
     _add_output_options(inspect)
 
-    compress = commands.add_parser("compress", help="factor the dense layers, write the model, verify it")
+    compress = commands.add_parser("compress", parents=[debug],
+                                   help="factor the dense layers, write the model, verify it")
     compress.add_argument("model", help="the ONNX model to compress (never modified)")
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
     compress.add_argument("--external-data", action="store_true",
-                          help="always write weights as external data (automatic above 1.8 GB or when the input has it)")
+                          help="always write weights as external data "
+                               "(automatic above 1.8 GB or when the input has it)")
     compress.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     compress.add_argument("--bench", action="store_true", help="benchmark the original and the written model")
     budget = compress.add_argument_group("budget: the fewest parameters within an accuracy budget (splits --data)")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
                         help="at most this many accuracy points lost (needs labels in --data or --labels)")
-    budget.add_argument("--min-cosine", type=float, help="mean cosine of every output with the original's at least this")
+    budget.add_argument("--min-cosine", type=float,
+                        help="mean cosine of every output with the original's at least this")
     budget.add_argument("--target-params", type=float, metavar="F",
                         help="keep at most this fraction of the dense-layer parameters, as accurately as possible")
     budget.add_argument("--holdout", type=float, default=0.4,
                         help="share of --data held out to report on, never used to choose ranks (default 0.4)")
+    budget.add_argument("--allocation", choices=["global", "threshold"], default="global",
+                        help="global (default): every layer's rank from one knapsack over the layers' loss curves; "
+                             "threshold: one output-energy threshold for all layers")
+    budget.add_argument("--rank-multiple", type=int, default=8, metavar="Q",
+                        help="ranks in multiples of Q, finer for small layers (default 8: CPU kernels' preference)")
+    budget.add_argument("--sequential", action="store_true",
+                        help="refit each candidate's factors layer by layer on the partially compressed model "
+                             "(slower: one activation pass per layer input; global allocation only)")
+    compress.add_argument("--quantize", choices=["int8", "int4"],
+                          help="quantize the factored model with onnxruntime: int8 dynamic (reduce_range without "
+                               "VNNI) or int4 weight-only MatMulNBits; under a budget every candidate is quantized")
     compress.add_argument("--guard", choices=["latency"],
                           help="latency: keep each layer dense where factoring it is not faster on --target, "
                                "then time the whole model (batch sizes from --batch)")
-    compress.add_argument("--target", default="cpu", help="execution provider the guard times on: cpu (default), cuda, ...")
+    compress.add_argument("--target", default="cpu",
+                          help="execution provider the guard times on: cpu (default), cuda, ...")
     compress.add_argument("--guard-seconds", type=float, default=0.3,
                           help="minimum measuring time per layer and batch size (default 0.3)")
     compress.add_argument("--guard-margin", type=float, default=0.0, metavar="M",
@@ -132,15 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_options(compress)
     _add_output_options(compress)
 
-    verify = commands.add_parser("verify", help="compare a compressed model with its original in onnxruntime")
+    verify = commands.add_parser("verify", parents=[debug],
+                                 help="compare a compressed model with its original in onnxruntime")
     verify.add_argument("original", help="the reference model")
     verify.add_argument("compressed", help="the model to compare with it")
     _add_data_options(verify)
     _add_batch_size_option(verify)
-    verify.add_argument("--providers", help="execution providers to verify on, comma-separated: cpu (default), cuda, ...")
+    verify.add_argument("--providers",
+                        help="execution providers to verify on, comma-separated: cpu (default), cuda, ...")
     _add_output_options(verify)
 
-    bench = commands.add_parser("bench", help="latency, memory and accuracy of both models on every execution provider")
+    bench = commands.add_parser("bench", parents=[debug],
+                                help="latency, memory and accuracy of both models on every execution provider")
     bench.add_argument("original", help="the reference model")
     bench.add_argument("compressed", help="the model to compare with it")
     _add_data_options(bench)
@@ -213,7 +242,8 @@ def _budget(args: argparse.Namespace):
         return budget
 
     return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
-                  holdout=args.holdout)
+                  holdout=args.holdout, allocation=args.allocation, rank_multiple=args.rank_multiple,
+                  sequential=args.sequential)
 
 
 def _dims(pairs: Sequence[str]) -> dict[str, int]:
@@ -232,17 +262,23 @@ def _version() -> str:
     return __version__
 
 
-def _check_report_path(path: str | None) -> None:
-    if path and not Path(path).parent.is_dir():
-        raise InvalidInputError(f"{Path(path).parent}: report folder does not exist")
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every output path writable and clashing with no input or other output, before any work."""
+    from onnx_arsvd.model_io import external_data_files, load_model
+    from onnx_arsvd.output import PathLike, check_paths
 
-
-def _write_text(path: str, text: str) -> None:
-    """Write atomically: a temporary file beside ``path``, then rename."""
-    descriptor, temporary = tempfile.mkstemp(prefix=".onnx-arsvd-", dir=Path(path).parent)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text + "\n")
-    os.replace(temporary, path)
+    models = [args.model] if args.command in ("inspect", "compress") else [args.original, args.compressed]
+    inputs: dict[str, PathLike | Iterable[PathLike] | None] = {}
+    for index, model in enumerate(models):
+        label = "input model" if len(models) == 1 else ("original model", "compressed model")[index]
+        inputs[label] = model
+        inputs[f"{label}'s external data"] = external_data_files(load_model(model))
+    for option in ("data", "labels", "calibration"):
+        inputs[f"--{option}"] = getattr(args, option, None)
+    outputs = {"-o": getattr(args, "output", None), "--report": args.report, "--plot": getattr(args, "plot", None)}
+    check_paths(outputs, inputs)
+    if outputs["--plot"] and importlib.util.find_spec("matplotlib") is None:
+        raise InvalidInputError("--plot needs matplotlib: pip install 'onnx-arsvd[plot]'")
 
 
 def _batches(text: str) -> list[int]:
@@ -271,7 +307,9 @@ def _bench(args: argparse.Namespace, original: str, compressed: str):
 
 def _emit(args: argparse.Namespace, human: str, markdown: str, machine: str) -> None:
     if args.report:
-        _write_text(args.report, markdown if args.report.endswith(".md") else machine)
+        from onnx_arsvd.output import write_text
+
+        write_text(args.report, markdown if args.report.endswith(".md") else machine)
     print(machine if args.json else markdown if args.markdown else human)
 
 
@@ -281,13 +319,13 @@ def _run(args: argparse.Namespace) -> int:
     from onnx_arsvd import api
     from onnx_arsvd.report import format_report, format_verification, report_to_json, verification_to_dict
 
-    _check_report_path(args.report)
+    _check_paths(args)
     if args.command == "inspect":
         report = api.inspect_model(args.model, policy=_policy(args), include=args.include, exclude=args.exclude,
                                    max_rank_fraction=args.max_rank_fraction, min_params=args.min_params,
                                    method=args.method or "svd", calibration=args.calibration, lp_power=args.p,
                                    embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, jobs=args.jobs)
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
@@ -305,12 +343,14 @@ def _run(args: argparse.Namespace) -> int:
                                  model_seconds=args.seconds)
         args.budget = _budget(args)
         _, report = api.compress(
-            args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include, exclude=args.exclude,
+            args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include,
+            exclude=args.exclude,
             max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
-            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args), factor_heads=_factor_heads(args),
+            calibration=args.calibration, lp_power=args.p, embedding_policy=_embedding_policy(args),
+            factor_heads=_factor_heads(args),
             external_data=True if args.external_data else None, check=not args.no_verify, progress=not args.quiet,
             data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
-            batch_size=args.batch_size, guard=guard,
+            batch_size=args.batch_size, guard=guard, jobs=args.jobs, quantize=args.quantize,
         )
         human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
         if args.bench:
@@ -347,8 +387,9 @@ def _run(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace, result) -> None:
     if args.plot:
         from onnx_arsvd.bench_report import plot_benchmark
+        from onnx_arsvd.output import write_file
 
-        plot_benchmark(result, args.plot)
+        write_file(args.plot, lambda temporary: plot_benchmark(result, temporary), "plot")
 
 
 class _StderrHandler(logging.Handler):
@@ -368,22 +409,38 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.WARNING)
 
 
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"onnx-arsvd: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    _log_to_stderr()
-    parser = build_parser()
+    """Run the CLI; returns the exit status. Every error is one line on stderr (``--debug``: the traceback)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
+        _log_to_stderr()
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
         return _run(args)
-    except InvalidInputError as error:
-        print(f"onnx-arsvd: error: {error}", file=sys.stderr)
-        return 2
-    except ArsvdError as error:
-        print(f"onnx-arsvd: error: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("onnx-arsvd: interrupted", file=sys.stderr)
         return 130
+    except InvalidInputError as error:
+        return _fail(str(error), 2, debug)
+    except ArsvdError as error:
+        return _fail(str(error), 1, debug)
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        return _fail(f"{where}{error.strerror or error}", 1, debug)
+    except MemoryError:
+        return _fail("out of memory", 1, debug)
+    except Exception as error:  # a bug: still one line, with the way to see more
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return _fail(f"internal error ({type(error).__name__}{': ' + first if first else ''}); "
+                     "run again with --debug for the traceback", 1, debug)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ArsvdError", "InvalidInputError", "UnsupportedModelError"]
+__all__ = ["ArsvdError", "InvalidInputError", "OutputError", "UnsupportedModelError"]
 
 
 class ArsvdError(Exception):
@@ -15,3 +15,7 @@ class InvalidInputError(ArsvdError):
 
 class UnsupportedModelError(ArsvdError):
     """The model cannot be read, or has nothing this tool can compress."""
+
+
+class OutputError(ArsvdError):
+    """The output could not be written, or the written model failed its checks: nothing was placed."""

@@ -19,13 +19,16 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnx_arsvd.benchmark import batch_feed, compare_latency, discover_providers, timed_rounds
-from onnx_arsvd.candidates import Layer, read_array
+from onnx_arsvd.candidates import Layer, find_layers, read_array
+from onnx_arsvd.capture import exposed_model
+from onnx_arsvd.data import Feed
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.plan import WeightPlan
+from onnx_arsvd.plan import WeightPlan, dense_decision
 from onnx_arsvd.results import LatencyComparison, LayerTiming
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session, run_session
 
-__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LayerTiming", "activation_rows", "guard_verdict", "time_layer"]
+__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "activation_rows", "guard_verdict", "observed_rows", "time_layer"]
 
 DEFAULT_MARGIN = 0.0
 
@@ -41,8 +44,24 @@ def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float =
             f"({worst.factored_ms:.3g} vs {worst.dense_ms:.3g} ms)")
 
 
+def observed_rows(model: ir.Model, layers: Sequence[Layer], feed: Feed) -> dict[int, float]:
+    """Rows of X each main-graph layer multiplies per sample, seen in one onnxruntime run on ``feed``.
+
+    Keyed by ``id(layer.node)``. Graph shapes are often symbolic or missing (a sequence length named
+    ``Reshape_470_o0__d2``, 197 patches of a ViT): the real activation is the only reliable count.
+    """
+    layers = [layer for layer in layers if layer.node.graph is model.graph]
+    if not layers or not feed:
+        return {}
+    serialized, names = exposed_model(model, layers)
+    wanted = list(dict.fromkeys(names.values()))
+    outputs = dict(zip(wanted, run_session(make_session(serialized), wanted, feed), strict=True))
+    samples = len(next(iter(feed.values())))
+    return {id(layer.node): outputs[names[id(layer.node)]].size / layer.shape[0] / samples for layer in layers}
+
+
 def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
-    """Rows of X the layer multiplies per call: batch times the activation's inner dims."""
+    """Rows of X the layer multiplies per call, from the graph's shapes: batch times the activation's inner dims."""
     x = layer.node.inputs[0]
     shape = x.shape if x is not None else None
     if shape is None or len(shape) < 2:
@@ -51,50 +70,29 @@ def activation_rows(layer: Layer, batch: int, dims: Mapping[str, int]) -> int:
     return batch * int(np.prod(inner, dtype=np.int64))
 
 
-def _single_layer_model(nodes: list[ir.Node], x: ir.Value, y: ir.Value, initializers: list[ir.Value]) -> bytes:
-    graph = ir.Graph([x], [y], nodes=nodes, initializers=initializers, opset_imports={"": 17})
-    return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
-
-
-def _constant(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, const_value=ir.tensor(array, name=name))
-
-
 def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, bytes]:
-    """The layer as it is (its own op and attributes) and as MatMul -> MatMul [-> Add]."""
-    dtype = layer.dtype
+    """The layer alone as it is (its own op and attributes), and that model after the rewrite itself.
+
+    The factored form comes from :func:`onnx_arsvd.rewrite.apply_plans`, the very code that rewrites the
+    whole model, so what is timed cannot drift from what is written.
+    """
     m, n = layer.shape
-    np_dtype = dtype.numpy()
-
-    def tensor_value(name: str) -> ir.Value:
-        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(["rows", m if name == "x" else n]))
-
-    x, y = tensor_value("x"), tensor_value("y")
-    weight = _constant("w", read_array(layer.weight))
-    inputs = [x, weight]
-    initializers = [weight]
+    x = ir.Value(name="x", type=ir.TensorType(layer.dtype), shape=ir.Shape(["rows", m]))
+    y = ir.Value(name="y", type=ir.TensorType(layer.dtype), shape=ir.Shape(["rows", n]))
+    weight = ir.Value(name="w", const_value=ir.tensor(read_array(layer.weight), name="w"))
+    inputs, initializers = [x, weight], [weight]
     if layer.op_type == "Gemm" and layer.bias is not None:
-        bias = _constant("c", read_array(layer.bias))
+        bias = ir.Value(name="c", const_value=ir.tensor(read_array(layer.bias), name="c"))
         inputs.append(bias)
         initializers.append(bias)
-    attributes = [a_ for a_ in layer.node.attributes.values()]
-    dense = _single_layer_model([ir.Node("", layer.op_type, inputs, attributes, outputs=[y])], x, y, initializers)
-
-    x2, y2 = tensor_value("x"), tensor_value("y")
-    a_value, b_value = _constant("a", (layer.alpha * a).astype(np_dtype)), _constant("b", b.astype(np_dtype))
-    low = ir.Value(name="low")
-    nodes = [ir.Node("", "MatMul", [x2, a_value], outputs=[low])]
-    initializers = [a_value, b_value]
-    if layer.bias is None:
-        nodes.append(ir.Node("", "MatMul", [low, b_value], outputs=[y2]))
-    else:
-        folded = layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (n,))
-        bias_value = _constant("c", folded.astype(np_dtype))
-        product = ir.Value(name="product")
-        nodes += [ir.Node("", "MatMul", [low, b_value], outputs=[product]),
-                  ir.Node("", "Add", [product, bias_value], outputs=[y2])]
-        initializers.append(bias_value)
-    return dense, _single_layer_model(nodes, x2, y2, initializers)
+    node = ir.Node("", layer.op_type, inputs, list(layer.node.attributes.values()), outputs=[y])
+    graph = ir.Graph([x], [y], nodes=[node], initializers=initializers, opset_imports={"": 17})
+    model = ir.Model(graph, ir_version=8)
+    dense = ir.to_proto(model).SerializeToString()
+    (twin,), _ = find_layers(model)
+    decision = dataclasses.replace(dense_decision(twin, ""), rank=a.shape[1], factored=True)
+    apply_plans(model, [WeightPlan(layers=[twin], rank=a.shape[1], decisions=[decision], factors=(a, b))])
+    return dense, ir.to_proto(model).SerializeToString()
 
 
 def time_layer(
@@ -106,13 +104,19 @@ def time_layer(
     dims: Mapping[str, int],
     threads: int = 0,
     min_seconds: float = 0.3,
+    rows_per_sample: float | None = None,
 ) -> list[LayerTiming]:
-    """Median latency of the layer dense and factored, at each batch size, on ``provider``."""
+    """Median latency of the layer dense and factored, at each batch size, on ``provider``.
+
+    Each call multiplies ``batch x rows_per_sample`` rows when that was observed, else the rows the
+    graph's shapes give.
+    """
     dense_model, factored_model = _layer_models(layer, *factors)
     rng = np.random.default_rng(0)
     timings = []
     for batch in batches:
-        rows = activation_rows(layer, batch, dims)
+        rows = (max(1, round(batch * rows_per_sample)) if rows_per_sample is not None
+                else activation_rows(layer, batch, dims))
         feed = {"x": rng.standard_normal((rows, layer.shape[0])).astype(layer.dtype.numpy())}
         rounds = timed_rounds(dense_model, factored_model, feed, provider=provider, threads=threads,
                               min_seconds=min_seconds, min_runs=10)
@@ -145,17 +149,22 @@ class LatencyGuard:
         try:
             return discover_providers([self.target])[0][0]
         except InvalidInputError as error:
-            raise InvalidInputError(f"--target {self.target}: {error}") from None
+            raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
 
-    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False) -> None:
-        """Time every factored plan's layer; keep it dense where factoring is not faster."""
+    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False,
+              rows: Mapping[int, float] | None = None) -> None:
+        """Time every factored plan's layer; keep it dense where factoring is not faster.
+
+        ``rows`` (from :func:`observed_rows`) gives each layer's real activation rows per sample.
+        """
         # only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
         # weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all)
         factored = [plan for plan in plans if plan.factored and plan.factors is not None
                     and all(layer.is_plain for layer in plan.layers)]
         for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
             timings = tuple(time_layer(plan.layers[0], plan.factors, provider=provider, batches=self.batches,
-                                       dims=dims, threads=self.threads, min_seconds=self.layer_seconds))
+                                       dims=dims, threads=self.threads, min_seconds=self.layer_seconds,
+                                       rows_per_sample=(rows or {}).get(id(plan.layers[0].node))))
             reason = guard_verdict(timings, provider, self.margin)
             plan.decisions = [dataclasses.replace(d, factored=not reason, reason=reason, timings=timings)
                               for d in plan.decisions]

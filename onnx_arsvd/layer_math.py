@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnx_arsvd.candidates import Layer, constant_tensor
+from onnx_arsvd.candidates import Layer, read_array
 
 __all__ = ["folded_bias", "storage_problem", "stored_factors"]
 
@@ -25,9 +25,16 @@ _MAX = {
 
 
 def stored_factors(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first, second) in float64, alpha folded, oriented as the rewritten nodes multiply."""
-    root = float(np.sqrt(abs(layer.alpha)))
-    first, second = np.asarray(a, np.float64) * (root if layer.alpha >= 0 else -root), np.asarray(b, np.float64) * root
+    """(first, second), alpha folded in float64, oriented as the rewritten nodes multiply.
+
+    With alpha = 1 the factors are returned as they are (no float64 copy of a large weight's factors).
+    """
+    if layer.alpha == 1:
+        first, second = a, b
+    else:
+        root = float(np.sqrt(abs(layer.alpha)))
+        first = np.asarray(a, np.float64) * (root if layer.alpha >= 0 else -root)
+        second = np.asarray(b, np.float64) * root
     return (first.T, second.T) if layer.left else (first, second)
 
 
@@ -36,8 +43,7 @@ def folded_bias(layer: Layer) -> np.ndarray | None:
     C in its own Gemm (a constant first operand: the bias is added along columns there)."""
     if layer.bias is None or layer.left:
         return None
-    tensor = constant_tensor(layer.bias)
-    return layer.beta * np.broadcast_to(tensor.numpy().astype(np.float64).reshape(-1), (layer.shape[1],))
+    return layer.beta * np.broadcast_to(read_array(layer.bias).astype(np.float64).reshape(-1), (layer.shape[1],))
 
 
 def storage_problem(layer: Layer, a: np.ndarray, b: np.ndarray) -> str:

@@ -22,7 +22,8 @@ from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers
 from onnx_arsvd.settings import Settings
 
-__all__ = ["HEAD_REASON", "ModelPlan", "PlanMemo", "feeds_graph_output", "plan_model"]
+__all__ = ["HEAD_REASON", "LayerSelection", "ModelPlan", "PlanMemo", "feeds_graph_output", "plan_model",
+           "select_layers"]
 
 HEAD_REASON = "feeds a graph output (a head): kept dense without real data to check it (pass --data, or --factor-heads)"
 
@@ -61,7 +62,8 @@ class ModelPlan:
 
     def decisions(self) -> list[LayerDecision]:
         """Every layer's decision, in graph order."""
-        rows = [(layer, decision) for plan in self.plans for layer, decision in zip(plan.layers, plan.decisions)]
+        rows = [(layer, decision) for plan in self.plans
+                for layer, decision in zip(plan.layers, plan.decisions, strict=True)]
         rows += self.excluded
         rows.sort(key=lambda row: self.order[id(row[0].node)])
         return [decision for _, decision in rows]
@@ -76,7 +78,8 @@ class ModelPlan:
 def _keep_heads_dense(plans: list[WeightPlan]) -> None:
     """Leave dense every weight that would be factored but feeds a graph output (a classifier head)."""
     for plan in plans:
-        if plan.factored and not plan.layers[0].is_embedding and any(feeds_graph_output(l.node) for l in plan.layers):
+        if (plan.factored and not plan.layers[0].is_embedding
+                and any(feeds_graph_output(layer.node) for layer in plan.layers)):
             plan.decisions = [dataclasses.replace(d, factored=False, reason=HEAD_REASON) for d in plan.decisions]
             plan.factors = None
 
@@ -94,15 +97,19 @@ def no_layer_message(skipped: Sequence[Skipped]) -> str:
             + (f"; passed over: {'; '.join(reasons)}" if reasons else "; the model has no MatMul, Gemm or Gather"))
 
 
-def plan_model(
-    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None,
-    allow_empty: bool = False,
-) -> ModelPlan:
-    """Every layer's plan under ``settings``; a model without any layer is an error unless ``allow_empty``.
+@dataclass(frozen=True)
+class LayerSelection:
+    """A model's layers sorted by what happens to them, before any weight is decomposed."""
 
-    Whitened plans capture their Gram matrices unless ``memo`` has them; a ``memo`` also keeps every
-    spectrum, so later plans of the same model (reloads included) decompose no weight again.
-    """
+    dense: list[Layer]
+    embeddings: list[Layer]
+    excluded: list[tuple[Layer, str]]
+    skipped: list[Skipped]
+    order: dict[int, int]
+
+
+def select_layers(model: ir.Model, settings: Settings, *, allow_empty: bool = False) -> LayerSelection:
+    """Find the factorable layers; set aside those excluded by name (and embedding tables without a policy)."""
     layers, skipped = find_layers(model)
     if not layers and not allow_empty:
         raise UnsupportedModelError(no_layer_message(skipped))
@@ -112,6 +119,21 @@ def plan_model(
     if settings.embedding_policy is None:
         excluded += [(layer, "embedding table: factored only with --embedding-tau") for layer in embeddings]
         embeddings = []
+    order = {id(layer.node): index for index, layer in enumerate(layers)}
+    return LayerSelection(dense, embeddings, excluded, skipped, order)
+
+
+def plan_model(
+    model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None,
+    allow_empty: bool = False,
+) -> ModelPlan:
+    """Every layer's plan under ``settings``; a model without any layer is an error unless ``allow_empty``.
+
+    Whitened plans capture their Gram matrices unless ``memo`` has them; a ``memo`` also keeps every
+    spectrum, so later plans of the same model (reloads included) decompose no weight again.
+    """
+    selection = select_layers(model, settings, allow_empty=allow_empty)
+    dense, embeddings, excluded = selection.dense, selection.embeddings, selection.excluded
     grams = memo.grams if memo is not None else None
     if settings.method == "whitened" and dense and grams is None and settings.calibration is not None:
         grams = capture_grams(model, dense, settings.calibration, progress=progress)
@@ -119,17 +141,18 @@ def plan_model(
             memo.grams = grams
     plan = functools.partial(plan_layers, max_rank_fraction=settings.max_rank_fraction,
                              min_params=settings.min_params, with_factors=with_factors,
-                             cache=memo.spectra if memo is not None else None, progress=progress,
+                             cache=memo.spectra if memo is not None else None, progress=progress, jobs=settings.jobs,
                              lp_power=settings.lp_power if settings.method == "lp" else None)
     plans = plan(dense, settings.policy, grams=grams if settings.method == "whitened" else None)
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten
         plans += plan(embeddings, settings.embedding_policy)
     if not settings.factor_heads:
         _keep_heads_dense(plans)
-    order = {id(layer.node): index for index, layer in enumerate(layers)}
     notes = []
-    if settings.method == "whitened" and grams is not None and (unseen := {layer.weight_key for layer in dense} - set(grams)):
-        notes.append(f"note: the calibration data never reached {len(unseen)} weight(s) (an If branch not taken?); "
-                     f"they got plain SVD factors: {', '.join(sorted(key[0] for key in unseen))}")
-    return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], skipped, order,
-                     notes)
+    if (settings.method == "whitened" and grams is not None
+            and (unseen := {layer.weight_key for layer in dense} - set(grams))):
+        notes.append(f"note: no activations were captured for {len(unseen)} weight(s) (an If branch the data never "
+                     "takes, or a loop body whose activations change shape between iterations); they got plain SVD "
+                     f"factors: {', '.join(sorted(key[0] for key in unseen))}")
+    return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], selection.skipped,
+                     selection.order, notes)

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import scipy.linalg
+import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
-from onnx_arsvd.factorize import Spectrum, factors_at_rank, lp_factors, spectrum, whitened_spectrum
+from onnx_arsvd.factorize import (
+    MIN_RANDOMIZED_DIM,
+    Need,
+    Spectrum,
+    decompose,
+    factors_at_rank,
+    lp_factors,
+    seed_for,
+    whitened_spectrum,
+)
 from onnx_arsvd.layer_math import storage_problem
-from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept
+from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept, energy_rank_bounds
 from onnx_arsvd.results import LayerTiming
+from onnx_arsvd.threads import job_count, single_threaded_blas
 
 __all__ = [
     "DEFAULT_MAX_RANK_FRACTION",
@@ -27,7 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RANK_FRACTION = 0.8
-"""Factor only at k <= 0.8 m*n/(m+n): ranks near break-even ran 1.15x slower at batch 1 (benchmarks/latency_table.py)."""
+"""Factor only at k <= 0.8 m*n/(m+n): ranks near break-even ran 1.15x slower at batch 1
+(benchmarks/latency_table.py)."""
 
 DEFAULT_MIN_PARAMS = 4096
 """Leave weights under 64 x 64 dense: they save a few KiB, add an operator's fixed cost, and are most
@@ -55,6 +68,11 @@ class LayerDecision:
     """Latency-guard measurements, when the guard ran."""
     measured_error: float | None = None
     """Relative output error ||X(W - AB)|| / ||XW|| on held-out activations, when a budget measured it."""
+    solver: str = ""
+    """How the spectrum was computed (LAPACK driver or randomized basis size, and the dtype)."""
+    note: str = ""
+    """What the reader should know of this row: a rank chosen on a randomized spectrum that may differ
+    from the exact one (and by how much at most), an l_p fit stopped at its iteration cap."""
 
     @property
     def predicted_error(self) -> float:
@@ -78,7 +96,8 @@ class LayerDecision:
 
 @dataclass
 class WeightPlan:
-    """One weight matrix, the nodes that use it, its rank and (when factored) its float64 factors."""
+    """One weight matrix, the nodes that use it, its rank and (when factored) its factors (float32, or float64
+    for a float64 weight)."""
 
     layers: list[Layer]
     rank: int
@@ -88,6 +107,10 @@ class WeightPlan:
     @property
     def factored(self) -> bool:
         return self.decisions[0].factored
+
+
+LP_MAX_ITER = 50
+"""Iterations of the l_p fit before it stops unconverged (and the layer's row says so)."""
 
 
 def dense_decision(layer: Layer, reason: str) -> LayerDecision:
@@ -116,11 +139,118 @@ def _weight_matrix(layer: Layer) -> np.ndarray:
     return array
 
 
+def _release(layer: Layer) -> None:
+    """Unmap a weight read from external data, so its pages stop counting in this process's memory
+    (onnx_ir maps it again if it is read later)."""
+    tensor = layer.tensor
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # an array still views the mapping: it stays until that array goes
+            pass
+
+
 def _group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
     groups: dict[WeightKey, list[Layer]] = {}
     for layer in layers:
         groups.setdefault(layer.weight_key, []).append(layer)
     return list(groups.values())
+
+
+def _cap(shape: tuple[int, int], max_rank_fraction: float) -> int:
+    """The largest rank at which a layer of this shape is factored."""
+    return math.floor(max_rank_fraction * break_even_rank(shape) + 1e-9)
+
+
+def _rank_note(spec: Spectrum, policy: RankPolicy, rank: int, shape: tuple[int, int]) -> str:
+    """How far a rank chosen on a randomized (partial) spectrum may be from the exact one; "" when exact."""
+    need = policy.need(shape)
+    if spec.exact or need.energy is None:
+        return ""
+    low, high = energy_rank_bounds(spec.s, spec.energy, need.energy)
+    return "" if low >= rank else f"randomized spectrum: exact energy rank in [{low}, {high}]"
+
+
+@dataclass(frozen=True)
+class _Settings:
+    policy: RankPolicy
+    max_rank_fraction: float
+    min_params: int
+    with_factors: bool
+    grams: Mapping[WeightKey, np.ndarray] | None
+    cache: dict[WeightKey, Spectrum] | None
+    lp_power: float | None
+
+
+def _solve(first: Layer, settings: _Settings, need: Need, vectors: bool, cap: int | None = None) -> Spectrum:
+    """The weight's (whitened) spectrum, decomposed as far as ``need`` asks."""
+    key = first.weight_key
+    matrix = _weight_matrix(first)
+    seed = seed_for(key[0])
+    if settings.grams is not None and key in settings.grams:
+        return whitened_spectrum(matrix, settings.grams[key], need=need, seed=seed, vectors=vectors)
+    return decompose(matrix, need, vectors=vectors, seed=seed, cap=cap)
+
+
+def _spectrum(first: Layer, settings: _Settings, need: Need, vectors: bool, cap: int) -> Spectrum:
+    """As :func:`_solve`; with a cache (a search over policies), every singular value of the weight, once:
+    its whole energy curve, with vectors only where LAPACK computes them anyway (small weights)."""
+    if settings.cache is None:
+        return _solve(first, settings, need, vectors, cap)
+    key = first.weight_key
+    if key not in settings.cache:
+        settings.cache[key] = _solve(first, settings, Need(), min(first.shape) < MIN_RANDOMIZED_DIM)
+    return settings.cache[key]
+
+
+def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
+    """Rank, decision and (when factored) factors of one weight; nothing else of it is kept."""
+    first, shape = group[0], group[0].shape
+    policy = settings.policy
+    need = policy.need(shape)
+    small = shape[0] * shape[1] < settings.min_params
+    cap = _cap(shape, settings.max_rank_fraction)
+    vectors = (settings.with_factors and settings.lp_power is None and not small
+               and (need.rank is None or need.rank <= cap))
+    spec = _spectrum(first, settings, need, vectors, cap)
+    rank = policy.choose(spec.s, shape, spec.energy)
+    reason = _keep_reason(shape, rank, settings.max_rank_fraction, settings.min_params)
+    notes = [_rank_note(spec, policy, rank, shape)]
+    factors = None
+    if not reason and settings.with_factors:
+        if settings.lp_power is not None:
+            fit = lp_factors(_weight_matrix(first), rank, settings.lp_power, max_iter=LP_MAX_ITER)
+            factors = (fit.a, fit.b)
+            if not fit.converged:
+                notes.append(f"l_p fit stopped at its iteration cap ({LP_MAX_ITER} steps) before converging")
+        else:
+            if spec.u is None or rank > len(spec.s):  # the rank needs more than this spectrum holds
+                spec = _solve(first, settings, Need(rank=rank), True)
+            factors = factors_at_rank(spec, rank)
+    decisions = [
+        LayerDecision(
+            name=layer.name,
+            op_type=layer.op_type,
+            weight=layer.weight_key[0],
+            shape=shape,
+            dtype=layer.dtype.name.lower(),
+            break_even=break_even_rank(shape),
+            full_rank=min(shape),
+            rank=rank,
+            energy_kept=energy_kept(spec.s, rank, spec.energy),
+            factored=not reason,
+            reason=reason,
+            shared_by=len(group),
+            solver=spec.solver,
+            note="; ".join(note for note in notes if note),
+        )
+        for layer in group
+    ]
+    problem = next((p for layer in group if factors is not None and (p := storage_problem(layer, *factors))), "")
+    if problem:  # e.g. a large Gemm alpha folded into float16 factors
+        decisions, factors = [replace(d, factored=False, reason=problem) for d in decisions], None
+    _release(first)
+    return WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors)
 
 
 def plan_layers(
@@ -134,68 +264,44 @@ def plan_layers(
     cache: dict[WeightKey, Spectrum] | None = None,
     lp_power: float | None = None,
     progress: bool = False,
+    jobs: int = 1,
 ) -> list[WeightPlan]:
     """Rank and decision for every distinct weight; factors too when ``with_factors``.
 
     A layer is factored when its rank is at most ``max_rank_fraction`` of break-even and its weight
-    has at least ``min_params`` parameters. Without factors only the singular values are computed
-    (about 3x cheaper), which is all ``inspect`` needs. A weight shared by several nodes is factored once.
+    has at least ``min_params`` parameters. Each weight is decomposed only as far as the policy needs
+    (:func:`onnx_arsvd.factorize.decompose`: randomized for a known rank or an energy share, LAPACK for
+    every value), without vectors when it will stay dense; only its factors are kept, in float32 (float64
+    for a float64 weight). A weight shared by several nodes is factored once.
     With ``grams`` (input Gram matrices by ``Layer.weight_key``) the spectra and factors are the
     activation-aware ones (:func:`onnx_arsvd.factorize.whitened_spectrum`): policies then rank the
-    layer's output energy on the calibration data. A ``cache`` dict keeps each weight's spectrum
-    between calls, so a search over policies decomposes every weight once. With ``lp_power`` p the
-    rank still comes from the SVD spectrum, and the factors from :func:`onnx_arsvd.factorize.lp_factors`.
+    layer's output energy on the calibration data. A ``cache`` dict keeps every singular value of each
+    weight between calls, so a search over policies decomposes every weight once; the factors at each
+    call's ranks are then cut from a decomposition at that rank (the vectors of small weights are cached).
+    With ``lp_power`` p the rank still comes from the SVD spectrum, and the factors from
+    :func:`onnx_arsvd.factorize.lp_factors`. ``jobs`` weights are factored at once (threads, one BLAS
+    thread each, capped at the cores); every weight's random numbers come from its name, so the result
+    is the same whatever ``jobs`` is.
     """
     if not max_rank_fraction > 0:
         raise InvalidInputError(f"max rank fraction must be positive, got {max_rank_fraction}")
     if min_params < 0:
         raise InvalidInputError(f"min params must be zero or more, got {min_params}")
-    plans: list[WeightPlan] = []
+    workers = job_count(jobs)
+    settings = _Settings(policy, max_rank_fraction, min_params, with_factors, grams, cache, lp_power)
     groups = _group_by_weight(layers)
-    for group in tqdm(groups, desc="factoring" if with_factors else "spectra", unit="weight", disable=None if progress else True):
-        first = group[0]
-        spec = cache.get(first.weight_key) if cache is not None else None
-        if spec is None:
-            matrix = _weight_matrix(first)
-            if grams is not None and first.weight_key in grams:
-                spec = whitened_spectrum(matrix, grams[first.weight_key])
-            elif with_factors or cache is not None:
-                spec = spectrum(matrix)
-            if cache is not None:
-                cache[first.weight_key] = spec
-        singular_values = spec.s if spec is not None else scipy.linalg.svdvals(matrix.astype(np.float64))
-        shape = first.shape
-        rank = policy.choose(singular_values, shape)
-        reason = _keep_reason(shape, rank, max_rank_fraction, min_params)
-        factored = not reason
-        decisions = [
-            LayerDecision(
-                name=layer.name,
-                op_type=layer.op_type,
-                weight=layer.weight_key[0],
-                shape=shape,
-                dtype=layer.dtype.name.lower(),
-                break_even=break_even_rank(shape),
-                full_rank=min(shape),
-                rank=rank,
-                energy_kept=energy_kept(singular_values, rank),
-                factored=factored,
-                reason=reason,
-                shared_by=len(group),
-            )
-            for layer in group
-        ]
-        factors = None
-        if factored and lp_power is not None:
-            fit = lp_factors(_weight_matrix(first), rank, lp_power)
-            factors = (fit.a, fit.b)
-        elif factored and spec is not None:
-            factors = factors_at_rank(spec, rank)
-        problem = next((p for layer in group if factors is not None and (p := storage_problem(layer, *factors))), "")
-        if problem:  # e.g. a large Gemm alpha folded into float16 factors
-            decisions, factors = [replace(d, factored=False, reason=problem) for d in decisions], None
-        plans.append(WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors))
-    return plans
+    bar = tqdm(total=sum(group[0].shape[0] * group[0].shape[1] for group in groups), unit="param", unit_scale=True,
+               desc="factoring" if with_factors else "spectra", disable=None if progress else True)
+    pool = ThreadPoolExecutor(workers)
+    with bar, single_threaded_blas():
+        try:
+            futures = [pool.submit(_plan_weight, group, settings) for group in groups]
+            for future in as_completed(futures):
+                plan = future.result()
+                bar.update(plan.decisions[0].params)
+            return [future.result() for future in futures]
+        finally:  # on an error or Ctrl-C, weights not started yet are dropped, not factored first
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def relative_output_error(weight: np.ndarray, factors: tuple[np.ndarray, np.ndarray], gram: np.ndarray) -> float:
@@ -203,4 +309,6 @@ def relative_output_error(weight: np.ndarray, factors: tuple[np.ndarray, np.ndar
     w = np.asarray(weight, dtype=np.float64)
     difference = w - factors[0] @ factors[1]
     denominator = float(np.sum(w * (gram @ w)))
-    return float(np.sqrt(max(0.0, float(np.sum(difference * (gram @ difference)))) / denominator)) if denominator > 0 else 0.0
+    if denominator <= 0:
+        return 0.0
+    return float(np.sqrt(max(0.0, float(np.sum(difference * (gram @ difference)))) / denominator))

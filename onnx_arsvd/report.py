@@ -99,7 +99,7 @@ class Report:
 def report_to_json(report: Report) -> str:
     """The report as JSON, with derived totals spelled out for machines."""
     data = dataclasses.asdict(report)
-    for row, layer in zip(data["layers"], report.layers):
+    for row, layer in zip(data["layers"], report.layers, strict=True):
         row.update(params=layer.params, params_after=layer.params_after, saving=layer.saving,
                    predicted_error=layer.predicted_error)
     data.update(
@@ -141,7 +141,8 @@ def _error_cell(layer: LayerDecision, whitened: bool) -> str:
     """Predicted (only whitened spectra predict an *output* error) / measured on held-out activations."""
     if not layer.factored or layer.measured_error is None:
         return ""
-    return f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened else f"- / {layer.measured_error:.3f}"
+    return (f"{layer.predicted_error:.3f} / {layer.measured_error:.3f}" if whitened
+            else f"- / {layer.measured_error:.3f}")
 
 
 def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
@@ -149,7 +150,7 @@ def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     guarded = any(layer.timings for layer in layers)
     measured = any(layer.measured_error is not None for layer in layers)
     for layer in layers:
-        action = "factor" if layer.factored else f"keep: {layer.reason}"
+        action = ("factor" if layer.factored else f"keep: {layer.reason}") + (f" ({layer.note})" if layer.note else "")
         rows.append([
             layer.name + (f" (shares weight x{layer.shared_by})" if layer.shared_by > 1 else ""),
             layer.op_type,
@@ -180,7 +181,8 @@ def format_verification(verification: VerificationReport, markdown: bool = False
     if verification.original is not None and verification.compressed is not None:
         o, c = verification.original, verification.compressed
         lines.append(tabulate(
-            [["original", f"{o.accuracy:.2%}", f"{o.macro_f1:.4f}"], ["compressed", f"{c.accuracy:.2%}", f"{c.macro_f1:.4f}"]],
+            [["original", f"{o.accuracy:.2%}", f"{o.macro_f1:.4f}"],
+             ["compressed", f"{c.accuracy:.2%}", f"{c.macro_f1:.4f}"]],
             ["model", "top-1 accuracy", "macro-F1"], tablefmt=style,
         ))
         lines.append(f"accuracy drop: {verification.accuracy_drop:.2f} points (original - compressed)")
@@ -189,18 +191,38 @@ def format_verification(verification: VerificationReport, markdown: bool = False
 
 def _budget_text(budget: dict, style: str) -> str:
     samples, measure = budget["samples"], budget["measure"]
-    verdict = (f"met with tau = {budget['tau']:.4f} (energy of each layer's output)" if budget["met"]
+    by_threshold = budget["tau"] is not None
+    chosen_with = (f"tau = {budget['tau']:.4f} (energy of each layer's output)" if by_threshold
+                   else budget.get("allocation", "a global allocation"))
+    verdict = (f"met with {chosen_with}" if budget["met"]
                else "NOT met even with every layer dense: the model is returned unfactored")
     chosen = (f"chosen on {samples['calibration']} calibration samples" if measure
               else "chosen by the parameter count alone")
     verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
                 else "no held-out data")
-    rows = [[f"{s['tau']:.4f}", f"{s['params_kept']:.1%}",
+    steps = budget["steps"]
+    rows = [[f"{s['tau']:.4f}" if by_threshold else str(s["point"]), f"{s['params_kept']:.1%}",
+             *([] if by_threshold else [f"{s['predicted_loss']:.4g}"]),
              *([] if not measure else ["" if s["value"] is None else f"{s['value']:.4g}"]),
-             "yes" if s["feasible"] else "no"] for s in budget["steps"]]
-    headers = ["tau", "dense params kept", *([f"{measure} on calibration part"] if measure else []), "within budget"]
-    return "\n".join([f"budget: {budget['budget']}; {verdict}; {chosen}, {verified}",
-                      tabulate(rows, headers, tablefmt=style, disable_numparse=True)])
+             *(["yes" if s.get("quantized") else "no"] if budget.get("quantize") else []),
+             "yes" if s["feasible"] else "no"] for s in steps]
+    headers = ["tau" if by_threshold else "frontier point", "dense params kept",
+               *([] if by_threshold else ["predicted loss"]),
+               *([f"{measure} on calibration part"] if measure else []),
+               *(["quantized"] if budget.get("quantize") else []), "within budget"]
+    lines = [f"budget: {budget['budget']}; {verdict}; {chosen}, {verified}",
+             tabulate(rows, headers, tablefmt=style, disable_numparse=True)]
+    if budget.get("frontier"):
+        original = budget["frontier"][0]["model_bytes"]
+        table = [[r["variant"], f"{r['model_bytes'] / original:.3f}", f"{r['params_kept']:.1%}",
+                  f"{r['mean_cosine']:.4f}", *([f"{r['accuracy_drop']:+.2f}"] if "accuracy_drop" in r else [])]
+                 for r in budget["frontier"]]
+        head = ["variant", "size (serialized, x original)", "dense params kept", "output cosine (mean)",
+                *(["accuracy drop (pts)"] if "accuracy_drop" in budget["frontier"][0] else [])]
+        lines += [f"frontier on the {samples['held_out']} held-out samples:",
+                  tabulate(table, head, tablefmt=style, disable_numparse=True)]
+    lines += [f"NOTE: {note}" for note in budget.get("notes", [])]
+    return "\n".join(lines)
 
 
 def _share_line(report: Report) -> str:
@@ -218,7 +240,8 @@ def format_report(report: Report, markdown: bool = False) -> str:
     style = "github" if markdown else "simple"
     headers = ["layer", "op", "W (in x out)", "params", "break-even", "rank", "energy kept", "saving",
                *(["factored/dense time"] if any(layer.timings for layer in report.layers) else []),
-               *(["output error predicted / held-out"] if any(l.measured_error is not None for l in report.layers) else []),
+               *(["output error predicted / held-out"]
+                 if any(layer.measured_error is not None for layer in report.layers) else []),
                "decision"]
     parts = [f"model: {report.model}   policy: {report.policy}   factors: {report.method}   factor only at rank <= "
              f"{report.max_rank_fraction:g} x break-even and >= {report.min_params} parameters"]

@@ -33,6 +33,8 @@ class OutputComparison:
     min_cosine: float
     cosine_stderr: float = 0.0
     """Standard error of the mean cosine over samples."""
+    newly_nonfinite: int = 0
+    """Samples whose output holds NaN or Inf in the compressed model but not in the original."""
 
     def cosine_bound(self, z: float = 1.645) -> float:
         """One-sided lower confidence bound on the mean cosine (z = 1.645: 95%)."""

@@ -15,6 +15,7 @@ Transpose/Cast/Reshape/Identity chains that nothing uses any more are dropped.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,7 +24,7 @@ from onnx_arsvd.candidates import Layer, constant_tensor, node_label
 from onnx_arsvd.layer_math import folded_bias, stored_factors
 from onnx_arsvd.plan import WeightPlan
 
-__all__ = ["apply_plans"]
+__all__ = ["FactorLayersPass", "apply_plans"]
 
 _DROPPABLE_PRODUCERS = frozenset({"Constant", "Transpose", "Cast", "Reshape", "Identity"})
 
@@ -48,7 +49,14 @@ class _Namer:
         return name
 
 
-def _shape(dims: Sequence[object] | None) -> ir.Shape | None:
+def _graph_of(node: ir.Node) -> ir.Graph:
+    """The graph a node belongs to (every node of a loaded model has one)."""
+    if node.graph is None:
+        raise ValueError(f"node {node_label(node)!r} belongs to no graph")
+    return node.graph
+
+
+def _shape(dims: list[Any] | None) -> ir.Shape | None:
     return ir.Shape(dims) if dims is not None else None
 
 
@@ -62,8 +70,8 @@ class _Rewriter:
 
     def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         name = self.name(base)
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.type, value.shape = ir.TensorType(value.const_value.dtype), ir.Shape(array.shape)
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape))
         graph.register_initializer(value)
         if self.initializers_are_inputs and graph is self.main:
             graph.inputs.append(value)
@@ -71,7 +79,7 @@ class _Rewriter:
 
     def factor(self, graph: ir.Graph, base: str, array: np.ndarray, layer: Layer) -> ir.Value:
         """A factor initializer in the layer's storage dtype, widened by a Cast when the layer computes wider."""
-        value = self.initializer(graph, base, array.astype(layer.storage_dtype.numpy()))
+        value = self.initializer(graph, base, array.astype(layer.storage_dtype.numpy(), copy=False))
         if layer.storage_dtype == layer.dtype:
             return value
         wide = ir.Value(name=self.name(f"{value.name}/cast"), type=ir.TensorType(layer.dtype), shape=value.shape)
@@ -86,15 +94,16 @@ class _Rewriter:
         if folded is None:
             return None
         tensor = constant_tensor(layer.bias)
-        if layer.beta == 1.0 and tuple(tensor.shape) == folded.shape and tensor.dtype == layer.dtype:
+        reusable = tensor is not None and tensor.shape.numpy() == folded.shape and tensor.dtype == layer.dtype
+        if reusable and layer.beta == 1.0:
             return layer.bias
-        return self.initializer(layer.node.graph, f"{node_label(layer.node)}.arsvd_bias", folded.astype(dtype))
+        return self.initializer(_graph_of(layer.node), f"{node_label(layer.node)}.arsvd_bias", folded.astype(dtype))
 
     def _first(self, layer: Layer, a: ir.Value, low: ir.Value, rank: int) -> ir.Node:
         """The node that meets the activation: its output ``low`` holds the rank-k intermediate."""
         node, label = layer.node, node_label(layer.node)
         x = node.inputs[1 if layer.left or layer.is_embedding else 0]
-        dims = list(x.shape) if x.shape is not None else None
+        dims = list(x.shape) if x is not None and x.shape is not None else None
         name = self.name(f"{label}/arsvd_a")
         if layer.is_embedding:  # Gather(W, ids) -> Gather(A, ids) @ B
             low.shape = _shape(None if dims is None else [*dims, rank])
@@ -112,7 +121,7 @@ class _Rewriter:
 
     def replace(self, layer: Layer, a: ir.Value, b: ir.Value, bias: ir.Value | None, rank: int) -> None:
         """Swap the layer's node for its factored form, keeping its output value's name, type and shape."""
-        node, label, graph = layer.node, node_label(layer.node), layer.node.graph
+        node, label, graph = layer.node, node_label(layer.node), _graph_of(layer.node)
         old_output = node.outputs[0]
         tensor_type = ir.TensorType(layer.dtype)
         low = ir.Value(name=self.name(f"{label}/arsvd_low_rank"), type=tensor_type)
@@ -128,7 +137,8 @@ class _Rewriter:
         if bias is not None:
             product = result
             result = ir.Value(name=self.name(f"{label}/arsvd_biased"), type=tensor_type, shape=old_output.shape)
-            new_nodes.append(ir.Node("", "Add", [product, bias], outputs=[result], name=self.name(f"{label}/arsvd_bias")))
+            new_nodes.append(ir.Node("", "Add", [product, bias], outputs=[result],
+                                     name=self.name(f"{label}/arsvd_bias")))
         graph.insert_before(node, new_nodes)
         name, output_type, output_shape = old_output.name, old_output.type, old_output.shape
         old_output.replace_all_uses_with(result, replace_graph_outputs=True)
@@ -144,7 +154,7 @@ def _drop_orphans(values: Iterable[ir.Value | None], initializers_are_inputs: bo
         if value.uses() or value.is_graph_output():
             continue
         graph = value.graph
-        if value.is_initializer() and graph is not None and value.name in graph.initializers:
+        if value.is_initializer() and graph is not None and value.name is not None and value.name in graph.initializers:
             if value.is_graph_input() and not initializers_are_inputs:
                 continue  # from IR 4 such an input may be fed by the user: keep it
             del graph.initializers[value.name]
@@ -158,8 +168,45 @@ def _drop_orphans(values: Iterable[ir.Value | None], initializers_are_inputs: bo
             pending.extend(inputs)
 
 
+def _interface(model: ir.Model) -> list[tuple[str, str, str]]:
+    """The graph's outputs and its inputs that are not initializers: name, type and shape, as strings."""
+    values = [*(v for v in model.graph.inputs if not v.is_initializer()), *model.graph.outputs]
+    return [(v.name or "", str(v.type), str(v.shape)) for v in values]
+
+
+class FactorLayersPass(ir.passes.InPlacePass):
+    """The rewrite as an onnx_ir pass, so it composes with onnx_ir's own (``Sequential``, ``PassManager``).
+
+    Postcondition: the graph's inputs (initializers aside: IR < 4 lists new ones there) and outputs
+    keep their names, types and shapes. ``rewritten`` counts the nodes replaced by the last call.
+    """
+
+    def __init__(self, plans: Sequence[WeightPlan]) -> None:
+        super().__init__()
+        self.plans = plans
+        self.rewritten = 0
+        self._before: list[tuple[str, str, str]] = []
+
+    def requires(self, model: ir.Model) -> None:
+        self._before = _interface(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.rewritten = _rewrite(model, self.plans)
+        return ir.passes.PassResult(model, modified=self.rewritten > 0)
+
+    def ensures(self, model: ir.Model) -> None:
+        if _interface(model) != self._before:
+            raise ir.passes.PostconditionError("the rewrite changed the graph's inputs or outputs")
+
+
 def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
     """Rewrite, in place, every node of every factored plan; returns how many nodes were rewritten."""
+    factor_pass = FactorLayersPass(plans)
+    factor_pass(model)
+    return factor_pass.rewritten
+
+
+def _rewrite(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
     rewriter = _Rewriter(model)
     touched: list[ir.Value | None] = []
     rewritten = 0
@@ -172,12 +219,13 @@ def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
             form = (layer.left, layer.alpha)
             if form not in factors:
                 first, second = stored_factors(layer, *plan.factors)
-                graph = layer.weight.graph or layer.node.graph
+                graph = layer.weight.graph or _graph_of(layer.node)
                 base = layer.weight_name or node_label(layer.node)
                 factors[form] = (rewriter.factor(graph, f"{base}.arsvd_a", first, layer),
                                  rewriter.factor(graph, f"{base}.arsvd_b", second, layer))
+            touched += layer.node.inputs  # all of them: a Gemm's C with beta = 0 is dropped too
             rewriter.replace(layer, *factors[form], rewriter.bias(layer, dtype), plan.rank)
-            touched += [layer.weight, layer.bias]
+            touched.append(layer.weight)
             rewritten += 1
     _drop_orphans(touched, rewriter.initializers_are_inputs)
     return rewritten

@@ -13,6 +13,7 @@ from onnx_arsvd.calibration import CalibrationDataReader
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
+from onnx_arsvd.threads import job_count
 
 __all__ = ["METHODS", "CalibrationSource", "Settings"]
 
@@ -37,16 +38,19 @@ class Settings:
     embedding_policy: RankPolicy | None = None
     factor_heads: bool = True
     """Factor layers that feed a graph output (classifier heads); without real data to check them, don't."""
+    jobs: int = 1
+    """Weights factored at once (threads, one BLAS thread each, capped at the cores); results do not depend on it."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidInputError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.method == "lp" and not 1.0 <= self.lp_power <= 2.0:
-            raise InvalidInputError(f"--p must be in [1, 2], got {self.lp_power}")
+            raise InvalidInputError(f"the l_p power p must be in [1, 2], got {self.lp_power}")
         if self.method == "whitened" and self.calibration is None:
-            raise InvalidInputError("--method whitened needs calibration inputs (--calibration inputs.npz)")
+            raise InvalidInputError("the whitened method needs calibration inputs (an .npz, arrays or a reader)")
         if self.method != "whitened" and self.calibration is not None:
-            raise InvalidInputError("calibration inputs are only used by --method whitened")
+            raise InvalidInputError("calibration inputs are only used by the whitened method")
+        job_count(self.jobs)
         if isinstance(self.calibration, (str, os.PathLike)) and not Path(self.calibration).is_file():
             raise InvalidInputError(f"{os.fspath(self.calibration)}: no such calibration file")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +13,11 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import constant_tensor
+from onnx_arsvd.data import Feed, check_labels, load_data, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = [
     "ModelLike",
@@ -28,16 +29,12 @@ __all__ = [
     "check_files",
     "compare_models",
     "generated_batches",
-    "load_arrays",
-    "load_data",
-    "load_labels",
     "macro_f1",
     "make_session",
     "model_source",
     "verify",
 ]
 
-Feed = dict[str, np.ndarray]
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
 DEFAULT_BATCH_SIZE = 64
@@ -51,46 +48,6 @@ def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
         return np.dtype(aliases.get(type_name, type_name))
     except TypeError:
         raise UnsupportedModelError(f"input {node_arg.name!r} has unsupported type {node_arg.type}") from None
-
-
-def load_arrays(data: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file, or of a mapping, by name."""
-    if isinstance(data, Mapping):
-        return {key: np.asarray(value) for key, value in data.items()}
-    try:
-        with np.load(data, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except Exception as error:
-        raise InvalidInputError(f"{os.fspath(data)}: not a readable .npz file ({error})") from None
-
-
-def load_labels(path: str | os.PathLike) -> np.ndarray:
-    """A labels array from an ``.npy`` file."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise InvalidInputError(f"{os.fspath(path)}: cannot read labels ({error})") from None
-
-
-def load_data(data: str | os.PathLike | Mapping[str, np.ndarray], session: ort.InferenceSession) -> tuple[Feed, np.ndarray | None]:
-    """Arrays keyed by input name (first axis = samples) and the optional ``labels`` array.
-
-    ``data`` is an ``.npz`` path or a mapping of arrays holding the same keys.
-    """
-    arrays = load_arrays(data)
-    where = "data" if isinstance(data, Mapping) else os.fspath(data)
-    feed: Feed = {}
-    for node_arg in session.get_inputs():
-        if node_arg.name not in arrays:
-            raise InvalidInputError(f"{where}: no array for model input {node_arg.name!r} (has: {', '.join(arrays)})")
-        array, dtype = arrays[node_arg.name], _input_dtype(node_arg)
-        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
-            raise InvalidInputError(f"{where}: array {node_arg.name!r} is {array.dtype}, the model wants {dtype}")
-        feed[node_arg.name] = array.astype(dtype, copy=False)
-    counts = {len(a) for a in feed.values()}
-    if len(counts) != 1:
-        raise InvalidInputError(f"{where}: input arrays have different sample counts {sorted(counts)}")
-    return feed, arrays.get("labels")
 
 
 def _index_bounds(model: ir.Model) -> dict[str, int]:
@@ -110,7 +67,7 @@ def check_dims(dynamic: set[str], dims: Mapping[str, int]) -> None:
     """Every name in ``dims`` must be one of the model's dynamic input dimensions."""
     unknown = sorted(set(dims) - dynamic)
     if unknown:
-        raise InvalidInputError(f"--dim {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
+        raise InvalidInputError(f"dimension {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
                                 f"{', '.join(sorted(dynamic)) or 'none'}")
 
 
@@ -145,20 +102,10 @@ def generated_batches(
             elif np.issubdtype(dtype, np.integer):
                 feed[node_arg.name] = rng.integers(0, bounds.get(node_arg.name, 2), shape).astype(dtype)
             else:
-                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; pass --data")
+                raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; "
+                                            "pass --data")
         batches.append(feed)
     return batches
-
-
-def split_batches(feed: Feed, session: ort.InferenceSession, batch_size: int) -> Iterator[Feed]:
-    """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
-    first_dims = [arg.shape[0] if arg.shape else None for arg in session.get_inputs()]
-    fixed = next((d for d in first_dims if isinstance(d, int) and d > 0), None)
-    step = fixed or batch_size
-    total = len(next(iter(feed.values())))
-    stop = total - total % step if fixed else total
-    for start in range(0, stop, step):
-        yield {name: array[start : start + step] for name, array in feed.items()}
 
 
 def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
@@ -192,11 +139,13 @@ class OutputAgreement:
         self.squared_error = 0.0
         self.squared_reference = 0.0
         self.cosines: list[np.ndarray] = []
+        self.newly_nonfinite = 0
 
     def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
         """Compare one batch of this output."""
         rows_e, rows_a = _rows(expected), _rows(actual)
         diff = rows_a - rows_e
+        self.newly_nonfinite += int(np.sum(np.all(np.isfinite(rows_e), axis=1) & ~np.all(np.isfinite(rows_a), axis=1)))
         if diff.size:
             self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(diff))))
         self.squared_error += float(np.sum(diff * diff))
@@ -216,6 +165,7 @@ class OutputAgreement:
             mean_cosine=float(np.mean(cosines)),
             min_cosine=float(np.min(cosines)),
             cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
+            newly_nonfinite=self.newly_nonfinite,
         )
 
 
@@ -236,17 +186,18 @@ def compare_models(
     """
     names = [o.name for o in original.get_outputs()]
     if names != [o.name for o in compressed.get_outputs()]:
-        raise UnsupportedModelError(f"the models have different outputs: {names} vs {[o.name for o in compressed.get_outputs()]}")
+        raise UnsupportedModelError(f"the models have different outputs: {names} vs "
+                                    f"{[o.name for o in compressed.get_outputs()]}")
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = 0
     bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed in batches:
-        expected, actual = original.run(names, feed), compressed.run(names, feed)
-        for name, e, a in zip(names, expected, actual):
+        expected, actual = run_session(original, names, feed), run_session(compressed, names, feed)
+        for name, e, a in zip(names, expected, actual, strict=True):
             agreements[name].add(np.asarray(e), np.asarray(a))
         if labels is not None:
-            for kept, first in zip(predictions, (expected[0], actual[0])):
+            for kept, first in zip(predictions, (expected[0], actual[0]), strict=True):
                 kept.append(_rows(np.asarray(first)).argmax(axis=1))
         count = len(next(iter(feed.values()))) if feed else 1
         samples += count
@@ -265,11 +216,13 @@ def compare_models(
 
 
 def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
-    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand."""
+    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand.
+
+    A path is opened through :func:`load_model` first, so onnxruntime never reads a file that
+    our checks (external data inside the model's folder, sizes) refuse.
+    """
     if isinstance(model, (str, os.PathLike)):
-        if not Path(model).is_file():
-            raise InvalidInputError(f"{os.fspath(model)}: no such file")
-        return os.fspath(model), None
+        return os.fspath(model), load_model(model)
     proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
     return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
 
@@ -307,8 +260,14 @@ def verify(
     compressed_source, _ = model_source(compressed)
     session_a = make_session(original_source, provider)
     session_b = make_session(compressed_source, provider)
+    _check_same_inputs(session_a, session_b)
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
     if data is not None:
         feed, data_labels = load_data(data, session_a)
+        given = labels if labels is not None else data_labels
+        if given is not None:
+            labels = check_labels(given, len(next(iter(feed.values()))), session_a)
         batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
         total = len(next(iter(feed.values()))) if feed else None
         described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
@@ -320,7 +279,13 @@ def verify(
         total = None
         data_labels = None
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
-    if isinstance(labels, (str, os.PathLike)):
-        labels = load_labels(labels)
     return compare_models(session_a, session_b, batches, labels=labels if labels is not None else data_labels,
                           inputs=described, progress=progress, total=total)
+
+
+def _check_same_inputs(original: ort.InferenceSession, compressed: ort.InferenceSession) -> None:
+    """The two models must take the same inputs (names and types) to be run on the same data."""
+    described = [[f"{arg.name}: {arg.type}" for arg in session.get_inputs()] for session in (original, compressed)]
+    if described[0] != described[1]:
+        raise InvalidInputError(f"the models take different inputs: {', '.join(described[0])} vs "
+                                f"{', '.join(described[1])}")

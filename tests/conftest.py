@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_arsvd import EnergyPolicy, Report, compress
+from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
+MINILM = MODELS / "build" / "minilm.onnx"
 
 _DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
@@ -88,7 +95,7 @@ def make_mlp(sizes: tuple[int, ...] = (48, 40, 32, 10), seed: int = 0, decay: fl
     """A Gemm/Relu MLP with a dynamic batch, weights with a decaying spectrum."""
     nodes, initializers = [], []
     current = "X"
-    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         initializers += [
             numpy_helper.from_array(random_weight(m, n, seed=seed + i, decay=decay).astype(np.float32), f"W{i}"),
             numpy_helper.from_array(np.full(n, 0.1, np.float32), f"b{i}"),
@@ -144,3 +151,70 @@ def make_embedding_model(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """One labelled text set tokenized for MiniLM, and the original model's sentence embeddings of it."""
+
+    feed: dict[str, np.ndarray]
+    labels: np.ndarray
+    original: np.ndarray
+
+
+@dataclass
+class CompressedMiniLM:
+    """MiniLM compressed once per session (serialized), with its sentence embeddings computed once per text set."""
+
+    model: bytes
+    report: Report
+    text: Callable[[str], TextSet]
+    _embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def embeddings(self, name: str) -> np.ndarray:
+        """Sentence embeddings of the text set ``name`` by this compressed model."""
+        from benchmarks.text_eval import sentence_embeddings
+
+        if name not in self._embeddings:
+            self._embeddings[name] = sentence_embeddings(self.model, self.text(name).feed)
+        return self._embeddings[name]
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The MiniLM export (built by models/build_minilm.py); tests that need it skip without it."""
+    if not MINILM.exists():
+        pytest.skip("run models/build_minilm.py to build the MiniLM export")
+    return MINILM
+
+
+@pytest.fixture(scope="session")
+def minilm_text(minilm: Path) -> Callable[[str], TextSet]:
+    """``minilm_text(name)``: the polarity or newsgroups set, with the original's embeddings (once per session)."""
+    from benchmarks.text_eval import load_text_set, sentence_embeddings
+
+    sets: dict[str, TextSet] = {}
+
+    def text_set(name: str) -> TextSet:
+        if name not in sets:
+            feed, labels = load_text_set(name)
+            sets[name] = TextSet(feed, labels, sentence_embeddings(minilm, feed))
+        return sets[name]
+
+    return text_set
+
+
+@pytest.fixture(scope="session")
+def minilm_compressed(minilm: Path, minilm_text: Callable[[str], TextSet]) -> Callable[..., CompressedMiniLM]:
+    """``minilm_compressed(tau, max_rank_fraction)``: MiniLM compressed at energy ``tau``, once per session."""
+    models: dict[tuple[float, float], CompressedMiniLM] = {}
+
+    def compressed(tau: float, max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION) -> CompressedMiniLM:
+        key = (tau, max_rank_fraction)
+        if key not in models:
+            model, report = compress(minilm, policy=EnergyPolicy(tau), max_rank_fraction=max_rank_fraction,
+                                     check=False)
+            models[key] = CompressedMiniLM(ir.to_proto(model).SerializeToString(), report, minilm_text)
+        return models[key]
+
+    return compressed

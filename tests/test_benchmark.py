@@ -6,6 +6,7 @@ No test asserts a wall-clock time: timings are only checked for shape and intern
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from onnx_arsvd import FixedRankPolicy, compress
 from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark, plot_benchmark
 from onnx_arsvd.benchmark import (
+    LatencyComparison,
     benchmark_models,
     compare_latency,
     dense_flop_ratio,
@@ -29,10 +31,10 @@ from onnx_arsvd.benchmark import (
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict
+from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict, observed_rows
 from onnx_arsvd.results import LayerTiming
 from onnx_arsvd.verification import make_session
-from tests.conftest import make_linear_model, make_mlp, random_weight
+from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -48,7 +50,8 @@ def test_latency_stats() -> None:
 def test_ratio_comes_from_the_pairs() -> None:
     original = np.array([1.0, 2.0, 4.0, 1.0, 2.0])
     compressed = np.array([0.5, 1.0, 2.0, 1.0, 0.2])  # pair ratios .5 .5 .5 1 .1
-    result = compare_latency("CPUExecutionProvider", 1, [(original[:3], compressed[:3]), (original[3:], compressed[3:])])
+    result = compare_latency("CPUExecutionProvider", 1,
+                             [(original[:3], compressed[:3]), (original[3:], compressed[3:])])
     assert result.ratio == 0.5
     assert result.ratio_p10 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 10))
     assert result.ratio_p90 == pytest.approx(np.percentile([0.5, 0.5, 0.5, 1.0, 0.1], 90))
@@ -58,25 +61,85 @@ def test_ratio_comes_from_the_pairs() -> None:
 
 def test_slower_only_when_every_round_agrees() -> None:
     base = np.ones(10)
-    two_of_three = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.1), (base, base * 1.1), (base, base * 0.95)])
-    every_round = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.1), (base, base * 1.02), (base, base * 1.05)])
+    two_of_three = compare_latency("CPUExecutionProvider", 1,
+                                   [(base, base * 1.1), (base, base * 1.1), (base, base * 0.95)])
+    every_round = compare_latency("CPUExecutionProvider", 1,
+                                  [(base, base * 1.1), (base, base * 1.02), (base, base * 1.05)])
     single_round = compare_latency("CPUExecutionProvider", 1, [(base, base * 1.5)])
     assert two_of_three.ratio > 1.0 and not two_of_three.consistently_slower
     assert every_round.consistently_slower
     assert not single_round.consistently_slower  # one pair of sessions cannot tell session noise apart
 
 
-def test_rounds_use_fresh_sessions() -> None:
-    model = make_mlp().SerializeToString()
-    rounds = timed_rounds(model, model, {"X": np.ones((2, 48), np.float32)}, rounds=3, min_seconds=0.0, min_runs=4)
+def _comparison(batch: int, round_ratios: tuple[float, ...]) -> LatencyComparison:
+    """A whole-model comparison whose rounds have exactly these compressed/original ratios (constructed, not timed)."""
+    original = np.full(9, 1e-3)
+    return compare_latency("CPUExecutionProvider", batch, [(original, original * r) for r in round_ratios])
+
+
+def test_whole_model_check_warns_only_where_every_round_is_slower() -> None:
+    comparisons = [
+        _comparison(1, (1.2, 1.05, 1.1)),  # slower in every round
+        _comparison(8, (1.2, 1.3, 0.99)),  # slower overall, but one round disagrees
+        _comparison(32, (0.8, 0.9, 0.7)),  # faster
+        _comparison(64, (1.5,)),  # one round cannot tell session noise apart
+        _comparison(128, (1.2, 1.0, 1.1)),  # a round with no difference is not a slower round
+    ]
+    assert [c.consistently_slower for c in comparisons] == [True, False, False, False, False]
+    (warning,) = LatencyGuard.regressions(comparisons)
+    assert warning.startswith("the compressed model is SLOWER than the original at batch 1 on CPU: ")
+    assert "median 1.1 ms vs 1 ms (ratio 1.100; per round 1.200, 1.050, 1.100)" in warning
+    assert LatencyGuard.regressions(comparisons[1:]) == []
+
+
+class _SessionLog:
+    """Records each onnxruntime session created (with its model) and each run, in order.
+
+    The real ``InferenceSession`` methods still do the work: this only watches which sessions exist and which one runs.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.created: list[tuple[ort.InferenceSession, object]] = []
+        self.runs: list[tuple[ort.InferenceSession, int]] = []  # each run's session, and how many existed then
+        real_init, real_run = ort.InferenceSession.__init__, ort.InferenceSession.run
+
+        def init(session: ort.InferenceSession, path_or_bytes: object, *args: object, **kwargs: object) -> None:
+            real_init(session, path_or_bytes, *args, **kwargs)
+            self.created.append((session, path_or_bytes))
+
+        def run(session: ort.InferenceSession, *args: object, **kwargs: object) -> object:
+            self.runs.append((session, len(self.created)))
+            return real_run(session, *args, **kwargs)
+
+        monkeypatch.setattr(ort.InferenceSession, "__init__", init)
+        monkeypatch.setattr(ort.InferenceSession, "run", run)
+
+
+def test_each_round_times_its_own_fresh_pair_of_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    original, compressed = make_mlp(seed=0).SerializeToString(), make_mlp(seed=1).SerializeToString()
+    log = _SessionLog(monkeypatch)
+    rounds = timed_rounds(original, compressed, {"X": np.ones((2, 48), np.float32)}, rounds=3, min_seconds=0.0,
+                          min_runs=4)
     assert len(rounds) == 3 and all(len(a) == len(b) == 4 for a, b in rounds)
+    sessions = [session for session, _ in log.created]
+    assert len({id(s) for s in sessions}) == 6  # two new sessions per round, none reused
+    # creation order alternates between rounds, so neither model always gets the first allocation
+    assert [model for _, model in log.created] == [original, compressed, compressed, original, original, compressed]
+    for session, existing in log.runs:  # a round runs only the two sessions just created for it
+        assert existing % 2 == 0 and session in sessions[existing - 2 : existing]
+    ran = [session for session, _ in log.runs]
+    assert [ran.count(s) for s in sessions] == [5 + 4] * 6  # warm-up and timed runs, the same for each
 
 
-def test_interleaved_times_measure_both_sessions_equally() -> None:
-    session = make_session(make_mlp().SerializeToString())
-    feed = {"X": np.ones((2, 48), np.float32)}
-    first, second = interleaved_times(session, session, feed, warmup=1, min_runs=7, min_seconds=0.0)
-    assert len(first) == len(second) == 7 and np.all(first > 0) and np.all(second > 0)
+def test_interleaved_times_alternate_who_runs_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = make_session(make_mlp(seed=0).SerializeToString())
+    second = make_session(make_mlp(seed=1).SerializeToString())
+    log = _SessionLog(monkeypatch)
+    times = interleaved_times(first, second, {"X": np.ones((2, 48), np.float32)}, warmup=2, min_runs=5,
+                              min_seconds=0.0)
+    order = "".join("A" if session is first else "B" for session, _ in log.runs)
+    assert order == "ABAB" + "AB" "BA" "AB" "BA" "AB"  # warm-up, then five pairs, each session first in turn
+    assert len(times[0]) == len(times[1]) == 5 and np.all(times[0] > 0) and np.all(times[1] > 0)
 
 
 def test_cpu_is_always_discovered() -> None:
@@ -192,22 +255,26 @@ def test_guard_micro_models_compute_the_layer() -> None:
         np.testing.assert_allclose(make_session(micro).run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_guard_keeps_the_decision_its_measurements_support(tmp_path: Path) -> None:
-    """A rank just under break-even (measured 1.16x slower at batch 1): whatever this run measures,
-    the layer is factored exactly when its own timings say factoring is faster by the margin."""
-    model = make_linear_model(256, 256, op="MatMul", x_shape=("batch", 256))
+def test_guard_keeps_dense_a_layer_not_faster_by_its_margin(tmp_path: Path) -> None:
+    """Rank 16 of a 512 x 512 weight does 16x fewer multiply-adds: clearly faster, but never 100x faster.
+
+    With margin 0.99 the guard must keep it dense whatever this run measures (with margin 0 it would factor it).
+    """
+    model = make_linear_model(512, 512, op="MatMul", x_shape=("batch", 512))
     path = tmp_path / "layer.onnx"
     onnx.save(model, path)
-    guard = LatencyGuard(batches=(1, 8), layer_seconds=0.05, model_seconds=0.05)
-    _, report = compress(path, tmp_path / "out.onnx", policy=FixedRankPolicy(127), max_rank_fraction=1.0,
-                         guard=guard, check=False)
+    guard = LatencyGuard(batches=(1, 8), margin=0.99, layer_seconds=0.05, model_seconds=0.05)
+    _, report = compress(path, tmp_path / "out.onnx", policy=FixedRankPolicy(16), guard=guard, check=False)
     (decision,) = report.layers
-    assert [t.batch for t in decision.timings] == [1, 8]
-    assert decision.factored == (guard_verdict(decision.timings, "CPUExecutionProvider") == "")
-    assert decision.factored == (report.factored == 1)
-    assert [c.batch for c in report.latency_check] == ([1, 8] if decision.factored else [])
-    slower = [c for c in report.latency_check if c.consistently_slower]
-    assert len([n for n in report.notes if "SLOWER" in n]) == len(slower)
+    assert not decision.factored and report.factored == 0
+    assert [(t.batch, t.rows) for t in decision.timings] == [(1, 1), (8, 8)]
+    assert re.fullmatch(r"latency guard: factored (slower|not 99% faster) at batch (1|8) on CPU \(.+ ms\)",
+                        decision.reason)
+    assert report.latency_check == []  # nothing was factored, so the whole models are not timed
+    saved = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in saved.graph.node] == ["MatMul"] and initializer_names(saved) == {"W"}
+    x = {"X": np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32)}
+    np.testing.assert_array_equal(run(saved, x)[0], run(model, x)[0])
 
 
 def test_cli_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -224,7 +291,8 @@ def test_cli_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     (["--batch", "a,b"], "--batch expects positive integers"),
     (["--providers", "nonesuch"], "no requested execution provider can run here"),
 ])
-def test_cli_bench_bad_options(options: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bench_bad_options(options: list[str], message: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
     original, small = _pair(tmp_path)
     assert main(["bench", str(original), str(small), *options, "-q"]) == 2
     err = capsys.readouterr().err
@@ -236,7 +304,7 @@ def test_cli_guard_on_absent_target_writes_nothing(tmp_path: Path, capsys: pytes
     original, _ = _pair(tmp_path)
     out = tmp_path / "guarded.onnx"
     assert main(["compress", str(original), "-o", str(out), "--guard", "latency", "--target", "cuda", "-q"]) == 2
-    assert "--target cuda:" in capsys.readouterr().err and not out.exists()
+    assert "guard target 'cuda':" in capsys.readouterr().err and not out.exists()
 
 
 def test_interleaved_times_stop_at_max_seconds_with_at_least_three_pairs(tmp_path: Path) -> None:
@@ -247,3 +315,14 @@ def test_interleaved_times_stop_at_max_seconds_with_at_least_three_pairs(tmp_pat
     feed = {"X": np.zeros((2, 48), np.float32)}
     first, second = interleaved_times(session, session, feed, warmup=0, min_runs=1000, max_seconds=0.0)
     assert len(first) == len(second) == 3
+
+
+def test_guard_observes_the_rows_a_layer_really_multiplies() -> None:
+    """A MatMul on a (batch, seq, 48) activation whose seq is symbolic multiplies seq rows per sample;
+    the graph's shapes alone would time it at one row per sample."""
+    model = ir.from_proto(make_linear_model(48, 40, op="MatMul", x_shape=("batch", "seq", 48)))
+    layers, _ = find_layers(model)
+    feed = {"X": np.zeros((3, 7, 48), np.float32)}
+    rows = observed_rows(model, layers, feed)
+    assert rows == {id(layers[0].node): 7.0}
+    assert activation_rows(layers[0], 3, {}) == 3  # what the symbolic shape gives without observation

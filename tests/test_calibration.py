@@ -100,8 +100,8 @@ def test_whitened_compress_of_fashion_is_more_accurate_on_held_out_data(tmp_path
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--method", "whitened"], "--method whitened needs calibration inputs"),
-    (["--calibration", "c.npz"], "calibration inputs are only used by --method whitened"),
+    (["--method", "whitened"], "the whitened method needs calibration inputs"),
+    (["--calibration", "c.npz"], "calibration inputs are only used by the whitened method"),
     (["--method", "whitened", "--calibration", "missing.npz"], "missing.npz: no such calibration file"),
 ])
 def test_cli_calibration_errors(options: list[str], message: str, mlp_path: Path, tmp_path: Path,
@@ -112,7 +112,8 @@ def test_cli_calibration_errors(options: list[str], message: str, mlp_path: Path
     assert message in err and err.count("\n") == 1 and not out.exists()
 
 
-def test_cli_whitened_inspect_reports_the_method(mlp_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_whitened_inspect_reports_the_method(mlp_path: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     np.savez(tmp_path / "calib.npz", X=np.random.default_rng(0).standard_normal((30, 48)).astype(np.float32))
     assert main(["inspect", str(mlp_path), "--method", "whitened", "--calibration", str(tmp_path / "calib.npz"),
                  "--output-tau", "0.9", "-q"]) == 0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_arsvd import compress
+from onnx_arsvd import compress, inspect_model
 from onnx_arsvd.candidates import Skipped, filter_layers, find_layers
+from onnx_arsvd.cli import main
 from onnx_arsvd.errors import UnsupportedModelError
 from tests.conftest import make_linear_model
 
@@ -117,8 +120,8 @@ def test_quantized_matmul_is_listed() -> None:
         initializer=[numpy_helper.from_array(np.ones((8, 4), np.int8), "Wq")],
     )
     layers, skipped = _find(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert layers == [] and skipped == [Skipped("qmm", "MatMulInteger", "quantized layer (MatMulInteger); factor the float "
-                                                "model before quantizing")]
+    assert layers == [] and skipped == [Skipped("qmm", "MatMulInteger", "quantized layer (MatMulInteger); factor the "
+                                                "float model before quantizing")]
 
 
 def test_subgraph_layers_are_found_with_their_scope() -> None:
@@ -199,8 +202,8 @@ def test_matmul_inside_a_model_local_function_is_listed() -> None:
     model = helper.make_model(graph, functions=[function],
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
     layers, skipped = _find(model)
-    assert layers == [] and skipped == [Skipped("fn_matmul", "MatMul", "inside model-local function 'dense_fn'; functions "
-                                                "are not rewritten (inline them first, e.g. with "
+    assert layers == [] and skipped == [Skipped("fn_matmul", "MatMul", "inside model-local function 'dense_fn'; "
+                                                "functions are not rewritten (inline them first, e.g. with "
                                                 "onnx_ir.passes.common.InlinePass)")]
 
 
@@ -212,3 +215,14 @@ def test_weight_reshaped_to_three_dimensions_is_listed() -> None:
     layers, skipped = _find(model)
     assert layers == [] and [s.reason for s in skipped] == [
         "weight has 3 dimensions after its Transpose/Cast/Reshape/Identity chain; only 2-D weights are factored"]
+
+
+def test_inspect_lists_what_an_int8_model_passes_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "int8.onnx"
+    onnx.save(_int8_model(), path)
+    report = inspect_model(path)
+    assert (report.layers == []
+            and [s.name for s in report.skipped] == ["qmm0", "qmm1", "qmm2", "qmm3", "qmm4", "scores"])
+    assert main(["inspect", str(path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "not factored:" in out and out.count("quantized layer (MatMulInteger)") == 5

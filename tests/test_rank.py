@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.factorize import Need
 from onnx_arsvd.rank import (
     EnergyPolicy,
     EntropyPolicy,
@@ -15,6 +16,7 @@ from onnx_arsvd.rank import (
     RatioPolicy,
     break_even_rank,
     energy_kept,
+    energy_rank_bounds,
     make_policy,
 )
 
@@ -82,3 +84,33 @@ def test_break_even_and_energy_kept() -> None:
 def test_invalid_policy_settings_raise_clear_errors(name: str, params: dict, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         make_policy(name, **params)
+
+
+def test_energy_on_a_partial_spectrum_uses_the_total_energy() -> None:
+    leading = SPECTRUM[:3]  # 16 + 4 + 1 = 21 of 21.3125
+    assert EnergyPolicy(0.9).choose(leading, (5, 5), total_energy=21.3125) == 2
+    assert EnergyPolicy(0.99).choose(leading, (5, 5), total_energy=21.3125) == 4  # beyond the values given
+    assert energy_kept(leading, 2, total_energy=21.3125) == pytest.approx(20 / 21.3125)
+
+
+def test_energy_rank_bounds_hold_for_projections_of_random_matrices() -> None:
+    """For the values of Q^T W (any orthonormal Q), the exact energy rank lies in [low, high]."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((80, 60)) * np.exp(-0.05 * np.arange(60))
+    exact = np.linalg.svd(w, compute_uv=False)
+    total = float(np.sum(w**2))
+    for size in (10, 25, 40):
+        q, _ = np.linalg.qr(w @ rng.standard_normal((60, size)))
+        partial = np.linalg.svd(q.T @ w, compute_uv=False)
+        for tau in (0.3, 0.6, 0.8):
+            low, high = energy_rank_bounds(partial, total, tau)
+            rank = EnergyPolicy(tau).choose(exact, w.shape)
+            assert low <= rank and (rank <= high or high == size + 1)  # size + 1: tau lies beyond the values
+            assert high == EnergyPolicy(tau).choose(partial, w.shape, total_energy=total)
+
+
+def test_policies_say_what_they_need() -> None:
+    assert EnergyPolicy(0.8).need((64, 100)) == Need(energy=0.8)
+    assert RatioPolicy(0.25).need((64, 100)) == Need(rank=16)
+    assert FixedRankPolicy(500).need((64, 100)) == Need(rank=64)
+    assert EntropyPolicy().need((64, 100)) == Need()

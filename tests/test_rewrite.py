@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
 import pytest
 
 from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress
 from onnx_arsvd.factorize import spectrum
+from onnx_arsvd.model_plan import plan_model
+from onnx_arsvd.rewrite import FactorLayersPass
+from onnx_arsvd.settings import Settings
 from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
 
 GEMM_FORMS = [
@@ -115,7 +120,7 @@ def test_shared_weight_is_factored_once() -> None:
     assert report.factored == 2 and report.dense_params_before == 32 * 24
     assert len(compressed.graph.initializer) == 2  # one A and one B for both nodes
     feed = _feed(model)
-    for expected, actual in zip(run(model, feed), run(compressed, feed)):
+    for expected, actual in zip(run(model, feed), run(compressed, feed), strict=True):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
@@ -149,3 +154,27 @@ def test_lp_method_at_p_two_matches_svd_and_reproduces_low_rank() -> None:
     for actual in outputs.values():  # an exactly rank-4 weight: every method reproduces it
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(outputs[("lp", 2.0)], outputs[("svd", 1.0)], rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_bias_with_beta_zero_is_dropped_with_the_node() -> None:
+    """beta = 0 ignores C: once the Gemm is factored, nothing uses C and it must not stay in the file."""
+    model = make_linear_model(64, 48, op="Gemm", beta=0.0)
+    compressed, report = compress(model, policy=FixedRankPolicy(8), min_params=0, check=False)
+    assert report.factored == 1
+    assert initializer_names(compressed) == {"W.arsvd_a", "W.arsvd_b"}
+
+
+def test_the_rewrite_is_an_onnx_ir_pass_that_keeps_the_interface() -> None:
+    """It composes with onnx_ir's passes, and a rewrite that touched the interface would be refused."""
+    model = ir.from_proto(make_mlp())
+    plans = plan_model(model, Settings(FixedRankPolicy(4), min_params=0), with_factors=True).plans
+    result = ir.passes.Sequential(FactorLayersPass(plans), onnx_ir.passes.common.RemoveUnusedNodesPass())(model)
+    assert result.modified and {n.op_type for n in result.model.graph} == {"MatMul", "Add", "Relu"}
+
+    class RenamesAnOutput(FactorLayersPass):
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            model.graph.outputs[0].name = "renamed"
+            return ir.passes.PassResult(model, modified=True)
+
+    with pytest.raises(ir.passes.PostconditionError, match="inputs or outputs"):
+        RenamesAnOutput([])(ir.from_proto(make_mlp()))

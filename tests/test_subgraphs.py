@@ -64,7 +64,8 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 def _full_rank(model: onnx.ModelProto, expected_factored: int) -> onnx.ModelProto:
     """Every layer factored at full rank (a fixed rank is capped at min(m, n))."""
-    compressed, report = compress(model, policy=FixedRankPolicy(10**6), max_rank_fraction=1e9, min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(10**6), max_rank_fraction=1e9, min_params=0,
+                                  check=False)
     assert report.factored == expected_factored, [(d.name, d.reason) for d in report.layers]
     assert all(d.rank == d.full_rank for d in report.layers)
     onnx.checker.check_model(compressed, full_check=True)
@@ -216,12 +217,13 @@ def test_weight_shared_between_main_graph_and_branches_is_factored_once() -> Non
     w = _w(16, 12, 6)
     then_branch = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["yt"], name="mm_then")], "t", [],
                                     [_vi("yt", ["batch", 12])])
-    else_branch = helper.make_graph([helper.make_node("Gemm", ["X", "W"], ["ye"], name="gemm_else", alpha=2.0)], "e", [],
-                                    [_vi("ye", ["batch", 12])])
+    else_branch = helper.make_graph([helper.make_node("Gemm", ["X", "W"], ["ye"], name="gemm_else", alpha=2.0)], "e",
+                                    [], [_vi("ye", ["batch", 12])])
     model = _model(
         [helper.make_node("MatMul", ["X", "W"], ["Y1"], name="mm_main"),
          helper.make_node("If", ["cond"], ["Y2"], name="branch", then_branch=then_branch, else_branch=else_branch)],
-        [_vi("cond", [], TensorProto.BOOL), _vi("X", ["batch", 16])], [_vi("Y1", ["batch", 12]), _vi("Y2", ["batch", 12])],
+        [_vi("cond", [], TensorProto.BOOL), _vi("X", ["batch", 16])],
+        [_vi("Y1", ["batch", 12]), _vi("Y2", ["batch", 12])],
         [_init("W", w)])
     compressed = _full_rank(model, 3)
     report = inspect_model(model, min_params=0)
@@ -383,7 +385,8 @@ class _Reader:
 def _main_and_loop_model() -> onnx.ModelProto:
     """h = X @ W0 in the main graph, then h <- tanh(h @ W1) twice in a Loop body (W1 captured)."""
     body = helper.make_graph(
-        [helper.make_node("MatMul", ["h_in", "W1"], ["mm"], name="body_matmul"), helper.make_node("Tanh", ["mm"], ["h_out"]),
+        [helper.make_node("MatMul", ["h_in", "W1"], ["mm"], name="body_matmul"),
+         helper.make_node("Tanh", ["mm"], ["h_out"]),
          helper.make_node("Identity", ["c_in"], ["c_out"])],
         "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
         [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
@@ -409,7 +412,7 @@ def test_calibration_captures_inside_a_loop_body() -> None:
     np.testing.assert_allclose(grams[("W1", False)], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     compressed, report = compress(model, method="whitened", calibration=_Reader(feeds), policy=FixedRankPolicy(10**6),
                                   max_rank_fraction=1e9, min_params=0, check=False)
-    assert report.factored == 2 and not any("never reached" in note for note in report.notes)
+    assert report.factored == 2 and not any("no activations were captured" in note for note in report.notes)
     _same_outputs(model, compressed, {"X": _x(5, 16, seed=9)})  # whitened factors are exact at full rank too
 
 
@@ -422,9 +425,14 @@ def test_calibration_inside_if_branches_sees_only_the_rows_each_branch_ran_on() 
     x_then, x_else = x_then.astype(np.float64), x_else.astype(np.float64)
     np.testing.assert_allclose(grams[("branch.then_branch::Wt", False)], x_then.T @ x_then, rtol=1e-6)
     np.testing.assert_allclose(grams[("We", True)], x_else.T @ x_else, rtol=1e-6)
-    # a branch the data never takes gets no Gram matrix: plain factors
+    # a branch the data never takes gets no Gram matrix: plain factors, and the report says so
     only_then = [{"cond": np.array(True), "X": x_then.astype(np.float32)}]
     assert set(capture_grams(ir.from_proto(model), layers, _Reader(only_then))) == {("branch.then_branch::Wt", False)}
+    _, report = compress(model, method="whitened", calibration=_Reader(only_then), policy=FixedRankPolicy(3),
+                         min_params=0, check=False)
+    assert [n for n in report.notes if "no activations were captured" in n] == [
+        "note: no activations were captured for 1 weight(s) (an If branch the data never takes, or a loop body whose "
+        "activations change shape between iterations); they got plain SVD factors: We"]
 
 
 def test_calibration_inside_nested_bodies_and_a_scan() -> None:
@@ -497,8 +505,8 @@ def test_inspect_says_what_share_of_the_parameters_is_factorable() -> None:
     dense = sum(t.size for t in tensors if t.ndim == 2)  # the four Linear weights; biases and scalars are 0-/1-D
     report = inspect_model(MODELS / "branch_mlp.onnx")
     assert report.params_before == total and report.dense_params_before == dense
-    assert f"factorable layers hold {dense / 1e3:.1f}k of the model's {total / 1e3:.1f}k parameters ({dense / total:.1%})" \
-        in format_report(report)
+    assert (f"factorable layers hold {dense / 1e3:.1f}k of the model's {total / 1e3:.1f}k parameters "
+            f"({dense / total:.1%})") in format_report(report)
 
 
 def test_calibration_on_the_real_if_model_sees_each_branch_on_its_own_rows() -> None:
@@ -513,3 +521,63 @@ def test_calibration_on_the_real_if_model_sees_each_branch_on_its_own_rows() -> 
     hidden = np.maximum(x.astype(np.float64) / 16 @ weights["trunk.weight"].T + weights["trunk.bias"], 0)  # the trunk
     for key, rows in ((("relu_branch.weight", True), hidden[:300]), (("tanh_branch.weight", True), hidden[300:])):
         np.testing.assert_allclose(grams[key], rows.T @ rows, rtol=1e-4, atol=1e-4 * np.abs(rows.T @ rows).max())
+
+
+def test_calibration_falls_back_when_a_loop_alternates_branches() -> None:
+    """An If inside a Loop taking the then-branch on even iterations only, its MatMul on a value computed in the
+    branch: the lifted activation is (4, 16) in some iterations and empty in others, which onnxruntime cannot
+    stack; body weights then get plain factors."""
+    then_branch = helper.make_graph([helper.make_node("Relu", ["h_in"], ["relu"]),
+                                     helper.make_node("MatMul", ["relu", "W"], ["t"], name="alt_then")], "t", [],
+                                    [_vi("t", ["batch", 16])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h_in"], ["e"])], "e", [], [_vi("e", ["batch", 16])])
+    body = helper.make_graph(
+        [helper.make_node("Mod", ["i", "two"], ["r"]), helper.make_node("Equal", ["r", "zero"], ["even"]),
+         helper.make_node("If", ["even"], ["mm"], name="alt_if", then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
+    model = _model([helper.make_node("MatMul", ["X", "W0"], ["h0"], name="main_mm"),
+                    helper.make_node("Loop", ["trip", "keep_going", "h0"], ["H"], name="loop", body=body)],
+                   [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
+                   [_init("W", _w(16, 16, 3)), _init("W0", _w(16, 16, 5)), _init("trip", np.array(3, np.int64)),
+                    _init("keep_going", np.array(True)), _init("two", np.array(2, np.int64)),
+                    _init("zero", np.array(0, np.int64))])
+    layers, _ = find_layers(ir.from_proto(model))
+    feeds = [{"X": _x(4, 16, seed=s)} for s in range(2)]
+    grams = capture_grams(ir.from_proto(model), layers, _Reader(feeds))
+    rows = np.concatenate([f["X"] for f in feeds]).astype(np.float64)
+    assert set(grams) == {("W0", False)}  # both feeds still count for the main-graph layer
+    np.testing.assert_allclose(grams[("W0", False)], rows.T @ rows, rtol=1e-6)
+    compressed, report = compress(model, method="whitened", calibration=_Reader(feeds), policy=FixedRankPolicy(10**6),
+                                  max_rank_fraction=1e9, min_params=0, check=False)
+    assert report.factored == 2 and any(n.endswith("they got plain SVD factors: W") for n in report.notes)
+    _same_outputs(model, compressed, {"X": _x(3, 16, seed=7)})
+
+
+def test_calibration_in_a_loop_that_alternates_branches_on_a_visible_value() -> None:
+    """The then-branch (even iterations) multiplies h_in, a value the else-branch sees too: the else-branch
+    outputs zeros of h_in's shape, so the loop stacks one shape and W counts the rows of iterations 0 and 2."""
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["h_in", "W"], ["t"], name="alt_then")], "t", [],
+                                    [_vi("t", ["batch", 16])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h_in"], ["e"])], "e", [], [_vi("e", ["batch", 16])])
+    body = helper.make_graph(
+        [helper.make_node("Mod", ["i", "two"], ["r"]), helper.make_node("Equal", ["r", "zero"], ["even"]),
+         helper.make_node("If", ["even"], ["mm"], name="alt_if", then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
+    w, w0 = _w(16, 16, 3), _w(16, 16, 5)
+    model = _model([helper.make_node("MatMul", ["X", "W0"], ["h0"], name="main_mm"),
+                    helper.make_node("Loop", ["trip", "keep_going", "h0"], ["H"], name="loop", body=body)],
+                   [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
+                   [_init("W", w), _init("W0", w0), _init("trip", np.array(3, np.int64)),
+                    _init("keep_going", np.array(True)), _init("two", np.array(2, np.int64)),
+                    _init("zero", np.array(0, np.int64))])
+    layers, _ = find_layers(ir.from_proto(model))
+    x = _x(4, 16)
+    grams = capture_grams(ir.from_proto(model), layers, _Reader([{"X": x}]))
+    h0 = x.astype(np.float64) @ w0
+    h2 = np.tanh(-np.tanh(h0 @ w))  # iteration 0 (then), iteration 1 (else: tanh(-h))
+    expected = h0.T @ h0 + h2.T @ h2
+    np.testing.assert_allclose(grams[("W", False)], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

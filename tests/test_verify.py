@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import verify
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
 from onnx_arsvd.verification import OutputAgreement, generated_batches, macro_f1, make_session, split_batches
 from tests.conftest import make_mlp
 
@@ -24,18 +25,44 @@ def test_macro_f1_by_hand() -> None:
     assert macro_f1(labels, labels) == 1.0
 
 
+def _compare(name: str, expected: list[np.ndarray], actual: list[np.ndarray]) -> OutputComparison:
+    """One output compared batch by batch, as verification does."""
+    agreement = OutputAgreement(name)
+    for e, a in zip(expected, actual, strict=True):
+        agreement.add(e, a)
+    return agreement.result()
+
+
 def test_comparison_metrics() -> None:
     expected = [np.array([[3.0, 4.0]]), np.array([[1.0, 0.0]])]  # two batches, compared as one set of rows
     actual = [np.array([[3.0, 4.0]]), np.array([[0.0, 1.0]])]
     agreement = OutputAgreement("y")
-    for e, a in zip(expected, actual):
+    for e, a in zip(expected, actual, strict=True):
         agreement.add(e, a)
     result = agreement.result()
     assert result.max_abs_error == 1.0
     assert result.relative_error == pytest.approx(np.sqrt(2) / np.sqrt(26))
     assert result.mean_cosine == pytest.approx(0.5) and result.min_cosine == pytest.approx(0.0)
     assert result.cosine_stderr == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2))
-    assert result.cosine_bound() == pytest.approx(0.5 - 1.645 * result.cosine_stderr)
+
+
+def test_cosine_bound_covers_the_true_mean_95_percent_of_the_time() -> None:
+    """2000 simulated verifications of 100 samples, each at a random angle in [0, 0.6] rad from the original."""
+    rng = np.random.default_rng(0)
+    true_mean = np.sin(0.6) / 0.6  # E[cos(theta)] for theta uniform on [0, 0.6]
+    expected = np.tile([1.0, 0.0], (100, 1))
+    holds = []
+    for _ in range(2000):
+        theta = rng.uniform(0.0, 0.6, 100)
+        result = _compare("y", [expected], [np.stack([np.cos(theta), np.sin(theta)], axis=1)])
+        holds.append(result.cosine_bound() <= true_mean)
+        assert result.cosine_bound(z=0.0) == result.mean_cosine > result.cosine_bound() > result.cosine_bound(z=3.0)
+    assert 0.92 <= np.mean(holds) <= 0.98  # the normal approximation of a one-sided 95% bound
+
+
+def test_identical_outputs_have_a_bound_of_one() -> None:
+    expected = np.random.default_rng(0).standard_normal((20, 5))
+    assert _compare("y", [expected], [expected.copy()]).cosine_bound() == pytest.approx(1.0)
 
 
 def _embedding_model(vocab: int = 7) -> onnx.ModelProto:
@@ -81,7 +108,8 @@ def test_verify_detects_a_changed_model() -> None:
 def test_unknown_dim_name_is_an_error() -> None:
     model = _embedding_model()
     session = make_session(model.SerializeToString())
-    with pytest.raises(InvalidInputError, match=r"--dim sequence: no dynamic dimension of that name; the model's are: batch, seq"):
+    with pytest.raises(InvalidInputError,
+                       match=r"dimension sequence: no dynamic dimension of that name; the model's are: batch, seq"):
         generated_batches(session, ir.from_proto(model), {"sequence": 16}, samples=1)
 
 
@@ -95,10 +123,24 @@ def test_generated_masks_are_all_ones() -> None:
     assert np.all(feed["attention_mask"] == 1) and feed["attention_mask"].dtype == np.int64
 
 
-def test_accuracy_drop_bound_uses_the_flipped_samples() -> None:
-    from onnx_arsvd.results import TaskScores, VerificationReport
+def _paired_report(counts: np.ndarray) -> VerificationReport:
+    """Two classifiers scored on the same samples, from the counts (both right, only original right,
+    only compressed right, neither)."""
+    n = int(counts.sum())
+    original, compressed = TaskScores((counts[0] + counts[1]) / n, 0.0), TaskScores((counts[0] + counts[2]) / n, 0.0)
+    return VerificationReport("CPUExecutionProvider", "", n, original=original, compressed=compressed,
+                              flipped=int(counts[1] + counts[2]))
 
-    report = VerificationReport("CPUExecutionProvider", "", 400, original=TaskScores(0.9, 0.9),
-                                compressed=TaskScores(0.895, 0.89), flipped=4)
-    assert report.accuracy_drop == pytest.approx(0.5)
-    assert report.accuracy_drop_bound() == pytest.approx(0.5 + 1.645 * 100 * 2 / 400)
+
+def test_accuracy_drop_bound_covers_the_true_drop_95_percent_of_the_time() -> None:
+    """2000 simulated test sets of 1000 samples; the compressed model loses 3% and gains 1%: a true drop of 2 points."""
+    rng = np.random.default_rng(0)
+    probabilities = [0.85, 0.03, 0.01, 0.11]
+    reports = [_paired_report(rng.multinomial(1000, probabilities)) for _ in range(2000)]
+    assert 0.92 <= np.mean([r.accuracy_drop_bound() >= 2.0 for r in reports]) <= 0.98
+    # the spread comes from the discordant pairs alone: the same drop with more flips has a wider bound
+    few, many = _paired_report(np.array([880, 20, 0, 100])), _paired_report(np.array([800, 60, 40, 100]))
+    assert few.accuracy_drop == pytest.approx(many.accuracy_drop) == pytest.approx(2.0)
+    assert few.accuracy_drop < few.accuracy_drop_bound() < many.accuracy_drop_bound()
+    agree = _paired_report(np.array([900, 0, 0, 100]))  # the models agree on every sample: the drop is known exactly
+    assert agree.accuracy_drop_bound() == agree.accuracy_drop == 0.0

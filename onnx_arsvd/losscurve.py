@@ -1,0 +1,102 @@
+"""A layer's output error at every rank, from one decomposition; pure numpy/scipy, no ONNX.
+
+For a layer Y = X W (W: m x n, as ``X @ W`` uses it) and its input Gram matrix C = X^T X, every rank-k
+weight of the form W_k = W P (P an orthogonal projector of rank k onto a subspace of R^n) has output
+error ||X W - X W_k||_F^2 = tr(M) - tr(P M), with M = W^T C W (n x n, symmetric PSD). The top-k
+eigenvectors V_k of M minimise it (Eckart-Young on X W), giving factors A = W V_k (m x k) and B = V_k^T
+(k x n), and the error at every k is the tail sum of M's eigenvalues: one eigen-decomposition per layer
+gives the whole curve, which a search then reads without decomposing again. No Cholesky is taken, so a
+singular Gram (a pixel that is always blank, a dead unit) is no failure.
+
+A small ridge (``ridge`` times the mean diagonal of C, added to C) makes the directions the data never
+excites fall back to plain weight energy instead of being arbitrary: then at k = min(m, n) the factors
+reproduce W itself, not only its outputs on the calibration data. The curve reports the exact error
+without the ridge, tr(M) - sum_{i<=k} v_i^T M v_i, so it matches ||X W - X A B||^2 measured on X.
+
+When m < n (an up-projection such as MiniLM's 384 x 1536) the same subspace comes from the SVD of
+R = D^(1/2) Q^T W (m x n), with C + ridge = Q D Q^T: R^T R = W^T (C + ridge) W, so its right singular
+vectors are M's regularised eigenvectors, at O(m^2 n) instead of O(n^3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+__all__ = ["LossCurve", "loss_curve"]
+
+DEFAULT_RIDGE = 1e-6
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """One layer's optimal activation-aware factors at every rank, and their output error.
+
+    ``projected`` = W V (m x r) and ``basis`` = V (n x r), r = min(m, n), columns ordered by the
+    output energy they keep; ``losses[k]`` is ||X W - X A_k B_k||_F^2 on the calibration inputs
+    for k = 0 .. r (``losses[0]`` = ||X W||_F^2, the layer's output energy).
+    """
+
+    projected: np.ndarray
+    basis: np.ndarray
+    losses: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.projected.shape[0], self.basis.shape[0])
+
+    @property
+    def max_rank(self) -> int:
+        return len(self.losses) - 1
+
+    @property
+    def energy(self) -> float:
+        """||X W||_F^2: the layer's output energy on the calibration inputs."""
+        return float(self.losses[0])
+
+    def relative(self) -> np.ndarray:
+        """losses / output energy: 1 - output energy kept, at every rank (zeros for a silent layer)."""
+        return self.losses / self.energy if self.energy > 0 else np.zeros_like(self.losses)
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """A (m x k) and B (k x n), float64, with X A B the best rank-k approximation of X W.
+
+        Each pair (column of A, row of B) is rescaled to equal norms (B's rows are unit vectors
+        before), so both factors share one numeric range when stored in float16.
+        """
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
+        a, b = self.projected[:, :rank], self.basis[:, :rank].T
+        scale = np.sqrt(np.linalg.norm(a, axis=0))
+        scale[scale == 0] = 1.0
+        return a / scale, b * scale[:, None]
+
+
+def loss_curve(weight: np.ndarray, gram: np.ndarray, ridge: float = DEFAULT_RIDGE) -> LossCurve:
+    """The loss curve of ``weight`` (m x n) for inputs whose Gram matrix X^T X is ``gram`` (m x m)."""
+    w = np.asarray(weight, dtype=np.float64)
+    c = np.asarray(gram, dtype=np.float64)
+    m, n = w.shape
+    if c.shape != (m, m):
+        raise ValueError(f"Gram matrix of shape {c.shape} does not fit a weight of shape {w.shape}")
+    c = (c + c.T) / 2
+    shift = ridge * max(float(np.mean(np.diag(c))), np.finfo(np.float64).tiny)
+    if m >= n:
+        vectors = scipy.linalg.eigh(w.T @ (c @ w) + shift * (w.T @ w))[1]
+        basis = vectors[:, ::-1]
+    else:
+        d, q = scipy.linalg.eigh(c + shift * np.eye(m))
+        root = (np.sqrt(np.clip(d, 0.0, None))[:, None] * q.T) @ w
+        try:
+            basis = scipy.linalg.svd(root, full_matrices=False, lapack_driver="gesdd")[2].T
+        except np.linalg.LinAlgError:  # gesdd occasionally fails to converge; gesvd is slower but robust
+            basis = scipy.linalg.svd(root, full_matrices=False, lapack_driver="gesvd")[2].T
+    basis = basis[:, : min(m, n)]
+    projected = w @ basis
+    kept = np.einsum("ij,ij->j", projected, c @ projected)  # ||X W v_i||^2, exact (no ridge)
+    total = float(np.einsum("ij,ij->", w, c @ w))
+    losses = np.clip(total - np.concatenate([[0.0], np.cumsum(kept)]), 0.0, None)
+    losses = np.minimum.accumulate(losses)  # rounding only: the exact tail never grows with k
+    return LossCurve(projected, basis, losses)

@@ -1,0 +1,160 @@
+"""Quantization of a (compressed or original) model with onnxruntime's own quantizers.
+
+- ``int8``: ``onnxruntime.quantization.quantize_dynamic``, signed per-channel weights; with
+  ``reduce_range`` (7-bit weights) on CPUs without VNNI, where the u8 x s8 kernels can saturate (signed
+  INT8 lost 8.8 points on the Fashion MLP there). Every op type it supports is quantized, so MatMul,
+  Gemm and Gather on constant tables.
+- ``int4``: ``MatMulNBitsQuantizer`` (weight-only, blockwise, symmetric; the ``MatMulNBits`` contrib
+  op). It only takes MatMul, so dense ``Gemm`` layers are first rewritten as MatMul (+ Add), which
+  computes the same thing.
+
+Both are onnxruntime's code, called as users call it; this module only chooses the settings and
+keeps onnxruntime's logging habits (a root-logger ``basicConfig`` at import, a warning on every call)
+out of the caller's logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnx_arsvd.candidates import constant_tensor, find_layers, node_label
+from onnx_arsvd.errors import InvalidInputError
+
+__all__ = ["QUANTIZE_MODES", "Quantization", "cpu_has_vnni"]
+
+QUANTIZE_MODES = ("int8", "int4")
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+_PREPROCESS_HINT = "Please consider to run pre-processing before quantization"
+
+
+def cpu_has_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX); False when unknown."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return bool(flags & VNNI_FLAGS)
+
+
+class _DropHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_PREPROCESS_HINT)
+
+
+def _nbits_quantizer() -> type:
+    """onnxruntime's MatMulNBitsQuantizer, imported so that its import-time basicConfig leaves the root logger alone."""
+    root, guard = logging.getLogger(), logging.NullHandler()
+    root.addHandler(guard)  # basicConfig does nothing when the root logger has a handler
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.removeHandler(guard)
+    return MatMulNBitsQuantizer
+
+
+def _gemm_as_matmul(model: ir.Model) -> int:
+    """Rewrite, in place, every dense Gemm with a constant weight as MatMul(X, alpha W) [+ Add(beta C)]."""
+    count, replaced = 0, []
+    for layer in find_layers(model)[0]:
+        if layer.op_type != "Gemm" or layer.left or layer.trans_x or layer.scope:
+            continue  # MatMulNBits takes X @ W in the main graph only
+        node, dtype = layer.node, layer.dtype.numpy()
+        weight = layer.alpha * layer.matrix().astype(np.float64)
+        label = node_label(node)
+        w = _initializer(model, f"{label}.int4_weight", weight.astype(dtype))
+        output = node.outputs[0]
+        product = ir.Value(name=f"{label}/int4_matmul_out")
+        nodes = [ir.Node("", "MatMul", [node.inputs[0], w], outputs=[product], name=f"{label}/int4_matmul")]
+        result = product
+        if layer.bias is not None:
+            bias = layer.beta * constant_tensor(layer.bias).numpy().astype(np.float64).reshape(-1)
+            bias = np.broadcast_to(bias, (layer.shape[1],)).astype(dtype)
+            b = _initializer(model, f"{label}.int4_bias", bias)
+            result = ir.Value(name=f"{label}/int4_add_out")
+            nodes.append(ir.Node("", "Add", [product, b], outputs=[result], name=f"{label}/int4_add"))
+        model.graph.insert_before(node, nodes)
+        name, value_type, shape = output.name, output.type, output.shape
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
+        result.name, result.type, result.shape = name, value_type, shape
+        replaced += [layer.weight, layer.bias]
+        count += 1
+    for value in replaced:
+        if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+            del model.graph.initializers[value.name]
+    return count
+
+
+def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    if name in model.graph.initializers:
+        raise InvalidInputError(f"cannot convert Gemm for int4: the model already has an initializer {name!r}")
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type, value.shape = ir.TensorType(value.const_value.dtype), ir.Shape(array.shape)
+    model.graph.register_initializer(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How to quantize: ``mode`` "int8" or "int4"; ``reduce_range`` None = on CPUs without VNNI;
+    ``block_size`` and ``accuracy_level`` are MatMulNBits' (int4 only)."""
+
+    mode: str
+    reduce_range: bool | None = None
+    block_size: int = 32
+    accuracy_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANTIZE_MODES:
+            raise InvalidInputError(f"unknown quantization {self.mode!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InvalidInputError(f"int4 block size must be a power of 2, at least 16, got {self.block_size}")
+
+    @property
+    def uses_reduce_range(self) -> bool:
+        return (not cpu_has_vnni()) if self.reduce_range is None else self.reduce_range
+
+    def describe(self) -> str:
+        if self.mode == "int8":
+            return f"int8 dynamic (per-channel{', reduce_range' if self.uses_reduce_range else ''})"
+        return f"int4 weight-only (MatMulNBits, block {self.block_size}, symmetric)"
+
+    def apply(self, model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+        """The quantized model (the input is not modified)."""
+        proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+        if self.mode == "int4":
+            return self._int4(proto)
+        return self._int8(proto)
+
+    def _int8(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        root, hint = logging.getLogger(), _DropHint()
+        root.addFilter(hint)
+        try:
+            with tempfile.TemporaryDirectory(prefix="onnx_arsvd_int8_") as folder:
+                target = Path(folder) / "model.onnx"
+                large = proto.ByteSize() > 1_800_000_000
+                quantize_dynamic(proto, target, per_channel=True, reduce_range=self.uses_reduce_range,
+                                 weight_type=QuantType.QInt8, use_external_data_format=large)
+                return onnx.load(target)
+        finally:
+            root.removeFilter(hint)
+
+    def _int4(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        model = ir.from_proto(proto)
+        if _gemm_as_matmul(model):
+            proto = ir.to_proto(model)
+        quantizer = _nbits_quantizer()(proto, bits=4, block_size=self.block_size, is_symmetric=True,
+                                       accuracy_level=self.accuracy_level)
+        quantizer.process()
+        return quantizer.model.model

@@ -1,0 +1,90 @@
+"""How much each layer's output error moves the model's outputs: one onnxruntime run per weight.
+
+A layer's loss curve gives its own relative squared output error e_l(k). What the budget judges is
+the model's: the model's relative squared output error is taken as D ~ sum_l D_l(e_l(k_l)), each
+layer's response D_l measured, not assumed: how much of an error at that layer reaches the outputs
+(attenuated by a following ReLU, softmax or normalisation, amplified by a sensitive head). It is
+measured once per weight and probe: the model with only that weight factored, at the rank whose
+relative error is nearest the probe (0.01 and 0.1), runs on the calibration batches. A power law
+D_l = a e^b through the two points carries it between and beyond them: one probe alone (a linear
+gain) overrated the layers whose response saturates, and starved them at small budgets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnx_arsvd.allocate import Allocation
+from onnx_arsvd.candidates import WeightKey, find_layers
+from onnx_arsvd.curves import WeightCurve, allocation_plans
+from onnx_arsvd.model_io import to_model
+from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.sessions import make_session
+from onnx_arsvd.verification import Feed, ModelLike
+
+__all__ = ["Response", "layer_responses", "output_distortion"]
+
+DEFAULT_PROBES = (0.01, 0.1)
+
+
+def _outputs(session, batches: Sequence[Feed]) -> list[list[np.ndarray]]:
+    return [[np.asarray(o, dtype=np.float64) for o in session.run(None, feed)] for feed in batches]
+
+
+def output_distortion(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
+    """sum ||y' - y||^2 / sum ||y||^2 over every output and batch: the model's relative squared output error."""
+    error = sum(float(np.sum((b - a) ** 2))
+                for ra, rb in zip(reference, outputs, strict=True) for a, b in zip(ra, rb, strict=True))
+    energy = sum(float(np.sum(a * a)) for ra in reference for a in ra)
+    return error / energy if energy > 0 else error
+
+
+@dataclass(frozen=True)
+class Response:
+    """How a layer's relative output error e reaches the model's outputs: D = scale * e ** power,
+    fitted through two probes (one probe: power 1)."""
+
+    scale: float
+    power: float = 1.0
+
+    def __call__(self, relative: np.ndarray) -> np.ndarray:
+        return self.scale * np.power(np.clip(relative, 0.0, None), self.power)
+
+
+def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Sequence[Feed], *,
+                    probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False) -> dict[WeightKey, Response]:
+    """Every weight's response (see the module's docstring), each probe one onnxruntime run."""
+    base = to_model(model)  # loaded once; each probe rewrites a clone
+    reference = _outputs(make_session(ir.to_proto(base).SerializeToString()), batches)
+    responses: dict[WeightKey, Response] = {}
+    for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
+        relative = c.curve.relative()
+        points = []
+        for probe in probes:
+            rank = int(np.argmin(np.abs(relative[1:] - probe)) + 1)
+            if relative[rank] <= 0 or any(r == rank for r, _, _ in points):
+                continue
+            candidate = base.clone()
+            apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
+                                                    min_params=0))
+            session = make_session(ir.to_proto(candidate).SerializeToString())
+            points.append((rank, float(relative[rank]), output_distortion(reference, _outputs(session, batches))))
+        responses[c.key] = _fit(points)
+    return responses
+
+
+def _fit(points: list[tuple[int, float, float]]) -> Response:
+    """The power law through the probes (log-log line through the outer two), power clipped to [0.5, 2]."""
+    usable = [(e, d) for _, e, d in points if e > 0 and d > 0]
+    if not usable:
+        return Response(0.0)
+    if len(usable) == 1 or usable[0][0] == usable[-1][0]:
+        return Response(usable[0][1] / usable[0][0])
+    (e1, d1), (e2, d2) = usable[0], usable[-1]
+    power = float(np.clip(np.log(d2 / d1) / np.log(e2 / e1), 0.5, 2.0))
+    return Response(d1 / e1**power, power)

@@ -1,0 +1,73 @@
+"""Quantization with onnxruntime's quantizers: the shipped Fashion MLP and small built models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.quantize import Quantization, _gemm_as_matmul, cpu_has_vnni
+from tests.conftest import MODELS, make_linear_model, run
+
+
+def test_vnni_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512bw\n")
+    assert not cpu_has_vnni(path)
+    path.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n")
+    assert cpu_has_vnni(path)
+    assert not cpu_has_vnni(tmp_path / "missing")
+
+
+def _fashion(samples: int = 2000) -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    with np.load(MODELS / "fashion_test.npz") as archive:
+        feed, labels = {"input": archive["input"][:samples]}, archive["labels"][:samples]
+    model = onnx.load(MODELS / "fashion_mlp.onnx")
+    return model, feed, labels, run(model, feed)[0]
+
+
+@pytest.mark.parametrize(("mode", "max_size", "max_drop"), [("int8", 0.27, 1.0), ("int4", 0.17, 2.0)])
+def test_quantized_fashion_mlp_runs_is_smaller_and_close(mode: str, max_size: float, max_drop: float) -> None:
+    """INT8: 1 byte per weight plus per-channel scales (0.25x the float file at best); INT4: half a byte
+    plus one scale per 32 weights (~0.16x). Accuracy on 2,000 test images within the noise of a
+    weight quantization (benchmarks/results/quantization.md: INT8 changed Fashion accuracy by 0.06 points)."""
+    model, feed, labels, logits = _fashion()
+    quantized = Quantization(mode).apply(model)
+    ops = {node.op_type for node in quantized.graph.node}
+    assert ("MatMulNBits" if mode == "int4" else "MatMulInteger") in ops
+    assert quantized.ByteSize() < max_size * model.ByteSize()
+    output = run(quantized, feed)[0]
+    drop = 100 * (np.mean(logits.argmax(1) == labels) - np.mean(output.argmax(1) == labels))
+    assert drop <= max_drop
+    cosine = np.sum(output * logits, 1) / np.linalg.norm(output, axis=1) / np.linalg.norm(logits, axis=1)
+    assert cosine.mean() > 0.99
+    assert model.graph.node[0].op_type != "MatMulNBits" and len(model.graph.initializer) == 6  # input untouched
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"trans_b": True, "alpha": 0.5, "beta": 2.0},
+    {"trans_b": False, "bias": "scalar"},
+    {"trans_b": True, "bias": None},
+    {"bias": "1n", "dtype": np.float16},
+])
+def test_gemm_becomes_an_equal_matmul_for_int4(kwargs: dict) -> None:
+    proto = make_linear_model(32, 24, op="Gemm", **kwargs)
+    model = ir.from_proto(proto)
+    assert _gemm_as_matmul(model) == 1
+    converted = ir.to_proto(model)
+    onnx.checker.check_model(converted, full_check=True)
+    assert [n.op_type for n in converted.graph.node] == ["MatMul"] + (["Add"] if kwargs.get("bias", "n") else [])
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(kwargs.get("dtype", np.float32))
+    tolerance = 2e-3 if kwargs.get("dtype") is np.float16 else 1e-5  # float16 rounds the folded alpha*W
+    assert np.allclose(run(converted, {"X": x})[0], run(proto, {"X": x})[0], rtol=tolerance, atol=tolerance)
+
+
+def test_bad_settings_are_our_errors() -> None:
+    with pytest.raises(InvalidInputError, match="unknown quantization 'int3'"):
+        Quantization("int3")
+    with pytest.raises(InvalidInputError, match="block size"):
+        Quantization("int4", block_size=24)
