@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.budget import Budget, BudgetSearch
-from onnx_arsvd.data import ArrayReader, Feed, check_labels, load_data, load_labels
+from onnx_arsvd.data import ArrayReader, Feed, load_data, load_labelled, load_labels
 from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
@@ -148,16 +148,12 @@ def _input_files(model: ModelLike, loaded: ir.Model, data: object, labels: objec
 
 def _checked_data(loaded: ir.Model, data: DataSource | None, labels: np.ndarray | str | os.PathLike | None,
                   calibration: CalibrationSource | None) -> np.ndarray | None:
-    """Check the data, labels and calibration arrays against the model before any work; the labels array."""
-    if isinstance(labels, (str, os.PathLike)):
-        labels = load_labels(labels)
+    """Check the data, labels and calibration arrays against the model before any work; the labels array
+    (those given, else the data's own)."""
     if data is not None:
-        feed, data_labels = load_data(data, loaded)
-        given = labels if labels is not None else data_labels
-        if given is not None:
-            check_labels(given, len(next(iter(feed.values()))) if feed else 0, loaded)
+        labels = load_labelled(data, labels, loaded)[1]
     elif labels is not None:
-        labels = np.asarray(labels)
+        labels = load_labels(labels)
     if isinstance(calibration, (str, os.PathLike, Mapping)):
         ArrayReader(calibration, loaded)
     return labels

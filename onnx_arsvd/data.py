@@ -31,6 +31,7 @@ __all__ = [
     "input_specs",
     "load_arrays",
     "load_data",
+    "load_labelled",
     "load_labels",
     "split_batches",
 ]
@@ -224,6 +225,17 @@ def load_data(data: DataSource, model: ir.Model | _Session) -> tuple[Feed, np.nd
     where = "data" if isinstance(data, Mapping) else os.fspath(data)
     arrays = load_arrays(data)
     return check_feed(arrays, input_specs(model), where), arrays.get("labels")
+
+
+def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | None,
+                  model: ir.Model | _Session) -> tuple[Feed, np.ndarray | None]:
+    """The checked feed and its checked labels: ``labels`` when given (an array or ``.npy`` path), else
+    the data's own ``labels`` array, else None."""
+    feed, own = load_data(data, model)
+    given = load_labels(labels) if labels is not None else own
+    if given is None:
+        return feed, None
+    return feed, check_labels(given, len(next(iter(feed.values()))) if feed else 0, model)
 
 
 def split_batches(feed: Feed, model: ir.Model | _Session | list[InputSpec], batch_size: int) -> Iterator[Feed]:

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import constant_tensor
-from onnx_arsvd.data import Feed, check_labels, load_data, load_labels, split_batches
+from onnx_arsvd.data import Feed, load_labelled, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
@@ -261,13 +261,8 @@ def verify(
     session_a = make_session(original_source, provider)
     session_b = make_session(compressed_source, provider)
     _check_same_inputs(session_a, session_b)
-    if isinstance(labels, (str, os.PathLike)):
-        labels = load_labels(labels)
     if data is not None:
-        feed, data_labels = load_data(data, session_a)
-        given = labels if labels is not None else data_labels
-        if given is not None:
-            labels = check_labels(given, len(next(iter(feed.values()))), session_a)
+        feed, labels = load_labelled(data, labels, session_a)
         batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
         total = len(next(iter(feed.values()))) if feed else None
         described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
@@ -277,10 +272,10 @@ def verify(
         ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
         batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
         total = None
-        data_labels = None
+        labels = load_labels(labels) if labels is not None else None
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
-    return compare_models(session_a, session_b, batches, labels=labels if labels is not None else data_labels,
-                          inputs=described, progress=progress, total=total)
+    return compare_models(session_a, session_b, batches, labels=labels, inputs=described, progress=progress,
+                          total=total)
 
 
 def _check_same_inputs(original: ort.InferenceSession, compressed: ort.InferenceSession) -> None:
