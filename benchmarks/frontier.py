@@ -44,10 +44,12 @@ from onnx_arsvd.budget import Budget, split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
+from onnx_arsvd.data import load_data, split_batches
 from onnx_arsvd.model_io import load_model, to_model
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import layer_responses, output_distortion
-from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, load_data, make_session, split_batches
+from onnx_arsvd.sessions import make_session
+from onnx_arsvd.verification import DEFAULT_BATCH_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -11,13 +11,13 @@ from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
+from onnx_arsvd.data import load_data, split_batches
 from onnx_arsvd.model_io import load_model, to_model
 from onnx_arsvd.plan import relative_output_error
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import Response, layer_responses, output_distortion
 from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session
-from onnx_arsvd.verification import load_data, split_batches
 from tests.conftest import MODELS
 
 FASHION = MODELS / "fashion_mlp.onnx"
