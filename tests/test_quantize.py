@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.quantize import Quantization, _gemm_as_matmul, cpu_has_vnni
@@ -71,3 +72,21 @@ def test_bad_settings_are_our_errors() -> None:
         Quantization("int3")
     with pytest.raises(InvalidInputError, match="block size"):
         Quantization("int4", block_size=24)
+
+
+def test_int8_leaves_convolutions_float() -> None:
+    """Dynamic ConvInteger wrecked the PP-OCRv6 recogniser (benchmarks/results/ppocr.md): only the rest is quantized."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "K"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Flatten", ["c"], ["f"]),
+         helper.make_node("MatMul", ["f", "W"], ["Y"])],
+        "conv_then_dense",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 16])],
+        initializer=[numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "K"),
+                     numpy_helper.from_array(rng.standard_normal((256, 16)).astype(np.float32), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ops = {node.op_type for node in Quantization("int8").apply(model).graph.node}
+    assert "Conv" in ops and "ConvInteger" not in ops and "MatMulInteger" in ops
