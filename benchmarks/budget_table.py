@@ -26,7 +26,7 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 import numpy as np
 
-from benchmarks.results_io import header, write_result
+from benchmarks.results_io import compress_studied, header, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress, inspect_model
 from onnx_arsvd.budget import Budget, split_data
 from onnx_arsvd.rank import RankPolicy
@@ -109,8 +109,8 @@ def budget_table(name: str, points: list[Point]) -> list[str]:
     lines = ["| budget (pts) | method | chosen on | dense params kept | held-out drop (pts) |",
              "|---:|---|---|---:|---:|"]
     for budget in BUDGETS:
-        _, report = compress(model, budget=Budget(max_drop=budget, holdout=HOLDOUT, seed=SEED), method="whitened",
-                             data=MODELS / f"{name}_test.npz")
+        report, _ = compress_studied(model, budget=Budget(max_drop=budget, holdout=HOLDOUT, seed=SEED),
+                                     method="whitened", data=MODELS / f"{name}_test.npz")
         searched = report.dense_params_after / report.dense_params_before
         points.append((f"--max-drop {budget:g}", searched, report.verification.compressed.accuracy))
         lines.append(f"| {budget:g} | `--max-drop {budget:g} --method whitened` (global allocation) | "

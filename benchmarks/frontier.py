@@ -36,8 +36,7 @@ if not __package__:  # run as a file: import from the repository root, as python
 import numpy as np
 import onnx_ir as ir
 
-from benchmarks.results_io import package_versions, write_result
-from onnx_arsvd import compress
+from benchmarks.results_io import compress_studied, package_versions, write_result
 from onnx_arsvd.allocate import best_within, frontier
 from onnx_arsvd.benchmark import compare_latency, timed_rounds
 from onnx_arsvd.budget import Budget, split_data
@@ -91,7 +90,8 @@ def equal_params(name: str) -> list[str]:
              "|---:|---|---:|---|---:|---:|"]
     for target in TARGETS:
         for label, (settings, options) in METHODS.items():
-            _, report = compress(model, budget=Budget(target_params=target, **options), data=data, **settings)
+            report, _ = compress_studied(model, budget=Budget(target_params=target, **options), data=data,
+                                         **settings)
             v = report.verification
             ranks = "/".join(str(d.rank) + ("" if d.factored else "*") for d in report.layers)
             lines.append(f"| {target:.0%} | {label} | {report.dense_params_after / report.dense_params_before:.1%} |"
@@ -142,7 +142,8 @@ def budgets(name: str, workdir: Path) -> list[str]:
         for label, (settings, options) in BUDGET_METHODS.items():
             output = workdir / f"{name}_{budget}_{len(lines)}.onnx"
             started = time.perf_counter()
-            _, report = compress(model, output, budget=Budget(max_drop=budget, **options), data=data, **settings)
+            report, _ = compress_studied(model, output, budget=Budget(max_drop=budget, **options), data=data,
+                                         **settings)
             seconds = time.perf_counter() - started
             drop = report.verification.accuracy_drop
             latency = " / ".join(f"{r:.2f}" for r in _latency(model, output, inputs))

@@ -26,9 +26,9 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 
 
-from benchmarks.results_io import package_versions, write_result
+from benchmarks.results_io import compress_studied, package_versions, write_result
 from benchmarks.text_eval import MINILM, load_text_set
-from onnx_arsvd import compress, format_report
+from onnx_arsvd import format_report
 from onnx_arsvd.budget import Budget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_budget.md"
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="minilm_budget_") as folder:
         budget = Budget(min_cosine=args.cosine, sensitivity=args.responses)
-        _, report = compress(MINILM, Path(folder) / "small.onnx", budget=budget, data=feed, quantize="int8")
+        report, _ = compress_studied(MINILM, Path(folder) / "small.onnx", budget=budget, data=feed, quantize="int8")
     seconds = time.perf_counter() - started
     text = "\n".join([
         f"# Budget search on all-MiniLM-L6-v2: --min-cosine {args.cosine:g} --quantize int8", "",

@@ -42,8 +42,8 @@ if not __package__:  # run as a file: import from the repository root, as python
 import numpy as np
 import onnx
 
-from benchmarks.results_io import PACKAGES, package_versions, write_result
-from onnx_arsvd import Budget, compress
+from benchmarks.results_io import PACKAGES, compress_studied, package_versions, write_result
+from onnx_arsvd import Budget
 from onnx_arsvd.benchmark import compare_latency, timed_rounds
 from onnx_arsvd.model_io import model_file_bytes
 from onnx_arsvd.sessions import make_session
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"compress, budget min cosine {cosine:g}")
             started = time.perf_counter()
             path = work / f"arsvd_{cosine:g}.onnx"
-            _, report = compress(MODEL, path, budget=Budget(min_cosine=cosine, steps=args.steps),
-                                 data=calibration)
+            report, _ = compress_studied(MODEL, path, budget=Budget(min_cosine=cosine, steps=args.steps),
+                                         data=calibration)
             seconds = time.perf_counter() - started
             (output,) = report.verification.outputs
             factored = [f"{layer.name} {layer.rank}" for layer in report.layers if layer.factored]

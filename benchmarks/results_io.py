@@ -16,9 +16,14 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CONSTRAINTS", "MINILM_PACKAGES", "PACKAGES", "command", "header", "markdown_table", "normalized",
-           "package_versions", "pinned_versions", "write_result"]
+from onnx_arsvd import Report, compress
+from onnx_arsvd.errors import BudgetMissedError
+from onnx_arsvd.output import save_model
+
+__all__ = ["CONSTRAINTS", "MINILM_PACKAGES", "PACKAGES", "command", "compress_studied", "header", "markdown_table",
+           "normalized", "package_versions", "pinned_versions", "write_result"]
 
 PACKAGES = ("onnx-arsvd", "onnx", "onnxruntime", "onnx-ir", "numpy")
 MINILM_PACKAGES = (*PACKAGES, "scikit-learn", "torch", "transformers", "gensim")
@@ -108,3 +113,17 @@ def write_result(text: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(text, end="" if text.endswith("\n") else "\n")
+
+
+def compress_studied(model: object, output: Path | None = None, **options: Any) -> tuple[Report, bool]:
+    """``compress``'s report, and whether the run missed its budget on the held-out data.
+
+    A miss is a failed run for the tool (it writes nothing); a study still measures what it got, so the
+    model that missed is saved to ``output`` here.
+    """
+    try:
+        return compress(model, output, **options)[1], False
+    except BudgetMissedError as error:
+        if output is not None:
+            save_model(error.model, output)
+        return error.report, True

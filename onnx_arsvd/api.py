@@ -315,7 +315,7 @@ def compress(
                                   batch_size=batch_size, progress=progress)
         _check_result(verification, search)
         if missed := _held_out_miss(verification, search):
-            raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()))
+            raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()), loaded)
         written = _Written()
         if written_model is not None:
             assert output is not None  # _staged writes a model only when there is an output path

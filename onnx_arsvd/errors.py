@@ -29,9 +29,11 @@ class OutputError(ArsvdError):
 class BudgetMissedError(OutputError):
     """The compressed model misses its budget on the held-out data: nothing was placed.
 
-    ``report`` (an :class:`onnx_arsvd.report.Report`) shows the search and the held-out verification.
+    ``report`` (an :class:`onnx_arsvd.report.Report`) shows the search and the held-out verification;
+    ``model`` is the compressed model that missed, for a caller who wants to study it.
     """
 
-    def __init__(self, message: str, report: Report) -> None:
+    def __init__(self, message: str, report: Report, model: object = None) -> None:
         super().__init__(message)
         self.report = report
+        self.model = model

@@ -206,6 +206,7 @@ def test_a_budget_missed_on_held_out_data_fails_the_run_and_says_so(tmp_path: Pa
                  data=MODELS / "fashion_test.npz")
     report = missed.value.report
     assert report.verification.accuracy_drop > 0.5 and report.output is None
+    assert missed.value.model is not None and len(missed.value.model.graph) > 0  # the caller may still study it
     assert any(note.startswith("MISSED on the held-out part") for note in report.budget["notes"])
     assert "NOTE: MISSED on the held-out part" in format_report(report)
     assert list(tmp_path.iterdir()) == []
