@@ -27,7 +27,7 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 
 from benchmarks.results_io import compress_studied, package_versions, write_result
-from benchmarks.text_eval import MINILM, load_text_set
+from benchmarks.text_eval import MINILM, load_text_set, minilm_built
 from onnx_arsvd import format_report
 from onnx_arsvd.budget import Budget
 
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--responses", action="store_true", help="measure each layer's end-to-end response")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if not MINILM.exists():
-        print(f"{MINILM} missing: run python models/build_minilm.py first", file=sys.stderr)
+    if not minilm_built():
         return 1
     feed, _ = load_text_set("polarity")
     load = os.getloadavg()[0]

@@ -27,7 +27,7 @@ if not __package__:  # run as a file: import from the repository root, as python
 import numpy as np
 
 from benchmarks.results_io import package_versions, write_result
-from benchmarks.text_eval import MINILM, load_text_set
+from benchmarks.text_eval import MINILM, load_text_set, minilm_built
 from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if not MINILM.exists():
-        print(f"{MINILM} missing: run python models/build_minilm.py first", file=sys.stderr)
+    if not minilm_built():
         return 1
     feed, _ = load_text_set("polarity")
     calibration, _ = split_data(feed, 0.4, 0)

@@ -14,7 +14,7 @@ import numpy as np
 
 from onnx_arsvd.verification import make_session
 
-__all__ = ["BUILD", "MINILM", "cosine_rows", "load_text_set", "minilm_reference", "probe_accuracy",
+__all__ = ["BUILD", "MINILM", "cosine_rows", "load_text_set", "minilm_built", "minilm_reference", "probe_accuracy",
            "sentence_embeddings"]
 
 BUILD = Path(__file__).resolve().parent.parent / "models" / "build"
@@ -41,12 +41,19 @@ def sentence_embeddings(model: str | os.PathLike | bytes, feed: dict[str, np.nda
     return np.concatenate(pooled)
 
 
+def minilm_built() -> bool:
+    """Whether the MiniLM export exists; says how to build it when not."""
+    if MINILM.exists():
+        return True
+    print(f"{MINILM} missing: run python models/build_minilm.py first", file=sys.stderr)
+    return False
+
+
 def minilm_reference(
     names: tuple[str, ...],
 ) -> tuple[dict[str, tuple[dict[str, np.ndarray], np.ndarray]], dict[str, np.ndarray]] | None:
     """Each text set's (tokens, labels) and the original MiniLM's embeddings of it; None if the model is not built."""
-    if not MINILM.exists():
-        print(f"{MINILM} missing: run python models/build_minilm.py first", file=sys.stderr)
+    if not minilm_built():
         return None
     data = {name: load_text_set(name) for name in names}
     return data, {name: sentence_embeddings(MINILM, feed) for name, (feed, _) in data.items()}

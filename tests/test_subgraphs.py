@@ -523,13 +523,8 @@ def test_calibration_on_the_real_if_model_sees_each_branch_on_its_own_rows() -> 
         np.testing.assert_allclose(grams[key], rows.T @ rows, rtol=1e-4, atol=1e-4 * np.abs(rows.T @ rows).max())
 
 
-def test_calibration_falls_back_when_a_loop_alternates_branches() -> None:
-    """An If inside a Loop taking the then-branch on even iterations only, its MatMul on a value computed in the
-    branch: the lifted activation is (4, 16) in some iterations and empty in others, which onnxruntime cannot
-    stack; body weights then get plain factors."""
-    then_branch = helper.make_graph([helper.make_node("Relu", ["h_in"], ["relu"]),
-                                     helper.make_node("MatMul", ["relu", "W"], ["t"], name="alt_then")], "t", [],
-                                    [_vi("t", ["batch", 16])])
+def _alternating_loop(then_branch: onnx.GraphProto, w: np.ndarray, w0: np.ndarray) -> onnx.ModelProto:
+    """X @ W0, then a 3-iteration Loop whose If takes ``then_branch`` on even iterations and Neg otherwise."""
     else_branch = helper.make_graph([helper.make_node("Neg", ["h_in"], ["e"])], "e", [], [_vi("e", ["batch", 16])])
     body = helper.make_graph(
         [helper.make_node("Mod", ["i", "two"], ["r"]), helper.make_node("Equal", ["r", "zero"], ["even"]),
@@ -537,12 +532,22 @@ def test_calibration_falls_back_when_a_loop_alternates_branches() -> None:
          helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
         "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
         [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
-    model = _model([helper.make_node("MatMul", ["X", "W0"], ["h0"], name="main_mm"),
-                    helper.make_node("Loop", ["trip", "keep_going", "h0"], ["H"], name="loop", body=body)],
-                   [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
-                   [_init("W", _w(16, 16, 3)), _init("W0", _w(16, 16, 5)), _init("trip", np.array(3, np.int64)),
-                    _init("keep_going", np.array(True)), _init("two", np.array(2, np.int64)),
-                    _init("zero", np.array(0, np.int64))])
+    return _model([helper.make_node("MatMul", ["X", "W0"], ["h0"], name="main_mm"),
+                   helper.make_node("Loop", ["trip", "keep_going", "h0"], ["H"], name="loop", body=body)],
+                  [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
+                  [_init("W", w), _init("W0", w0), _init("trip", np.array(3, np.int64)),
+                   _init("keep_going", np.array(True)), _init("two", np.array(2, np.int64)),
+                   _init("zero", np.array(0, np.int64))])
+
+
+def test_calibration_falls_back_when_a_loop_alternates_branches() -> None:
+    """An If inside a Loop taking the then-branch on even iterations only, its MatMul on a value computed in the
+    branch: the lifted activation is (4, 16) in some iterations and empty in others, which onnxruntime cannot
+    stack; body weights then get plain factors."""
+    then_branch = helper.make_graph([helper.make_node("Relu", ["h_in"], ["relu"]),
+                                     helper.make_node("MatMul", ["relu", "W"], ["t"], name="alt_then")], "t", [],
+                                    [_vi("t", ["batch", 16])])
+    model = _alternating_loop(then_branch, _w(16, 16, 3), _w(16, 16, 5))
     layers, _ = find_layers(ir.from_proto(model))
     feeds = [{"X": _x(4, 16, seed=s)} for s in range(2)]
     grams = capture_grams(ir.from_proto(model), layers, _Reader(feeds))
@@ -560,20 +565,8 @@ def test_calibration_in_a_loop_that_alternates_branches_on_a_visible_value() -> 
     outputs zeros of h_in's shape, so the loop stacks one shape and W counts the rows of iterations 0 and 2."""
     then_branch = helper.make_graph([helper.make_node("MatMul", ["h_in", "W"], ["t"], name="alt_then")], "t", [],
                                     [_vi("t", ["batch", 16])])
-    else_branch = helper.make_graph([helper.make_node("Neg", ["h_in"], ["e"])], "e", [], [_vi("e", ["batch", 16])])
-    body = helper.make_graph(
-        [helper.make_node("Mod", ["i", "two"], ["r"]), helper.make_node("Equal", ["r", "zero"], ["even"]),
-         helper.make_node("If", ["even"], ["mm"], name="alt_if", then_branch=then_branch, else_branch=else_branch),
-         helper.make_node("Tanh", ["mm"], ["h_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
-        "body", [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("h_in", ["batch", 16])],
-        [_vi("c_out", [], TensorProto.BOOL), _vi("h_out", ["batch", 16])])
     w, w0 = _w(16, 16, 3), _w(16, 16, 5)
-    model = _model([helper.make_node("MatMul", ["X", "W0"], ["h0"], name="main_mm"),
-                    helper.make_node("Loop", ["trip", "keep_going", "h0"], ["H"], name="loop", body=body)],
-                   [_vi("X", ["batch", 16])], [_vi("H", ["batch", 16])],
-                   [_init("W", w), _init("W0", w0), _init("trip", np.array(3, np.int64)),
-                    _init("keep_going", np.array(True)), _init("two", np.array(2, np.int64)),
-                    _init("zero", np.array(0, np.int64))])
+    model = _alternating_loop(then_branch, w, w0)
     layers, _ = find_layers(ir.from_proto(model))
     x = _x(4, 16)
     grams = capture_grams(ir.from_proto(model), layers, _Reader([{"X": x}]))
