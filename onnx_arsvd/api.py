@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,7 @@ from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
+from onnx_arsvd.spill import spill_beside
 from onnx_arsvd.verification import (
     DEFAULT_BATCH_SIZE,
     ModelLike,
@@ -221,6 +222,7 @@ def compress(
     budget: Budget | None = None,
     jobs: int = 1,
     quantize: Quantization | str | None = None,
+    one_at_a_time: bool | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
@@ -233,16 +235,17 @@ def compress(
     CLI's default when no real data checks the result.
     Embedding tables (``Gather`` on a constant) are factored only with an ``embedding_policy``;
     the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
-    ``data``, ``labels``, ``dims``, ``samples`` and ``batch_size`` are as in :func:`verify`. With a ``budget``, ``data``
-    is split into a calibration part (Gram matrices, and the end-to-end checks that choose one global
-    output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
-    verification reports on; ``policy`` must then be left out. With a
-    ``guard``, each layer is kept dense where factoring it is not faster on the guard's provider, and
-    the whole model is timed against the original at the end (``report.latency_check``). ``jobs`` weights
-    are factored at once (threads, one BLAS thread each); the output is the same whatever ``jobs`` is. With
-    ``quantize`` ("int8", "int4" or a :class:`~onnx_arsvd.quantize.Quantization`) the factored model is
-    quantized by onnxruntime's quantizers; under a budget every candidate is, so the budget judges the
-    model that ships.
+    ``data``, ``labels``, ``dims``, ``samples``, ``batch_size`` and ``one_at_a_time`` are as in :func:`verify`. With
+    a ``budget``, ``data`` is split into a calibration part (Gram matrices, and the end-to-end checks that choose
+    one global output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
+    verification reports on; ``policy`` must then be left out. With a ``guard``, each layer is kept dense where
+    factoring it is not faster on the guard's provider, and the whole model is timed against the original at the end
+    (``report.latency_check``). ``jobs`` weights are factored at once (threads, one BLAS thread each); the output is
+    the same whatever ``jobs`` is. A model with external data written to ``output`` (no budget, no ``quantize``)
+    has each weight's factors moved to a scratch file beside the output as soon as they are made, so memory holds
+    the factors of the weights in progress only. With ``quantize`` ("int8", "int4" or a
+    :class:`~onnx_arsvd.quantize.Quantization`) the factored model is quantized by onnxruntime's quantizers; under a
+    budget every candidate is, so the budget judges the model that ships.
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
@@ -266,68 +269,73 @@ def compress(
     provider = guard.provider() if guard is not None else None
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
 
-    memo: PlanMemo | None = None
-    planned: ModelPlan | None = None
-    if search is not None:
-        outcome = search.run(loaded, settings, progress)
-        settings, memo, planned = outcome.settings, outcome.memo, outcome.planned
-        if search.held_out is not None:  # report on data the search never saw
-            data, labels = search.held_out, None
-    if planned is None:
-        planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo)
-    if guard is not None and provider is not None:
-        layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
-        rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
-        guard.apply(planned.plans, provider, dims or {}, progress, rows)
-    if search is not None:
-        search.measure_errors(loaded, planned.plans, progress)
-    reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
-    weights_before = weight_stats(loaded)
-    if apply_plans(loaded, planned.plans):
-        loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
-    if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
-        quantized = ir.from_proto(quantize.apply(loaded))
-        quantized.meta.update(loaded.meta)
-        quantized.metadata_props["onnx_arsvd.quantize"] = quantize.describe()
-        loaded = quantized
-    factored = any(plan.factored for plan in planned.plans)
-    latency_check: list[LatencyComparison] = []
-    verification: VerificationReport | None = None
+    spills = bool(source_files) and external_data is not False and search is None and quantize is None
+    with ExitStack() as scratch:  # a big model with external data: factors go to disk as they are made
+        spill = scratch.enter_context(spill_beside(output)) if spills and output is not None else None
+        memo: PlanMemo | None = None
+        planned: ModelPlan | None = None
+        if search is not None:
+            outcome = search.run(loaded, settings, progress)
+            settings, memo, planned = outcome.settings, outcome.memo, outcome.planned
+            if search.held_out is not None:  # report on data the search never saw
+                data, labels = search.held_out, None
+        if planned is None:
+            planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo, spill=spill)
+        if guard is not None and provider is not None:
+            layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
+            rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
+            guard.apply(planned.plans, provider, dims or {}, progress, rows)
+        if search is not None:
+            search.measure_errors(loaded, planned.plans, progress)
+        reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
+        weights_before = weight_stats(loaded)
+        if apply_plans(loaded, planned.plans, spill):
+            loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
+        if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
+            quantized = ir.from_proto(quantize.apply(loaded))
+            quantized.meta.update(loaded.meta)
+            quantized.metadata_props["onnx_arsvd.quantize"] = quantize.describe()
+            loaded = quantized
+        factored = any(plan.factored for plan in planned.plans)
+        latency_check: list[LatencyComparison] = []
+        verification: VerificationReport | None = None
 
-    def make_report(written: _Written) -> Report:
-        report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
-                               search=search, latency_check=latency_check,
-                               regressions=[f"WARNING: {text}" for text in LatencyGuard.regressions(latency_check)],
-                               verification=verification, dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
-        if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
-            report.policy = f"budget search: {search.summary()['allocation']}"
-        return report
+        def make_report(written: _Written) -> Report:
+            report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
+                                   search=search, latency_check=latency_check,
+                                   regressions=[f"WARNING: {text}" for text in LatencyGuard.regressions(latency_check)],
+                                   verification=verification, dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
+            if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
+                report.policy = f"budget search: {search.summary()['allocation']}"
+            return report
 
-    with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
-        compressed = written_model.path if written_model is not None else loaded
-        if guard is not None and provider is not None and factored:
-            compressed_source = (os.fspath(written_model.path) if written_model is not None
-                                 else model_source(loaded)[0])
-            latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
-                                              loaded, progress)
-        if check:
-            verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
-                                  batch_size=batch_size, progress=progress)
-        _check_result(verification, search)
-        if missed := _held_out_miss(verification, search):
-            raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()), loaded)
-        written = _Written()
-        if written_model is not None:
-            assert output is not None  # _staged writes a model only when there is an output path
-            written_model.place()
-            before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
-            written = _Written(os.fspath(output), before, model_file_bytes(output))
+        with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
+            compressed = written_model.path if written_model is not None else loaded
+            if guard is not None and provider is not None and factored:
+                compressed_source = (os.fspath(written_model.path) if written_model is not None
+                                     else model_source(loaded)[0])
+                latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
+                                                  loaded, progress)
+            if check:
+                verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
+                                      batch_size=batch_size, progress=progress, one_at_a_time=one_at_a_time)
+            _check_result(verification, search)
+            if missed := _held_out_miss(verification, search):
+                raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()), loaded)
+            written = _Written()
+            if written_model is not None:
+                assert output is not None  # _staged writes a model only when there is an output path
+                written_model.place()
+                before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
+                written = _Written(os.fspath(output), before, model_file_bytes(output))
     for warning in LatencyGuard.regressions(latency_check):
         logger.warning(warning)
     if verification is not None and data is None:
         logger.warning("verified on generated inputs only: that checks the rewrite, not accuracy on real data "
                        "(pass --data with real inputs)")
     report = make_report(written)
+    if spill is not None and output is not None:  # the factors' scratch file is gone: return the model written
+        loaded = to_model(output)
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
 

@@ -74,6 +74,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 def _add_batch_size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, metavar="N",
                         help="samples per onnxruntime call when verifying --data (default 64; bounds memory)")
+    parser.add_argument("--one-at-a-time", action="store_true", default=None,
+                        help="verify one model after the other, keeping the original's outputs instead of both "
+                             "models' weights (chosen by itself when both exceed half the available memory)")
 
 
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
@@ -140,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--sequential", action="store_true",
                         help="refit each candidate's factors layer by layer on the partially compressed model "
                              "(slower: one activation pass per layer input; global allocation only)")
-    compress.add_argument("--quantize", choices=["int8", "int4"],
+    compress.add_argument("--quantize", choices=["int8", "int4", "int8+int4-tables"],
                           help="quantize the factored model with onnxruntime: int8 dynamic (reduce_range without "
-                               "VNNI) or int4 weight-only MatMulNBits; under a budget every candidate is quantized")
+                               "VNNI), int4 weight-only MatMulNBits, or int8 with 4-bit embedding tables; under a "
+                               "budget every candidate is quantized")
     compress.add_argument("--guard", choices=["latency"],
                           help="latency: keep each layer dense where factoring it is not faster on --target, "
                                "then time the whole model (batch sizes from --batch)")
@@ -353,6 +357,7 @@ def _run(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
                 batch_size=args.batch_size, guard=guard, jobs=args.jobs, quantize=args.quantize,
+                one_at_a_time=args.one_at_a_time,
             )
         except BudgetMissedError as error:  # show what the run measured; nothing was written
             report = error.report
@@ -376,7 +381,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"onnx-arsvd: {note}", file=sys.stderr)
         verifications = [api.verify(args.original, args.compressed, data=args.data, labels=args.labels,
                                     dims=_dims(args.dim), samples=args.samples, batch_size=args.batch_size,
-                                    provider=provider, progress=not args.quiet) for provider in providers]
+                                    provider=provider, progress=not args.quiet, one_at_a_time=args.one_at_a_time)
+                         for provider in providers]
         _emit(args, "\n\n".join(format_verification(v) for v in verifications),
               "\n\n".join(format_verification(v, True) for v in verifications),
               json.dumps([verification_to_dict(v) for v in verifications] if len(verifications) > 1

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -21,6 +22,9 @@ from onnx_arsvd.errors import UnsupportedModelError
 from onnx_arsvd.factorize import Spectrum
 from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers
 from onnx_arsvd.settings import Settings
+
+if TYPE_CHECKING:
+    from onnx_arsvd.spill import Spill
 
 __all__ = ["HEAD_REASON", "LayerSelection", "ModelPlan", "PlanMemo", "feeds_graph_output", "plan_model",
            "select_layers"]
@@ -125,12 +129,13 @@ def select_layers(model: ir.Model, settings: Settings, *, allow_empty: bool = Fa
 
 def plan_model(
     model: ir.Model, settings: Settings, *, with_factors: bool, progress: bool = False, memo: PlanMemo | None = None,
-    allow_empty: bool = False,
+    allow_empty: bool = False, spill: Spill | None = None,
 ) -> ModelPlan:
     """Every layer's plan under ``settings``; a model without any layer is an error unless ``allow_empty``.
 
     Whitened plans capture their Gram matrices unless ``memo`` has them; a ``memo`` also keeps every
-    spectrum, so later plans of the same model (reloads included) decompose no weight again.
+    spectrum, so later plans of the same model (reloads included) decompose no weight again. A ``spill``
+    takes every weight's factors to disk as soon as they are made (:func:`onnx_arsvd.plan.plan_layers`).
     """
     selection = select_layers(model, settings, allow_empty=allow_empty)
     dense, embeddings, excluded = selection.dense, selection.embeddings, selection.excluded
@@ -142,6 +147,7 @@ def plan_model(
     plan = functools.partial(plan_layers, max_rank_fraction=settings.max_rank_fraction,
                              min_params=settings.min_params, with_factors=with_factors,
                              cache=memo.spectra if memo is not None else None, progress=progress, jobs=settings.jobs,
+                             spill=spill,
                              lp_power=settings.lp_power if settings.method == "lp" else None)
     plans = plan(dense, settings.policy, grams=grams if settings.method == "whitened" else None)
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +28,9 @@ from onnx_arsvd.layer_math import storage_problem
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept, energy_rank_bounds
 from onnx_arsvd.results import LayerTiming
 from onnx_arsvd.threads import job_count, single_threaded_blas
+
+if TYPE_CHECKING:
+    from onnx_arsvd.spill import Spill
 
 __all__ = [
     "DEFAULT_MAX_RANK_FRACTION",
@@ -265,6 +269,7 @@ def plan_layers(
     lp_power: float | None = None,
     progress: bool = False,
     jobs: int = 1,
+    spill: Spill | None = None,
 ) -> list[WeightPlan]:
     """Rank and decision for every distinct weight; factors too when ``with_factors``.
 
@@ -281,7 +286,8 @@ def plan_layers(
     With ``lp_power`` p the rank still comes from the SVD spectrum, and the factors from
     :func:`onnx_arsvd.factorize.lp_factors`. ``jobs`` weights are factored at once (threads, one BLAS
     thread each, capped at the cores); every weight's random numbers come from its name, so the result
-    is the same whatever ``jobs`` is.
+    is the same whatever ``jobs`` is. With a ``spill`` each weight's factors move to disk as soon as it is
+    planned (memory maps), so memory holds the factors of the weights in progress only.
     """
     if not max_rank_fraction > 0:
         raise InvalidInputError(f"max rank fraction must be positive, got {max_rank_fraction}")
@@ -298,6 +304,8 @@ def plan_layers(
             futures = [pool.submit(_plan_weight, group, settings) for group in groups]
             for future in as_completed(futures):
                 plan = future.result()
+                if spill is not None and plan.factors is not None:
+                    plan.factors = (spill.array(plan.factors[0]), spill.array(plan.factors[1]))
                 bar.update(plan.decisions[0].params)
             return [future.result() for future in futures]
         finally:  # on an error or Ctrl-C, weights not started yet are dropped, not factored first

@@ -15,7 +15,7 @@ Transpose/Cast/Reshape/Identity chains that nothing uses any more are dropped.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +23,9 @@ import onnx_ir as ir
 from onnx_arsvd.candidates import Layer, constant_tensor, node_label
 from onnx_arsvd.layer_math import folded_bias, stored_factors
 from onnx_arsvd.plan import WeightPlan
+
+if TYPE_CHECKING:
+    from onnx_arsvd.spill import Spill
 
 __all__ = ["FactorLayersPass", "apply_plans"]
 
@@ -63,14 +66,15 @@ def _shape(dims: list[Any] | None) -> ir.Shape | None:
 class _Rewriter:
     """Adds factor initializers and replaces nodes, in any graph of one model."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, spill: Spill | None = None) -> None:
         self.main = model.graph
         self.name = _Namer(model.graph)
         self.initializers_are_inputs = model.ir_version < 4  # IR 3 requires it of every main-graph initializer
+        self.spill = spill
 
     def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         name = self.name(base)
-        tensor = ir.tensor(array, name=name)
+        tensor = self.spill.tensor(array, name) if self.spill is not None else ir.tensor(array, name=name)
         value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape))
         graph.register_initializer(value)
         if self.initializers_are_inputs and graph is self.main:
@@ -181,9 +185,10 @@ class FactorLayersPass(ir.passes.InPlacePass):
     keep their names, types and shapes. ``rewritten`` counts the nodes replaced by the last call.
     """
 
-    def __init__(self, plans: Sequence[WeightPlan]) -> None:
+    def __init__(self, plans: Sequence[WeightPlan], spill: Spill | None = None) -> None:
         super().__init__()
         self.plans = plans
+        self.spill = spill
         self.rewritten = 0
         self._before: list[tuple[str, str, str]] = []
 
@@ -191,7 +196,7 @@ class FactorLayersPass(ir.passes.InPlacePass):
         self._before = _interface(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.rewritten = _rewrite(model, self.plans)
+        self.rewritten = _rewrite(model, self.plans, self.spill)
         return ir.passes.PassResult(model, modified=self.rewritten > 0)
 
     def ensures(self, model: ir.Model) -> None:
@@ -199,15 +204,19 @@ class FactorLayersPass(ir.passes.InPlacePass):
             raise ir.passes.PostconditionError("the rewrite changed the graph's inputs or outputs")
 
 
-def apply_plans(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
-    """Rewrite, in place, every node of every factored plan; returns how many nodes were rewritten."""
-    factor_pass = FactorLayersPass(plans)
+def apply_plans(model: ir.Model, plans: Sequence[WeightPlan], spill: Spill | None = None) -> int:
+    """Rewrite, in place, every node of every factored plan; returns how many nodes were rewritten.
+
+    With a ``spill`` the factor initializers are written to it as they are made and point into it, and each
+    plan's factors are dropped once its layers are rewritten: the model then holds no factor in memory.
+    """
+    factor_pass = FactorLayersPass(plans, spill)
     factor_pass(model)
     return factor_pass.rewritten
 
 
-def _rewrite(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
-    rewriter = _Rewriter(model)
+def _rewrite(model: ir.Model, plans: Sequence[WeightPlan], spill: Spill | None) -> int:
+    rewriter = _Rewriter(model, spill)
     touched: list[ir.Value | None] = []
     rewritten = 0
     for plan in plans:
@@ -227,5 +236,7 @@ def _rewrite(model: ir.Model, plans: Sequence[WeightPlan]) -> int:
             rewriter.replace(layer, *factors[form], rewriter.bias(layer, dtype), plan.rank)
             touched.append(layer.weight)
             rewritten += 1
+        if spill is not None:
+            plan.factors = None
     _drop_orphans(touched, rewriter.initializers_are_inputs)
     return rewritten

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from onnx_arsvd.candidates import constant_tensor
 from onnx_arsvd.data import Feed, load_labelled, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
-from onnx_arsvd.model_io import load_model
+from onnx_arsvd.model_io import load_model, to_model, weight_stats
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
 from onnx_arsvd.sessions import make_session, run_session
 
@@ -169,6 +169,9 @@ class OutputAgreement:
         )
 
 
+Outputs = list[np.ndarray]
+
+
 def compare_models(
     original: ort.InferenceSession,
     compressed: ort.InferenceSession,
@@ -185,15 +188,26 @@ def compare_models(
     ``total`` samples, when known, give the progress bar its length.
     """
     names = [o.name for o in original.get_outputs()]
+    _check_same_outputs(names, compressed)
+    runs = ((feed, run_session(original, names, feed), run_session(compressed, names, feed)) for feed in batches)
+    return _compare(names, runs, original.get_providers()[0], labels=labels, inputs=inputs, progress=progress,
+                    total=total)
+
+
+def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> None:
     if names != [o.name for o in compressed.get_outputs()]:
         raise UnsupportedModelError(f"the models have different outputs: {names} vs "
                                     f"{[o.name for o in compressed.get_outputs()]}")
+
+
+def _compare(names: list[str], runs: Iterable[tuple[Feed, Outputs, Outputs]], provider: str, *,
+             labels: np.ndarray | None, inputs: str, progress: bool, total: int | None) -> VerificationReport:
+    """The report over (feed, original's outputs, compressed model's outputs) for each batch."""
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = 0
     bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
-    for feed in batches:
-        expected, actual = run_session(original, names, feed), run_session(compressed, names, feed)
+    for feed, expected, actual in runs:
         for name, e, a in zip(names, expected, actual, strict=True):
             agreements[name].add(np.asarray(e), np.asarray(a))
         if labels is not None:
@@ -203,7 +217,7 @@ def compare_models(
         samples += count
         bar.update(count)
     bar.close()
-    report = VerificationReport(provider=original.get_providers()[0], inputs=inputs, samples=samples,
+    report = VerificationReport(provider=provider, inputs=inputs, samples=samples,
                                 outputs=[agreement.result() for agreement in agreements.values()])
     if labels is not None:
         predicted_e, predicted_a = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in predictions)
@@ -213,6 +227,24 @@ def compare_models(
         report.original, report.compressed = _scores(predicted_e, labels), _scores(predicted_a, labels)
         report.flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
     return report
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux, else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _weight_bytes(source: ModelLike, model: ir.Model | None) -> int:
+    if model is None:
+        model = to_model(source)
+    return weight_stats(model)[1]
 
 
 def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
@@ -246,21 +278,30 @@ def verify(
     seed: int = 0,
     provider: str = "CPUExecutionProvider",
     progress: bool = False,
+    one_at_a_time: bool | None = None,
 ) -> VerificationReport:
     """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
 
     ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
     Both models run ``batch_size`` samples at a time and only per-sample summaries are kept, so
-    memory is bounded by one batch's outputs.
+    memory is bounded by one batch's outputs, plus both models' weights (onnxruntime copies them
+    into its own memory). ``one_at_a_time`` runs the original on every batch first, keeps its outputs,
+    closes it, and only then opens the compressed model: memory then holds one model's weights and all of
+    the original's outputs. ``None`` chooses it when both models' weights together exceed half the
+    memory available.
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
     check_files(data=data, labels=labels)
     original_source, original_ir = model_source(original)
-    compressed_source, _ = model_source(compressed)
+    compressed_source, compressed_ir = model_source(compressed)
+    if one_at_a_time is None:
+        both = _weight_bytes(original, original_ir) + _weight_bytes(compressed, compressed_ir)
+        one_at_a_time = both > _available_memory() // 2
     session_a = make_session(original_source, provider)
-    session_b = make_session(compressed_source, provider)
-    _check_same_inputs(session_a, session_b)
+    if not one_at_a_time:
+        session_b = make_session(compressed_source, provider)
+        _check_same_inputs(session_a, session_b)
     if data is not None:
         feed, labels = load_labelled(data, labels, session_a)
         batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
@@ -274,13 +315,30 @@ def verify(
         total = None
         labels = load_labels(labels) if labels is not None else None
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
-    return compare_models(session_a, session_b, batches, labels=labels, inputs=described, progress=progress,
-                          total=total)
+    if not one_at_a_time:
+        return compare_models(session_a, session_b, batches, labels=labels, inputs=described, progress=progress,
+                              total=total)
+    names, inputs, provider_used = [o.name for o in session_a.get_outputs()], _inputs(session_a), \
+        session_a.get_providers()[0]
+    feeds = list(batches)
+    bar = tqdm(feeds, desc="verification (original)", unit="batch", disable=None if progress else True)
+    expected = [run_session(session_a, names, feed) for feed in bar]
+    del session_a  # its weights go before the compressed model's come
+    session_b = make_session(compressed_source, provider)
+    _check_same_inputs(inputs, session_b)
+    _check_same_outputs(names, session_b)
+    runs = ((feed, outputs, run_session(session_b, names, feed)) for feed, outputs in zip(feeds, expected, strict=True))
+    return _compare(names, runs, provider_used, labels=labels, inputs=described + "; one model at a time",
+                    progress=progress, total=total)
 
 
-def _check_same_inputs(original: ort.InferenceSession, compressed: ort.InferenceSession) -> None:
+def _inputs(session: ort.InferenceSession) -> list[str]:
+    return [f"{arg.name}: {arg.type}" for arg in session.get_inputs()]
+
+
+def _check_same_inputs(original: ort.InferenceSession | list[str], compressed: ort.InferenceSession) -> None:
     """The two models must take the same inputs (names and types) to be run on the same data."""
-    described = [[f"{arg.name}: {arg.type}" for arg in session.get_inputs()] for session in (original, compressed)]
-    if described[0] != described[1]:
-        raise InvalidInputError(f"the models take different inputs: {', '.join(described[0])} vs "
-                                f"{', '.join(described[1])}")
+    expected = original if isinstance(original, list) else _inputs(original)
+    if expected != _inputs(compressed):
+        raise InvalidInputError(f"the models take different inputs: {', '.join(expected)} vs "
+                                f"{', '.join(_inputs(compressed))}")

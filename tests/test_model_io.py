@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,66 @@ def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> No
     assert report.file_bytes_after == sum(p.stat().st_size for p in out_dir.iterdir())
     x = {"X": np.ones((2, 48), np.float32)}
     assert run(out_dir / "small.onnx", x)[0].shape == (2, 10)
+
+
+def test_factors_of_an_external_data_model_go_through_scratch_and_match_the_in_memory_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with external data: factors are spilled to disk as made (memory maps, then tensors pointing into the
+    scratch file), the output has the very weights an in-memory run gives, and no scratch file is left behind."""
+    from onnx_arsvd import api, spill
+
+    spills: list[spill.Spill] = []
+
+    @contextlib.contextmanager
+    def recording(path: Path) -> Iterator[spill.Spill]:
+        with spill.spill_beside(path) as scratch:
+            spills.append(scratch)
+            yield scratch
+
+    monkeypatch.setattr(api, "spill_beside", recording)
+    _save_external(make_mlp((96, 80, 64, 10)), tmp_path / "m.onnx")
+    (tmp_path / "out").mkdir()
+    returned, _ = compress(tmp_path / "m.onnx", tmp_path / "out" / "a.onnx", policy=FixedRankPolicy(8), samples=2)
+    assert len(spills) == 1 and spills[0].bytes_written > 0 and not spills[0].folder.exists()
+    assert _files(tmp_path / "out")[0] == "a.onnx" and len(_files(tmp_path / "out")) == 2
+    compress(make_mlp((96, 80, 64, 10)), tmp_path / "b.onnx", policy=FixedRankPolicy(8), samples=2)
+    assert len(spills) == 1  # a model held in memory gets no scratch file
+    spilled, in_memory = onnx.load(tmp_path / "out" / "a.onnx"), onnx.load(tmp_path / "b.onnx")
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    assert weights and all(np.array_equal(onnx.numpy_helper.to_array(t), weights[t.name])
+                           for t in spilled.graph.initializer)
+    assert set(weights) == {t.name for t in spilled.graph.initializer}
+    x = {"X": np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)}
+    assert np.array_equal(run(tmp_path / "out" / "a.onnx", x)[0], run(tmp_path / "b.onnx", x)[0])
+    returned_weights = {v.name: v.const_value for v in returned.graph.initializers.values()}
+    assert all(np.array_equal(t.numpy(), weights[name]) for name, t in returned_weights.items())  # the output's
+
+
+def test_spilled_factors_read_back_unchanged_and_the_rewrite_points_into_the_spill(tmp_path: Path) -> None:
+    from onnx_arsvd.candidates import find_layers
+    from onnx_arsvd.plan import plan_layers
+    from onnx_arsvd.rank import RatioPolicy
+    from onnx_arsvd.rewrite import apply_plans
+    from onnx_arsvd.spill import spill_beside
+
+    model = ir.from_proto(make_mlp((96, 80, 64, 10)))
+    expected = [plan.factors for plan in plan_layers(find_layers(model)[0], RatioPolicy(0.25), min_params=0)]
+    with spill_beside(tmp_path / "out.onnx") as scratch:
+        plans = plan_layers(find_layers(model)[0], RatioPolicy(0.25), min_params=0, spill=scratch)
+        factored = [plan for plan in plans if plan.factors is not None]
+        assert factored and all(isinstance(f, np.memmap) for plan in factored for f in plan.factors)
+        for plan, pair in zip(plans, expected, strict=True):
+            assert (plan.factors is None) == (pair is None)
+            if pair is not None and plan.factors is not None:
+                assert all(np.array_equal(a, b) for a, b in zip(plan.factors, pair, strict=True))
+        apply_plans(model, plans, scratch)
+        assert all(plan.factors is None for plan in plans)
+        new = [v.const_value for v in model.graph.initializers.values() if ".arsvd_" in (v.name or "")]
+        assert new and all(isinstance(t, ir.ExternalTensor) and Path(t.path) == scratch.path for t in new)
+        output.save_model(model, tmp_path / "out.onnx", external_data=True)
+    assert not scratch.folder.exists()
+    x = {"X": np.ones((2, 96), np.float32)}
+    assert run(tmp_path / "out.onnx", x)[0].shape == (2, 10)
 
 
 def test_weights_over_threshold_go_to_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -144,3 +144,40 @@ def test_accuracy_drop_bound_covers_the_true_drop_95_percent_of_the_time() -> No
     assert few.accuracy_drop < few.accuracy_drop_bound() < many.accuracy_drop_bound()
     agree = _paired_report(np.array([900, 0, 0, 100]))  # the models agree on every sample: the drop is known exactly
     assert agree.accuracy_drop_bound() == agree.accuracy_drop == 0.0
+
+
+def test_one_model_at_a_time_gives_the_same_report_with_one_session_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For models too big to hold twice: the original runs on every batch and is closed before the compressed
+    model is opened; the numbers are those of the side-by-side run. Chosen by itself when memory is short."""
+    import gc
+    import weakref
+
+    from onnx_arsvd import verification
+
+    original, changed = make_mlp(), make_mlp()
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        numpy_helper.to_array(changed.graph.initializer[0]) * np.float32(0.9), changed.graph.initializer[0].name))
+    rng = np.random.default_rng(1)
+    data = {"X": rng.standard_normal((50, 48)).astype(np.float32)}
+    labels = rng.integers(0, 10, 50)
+    alive_at_open: list[int] = []
+    sessions: list[weakref.ref] = []
+    real = verification.make_session
+
+    def counting(source, provider="CPUExecutionProvider"):  # type: ignore[no-untyped-def]
+        gc.collect()
+        alive_at_open.append(sum(ref() is not None for ref in sessions))
+        session = real(source, provider)
+        sessions.append(weakref.ref(session))
+        return session
+
+    monkeypatch.setattr(verification, "make_session", counting)
+    side_by_side = verify(original, changed, data=data, labels=labels, batch_size=7, one_at_a_time=False)
+    assert alive_at_open == [0, 1]
+    monkeypatch.setattr(verification, "_available_memory", lambda: 1000)  # less than twice the weights
+    one_by_one = verify(original, changed, data=data, labels=labels, batch_size=7)
+    assert alive_at_open[2:] == [0, 0] and one_by_one.inputs.endswith("one model at a time")
+    assert one_by_one.samples == side_by_side.samples == 50
+    assert one_by_one.outputs == side_by_side.outputs and one_by_one.outputs[0].mean_cosine < 0.9999
+    assert one_by_one.original == side_by_side.original and one_by_one.compressed == side_by_side.compressed
+    assert one_by_one.flipped == side_by_side.flipped

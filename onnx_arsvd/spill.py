@@ -1,0 +1,88 @@
+"""Scratch storage on disk for factors, so compressing a big model holds about one layer's factors in memory.
+
+A :class:`Spill` is one append-only file in a hidden ``.onnx-arsvd-<pid>-*`` folder beside the output
+(the writer's staging rules apply: removed on leaving, and by the next run if this one was killed).
+Factors are spilled as soon as a weight is planned (:meth:`Spill.array`: a read-only memory map whose
+pages are read back only when used), and the rewritten model's factor initializers point into the file
+(:meth:`Spill.tensor`: an ``onnx_ir.ExternalTensor``), which ``ir.save`` copies into the output's
+external data file in the kernel (``copy_file_range``) without reading it into this process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_arsvd.errors import OutputError
+from onnx_arsvd.output import STAGING_PREFIX, clean_stale, output_path
+
+__all__ = ["Spill", "spill_beside"]
+
+_ALIGNMENT = 64
+"""Byte alignment of every array in the file (a memory map's view must be aligned to its dtype)."""
+
+
+class Spill:
+    """An append-only file of arrays in ``folder``."""
+
+    def __init__(self, folder: Path, name: str = "factors.bin") -> None:
+        self.folder = folder
+        self.name = name
+        self.path = folder / name
+        self._file = self.path.open("wb")
+        self.bytes_written = 0
+
+    def _append(self, array: np.ndarray) -> int:
+        """Write ``array`` (C order) at the next aligned offset; return that offset."""
+        padding = -self._file.tell() % _ALIGNMENT
+        if padding:
+            self._file.write(b"\0" * padding)
+        offset = self._file.tell()
+        try:
+            np.ascontiguousarray(array).tofile(self._file)
+            self._file.flush()
+        except OSError as error:
+            raise OutputError(f"{self.folder.parent}: cannot write scratch data ({error.strerror or error})") from error
+        self.bytes_written += array.nbytes
+        return offset
+
+    def array(self, array: np.ndarray) -> np.ndarray:
+        """``array`` moved to the file: a read-only memory map of the same dtype, shape and values."""
+        if array.size == 0:
+            return array
+        offset = self._append(array)
+        return np.memmap(self.path, dtype=array.dtype, mode="r", offset=offset, shape=array.shape)
+
+    def tensor(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
+        """``array`` moved to the file, as an initializer's tensor that points into it."""
+        offset = self._append(array)
+        return ir.ExternalTensor(self.name, offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                 shape=ir.Shape(array.shape), name=name, base_dir=os.fspath(self.folder))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextmanager
+def spill_beside(output: str | os.PathLike) -> Iterator[Spill]:
+    """A :class:`Spill` in a hidden folder beside ``output`` (same file system: the output's data is copied from it
+    in the kernel); the folder is removed on leaving."""
+    target = output_path(output)
+    clean_stale(target.parent)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=target.parent))
+    except OSError as error:
+        raise OutputError(f"{target.parent}: cannot write scratch data ({error.strerror or error})") from error
+    spill = Spill(folder)
+    try:
+        yield spill
+    finally:
+        spill.close()
+        shutil.rmtree(folder, ignore_errors=True)
