@@ -6,13 +6,18 @@ sessions like ``bench``. A layer is factored only where the factored form is fas
 size (by ``margin``, 0 by default): two thin MatMuls near break-even are slower and stay dense.
 With a positive margin, layers a few percent faster each stay dense although together they would
 make the model faster; the rounds of fresh sessions already keep noise from deciding.
+
+Timings form a latency table keyed by what they depend on (:func:`timing_key`: provider, node form,
+weight shape and dtype, rank, rows per call at each batch size), measured once and shared by every
+layer with the same key: MiniLM's 36 layers have 3 weight shapes, so with ranks rounded to a multiple
+(``--rank-multiple``) most layers are looked up, not timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -28,7 +33,8 @@ from onnx_arsvd.results import LatencyComparison, LayerTiming
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session, run_session
 
-__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "activation_rows", "guard_verdict", "observed_rows", "time_layer"]
+__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "activation_rows", "guard_verdict", "observed_rows", "time_layer",
+           "timing_key"]
 
 DEFAULT_MARGIN = 0.0
 
@@ -95,6 +101,21 @@ def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, by
     return dense, ir.to_proto(model).SerializeToString()
 
 
+def _rows_per_call(layer: Layer, batch: int, dims: Mapping[str, int], rows_per_sample: float | None) -> int:
+    return (max(1, round(batch * rows_per_sample)) if rows_per_sample is not None
+            else activation_rows(layer, batch, dims))
+
+
+def timing_key(layer: Layer, rank: int, provider: str, batches: Sequence[int], dims: Mapping[str, int],
+               rows_per_sample: float | None = None) -> tuple:
+    """What a layer's timings depend on: provider, op and attributes, weight shape and dtype, a bias, the rank,
+    and the rows per call at each batch size (not the weights' values)."""
+    attributes = tuple(sorted((name, str(attribute.value)) for name, attribute in layer.node.attributes.items()))
+    rows = tuple(_rows_per_call(layer, batch, dims, rows_per_sample) for batch in batches)
+    return (provider, layer.op_type, attributes, layer.shape, layer.dtype, layer.bias is not None, rank,
+            tuple(batches), rows)
+
+
 def time_layer(
     layer: Layer,
     factors: tuple[np.ndarray, np.ndarray],
@@ -115,8 +136,7 @@ def time_layer(
     rng = np.random.default_rng(0)
     timings = []
     for batch in batches:
-        rows = (max(1, round(batch * rows_per_sample)) if rows_per_sample is not None
-                else activation_rows(layer, batch, dims))
+        rows = _rows_per_call(layer, batch, dims, rows_per_sample)
         feed = {"x": rng.standard_normal((rows, layer.shape[0])).astype(layer.dtype.numpy())}
         rounds = timed_rounds(dense_model, factored_model, feed, provider=provider, threads=threads,
                               min_seconds=min_seconds, min_runs=10)
@@ -135,6 +155,8 @@ class LatencyGuard:
     margin: float = DEFAULT_MARGIN
     layer_seconds: float = 0.3
     model_seconds: float = 1.0
+    table: dict[tuple, tuple[LayerTiming, ...]] = field(default_factory=dict, compare=False, repr=False)
+    """The latency table: timings by :func:`timing_key`, filled as layers are timed."""
 
     def __post_init__(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -153,7 +175,7 @@ class LatencyGuard:
 
     def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False,
               rows: Mapping[int, float] | None = None) -> None:
-        """Time every factored plan's layer; keep it dense where factoring is not faster.
+        """Time every factored plan's layer, or look it up in the table; keep it dense where factoring is not faster.
 
         ``rows`` (from :func:`observed_rows`) gives each layer's real activation rows per sample.
         """
@@ -162,9 +184,13 @@ class LatencyGuard:
         factored = [plan for plan in plans if plan.factored and plan.factors is not None
                     and all(layer.is_plain for layer in plan.layers)]
         for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
-            timings = tuple(time_layer(plan.layers[0], plan.factors, provider=provider, batches=self.batches,
-                                       dims=dims, threads=self.threads, min_seconds=self.layer_seconds,
-                                       rows_per_sample=(rows or {}).get(id(plan.layers[0].node))))
+            layer, per_sample = plan.layers[0], (rows or {}).get(id(plan.layers[0].node))
+            key = timing_key(layer, plan.rank, provider, self.batches, dims, per_sample)
+            if key not in self.table:
+                self.table[key] = tuple(time_layer(layer, plan.factors, provider=provider, batches=self.batches,
+                                                   dims=dims, threads=self.threads, min_seconds=self.layer_seconds,
+                                                   rows_per_sample=per_sample))
+            timings = self.table[key]
             reason = guard_verdict(timings, provider, self.margin)
             plan.decisions = [dataclasses.replace(d, factored=not reason, reason=reason, timings=timings)
                               for d in plan.decisions]

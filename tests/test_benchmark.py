@@ -326,3 +326,30 @@ def test_guard_observes_the_rows_a_layer_really_multiplies() -> None:
     rows = observed_rows(model, layers, feed)
     assert rows == {id(layers[0].node): 7.0}
     assert activation_rows(layers[0], 3, {}) == 3  # what the symbolic shape gives without observation
+
+
+def test_guard_times_each_shape_and_rank_once_and_shares_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latency table: layers with the same shape, rank and rows share one measurement; a new shape or rank
+    is timed; a second run with the same guard looks everything up."""
+    from onnx_arsvd import guard as guard_module
+
+    calls: list[tuple[int, int]] = []
+    real = guard_module.time_layer
+
+    def counting(layer, factors, **options):  # type: ignore[no-untyped-def]
+        calls.append((layer.shape[0], factors[0].shape[1]))
+        return real(layer, factors, **options)
+
+    monkeypatch.setattr(guard_module, "time_layer", counting)
+    model = make_mlp((256, 256, 256, 256, 128))  # three 256 x 256 layers, then 256 x 128
+    guard = LatencyGuard(batches=(1,), layer_seconds=0.01, model_seconds=0.01)
+    _, report = compress(model, policy=FixedRankPolicy(16), guard=guard, check=False, min_params=0)
+    assert sorted(calls) == [(256, 16), (256, 16)]  # one per distinct shape (256x256 and 256x128)
+    timed = [d for d in report.layers if d.timings]
+    assert len(timed) == 4
+    same_shape = [d.timings for d in timed if d.shape == (256, 256)]
+    assert len(same_shape) == 3 and same_shape[0] == same_shape[1] == same_shape[2]
+    compress(model, policy=FixedRankPolicy(16), guard=guard, check=False, min_params=0)
+    assert len(calls) == 2  # all looked up
+    compress(model, policy=FixedRankPolicy(8), guard=guard, check=False, min_params=0)
+    assert len(calls) == 4  # another rank: timed again
