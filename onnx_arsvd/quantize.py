@@ -10,7 +10,8 @@
   computes the same thing.
 - ``int8+int4-tables``: embedding tables (``Gather`` on a constant) 4-bit blockwise along the hidden
   axis (``MatMulNBitsQuantizer`` on Gather: the ``GatherBlockQuantized`` contrib op; it raises the
-  model to opset 21 and IR 10 for the int4 type), then ``int8`` for every other layer. A lookup reads
+  model to opset 21 and IR 10 for the int4 type; a model without tables is left at its opset), then
+  ``int8`` for every other layer. A lookup reads
   one row, so a table's 4-bit error stays in that row: on all-MiniLM-L6-v2, where the word table is
   half the parameters, this is 0.80x the size of ``int8`` alone at 0.0015 less output cosine
   (``benchmarks/results/minilm_quantization.md``).
@@ -146,7 +147,8 @@ class Quantization:
         if self.mode == "int4":
             return self._int4(proto)
         if self.mode == "int8+int4-tables":
-            return self._int8(self._int4_tables(proto), skip={"Gather"})
+            has_tables = any(layer.is_embedding for layer in find_layers(ir.from_proto(proto))[0])
+            return self._int8(self._int4_tables(proto), skip={"Gather"}) if has_tables else self._int8(proto)
         return self._int8(proto)
 
     def _int4_tables(self, proto: onnx.ModelProto) -> onnx.ModelProto:

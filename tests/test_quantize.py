@@ -31,6 +31,13 @@ def _fashion(samples: int = 2000) -> tuple[onnx.ModelProto, dict[str, np.ndarray
     return model, feed, labels, run(model, feed)[0]
 
 
+def test_int4_tables_on_a_model_without_tables_is_int8_alone() -> None:
+    model = onnx.load(MODELS / "fashion_mlp.onnx")
+    mixed, int8 = Quantization("int8+int4-tables").apply(model), Quantization("int8").apply(model)
+    assert mixed.opset_import == int8.opset_import and mixed.ir_version == int8.ir_version == model.ir_version
+    assert [n.op_type for n in mixed.graph.node] == [n.op_type for n in int8.graph.node]
+
+
 @pytest.mark.parametrize(("mode", "max_size", "max_drop"), [("int8", 0.27, 1.0), ("int4", 0.17, 2.0)])
 def test_quantized_fashion_mlp_runs_is_smaller_and_close(mode: str, max_size: float, max_drop: float) -> None:
     """INT8: 1 byte per weight plus per-channel scales (0.25x the float file at best); INT4: half a byte
