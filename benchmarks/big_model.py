@@ -4,10 +4,12 @@ The model (never in git; written under ``build/big_model/``, which .gitignore ig
 blocks of X += X @ W_attn; X += Relu(X @ W_up) @ W_down with W_attn h x h, W_up h x 4h, W_down 4h x h,
 h = 2048 x ``--scale``: at scale 1 and 16 blocks, 2.4 GB of weights in ``big.onnx.data``. Every weight has a
 power-law spectrum (s_i ~ i^-0.5, mixed by Gaussian matrices) plus noise, like trained weights. Then
-``onnx-arsvd compress --policy ratio --ratio 0.25 --no-verify -q`` runs in a child process (each ``--src``
-given runs too, e.g. another checkout's package, for a before/after), and the script reports its wall
-time, CPU time (user + system of the child), peak resident memory (the child's ru_maxrss, from wait4) and
-the output's size.
+``onnx-arsvd compress`` runs in a child process per configuration (:data:`RUNS`: ``--ratio 0.25`` and
+``--ratio 0.5`` without verification, and ``--ratio 0.25`` verified on generated inputs, both models side
+by side and one at a time; each ``--src``
+given runs the first one too, e.g. another checkout's package, for a before/after), and the script
+reports its wall time, CPU time (user + system of the child), peak resident memory (the child's
+ru_maxrss, from wait4: file pages mapped and read count too) and the output's size.
 
 Usage: python -m benchmarks.big_model [--scale 0.25] [--blocks 16] [--jobs 2] [--src /other/checkout]
        [--out benchmarks/results/big_model.md] [--keep]
@@ -93,6 +95,15 @@ def files_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
+RUNS = (
+    ("--ratio 0.25, --no-verify", ["--policy", "ratio", "--ratio", "0.25", "--no-verify"]),
+    ("--ratio 0.5, --no-verify", ["--policy", "ratio", "--ratio", "0.5", "--no-verify"]),
+    ("--ratio 0.25, verified (2 generated batches)", ["--policy", "ratio", "--ratio", "0.25", "--samples", "2"]),
+    ("--ratio 0.25, verified one model at a time", ["--policy", "ratio", "--ratio", "0.25", "--samples", "2",
+                                                    "--one-at-a-time"]),
+)
+"""Label and compress options of each run of this checkout's package."""
+
 IMPORTS_ONLY = ["-c", "import onnx_arsvd.api, onnx_arsvd.factorize, sklearn.utils.extmath, threadpoolctl"]
 
 
@@ -130,17 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     size = files_bytes(model)
     rows = []
     load_before = os.getloadavg()
-    for src in [ROOT, *args.src]:
+    runs = [(ROOT, label, options) for label, options in RUNS] + [(src, RUNS[0][0], RUNS[0][1]) for src in args.src]
+    for src, what, options in runs:
         output = BUILD / f"out_{len(rows)}" / "small.onnx"
         output.parent.mkdir(parents=True, exist_ok=True)
-        jobs = args.jobs if src == ROOT else None
-        result = child(["-m", "onnx_arsvd", "compress", str(model), "-o", str(output), "--policy", "ratio", "--ratio",
-                        "0.25", "--no-verify", "-q", *(["--jobs", str(jobs)] if jobs else [])], src)
+        jobs = ["--jobs", str(args.jobs)] if args.jobs and src == ROOT else []
+        result = child(["-m", "onnx_arsvd", "compress", str(model), "-o", str(output), *options, "-q", *jobs], src)
         out_size = files_bytes(output) if result["status"] == 0 else 0
-        label = "this branch" + (f", --jobs {args.jobs}" if args.jobs else "") if src == ROOT else os.fspath(src)
+        label = ("this checkout" if src == ROOT else os.fspath(src)) + f", {what}" + (f", --jobs {args.jobs}" if jobs
+                                                                                       else "")
         rows.append(f"| {label} | {result['status']} | {result['wall']:.1f} | {result['cpu']:.1f} | "
                     f"{result['rss'] / 2**20:.0f} ({result['rss'] / size:.2f}x) | {out_size / 2**20:.0f} "
-                    f"({out_size / size:.2f}x) | {result['error']} |")
+                    f"({out_size / size:.2f}x) | {result['error'] if result['status'] else ''} |")
         shutil.rmtree(output.parent, ignore_errors=True)
     imports = child(IMPORTS_ONLY, ROOT)
     rows.append(f"| imports only (the constant part) | {imports['status']} | {imports['wall']:.1f} | "
@@ -160,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Model: {args.blocks} blocks of {hidden}x{hidden}, {hidden}x{4 * hidden}, {4 * hidden}x{hidden} fp32 weights "
         f"(power-law spectra plus noise), {size / 2**20:.0f} MiB with external data, built in {built:.0f} s. "
-        "Run: `onnx-arsvd compress MODEL -o OUT --policy ratio --ratio 0.25 --no-verify -q` in a child process.",
+        "Each run: `onnx-arsvd compress MODEL -o OUT --policy ratio --ratio R [--no-verify | --samples 2 "
+        "[--one-at-a-time]] -q` in a child process.",
         "",
-        "| package | exit | wall s | CPU s | peak RSS MiB (x model) | output MiB (x model) | error |",
+        "| run | exit | wall s | CPU s | peak RSS MiB (x model) | output MiB (x model) | error |",
         "|---|---:|---:|---:|---:|---:|---|",
         *rows,
         "",
