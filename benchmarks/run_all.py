@@ -60,7 +60,8 @@ SCRIPTS = (
     Script("factor_throughput", ("factor_throughput.md",), "not timed", minilm=False),
     Script("dependency_cost", ("dependency_cost.md",), "about 30 s", minilm=False),
     Script("big_model", ("big_model.md", "big_model_full.md"),
-           "minutes: 57 s at scale 0.5, 125 s compressing the 2.3 GB model after building it (load 5-7)", minilm=False,
+           "minutes: 57 s at scale 0.5; at scale 1, four compress runs of 2-4 minutes each after building the "
+           "2.3 GB model (load 2-4)", minilm=False,
            runs=(("--scale", "0.5", "--jobs", "2"),
                  ("--scale", "1", "--jobs", "2", "--out", "benchmarks/results/big_model_full.md"))),
     Script("rank_multiple", ("rank_multiple.md",), "not timed: a minute or two", minilm=False),
@@ -72,6 +73,8 @@ SCRIPTS = (
                  ("--budgets", "0.999", "--steps", "12", "--seconds", "3", "--out",
                   "benchmarks/results/ppocr_tight.md"))),
     Script("minilm_curves", ("minilm_curves.md",), "not timed: minutes"),
+    Script("minilm_quantization", ("minilm_quantization.md",), "recorded in minilm_quantization.md",
+           runs=(("--cosine", "0.98"),)),
     Script("minilm_budget", ("minilm_budget.md", "minilm_budget_responses.md"), "205 s and 638 s (load 5)",
            runs=((), ("--responses", "--out", "benchmarks/results/minilm_budget_responses.md"))),
 )

@@ -11,10 +11,9 @@
 - ``int8+int4-tables``: embedding tables (``Gather`` on a constant) 4-bit blockwise along the hidden
   axis (``MatMulNBitsQuantizer`` on Gather: the ``GatherBlockQuantized`` contrib op; it raises the
   model to opset 21 and IR 10 for the int4 type; a model without tables is left at its opset), then
-  ``int8`` for every other layer. A lookup reads
-  one row, so a table's 4-bit error stays in that row: on all-MiniLM-L6-v2, where the word table is
-  half the parameters, this is 0.80x the size of ``int8`` alone at 0.0015 less output cosine
-  (``benchmarks/results/minilm_quantization.md``).
+  ``int8`` for every other layer. A lookup reads one row, so a table's 4-bit error stays in that row:
+  on all-MiniLM-L6-v2, where the word table is half the parameters, this is 0.805x the size of
+  ``int8`` alone at 0.0042 less output cosine (``benchmarks/results/minilm_quantization.md``).
 
 Both are onnxruntime's code, called as users call it; this module only chooses the settings and
 keeps onnxruntime's logging habits (a root-logger ``basicConfig`` at import, a warning on every call)
