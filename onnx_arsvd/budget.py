@@ -67,10 +67,17 @@ from onnx_arsvd.settings import CalibrationSource, Settings
 from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, ModelLike, compare_models, model_source
 
 __all__ = ["ALLOCATIONS", "Budget", "BudgetSearch", "SearchOutcome", "SearchStep", "bisect_index", "bisect_tau",
-           "split_data"]
+           "first_samples", "response_batches", "split_data"]
 
 ALLOCATIONS = ("global", "threshold")
 Z_95 = 1.645
+RESPONSE_VALUES = 2**20
+"""Output values each layer's end-to-end response is measured on: the first calibration samples whose outputs
+hold that many (at least 32 samples; all of them when they hold fewer). A response is a ratio of sums over
+every output value, so it needs values, not samples: an MLP's 10 logits per image use the whole calibration
+part, MiniLM's 384 values per token 43 of its 120 sentences, whose responses are within 10% of the
+120 sentences' (``benchmarks/results/response_samples.md``), in 0.56x the time. Candidates are still
+judged on the whole calibration part."""
 """One-sided 95% normal quantile."""
 
 
@@ -164,6 +171,28 @@ class FrontierRow:
         if self.accuracy_drop is not None:
             row["accuracy_drop"] = self.accuracy_drop
         return row
+
+
+def response_batches(session: ort.InferenceSession, batches: Sequence[Feed], values: int = RESPONSE_VALUES,
+                     least: int = 32) -> list[Feed]:
+    """The first calibration samples whose outputs hold ``values`` values (at least ``least`` samples)."""
+    if not batches or not batches[0]:
+        return list(batches)
+    one = {name: array[:1] for name, array in batches[0].items()}
+    per_sample = max(1, sum(np.asarray(output).size for output in session.run(None, one)))
+    return first_samples(batches, max(least, math.ceil(values / per_sample)))
+
+
+def first_samples(batches: Sequence[Feed], count: int) -> list[Feed]:
+    """The batches cut to their first ``count`` samples in all (the whole batches when they hold fewer)."""
+    kept: list[Feed] = []
+    for feed in batches:
+        rows = len(next(iter(feed.values()))) if feed else 0
+        if count <= 0 or not rows:
+            break
+        kept.append({name: array[:count] for name, array in feed.items()})
+        count -= rows
+    return kept
 
 
 def split_data(arrays: Mapping[str, np.ndarray], holdout: float,
@@ -341,11 +370,12 @@ class BudgetSearch:
                 raise ValueError("whitened settings without calibration inputs")
             memo.grams = capture_grams(loaded, selection.dense, settings.calibration, progress=progress)
         self._settings = settings
-        self._curves = weight_curves(selection.dense, memo.grams, progress=progress)
+        self._curves = weight_curves(selection.dense, memo.grams, progress=progress, jobs=settings.jobs)
         options = self._options(settings, None)
         if self.budget.sensitivity and self._judge is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
-            responses = layer_responses(self.model, choosing, self._batches, progress=progress)
+            responses = layer_responses(self.model, choosing, response_batches(self._judge, self._batches),
+                                        progress=progress)
             options = self._options(settings, responses)
         self._points = frontier(options)
         self._total = sum(d.params for d in self._decisions(self._points[-1], loaded))

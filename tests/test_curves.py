@@ -97,3 +97,31 @@ def test_sequential_refit_lowers_the_calibration_error_of_an_allocation(fashion)
         session = make_session(ir.to_proto(candidate).SerializeToString())
         distortion[name] = output_distortion(reference, [session.run(None, b) for b in batches])
     assert distortion["sequential"] < 0.8 * distortion["one-shot"]
+
+
+def test_curves_are_the_same_whatever_the_jobs(fashion) -> None:
+    curves, _, calibration = fashion
+    model = load_model(FASHION)
+    layers = find_layers(model)[0]
+    parallel = weight_curves(layers, capture_grams(model, layers, calibration), jobs=2)
+    assert [c.key for c in parallel] == [c.key for c in curves]
+    for one, two in zip(curves, parallel, strict=True):
+        np.testing.assert_array_equal(one.curve.losses, two.curve.losses)
+        np.testing.assert_array_equal(one.curve.basis, two.curve.basis)
+
+
+def test_responses_take_the_first_samples_holding_enough_output_values(fashion) -> None:
+    """10 logits per image: 2**20 values need every calibration image here; a small value count keeps the
+    32-sample floor, cut inside a batch; the cut batches are the first rows, in order."""
+    from onnx_arsvd.budget import first_samples, response_batches
+
+    _, batches, _ = fashion
+    session = make_session(FASHION)
+    every = response_batches(session, batches)
+    assert all(np.array_equal(a["input"], b["input"]) for a, b in zip(every, batches, strict=True))
+    few = response_batches(session, batches, values=100)
+    assert [len(b["input"]) for b in few] == [32] and np.array_equal(few[0]["input"], batches[0]["input"][:32])
+    across = first_samples(batches, 300)
+    assert [len(b["input"]) for b in across] == [256, 44]
+    assert np.array_equal(across[1]["input"], batches[1]["input"][:44])
+    assert first_samples(batches, 0) == [] and first_samples([], 5) == []
