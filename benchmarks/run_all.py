@@ -73,6 +73,7 @@ SCRIPTS = (
                  ("--budgets", "0.999", "--steps", "12", "--seconds", "3", "--out",
                   "benchmarks/results/ppocr_tight.md"))),
     Script("minilm_curves", ("minilm_curves.md",), "not timed: minutes"),
+    Script("response_samples", ("response_samples.md",), "about a minute (load 1)"),
     Script("minilm_quantization", ("minilm_quantization.md",), "recorded in minilm_quantization.md",
            runs=(("--cosine", "0.98"),)),
     Script("minilm_budget", ("minilm_budget.md", "minilm_budget_responses.md", "minilm_budget_099.md"),
