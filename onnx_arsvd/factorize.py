@@ -6,8 +6,8 @@ The solver is picked per weight from its shape and what the rank policy needs (:
   (Halko et al. 2011) from a sparse random start, with max(32, k/8) oversampling and 3 LU-normalised
   power iterations, then an exact SVD of the small projected matrix (through its float64 Gram matrix).
   Most of the work is the 2q + 1 = 7 dense products of W with an m x (k + oversampling) block: at
-  k = 1024 on 4096 x 4096 and 4096 x 11008 float32 weights, 4x+ faster than float32 ``gesdd`` at
-  +0.6% extra error (benchmarks/results/factor_throughput.md); fewer products or less oversampling
+  k = 1024 on 4096 x 4096 and 4096 x 11008 float32 weights, 4.4x and 4.2x float32 ``gesdd``'s speed at
+  +0.61% and +0.66% extra error (benchmarks/results/factor_throughput.md); fewer products or less oversampling
   passed 1% extra error on MiniLM or on the slowly decaying synthetic weights;
 - an energy share tau: the same range finder (from a Gaussian start) grown block by block on the
   residual until the kept share of ||W||_F^2 (known without any SVD) reaches tau with room to spare;
@@ -50,7 +50,7 @@ RANK_OVERSAMPLE = 32
 """Extra basis vectors beyond a known rank k: ``max(32, k // 8)`` (:func:`_oversample`). Against the former
 ``max(16, k // 4)`` this costs more at small k, where it is cheap and where MiniLM's weights were worst (+0.82%
 at k = 96 of 384 before, +0.66% now), and 10% less work at k = 1024, where the extra error on the slowly
-decaying synthetic 4096 x 4096 weight goes from +0.22% to +0.60% (benchmarks/factor_throughput.py)."""
+decaying synthetic 4096 x 4096 weight goes from +0.22% to +0.61% (benchmarks/factor_throughput.py)."""
 POWER_ITERATIONS = 3
 """Power iterations of the range finder: with these settings the extra Frobenius error over the optimal
 rank-k error stays under 1% on the shipped models and on flat and decaying synthetic spectra (tests). Two
