@@ -3,10 +3,14 @@
 The solver is picked per weight from its shape and what the rank policy needs (:class:`Need`):
 
 - a rank k known up front (ratio, fixed rank) well below min(m, n): a randomized range finder
-  (scikit-learn's, Halko et al. 2011) with oversampling and LU-normalised power iterations, then
-  an exact SVD of the small projected matrix;
-- an energy share tau: the same range finder grown block by block on the residual until the kept
-  share of ||W||_F^2 (known without any SVD) reaches tau with room to spare;
+  (Halko et al. 2011) from a sparse random start, with max(32, k/8) oversampling and 3 LU-normalised
+  power iterations, then an exact SVD of the small projected matrix (through its float64 Gram matrix).
+  Most of the work is the 2q + 1 = 7 dense products of W with an m x (k + oversampling) block: at
+  k = 1024 on 4096 x 4096 and 4096 x 11008 float32 weights, 4.4x and 4.2x float32 ``gesdd``'s speed at
+  +0.61% and +0.66% extra error (benchmarks/results/factor_throughput.md); fewer products or less oversampling
+  passed 1% extra error on MiniLM or on the slowly decaying synthetic weights;
+- an energy share tau: the same range finder (from a Gaussian start) grown block by block on the
+  residual until the kept share of ||W||_F^2 (known without any SVD) reaches tau with room to spare;
 - every singular value (entropy), a rank near min(m, n), or a small weight: LAPACK (``gesdd``, QR
   fallback), values only when no factors are needed.
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 
 __all__ = [
     "SOLVERS",
@@ -40,10 +45,19 @@ __all__ = [
 ]
 
 OVERSAMPLE = 16
-"""Extra basis vectors beyond the rank (at least; a quarter of k for large k, see :func:`_basis_size`)."""
+"""The adaptive energy solver's unit of extra basis vectors (blocks, margins; see :func:`_energy_margin`)."""
+RANK_OVERSAMPLE = 32
+"""Extra basis vectors beyond a known rank k: ``max(32, k // 8)`` (:func:`_oversample`). Against the former
+``max(16, k // 4)`` this costs more at small k, where it is cheap and where MiniLM's weights were worst (+0.82%
+at k = 96 of 384 before, +0.66% now), and 10% less work at k = 1024, where the extra error on the slowly
+decaying synthetic 4096 x 4096 weight goes from +0.22% to +0.61% (benchmarks/factor_throughput.py)."""
 POWER_ITERATIONS = 3
 """Power iterations of the range finder: with these settings the extra Frobenius error over the optimal
-rank-k error stays under 1% on the shipped models and on flat and decaying synthetic spectra (tests)."""
+rank-k error stays under 1% on the shipped models and on flat and decaying synthetic spectra (tests). Two
+were measured too few: +1.2 to +1.8% on MiniLM at k = 96 (with k/8 or k/4 oversampling), +0.75 to +1.5% on
+the synthetic 4096 x 4096 weight at k = 1024."""
+SKETCH_NONZEROS = 8
+"""Nonzeros per row of the range finder's sparse random start (:func:`_sketch`); 8 is the usual choice."""
 MIN_RANDOMIZED_DIM = 512
 """Below this min(m, n) LAPACK takes milliseconds: exact answers cost nothing there."""
 MAX_RANDOMIZED_FRACTION = 0.4
@@ -105,7 +119,8 @@ def _frobenius_squared(matrix: np.ndarray) -> float:
 
 
 def _oversample(rank: int) -> int:
-    return max(OVERSAMPLE, rank // 4)
+    """Basis vectors beyond a known rank (see :data:`RANK_OVERSAMPLE`)."""
+    return max(RANK_OVERSAMPLE, rank // 8)
 
 
 def _energy_margin(rank: int) -> int:
@@ -136,17 +151,53 @@ def _lapack(matrix: np.ndarray, vectors: bool, energy: float) -> Spectrum:
     return Spectrum(u, s.astype(np.float64), vt, energy, min(shape), name, shape)
 
 
-def _range_finder(matrix: np.ndarray, size: int, rng: np.random.RandomState) -> np.ndarray:
-    from sklearn.utils.extmath import randomized_range_finder  # lazy: scikit-learn imports in about a second
+def _sketch(rows: int, size: int, rng: np.random.RandomState) -> scipy.sparse.csr_matrix:
+    """A sparse random sign matrix (rows x size), SKETCH_NONZEROS entries +-1 in distinct columns of each row."""
+    nonzeros = min(SKETCH_NONZEROS, size)
+    columns = np.argpartition(rng.random_sample((rows, size)), nonzeros - 1, axis=1)[:, :nonzeros]
+    signs = rng.randint(0, 2, size=(rows, nonzeros)).astype(np.float32) * 2 - 1
+    return scipy.sparse.csr_matrix((signs.ravel(), columns.ravel(), np.arange(0, rows * nonzeros + 1, nonzeros)),
+                                   shape=(rows, size))
 
-    return randomized_range_finder(matrix, size=size, n_iter=POWER_ITERATIONS, power_iteration_normalizer="LU",
-                                   random_state=rng)
+
+def _range_finder(matrix: np.ndarray, size: int, rng: np.random.RandomState, sparse: bool = True) -> np.ndarray:
+    """Orthonormal basis (m x size) of (W W^T)^q W G (Halko et al. 2011, algorithm 4.3), W tall (m >= n).
+
+    G is a sparse sign matrix (:func:`_sketch`), as good a start as a Gaussian one (Tropp et al. 2019) at
+    nonzeros x m x n work for W G instead of size x m x n: one of the 2q + 2 large products nearly free;
+    ``sparse=False`` draws the Gaussian G of scikit-learn's ``randomized_range_finder`` for the same ``rng``.
+    Each product pair W (W^T Y) is normalised once, by the LU factor P L of W^T Y (n x size, the smaller side):
+    between two normalisations the columns' spread grows by at most (s_1 / s_size)^2, which float32 holds, and
+    the LU runs on the cheap side (scikit-learn's finder normalises after every product, 2q LUs, half of them
+    m x size)."""
+    if sparse:
+        sample = np.asarray(_sketch(matrix.shape[1], size, rng).astype(matrix.dtype).T @ matrix.T).T  # (G^T W^T)^T
+    else:
+        sample = matrix @ rng.normal(size=(matrix.shape[1], size)).astype(matrix.dtype, copy=False)
+    for _ in range(POWER_ITERATIONS):
+        probe = scipy.linalg.lu(matrix.T @ sample, permute_l=True, check_finite=False, overwrite_a=True)[0]
+        sample = matrix @ probe
+    return scipy.linalg.qr(sample, mode="economic", check_finite=False, overwrite_a=True)[0]
 
 
 def _from_basis(matrix: np.ndarray, basis: np.ndarray, energy: float, solver: str) -> Spectrum:
-    """The SVD of W restricted to the range of an orthonormal ``basis`` (m x l): exact on that range."""
-    small_u, s, vt = scipy.linalg.svd(basis.T @ matrix, full_matrices=False, check_finite=False)
-    return Spectrum(basis @ small_u, s.astype(np.float64), vt, energy, min(matrix.shape), solver, matrix.shape)
+    """The SVD of W restricted to the range of an orthonormal ``basis`` (m x l): exact on that range.
+
+    The projected matrix P = basis^T W (l x n) is decomposed through its Gram matrix P P^T (l x l, float64)
+    = X S^2 X^T: then S V^T = X^T P, row by row, so each value is the norm of its row of X^T P and V^T
+    the normalised rows. About half the time of ``gesdd`` on P (0.5-0.6 s against 0.9-1.1 s for 1152 x 4096
+    in float32, one thread) and as accurate where it matters: squaring in float64 keeps values down to 1e-8 of s_1,
+    and every value at or above 1e-4 of s_1 within float32's precision of its vectors."""
+    projected = basis.T @ matrix
+    wide = projected.astype(np.float64)
+    _, vectors = scipy.linalg.eigh(wide @ wide.T, driver="evd", check_finite=False, overwrite_a=True)
+    vectors = vectors[:, ::-1].astype(matrix.dtype)  # eigh's values ascend
+    rows = vectors.T @ projected  # S V^T
+    s = np.linalg.norm(rows.astype(np.float64, copy=False), axis=1)
+    order = np.argsort(-s, kind="stable")  # the norms descend but for rounding among the smallest
+    s, rows, vectors = s[order], rows[order], vectors[:, order]
+    scale = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0).astype(matrix.dtype)
+    return Spectrum(basis @ vectors, s, rows * scale[:, None], energy, min(matrix.shape), solver, matrix.shape)
 
 
 def _randomized(matrix: np.ndarray, rank: int, energy: float, seed: int) -> Spectrum:
@@ -166,7 +217,7 @@ def _adaptive(matrix: np.ndarray, tau: float, energy: float, seed: int, vectors:
     residual = matrix
     block = max(OVERSAMPLE * 2, min(matrix.shape) // 32)
     while basis.shape[1] + block <= limit:
-        new = _range_finder(residual, block, rng)
+        new = _range_finder(residual, block, rng, sparse=False)  # the start its energy margins were measured with
         new -= basis @ (basis.T @ new)  # re-orthogonalise against the basis so far
         basis = np.hstack([basis, scipy.linalg.qr(new, mode="economic", check_finite=False)[0]])
         spec = _from_basis(matrix, basis, energy, f"adaptive randomized {matrix.dtype} (basis {basis.shape[1]}, "
@@ -180,7 +231,7 @@ def _adaptive(matrix: np.ndarray, tau: float, energy: float, seed: int, vectors:
         else:  # the tail cannot fall faster than its largest value: at least ``estimate`` is needed
             tail = max(float(spec.s[-1]) ** 2, np.finfo(np.float64).tiny)
             estimate = int(size + (energy * tau - float(np.sum(np.square(spec.s, dtype=np.float64)))) / tail)
-            target = max(estimate + _oversample(estimate), min(2 * size, limit))
+            target = max(estimate + max(OVERSAMPLE, estimate // 4), min(2 * size, limit))
         if target > limit:
             break
         residual = matrix - basis @ (basis.T @ matrix)
