@@ -104,7 +104,7 @@ RUNS = (
 )
 """Label and compress options of each run of this checkout's package."""
 
-IMPORTS_ONLY = ["-c", "import onnx_arsvd.api, onnx_arsvd.factorize, sklearn.utils.extmath, threadpoolctl"]
+IMPORTS_ONLY = ["-c", "import onnx_arsvd.api, onnx_arsvd.factorize, threadpoolctl"]
 
 
 def child(arguments: list[str], src: Path) -> dict[str, float]:

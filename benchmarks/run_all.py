@@ -58,7 +58,6 @@ SCRIPTS = (
     Script("compare_quantization", ("quantization.md",), "169 s (recorded in quantization.md)"),
     Script("subgraph_table", ("subgraph_table.md",), "6 s (load 6)", minilm=False),
     Script("factor_throughput", ("factor_throughput.md",), "not timed", minilm=False),
-    Script("dependency_cost", ("dependency_cost.md",), "about 30 s", minilm=False),
     Script("big_model", ("big_model.md", "big_model_full.md"),
            "minutes: 57 s at scale 0.5; at scale 1, four compress runs of 2-4 minutes each after building the "
            "2.3 GB model (load 2-4)", minilm=False,
