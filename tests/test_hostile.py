@@ -22,6 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
+from onnx_arsvd import FixedRankPolicy, compress
 from onnx_arsvd.cli import main
 from tests.conftest import REPO, make_linear_model, make_mlp, run
 
@@ -406,3 +407,23 @@ def test_a_write_that_runs_out_of_space_is_one_line_and_leaves_nothing(mlp_path:
     assert child.returncode == 1 and child.stderr.count("\n") == 1, child.stderr
     assert child.stderr.startswith("onnx-arsvd: error: ") and "cannot write the output" in child.stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", ["rewrite", "verification"])
+def test_ctrl_c_with_factors_spilled_to_disk_leaves_nothing(stage: str, external_model: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An external-data model spills its factors beside the output: Ctrl-C in the rewrite or in verification
+    removes the scratch folder and writes no output, and the inputs are unchanged."""
+    from onnx_arsvd import api
+
+    folder = external_model.parent
+    before = _snapshot(folder)
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        assert any(p.name.startswith(".onnx-arsvd-") for p in folder.iterdir())  # the spill is live
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "apply_plans" if stage == "rewrite" else "verify", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compress(external_model, folder / "out.onnx", policy=FixedRankPolicy(4), min_params=0, samples=1)
+    assert _snapshot(folder) == before
