@@ -177,7 +177,8 @@ class Quantization:
                 quantize_dynamic(proto, target, per_channel=True, reduce_range=self.uses_reduce_range,
                                  weight_type=QuantType.QInt8, use_external_data_format=large,
                                  op_types_to_quantize=sorted(set(IntegerOpsRegistry) - {"Conv", *skip}),
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                                 # after the 4-bit tables, shape inference cannot type the contrib op's output
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT} if skip else {})
                 return onnx.load(target)
         finally:
             root.removeFilter(hint)
