@@ -9,8 +9,8 @@ make the model faster; the rounds of fresh sessions already keep noise from deci
 
 Timings form a latency table keyed by what they depend on (:func:`timing_key`: provider, node form,
 weight shape and dtype, rank, rows per call at each batch size), measured once and shared by every
-layer with the same key: MiniLM's 36 layers have 3 weight shapes, so with ranks rounded to a multiple
-(``--rank-multiple``) most layers are looked up, not timed.
+layer with the same key: MiniLM's 36 dense layers have 3 weight shapes, so under ``--ratio`` or
+``--rank`` they need 3 timings, not 36; ranks chosen per layer repeat less.
 """
 
 from __future__ import annotations
