@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,19 +54,35 @@ def cpu_has_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     return bool(flags & VNNI_FLAGS)
 
 
-class _DropHint(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_PREPROCESS_HINT)
+class _ForwardToOurs(logging.Handler):
+    """Stands in as the root logger's handler while onnxruntime's quantizers run: their root-logger messages go to
+    the ``onnx_arsvd`` logger (shown like ours), except the pre-processing hint printed on every call.
+
+    With a handler on the root logger, ``logging.basicConfig`` (which onnxruntime calls at import, and which
+    ``logging.warning`` calls on a bare root logger) does nothing: without one it installed a second handler
+    that printed every later warning of this tool twice."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("onnx_arsvd") or record.getMessage().startswith(_PREPROCESS_HINT):
+            return
+        logging.getLogger("onnx_arsvd").log(record.levelno, "onnxruntime quantization: %s", record.getMessage())
+
+
+@contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """onnxruntime's quantization code, called without it changing or flooding the root logger."""
+    root, forward = logging.getLogger(), _ForwardToOurs()
+    root.addHandler(forward)
+    try:
+        yield
+    finally:
+        root.removeHandler(forward)
 
 
 def _nbits_quantizer() -> type:
-    """onnxruntime's MatMulNBitsQuantizer, imported so that its import-time basicConfig leaves the root logger alone."""
-    root, guard = logging.getLogger(), logging.NullHandler()
-    root.addHandler(guard)  # basicConfig does nothing when the root logger has a handler
-    try:
+    """onnxruntime's MatMulNBitsQuantizer (its module calls basicConfig at import)."""
+    with _root_logger_kept():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    finally:
-        root.removeHandler(guard)
     return MatMulNBitsQuantizer
 
 
@@ -159,7 +177,8 @@ class Quantization:
         level = nbits_logger.level
         nbits_logger.setLevel(logging.ERROR)  # the opset/IR raise for int4 is this mode's documented effect
         try:
-            quantizer.process()
+            with _root_logger_kept():
+                quantizer.process()
         finally:
             nbits_logger.setLevel(level)
         return quantizer.model.model
@@ -168,20 +187,15 @@ class Quantization:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        root, hint = logging.getLogger(), _DropHint()
-        root.addFilter(hint)
-        try:
-            with tempfile.TemporaryDirectory(prefix="onnx_arsvd_int8_") as folder:
-                target = Path(folder) / "model.onnx"
-                large = proto.ByteSize() > 1_800_000_000
-                quantize_dynamic(proto, target, per_channel=True, reduce_range=self.uses_reduce_range,
-                                 weight_type=QuantType.QInt8, use_external_data_format=large,
-                                 op_types_to_quantize=sorted(set(IntegerOpsRegistry) - {"Conv", *skip}),
-                                 # after the 4-bit tables, shape inference cannot type the contrib op's output
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT} if skip else {})
-                return onnx.load(target)
-        finally:
-            root.removeFilter(hint)
+        with _root_logger_kept(), tempfile.TemporaryDirectory(prefix="onnx_arsvd_int8_") as folder:
+            target = Path(folder) / "model.onnx"
+            large = proto.ByteSize() > 1_800_000_000
+            quantize_dynamic(proto, target, per_channel=True, reduce_range=self.uses_reduce_range,
+                             weight_type=QuantType.QInt8, use_external_data_format=large,
+                             op_types_to_quantize=sorted(set(IntegerOpsRegistry) - {"Conv", *skip}),
+                             # after the 4-bit tables, shape inference cannot type the contrib op's output
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT} if skip else {})
+            return onnx.load(target)
 
     def _int4(self, proto: onnx.ModelProto) -> onnx.ModelProto:
         model = ir.from_proto(proto)
@@ -189,5 +203,6 @@ class Quantization:
             proto = ir.to_proto(model)
         quantizer = _nbits_quantizer()(proto, bits=4, block_size=self.block_size, is_symmetric=True,
                                        accuracy_level=self.accuracy_level)
-        quantizer.process()
+        with _root_logger_kept():
+            quantizer.process()
         return quantizer.model.model

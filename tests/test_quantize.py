@@ -131,3 +131,15 @@ def test_int4_tables_with_int8_layers_is_smaller_than_int8_and_close() -> None:
     assert [node.op_type for node in model.graph.node] == ["Gather", "MatMul"]  # the input is untouched
     assert "int8 dynamic" in Quantization("int8+int4-tables").describe() and "tables int4" in \
         Quantization("int8+int4-tables").describe()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8+int4-tables"])
+def test_quantizing_leaves_a_bare_root_logger_bare(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's quantizers call basicConfig (at import, and through logging.warning on a bare root logger,
+    as the CLI's is): a root handler left behind printed every later warning of this tool twice."""
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in the CLI: pytest's own capture handlers would hide it
+    Quantization(mode).apply(onnx.load(MODELS / "fashion_mlp.onnx"))
+    assert root.handlers == []
