@@ -143,3 +143,12 @@ def test_quantizing_leaves_a_bare_root_logger_bare(mode: str, monkeypatch: pytes
     monkeypatch.setattr(root, "handlers", [])  # as in the CLI: pytest's own capture handlers would hide it
     Quantization(mode).apply(onnx.load(MODELS / "fashion_mlp.onnx"))
     assert root.handlers == []
+
+
+def test_the_report_says_the_model_was_quantized() -> None:
+    from onnx_arsvd import compress, format_report
+
+    _, report = compress(make_linear_model(64, 48, op="MatMul", x_shape=("batch", 64)), quantize="int8", samples=2)
+    assert "note: quantized with onnxruntime: int8 dynamic (per-channel" in format_report(report)
+    _, plain = compress(make_linear_model(64, 48, op="MatMul", x_shape=("batch", 64)), samples=2)
+    assert "quantized" not in format_report(plain)
