@@ -365,12 +365,14 @@ class BudgetSearch:
     def _run_global(self, loaded: ir.Model, settings: Settings, progress: bool) -> SearchOutcome:
         memo = self._memo
         selection = self._select(loaded, settings)
+        grams = None
         if settings.method == "whitened" and selection.dense:
             if settings.calibration is None:  # Settings refuses the whitened method without calibration inputs
                 raise ValueError("whitened settings without calibration inputs")
-            memo.grams = capture_grams(loaded, selection.dense, settings.calibration, progress=progress)
+            grams = capture_grams(loaded, selection.dense, settings.calibration, progress=progress)
         self._settings = settings
-        self._curves = weight_curves(selection.dense, memo.grams, progress=progress, jobs=settings.jobs)
+        self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs)
+        del grams  # the curves hold all the search needs: the Grams (float64, m x m per weight) are not kept
         options = self._options(settings, None)
         if self.budget.sensitivity and self._judge is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
