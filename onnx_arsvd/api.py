@@ -291,11 +291,12 @@ def compress(
         weights_before = weight_stats(loaded)
         if apply_plans(loaded, planned.plans, spill):
             loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
-        quantize_label = quantize.describe() if quantize is not None else ""
+        quantized_with = None  # what this run quantized with (an input written by this tool may carry the tag)
         if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
+            quantized_with = quantize.describe()
             quantized = ir.from_proto(quantize.apply(loaded))
             quantized.meta.update(loaded.meta)
-            quantized.metadata_props["onnx_arsvd.quantize"] = quantize.describe()
+            quantized.metadata_props["onnx_arsvd.quantize"] = quantized_with
             loaded = quantized
         factored = any(plan.factored for plan in planned.plans)
         latency_check: list[LatencyComparison] = []
@@ -308,8 +309,8 @@ def compress(
                                    verification=verification, dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
             if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
                 report.policy = f"budget search: {search.summary()['allocation']}"
-            if "onnx_arsvd.quantize" in loaded.metadata_props:
-                report.notes.append(f"note: quantized with onnxruntime: {quantize_label}")
+            if quantized_with is not None:
+                report.notes.append(f"note: quantized with onnxruntime: {quantized_with}")
             return report
 
         with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
