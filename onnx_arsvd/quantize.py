@@ -163,8 +163,9 @@ class Quantization:
         proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
         if self.mode == "int4":
             return self._int4(proto)
-        if self.mode == "int8+int4-tables":
-            has_tables = any(layer.is_embedding for layer in find_layers(ir.from_proto(proto))[0])
+        if self.mode == "int8+int4-tables":  # the budget search passes each candidate as IR: no second conversion
+            graph = model if isinstance(model, ir.Model) else ir.from_proto(proto)
+            has_tables = any(layer.is_embedding for layer in find_layers(graph)[0])
             return self._int8(self._int4_tables(proto), skip={"Gather"}) if has_tables else self._int8(proto)
         return self._int8(proto)
 
