@@ -85,31 +85,27 @@ def word_feed(words: list[str]) -> dict[str, np.ndarray]:
     return {name: encoded[name].astype(np.int64) for name in INPUTS}
 
 
-def spearman(model: Path, pairs: list[tuple[str, str]], scores: np.ndarray, feed: dict[str, np.ndarray],
+def spearman(word_embeddings: np.ndarray, pairs: list[tuple[str, str]], scores: np.ndarray,
              index: dict[str, int]) -> float:
+    """Spearman's correlation of the pairs' embedding cosines (rows of ``word_embeddings``) with the human scores."""
     from scipy.stats import spearmanr
 
-    embeddings = sentence_embeddings(model, feed)
-    left = embeddings[[index[a] for a, _ in pairs]]
-    right = embeddings[[index[b] for _, b in pairs]]
+    left = word_embeddings[[index[a] for a, _ in pairs]]
+    right = word_embeddings[[index[b] for _, b in pairs]]
     return float(spearmanr(cosine_rows(left, right), scores).statistic)
-
-
-def output_cosine(model: Path, feed: dict[str, np.ndarray], reference: list[np.ndarray], batch: int = 32) -> float:
-    """Mean over samples of the cosine of the whole last_hidden_state with the original's."""
-    session = make_session(model)
-    cosines = []
-    for part, expected in zip(range(0, len(feed["input_ids"]), batch), reference, strict=True):
-        (hidden,) = session.run(["last_hidden_state"], {k: v[part: part + batch] for k, v in feed.items()})
-        cosines.append(cosine_rows(hidden.reshape(len(hidden), -1).astype(np.float64),
-                                   expected.reshape(len(expected), -1).astype(np.float64)))
-    return float(np.concatenate(cosines).mean())
 
 
 def hidden_states(model: Path, feed: dict[str, np.ndarray], batch: int = 32) -> list[np.ndarray]:
     session = make_session(model)
     return [session.run(["last_hidden_state"], {k: v[s: s + batch] for k, v in feed.items()})[0]
             for s in range(0, len(feed["input_ids"]), batch)]
+
+
+def output_cosine(hidden: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Mean over samples of the cosine of the whole last_hidden_state with the original's (batch by batch)."""
+    return float(np.concatenate([
+        cosine_rows(h.reshape(len(h), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64))
+        for h, r in zip(hidden, reference, strict=True)]).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(BUILD / "newsgroups.npz") as archive:
         tokens = {k: archive[k][:, :SEQ] for k in INPUTS}
     timing_feeds = {b: {k: np.take(v, np.arange(b) % len(v), axis=0) for k, v in tokens.items()} for b in (1, 32)}
-    reference = hidden_states(MINILM, newsgroups[0])
-    original_embeddings = {name: sentence_embeddings(MINILM, feed) for name, (feed, _) in
-                           (("polarity", polarity), ("newsgroups", newsgroups))}
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="minilm_quantization_") as tmp:
         folder = Path(tmp)
@@ -159,10 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         int8 = variants["INT8 alone"]
         int8_bytes = model_file_bytes(int8)
         rows = []
-        for label, path in variants.items():
+        reference: list[np.ndarray] = []
+        original_embeddings: dict[str, np.ndarray] = {}
+        for label, path in variants.items():  # the original first: the others are compared with it
             size = model_file_bytes(path)
+            hidden = hidden_states(path, newsgroups[0])
             embeddings = {name: sentence_embeddings(path, feed) for name, (feed, _) in
                           (("polarity", polarity), ("newsgroups", newsgroups))}
+            word_embeddings = sentence_embeddings(path, vocabulary_feed)
+            if path == MINILM:
+                reference, original_embeddings = hidden, embeddings
             latency = []
             for batch, feed in timing_feeds.items():
                 if path == int8:
@@ -173,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 latency.append(f"{comparison.ratio:.2f} ({comparison.ratio_p10:.2f}-{comparison.ratio_p90:.2f})")
             rows.append([
                 label, f"{size / 2**20:.1f}", f"{size / int8_bytes:.3f}",
-                f"{output_cosine(path, newsgroups[0], reference):.4f}",
+                f"{output_cosine(hidden, reference):.4f}",
                 f"{cosine_rows(original_embeddings['newsgroups'], embeddings['newsgroups']).mean():.4f}",
                 *(f"{probe_accuracy(embeddings[name], data[1]):.3f}" for name, data in
                   (("polarity", polarity), ("newsgroups", newsgroups))),
-                *(f"{spearman(path, pairs, scores, vocabulary_feed, index):.3f}" for pairs, scores in words.values()),
+                *(f"{spearman(word_embeddings, pairs, scores, index):.3f}" for pairs, scores in words.values()),
                 *latency,
             ])
     columns = ["variant", "MiB", "x INT8 alone", "newsgroups output cosine", "newsgroups embedding cosine",
