@@ -22,6 +22,7 @@ if not __package__:  # run as a file: import from the repository root, as python
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import onnxruntime as ort
 
 from benchmarks.results_io import MINILM_PACKAGES, header, markdown_table, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
@@ -29,7 +30,7 @@ from onnx_arsvd.budget import Budget, response_batches, split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import weight_curves
-from onnx_arsvd.data import load_data, split_batches
+from onnx_arsvd.data import Feed, load_data, sample_count, split_batches
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.sensitivity import layer_responses
 from onnx_arsvd.sessions import make_session
@@ -38,16 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "response_samples.md"
 
 
-def calibration_batches(model: Path, arrays: dict[str, np.ndarray]) -> tuple[list, object]:
-    """The budget's calibration part of ``arrays``, in the verification's batches, and the judging session."""
+def calibration_batches(model: Path, arrays: dict[str, np.ndarray]) -> tuple[Feed, list[Feed], ort.InferenceSession]:
+    """The budget's calibration part of ``arrays`` (checked), the same in the verification's batches, the session."""
     budget = Budget(min_cosine=0.99)
     calibration, _ = split_data(arrays, budget.holdout, budget.seed)
     session = make_session(os.fspath(model))
-    return list(split_batches(load_data(calibration, session)[0], session, 64)), session
+    feed = load_data(calibration, session)[0]
+    return feed, list(split_batches(feed, session, 64)), session
 
 
-def samples(batches: list) -> int:
-    return sum(len(next(iter(feed.values()))) for feed in batches)
+def samples(batches: list[Feed]) -> int:
+    return sum(sample_count(feed) for feed in batches)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,15 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with np.load(ROOT / "models" / "fashion_test.npz") as archive:
         fashion = {name: archive[name] for name in archive.files}
-    fashion_batches, fashion_session = calibration_batches(ROOT / "models" / "fashion_mlp.onnx", fashion)
+    _, fashion_batches, fashion_session = calibration_batches(ROOT / "models" / "fashion_mlp.onnx", fashion)
     fashion_note = (f"Fashion MLP: the rule keeps {samples(response_batches(fashion_session, fashion_batches))} of "
                     f"{samples(fashion_batches)} calibration images.")
     feed, _ = load_text_set("polarity")
-    batches, session = calibration_batches(MINILM, dict(feed))
+    calibration, batches, session = calibration_batches(MINILM, dict(feed))
     subset = response_batches(session, batches)
     model = to_model(MINILM)
     layers = [layer for layer in find_layers(model)[0] if not layer.is_embedding]
-    calibration = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
     curves = weight_curves(layers, capture_grams(model, layers, calibration))[::5]
     started = time.perf_counter()
     everything = layer_responses(MINILM, curves, batches)

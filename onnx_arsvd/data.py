@@ -33,11 +33,17 @@ __all__ = [
     "load_data",
     "load_labelled",
     "load_labels",
+    "sample_count",
     "split_batches",
 ]
 
 Feed = dict[str, np.ndarray]
 DataSource = str | os.PathLike | Mapping[str, np.ndarray]
+
+
+def sample_count(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in a feed (the first axis of its arrays, which checked feeds share); 0 for no arrays."""
+    return len(next(iter(feed.values()))) if feed else 0
 
 
 class CalibrationDataReader(Protocol):
@@ -235,7 +241,7 @@ def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | Non
     given = load_labels(labels) if labels is not None else own
     if given is None:
         return feed, None
-    return feed, check_labels(given, len(next(iter(feed.values()))) if feed else 0, model)
+    return feed, check_labels(given, sample_count(feed), model)
 
 
 def split_batches(feed: Feed, model: ir.Model | _Session | list[InputSpec], batch_size: int) -> Iterator[Feed]:
@@ -243,7 +249,7 @@ def split_batches(feed: Feed, model: ir.Model | _Session | list[InputSpec], batc
     specs = model if isinstance(model, list) else input_specs(model)
     fixed = next((s.shape[0] for s in specs if s.shape and s.shape[0]), None)
     step = fixed or batch_size
-    total = len(next(iter(feed.values()))) if feed else 0
+    total = sample_count(feed)
     stop = total - total % step if fixed else total
     for start in range(0, stop, step):
         yield {name: array[start : start + step] for name, array in feed.items()}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from onnx_arsvd.benchmark import batch_feed, compare_latency, discover_providers, timed_rounds
 from onnx_arsvd.candidates import Layer, find_layers, read_array
 from onnx_arsvd.capture import exposed_model
-from onnx_arsvd.data import Feed
+from onnx_arsvd.data import Feed, sample_count
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import WeightPlan, dense_decision
 from onnx_arsvd.results import LatencyComparison, LayerTiming
@@ -62,7 +62,7 @@ def observed_rows(model: ir.Model, layers: Sequence[Layer], feed: Feed) -> dict[
     serialized, names = exposed_model(model, layers)
     wanted = list(dict.fromkeys(names.values()))
     outputs = dict(zip(wanted, run_session(make_session(serialized), wanted, feed), strict=True))
-    samples = len(next(iter(feed.values())))
+    samples = sample_count(feed)
     return {id(layer.node): outputs[names[id(layer.node)]].size / layer.shape[0] / samples for layer in layers}
 
 
