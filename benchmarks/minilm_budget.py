@@ -32,6 +32,7 @@ from benchmarks.results_io import compress_studied, package_versions, write_resu
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
 from onnx_arsvd import format_report
 from onnx_arsvd.budget import Budget
+from onnx_arsvd.quantize import QUANTIZE_MODES
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_budget.md"
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cosine", type=float, default=0.985)
     parser.add_argument("--responses", action="store_true", help="measure each layer's end-to-end response")
-    parser.add_argument("--quantize", default="int8", choices=["int8", "int4", "int8+int4-tables", "none"],
+    parser.add_argument("--quantize", default="int8", choices=[*QUANTIZE_MODES, "none"],
                         help="quantization inside the search (default int8; none: factoring alone)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
