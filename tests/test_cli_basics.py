@@ -50,3 +50,17 @@ def test_verify_on_an_unknown_provider_says_so(tmp_path: Path, capsys: pytest.Ca
     model = str(MODELS / "digits_mlp.onnx")
     assert main(["verify", model, model, "--providers", "warp-drive", "--dim", "batch=2"]) == 2
     assert "unknown provider" in capsys.readouterr().err
+
+
+def test_cli_choices_are_the_librarys() -> None:
+    """The CLI spells its --quantize and --method choices out (it imports nothing heavy at start-up): they must
+    stay those the library accepts."""
+    import argparse
+
+    from onnx_arsvd.cli import build_parser
+    from onnx_arsvd.quantize import QUANTIZE_MODES
+    from onnx_arsvd.settings import METHODS
+
+    compress = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["compress"]
+    choices = {a.dest: a.choices for a in compress._actions}
+    assert list(choices["quantize"]) == list(QUANTIZE_MODES) and set(choices["method"]) == set(METHODS)
