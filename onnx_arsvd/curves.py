@@ -9,7 +9,6 @@ Without a Gram matrix (plain SVD) the curve is that of identity inputs, ||W - A 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +18,9 @@ from onnx_arsvd.allocate import DENSE, Allocation, Cost, LayerOptions, layer_opt
 from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import UnsupportedModelError
 from onnx_arsvd.losscurve import LossCurve, loss_curve
-from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS, LayerDecision, WeightPlan
+from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS, LayerDecision, WeightPlan, group_by_weight
 from onnx_arsvd.rank import break_even_rank
-from onnx_arsvd.threads import job_count, single_threaded_blas
+from onnx_arsvd.threads import in_jobs
 
 __all__ = ["WeightCurve", "allocation_plans", "weight_curves", "weight_options"]
 
@@ -52,21 +51,16 @@ def weight_curves(layers: Sequence[Layer], grams: Mapping[WeightKey, np.ndarray]
     ``jobs`` weights at once, each on one BLAS thread (see :mod:`onnx_arsvd.threads`: with anything else running on
     a 2-core machine, two threads made MiniLM's 384 x 384 eigen-decompositions 7x slower than one).
     """
-    groups: dict[WeightKey, list[Layer]] = {}
-    for layer in layers:
-        groups.setdefault(layer.weight_key, []).append(layer)
 
-    def curve(key: WeightKey, group: list[Layer]) -> WeightCurve:
+    def curve(group: list[Layer]) -> WeightCurve:
         matrix = _matrix(group[0])
+        key = group[0].weight_key
         gram = grams[key] if grams is not None and key in grams else np.eye(matrix.shape[0])
         return WeightCurve(group, loss_curve(matrix, gram))
 
-    bar = tqdm(total=len(groups), desc="loss curves", unit="weight", disable=None if progress else True)
-    with bar, single_threaded_blas(), ThreadPoolExecutor(job_count(jobs)) as pool:
-        futures = [pool.submit(curve, key, group) for key, group in groups.items()]
-        for future in futures:
-            future.add_done_callback(lambda _: bar.update())
-        return [future.result() for future in futures]
+    groups = group_by_weight(layers)
+    with tqdm(total=len(groups), desc="loss curves", unit="weight", disable=None if progress else True) as bar:
+        return in_jobs(curve, groups, jobs, lambda _: bar.update())
 
 
 def weight_options(

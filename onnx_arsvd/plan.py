@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ from onnx_arsvd.factorize import (
 from onnx_arsvd.layer_math import storage_problem
 from onnx_arsvd.rank import RankPolicy, break_even_rank, energy_kept, energy_rank_bounds
 from onnx_arsvd.results import LayerTiming
-from onnx_arsvd.threads import job_count, single_threaded_blas
+from onnx_arsvd.threads import in_jobs
 
 if TYPE_CHECKING:
     from onnx_arsvd.spill import Spill
@@ -38,6 +38,7 @@ __all__ = [
     "LayerDecision",
     "WeightPlan",
     "dense_decision",
+    "group_by_weight",
     "plan_layers",
     "relative_output_error",
 ]
@@ -154,7 +155,8 @@ def _release(layer: Layer) -> None:
             pass
 
 
-def _group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
+def group_by_weight(layers: Sequence[Layer]) -> list[list[Layer]]:
+    """The layers grouped by the weight they use, in order of first use."""
     groups: dict[WeightKey, list[Layer]] = {}
     for layer in layers:
         groups.setdefault(layer.weight_key, []).append(layer)
@@ -293,23 +295,18 @@ def plan_layers(
         raise InvalidInputError(f"max rank fraction must be positive, got {max_rank_fraction}")
     if min_params < 0:
         raise InvalidInputError(f"min params must be zero or more, got {min_params}")
-    workers = job_count(jobs)
     settings = _Settings(policy, max_rank_fraction, min_params, with_factors, grams, cache, lp_power)
-    groups = _group_by_weight(layers)
+    groups = group_by_weight(layers)
     bar = tqdm(total=sum(group[0].shape[0] * group[0].shape[1] for group in groups), unit="param", unit_scale=True,
                desc="factoring" if with_factors else "spectra", disable=None if progress else True)
-    pool = ThreadPoolExecutor(workers)
-    with bar, single_threaded_blas():
-        try:
-            futures = [pool.submit(_plan_weight, group, settings) for group in groups]
-            for future in as_completed(futures):
-                plan = future.result()
-                if spill is not None and plan.factors is not None:
-                    plan.factors = (spill.array(plan.factors[0]), spill.array(plan.factors[1]))
-                bar.update(plan.decisions[0].params)
-            return [future.result() for future in futures]
-        finally:  # on an error or Ctrl-C, weights not started yet are dropped, not factored first
-            pool.shutdown(wait=True, cancel_futures=True)
+
+    def planned(plan: WeightPlan) -> None:
+        if spill is not None and plan.factors is not None:
+            plan.factors = (spill.array(plan.factors[0]), spill.array(plan.factors[1]))
+        bar.update(plan.decisions[0].params)
+
+    with bar:
+        return in_jobs(functools.partial(_plan_weight, settings=settings), groups, jobs, planned)
 
 
 def relative_output_error(weight: np.ndarray, factors: tuple[np.ndarray, np.ndarray], gram: np.ndarray) -> float:

@@ -8,12 +8,17 @@ results bit-identical whatever the number of jobs. So ``jobs`` x 1 thread never 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
+from typing import TypeVar
 
 from onnx_arsvd.errors import InvalidInputError
 
-__all__ = ["available_cores", "job_count", "single_threaded_blas"]
+__all__ = ["available_cores", "in_jobs", "job_count", "single_threaded_blas"]
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 def available_cores() -> int:
@@ -38,3 +43,21 @@ def single_threaded_blas() -> Iterator[None]:
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def in_jobs(work: Callable[[Item], Result], items: Sequence[Item], jobs: int,
+            done: Callable[[Result], None] = lambda _: None) -> list[Result]:
+    """``work(item)`` for every item, ``jobs`` at a time (threads, one BLAS thread each), the results in order.
+
+    ``done`` sees each result as it completes, in the calling thread (a progress bar, a spill). On an error or
+    Ctrl-C the items not started yet are dropped, not worked through first.
+    """
+    pool = ThreadPoolExecutor(job_count(jobs))
+    with single_threaded_blas():
+        try:
+            futures = [pool.submit(work, item) for item in items]
+            for future in as_completed(futures):
+                done(future.result())
+            return [future.result() for future in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
