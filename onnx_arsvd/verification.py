@@ -301,7 +301,7 @@ def verify(
     session_a = make_session(original_source, provider)
     if not one_at_a_time:
         session_b = make_session(compressed_source, provider)
-        _check_same_inputs(session_a, session_b)
+        _check_same_inputs(_inputs(session_a), session_b)
     if data is not None:
         feed, labels = load_labelled(data, labels, session_a)
         batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
@@ -336,9 +336,9 @@ def _inputs(session: ort.InferenceSession) -> list[str]:
     return [f"{arg.name}: {arg.type}" for arg in session.get_inputs()]
 
 
-def _check_same_inputs(original: ort.InferenceSession | list[str], compressed: ort.InferenceSession) -> None:
-    """The two models must take the same inputs (names and types) to be run on the same data."""
-    expected = original if isinstance(original, list) else _inputs(original)
+def _check_same_inputs(expected: list[str], compressed: ort.InferenceSession) -> None:
+    """The two models must take the same inputs (names and types, as :func:`_inputs` lists them) to run on the same
+    data."""
     if expected != _inputs(compressed):
         raise InvalidInputError(f"the models take different inputs: {', '.join(expected)} vs "
                                 f"{', '.join(_inputs(compressed))}")
