@@ -181,3 +181,13 @@ def test_one_model_at_a_time_gives_the_same_report_with_one_session_alive(monkey
     assert one_by_one.outputs == side_by_side.outputs and one_by_one.outputs[0].mean_cosine < 0.9999
     assert one_by_one.original == side_by_side.original and one_by_one.compressed == side_by_side.compressed
     assert one_by_one.flipped == side_by_side.flipped
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_models_with_different_inputs_are_refused_either_way(one_at_a_time: bool) -> None:
+    other = make_mlp()
+    other.graph.input[0].name = "Z"
+    for node in other.graph.node:
+        node.input[:] = ["Z" if name == "X" else name for name in node.input]
+    with pytest.raises(InvalidInputError, match=r"the models take different inputs: X: tensor\(float\)\S* vs Z"):
+        verify(make_mlp(), other, samples=1, one_at_a_time=one_at_a_time)
