@@ -48,8 +48,7 @@ def weight_curves(layers: Sequence[Layer], grams: Mapping[WeightKey, np.ndarray]
                   progress: bool = False, jobs: int = 1) -> list[WeightCurve]:
     """One loss curve per distinct weight (shared weights once, their Grams summed by calibration), in layer order.
 
-    ``jobs`` weights at once, each on one BLAS thread (see :mod:`onnx_arsvd.threads`: with anything else running on
-    a 2-core machine, two threads made MiniLM's 384 x 384 eigen-decompositions 7x slower than one).
+    ``jobs`` weights at once, each on one BLAS thread, as factoring does (see :mod:`onnx_arsvd.threads`).
     """
 
     def curve(group: list[Layer]) -> WeightCurve:
