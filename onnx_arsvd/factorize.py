@@ -54,8 +54,7 @@ decaying synthetic 4096 x 4096 weight goes from +0.22% to +0.61% (benchmarks/fac
 POWER_ITERATIONS = 3
 """Power iterations of the range finder: with these settings the extra Frobenius error over the optimal
 rank-k error stays under 1% on the shipped models and on flat and decaying synthetic spectra (tests). Two
-were measured too few: +1.2 to +1.8% on MiniLM at k = 96 (with k/8 or k/4 oversampling), +0.75 to +1.5% on
-the synthetic 4096 x 4096 weight at k = 1024."""
+crossed 1% on MiniLM's weights in an exploratory run while the solver was tuned (not kept as a benchmark)."""
 SKETCH_NONZEROS = 8
 """Nonzeros per row of the range finder's sparse random start (:func:`_sketch`); 8 is the usual choice."""
 MIN_RANDOMIZED_DIM = 512
@@ -185,9 +184,9 @@ def _from_basis(matrix: np.ndarray, basis: np.ndarray, energy: float, solver: st
 
     The projected matrix P = basis^T W (l x n) is decomposed through its Gram matrix P P^T (l x l, float64)
     = X S^2 X^T: then S V^T = X^T P, row by row, so each value is the norm of its row of X^T P and V^T
-    the normalised rows. About half the time of ``gesdd`` on P (0.5-0.6 s against 0.9-1.1 s for 1152 x 4096
-    in float32, one thread) and as accurate where it matters: squaring in float64 keeps values down to 1e-8 of s_1,
-    and every value at or above 1e-4 of s_1 within float32's precision of its vectors."""
+    the normalised rows. Cheaper than ``gesdd`` on P (one symmetric l x l eigen-decomposition and two products)
+    and as accurate where it matters: squaring in float64 keeps values down to 1e-8 of s_1, and every value at
+    or above 1e-4 of s_1 within float32's precision of its vectors."""
     projected = basis.T @ matrix
     wide = projected.astype(np.float64)
     _, vectors = scipy.linalg.eigh(wide @ wide.T, driver="evd", check_finite=False, overwrite_a=True)
