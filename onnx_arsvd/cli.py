@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep at most this fraction of the dense-layer parameters, as accurately as possible")
     budget.add_argument("--holdout", type=float, default=0.4,
                         help="share of --data held out to report on, never used to choose ranks (default 0.4)")
+    budget.add_argument("--fit-share", type=float, default=0.5, metavar="F",
+                        help="share of the rest that fits whitened factors and refits; the others judge "
+                             "candidates (default 0.5)")
     budget.add_argument("--allocation", choices=["global", "threshold"], default="global",
                         help="global (default): every layer's rank from one knapsack over the layers' loss curves; "
                              "threshold: one output-energy threshold for all layers")
@@ -233,21 +236,21 @@ def _labelled(path: str) -> bool | None:
 def _budget(args: argparse.Namespace):
     from onnx_arsvd.budget import Budget
 
+    search = {"holdout": args.holdout, "fit_share": args.fit_share, "allocation": args.allocation,
+              "rank_multiple": args.rank_multiple, "sequential": args.sequential}
     if args.max_drop is None and args.min_cosine is None and args.target_params is None:
         chosen = args.policy is not None or any(getattr(args, p) is not None for p in (*_POLICY_PARAMS.values(),
                                                                                        "output_tau"))
         labelled = None if args.data is None or chosen else bool(args.labels) or _labelled(args.data)
         if labelled is None:
             return None
-        budget = Budget(max_drop=1.0) if labelled else Budget(min_cosine=0.99)
+        budget = Budget(max_drop=1.0, **search) if labelled else Budget(min_cosine=0.99, **search)
         logging.getLogger("onnx_arsvd").warning(
             f"no rank policy given: choosing ranks for {budget.describe()} on --data (give --tau, --ratio, "
             "--max-drop, ... to choose yourself)")
         return budget
 
-    return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
-                  holdout=args.holdout, allocation=args.allocation, rank_multiple=args.rank_multiple,
-                  sequential=args.sequential)
+    return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params, **search)
 
 
 def _dims(pairs: Sequence[str]) -> dict[str, int]:

@@ -196,7 +196,8 @@ def _budget_text(budget: dict, style: str) -> str:
                    else budget.get("allocation", "a global allocation"))
     verdict = (f"met with {chosen_with}" if budget["met"]
                else "NOT met even with every layer dense: the model is returned unfactored")
-    chosen = (f"chosen on {samples['calibration']} calibration samples" if measure
+    fitted = f" (factors fitted on {samples['fit']} others)" if samples.get("fit") else ""
+    chosen = (f"chosen on {samples['calibration']} calibration samples{fitted}" if measure
               else "chosen by the parameter count alone")
     verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
                 else "no held-out data")
