@@ -399,8 +399,9 @@ class BudgetSearch:
                 raise ValueError("whitened settings without calibration inputs")
             grams = capture_grams(loaded, selection.dense, settings.calibration, progress=progress)
         self._settings = settings
-        self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs)
-        del grams  # the curves hold all the search needs: the Grams (float64, m x m per weight) are not kept
+        # the curves hold all the search needs: each Gram (float64, m x m) is dropped once its curve is made
+        self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True)
+        del grams
         options = self._options(settings, None)
         if self.budget.sensitivity and self._judge is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]

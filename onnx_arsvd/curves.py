@@ -8,7 +8,7 @@ Without a Gram matrix (plain SVD) the curve is that of identity inputs, ||W - A 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,18 +44,23 @@ def _matrix(layer: Layer) -> np.ndarray:
     return array
 
 
-def weight_curves(layers: Sequence[Layer], grams: Mapping[WeightKey, np.ndarray] | None = None, *,
-                  progress: bool = False, jobs: int = 1) -> list[WeightCurve]:
+def weight_curves(layers: Sequence[Layer], grams: MutableMapping[WeightKey, np.ndarray] | None = None, *,
+                  progress: bool = False, jobs: int = 1, release: bool = False) -> list[WeightCurve]:
     """One loss curve per distinct weight (shared weights once, their Grams summed by calibration), in layer order.
 
     ``jobs`` weights at once, each on one BLAS thread, as factoring does (see :mod:`onnx_arsvd.threads`).
+    With ``release`` each Gram is removed from ``grams`` once its curve is made, so the Grams (float64,
+    m x m per weight) and the curves are not all held at once.
     """
 
     def curve(group: list[Layer]) -> WeightCurve:
         matrix = _matrix(group[0])
         key = group[0].weight_key
-        gram = grams[key] if grams is not None and key in grams else np.eye(matrix.shape[0])
-        return WeightCurve(group, loss_curve(matrix, gram))
+        gram = grams.get(key) if grams is not None else None
+        made = WeightCurve(group, loss_curve(matrix, gram if gram is not None else np.eye(matrix.shape[0])))
+        if release and grams is not None:
+            grams.pop(key, None)
+        return made
 
     groups = group_by_weight(layers)
     with tqdm(total=len(groups), desc="loss curves", unit="weight", disable=None if progress else True) as bar:

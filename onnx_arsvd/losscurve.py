@@ -35,8 +35,10 @@ class LossCurve:
     """One layer's optimal activation-aware factors at every rank, and their output error.
 
     ``projected`` = W V (m x r) and ``basis`` = V (n x r), r = min(m, n), columns ordered by the
-    output energy they keep; ``losses[k]`` is ||X W - X A_k B_k||_F^2 on the calibration inputs
-    for k = 0 .. r (``losses[0]`` = ||X W||_F^2, the layer's output energy).
+    output energy they keep, both float32 (computed in float64, stored at the precision the factors
+    are written in: half the memory of a search that holds every layer's curve); ``losses[k]`` is
+    ||X W - X A_k B_k||_F^2 on the calibration inputs for k = 0 .. r (``losses[0]`` = ||X W||_F^2,
+    the layer's output energy).
     """
 
     projected: np.ndarray
@@ -61,7 +63,7 @@ class LossCurve:
         return self.losses / self.energy if self.energy > 0 else np.zeros_like(self.losses)
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """A (m x k) and B (k x n), float64, with X A B the best rank-k approximation of X W.
+        """A (m x k) and B (k x n), float32, with X A B the best rank-k approximation of X W.
 
         Each pair (column of A, row of B) is rescaled to equal norms (B's rows are unit vectors
         before), so both factors share one numeric range when stored in float16.
@@ -99,4 +101,4 @@ def loss_curve(weight: np.ndarray, gram: np.ndarray, ridge: float = DEFAULT_RIDG
     total = float(np.einsum("ij,ij->", w, c @ w))
     losses = np.clip(total - np.concatenate([[0.0], np.cumsum(kept)]), 0.0, None)
     losses = np.minimum.accumulate(losses)  # rounding only: the exact tail never grows with k
-    return LossCurve(projected, basis, losses)
+    return LossCurve(projected.astype(np.float32), basis.astype(np.float32), losses)

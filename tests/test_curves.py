@@ -99,11 +99,13 @@ def test_sequential_refit_lowers_the_calibration_error_of_an_allocation(fashion)
     assert distortion["sequential"] < 0.8 * distortion["one-shot"]
 
 
-def test_curves_are_the_same_whatever_the_jobs(fashion) -> None:
+def test_curves_are_the_same_whatever_the_jobs_and_release_their_grams(fashion) -> None:
     curves, _, calibration = fashion
     model = load_model(FASHION)
     layers = find_layers(model)[0]
-    parallel = weight_curves(layers, capture_grams(model, layers, calibration), jobs=2)
+    grams = capture_grams(model, layers, calibration)
+    parallel = weight_curves(layers, grams, jobs=2, release=True)
+    assert grams == {}  # released as the curves were made: the search holds either, not both
     assert [c.key for c in parallel] == [c.key for c in curves]
     for one, two in zip(curves, parallel, strict=True):
         np.testing.assert_array_equal(one.curve.losses, two.curve.losses)

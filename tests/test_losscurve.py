@@ -68,7 +68,8 @@ def test_singular_gram_is_exact_at_full_rank() -> None:
     assert np.linalg.matrix_rank(gram) < gram.shape[0]
     curve = loss_curve(weight, gram)
     a, b = curve.factors(curve.max_rank)
-    assert np.allclose(a @ b, weight, atol=1e-10 * np.abs(weight).max())
+    assert a.dtype == b.dtype == np.float32  # stored at the precision the factors are written in
+    assert np.allclose(a @ b, weight, atol=1e-6 * np.abs(weight).max())  # float32 rounding, a few ulps
     assert curve.losses[-1] == pytest.approx(0.0, abs=1e-10 * curve.energy)
     assert np.all(np.diff(curve.losses) <= 0)
 
