@@ -66,7 +66,7 @@ from onnx_arsvd.results import VerificationReport
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import Response, layer_responses
 from onnx_arsvd.sequential import sequential_factors
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.sessions import make_session, model_session
 from onnx_arsvd.settings import CalibrationSource, Settings
 from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, ModelLike, compare_models, model_source
 
@@ -366,11 +366,17 @@ class BudgetSearch:
 
     def _judged(self, candidate: ir.Model, quantized: bool, batches: Sequence[Feed],
                 labels: np.ndarray | None) -> tuple[VerificationReport, int]:
-        """The comparison with the original on ``batches``, and the candidate's serialized bytes."""
+        """The comparison with the original on ``batches``, and the candidate's size: serialized when quantized
+        (onnxruntime's quantizers return a proto), else as written with external data (:func:`model_session`:
+        the weights go to onnxruntime as arrays, never serialized)."""
         assert self._judge is not None  # run() made it: only data-driven budgets judge candidates
-        proto = self.quantize.apply(candidate) if quantized and self.quantize is not None else ir.to_proto(candidate)
-        serialized = proto.SerializeToString()
-        return compare_models(self._judge, make_session(serialized), batches, labels=labels), len(serialized)
+        if quantized and self.quantize is not None:
+            serialized = self.quantize.apply(candidate).SerializeToString()
+            session, nbytes = make_session(serialized), len(serialized)
+            del serialized
+        else:
+            session, nbytes = model_session(candidate)
+        return compare_models(self._judge, session, batches, labels=labels), nbytes
 
     def _verdict(self, result: VerificationReport) -> tuple[float | None, bool]:
         """The measured bound and whether it is within the budget.

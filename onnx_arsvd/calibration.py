@@ -22,7 +22,7 @@ from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.capture import exposed_model
 from onnx_arsvd.data import ArrayReader, CalibrationDataReader, CheckedReader
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.sessions import make_session, run_session
+from onnx_arsvd.sessions import model_session, run_session
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
 
@@ -39,9 +39,9 @@ class _Capture:
 
     def __init__(self, model: ir.Model, layers: Sequence[Layer]) -> None:
         self.layers = list(layers)
-        serialized, self.by_node = exposed_model(model, self.layers)
+        exposed, self.by_node = exposed_model(model, self.layers)
         self.names = list(dict.fromkeys(self.by_node.values()))
-        self.session = make_session(serialized)
+        self.session = model_session(exposed)[0]
 
     def rows(self, feed: dict[str, np.ndarray]) -> list[tuple[Layer, np.ndarray]]:
         outputs = dict(zip(self.names, run_session(self.session, self.names, feed), strict=True))

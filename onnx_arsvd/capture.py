@@ -99,9 +99,9 @@ def _key(layer: Layer) -> tuple[str, str, str]:
     return layer.scope, layer.node.name or "", layer.node.outputs[0].name or ""
 
 
-def exposed_model(model: ir.Model, layers: Sequence[Layer]) -> tuple[bytes, dict[int, str]]:
-    """A clone of the model, serialized, with every layer's input as a graph output; and, by ``id(layer.node)``,
-    the name of that output."""
+def exposed_model(model: ir.Model, layers: Sequence[Layer]) -> tuple[ir.Model, dict[int, str]]:
+    """A clone of the model (sharing its weights) with every layer's input as a graph output; and, by
+    ``id(layer.node)``, the name of that output."""
     clone = model.clone()
     twins = {_key(layer): layer for layer in find_layers(clone)[0]}
     lifter = _Lifter(clone)
@@ -120,4 +120,4 @@ def exposed_model(model: ir.Model, layers: Sequence[Layer]) -> tuple[bytes, dict
                 clone.graph.outputs.append(lifted[key])
                 present.add(id(lifted[key]))
         names[id(layer.node)] = lifted[key].name or ""
-    return ir.to_proto(clone).SerializeToString(), names
+    return clone, names

@@ -25,7 +25,7 @@ from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.losscurve import loss_curve
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.sessions import model_session
 from onnx_arsvd.verification import Feed
 
 __all__ = ["sequential_factors"]
@@ -46,21 +46,21 @@ def _input_name(layer: Layer) -> str:
     return value.name
 
 
-def _exposing(model: ir.Model, names: Sequence[str]) -> bytes:
-    """The model serialized with the named values as its only outputs."""
+def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A clone of the model (sharing its weights) with the named values as its only outputs."""
     exposed = model.clone()
     values = {v.name: v for v in exposed.graph.inputs}
     values.update({v.name: v for node in exposed.graph for v in node.outputs})
     exposed.graph.outputs.clear()
     exposed.graph.outputs.extend(values[name] for name in names)
-    return ir.to_proto(exposed).SerializeToString()
+    return exposed
 
 
 def _cross_grams(original: ir.Model, working: ir.Model, layers: Sequence[Layer],
                  batches: Sequence[Feed]) -> dict[WeightKey, tuple[np.ndarray, np.ndarray]]:
     """(X'^T X', X'^T X) per weight of ``layers``, X from ``original`` and X' from ``working``."""
     names = list(dict.fromkeys(_input_name(layer) for layer in layers))
-    before, after = make_session(_exposing(original, names)), make_session(_exposing(working, names))
+    before, after = model_session(_exposing(original, names))[0], model_session(_exposing(working, names))[0]
     grams: dict[WeightKey, tuple[np.ndarray, np.ndarray]] = {}
     for feed in batches:
         xs = dict(zip(names, before.run(names, feed), strict=True))

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["ModelSource", "make_session", "run_session", "session_options"]
+__all__ = ["ModelSource", "make_session", "model_session", "run_session", "session_options"]
+
+IN_MEMORY_MIN_BYTES = 1024
+"""Initializers from this size on reach onnxruntime as arrays in :func:`model_session`; smaller ones stay inline."""
+_ARRAY_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
+                           ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32,
+                           ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
+"""Element types onnxruntime takes from numpy arrays (bfloat16, float8 and 4-bit types stay in the proto)."""
+_NOWHERE = "onnx-arsvd-in-memory"
+"""The external-data location the proto names for weights given as arrays: onnxruntime never reads it."""
 
 ModelSource = str | os.PathLike | bytes
 """What onnxruntime loads: a path, or a serialized model."""
@@ -34,8 +47,61 @@ def make_session(
     model = source if isinstance(source, bytes) else os.fspath(source)
     providers = ([provider, "CPUExecutionProvider"] if cpu_fallback and provider != "CPUExecutionProvider"
                  else [provider])
+    return _open(model, session_options(threads), providers)
+
+
+def model_session(model: ir.Model, threads: int = 0) -> tuple[ort.InferenceSession, int]:
+    """A CPU session on an in-memory model, and the model's size as written with external data (the
+    graph's serialized bytes plus its weights' bytes).
+
+    Serializing a model holds its weights twice more (the proto, then its bytes) before onnxruntime
+    copies them once more. Here the main graph's initializers of at least ``IN_MEMORY_MIN_BYTES`` reach
+    onnxruntime as the arrays they already are (memory-mapped for a model with external data) through
+    ``add_external_initializers``, and only the graph is serialized. ``model`` is left as it was.
+    """
+    options = session_options(threads)
+    with _weights_as_arrays(model) as arrays:
+        graph = ir.to_proto(model).SerializeToString()
+        if arrays:
+            options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a)
+                                                             for a in arrays.values()])
+        session = _open(graph, options, ["CPUExecutionProvider"])
+    return session, len(graph) + sum(array.nbytes for array in arrays.values())
+
+
+@contextmanager
+def _weights_as_arrays(model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
+    """The main graph's large initializers (and every one with external data) as arrays, their tensors
+    swapped for external references to a file that is never read, until the block ends; external data of a
+    type numpy cannot hand to onnxruntime (bfloat16, ...) is read in."""
+    inputs = {value.name for value in model.graph.inputs}
+    outputs = set(model.graph.outputs)
+    swapped: dict[ir.Value, ir.TensorProtocol] = {}
+    arrays: dict[str, np.ndarray] = {}
     try:
-        return ort.InferenceSession(model, session_options(threads), providers=providers)
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or name in inputs:
+                continue
+            external = isinstance(tensor, ir.ExternalTensor)  # its file is not where a serialized graph looks
+            used = bool(value.uses()) or value in outputs  # onnxruntime drops the others before replacing any
+            if used and tensor.dtype in _ARRAY_DTYPES and (external or tensor.nbytes >= IN_MEMORY_MIN_BYTES):
+                array = arrays[name] = np.ascontiguousarray(tensor.numpy())
+                swapped[value] = tensor
+                value.const_value = ir.ExternalTensor(_NOWHERE, 0, array.nbytes, tensor.dtype,
+                                                      shape=ir.Shape(array.shape), name=name)
+            elif external:
+                swapped[value] = tensor
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
+        yield arrays
+    finally:
+        for value, tensor in swapped.items():
+            value.const_value = tensor
+
+
+def _open(model: str | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line}") from error
