@@ -49,7 +49,6 @@ from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
 from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, sample_count, split_batches
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.model_io import to_model
 from onnx_arsvd.model_plan import (
     HEAD_REASON,
     LayerSelection,
@@ -326,6 +325,7 @@ class BudgetSearch:
         self.calibration: CalibrationSource | None = (
             calibration if calibration is not None else (self.fit_part or self.calibration_part or None))
         self._judge: ort.InferenceSession | None = None
+        self._loaded: ir.Model | None = None
         self._batches: list[Feed] = []
         self._fit_batches: list[Feed] = []
         self._settings = Settings()
@@ -348,6 +348,7 @@ class BudgetSearch:
 
     def run(self, loaded: ir.Model, settings: Settings, progress: bool = False) -> SearchOutcome:
         """Search under the budget; each candidate (unless the budget is on parameters alone) checked in onnxruntime."""
+        self._loaded = loaded
         if self.calibration_part:  # end-to-end checks, and (for a global allocation) the layers' gains
             self._judge = make_session(model_source(self.model)[0])
             self._batches = self._feed_batches(self.calibration_part)
@@ -363,6 +364,12 @@ class BudgetSearch:
         return list(split_batches(load_data(inputs, self._judge)[0], self._judge, self.batch_size))
 
     # -- one candidate, judged in onnxruntime ------------------------------------------------------------------
+
+    def _candidate(self) -> ir.Model:
+        """A clone of the model given to :meth:`run`, to rewrite into one candidate: it shares the original's
+        weights, so no candidate reloads or copies them."""
+        assert self._loaded is not None  # run() set it
+        return self._loaded.clone()
 
     def _judged(self, candidate: ir.Model, quantized: bool, batches: Sequence[Feed],
                 labels: np.ndarray | None) -> tuple[VerificationReport, int]:
@@ -411,7 +418,7 @@ class BudgetSearch:
         options = self._options(settings, None)
         if self.budget.sensitivity and self._judge is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
-            responses = layer_responses(self.model, choosing, response_batches(self._judge, self._batches),
+            responses = layer_responses(loaded, choosing, response_batches(self._judge, self._batches),
                                         progress=progress)
             options = self._options(settings, responses)
         self._points = frontier(options)
@@ -450,7 +457,7 @@ class BudgetSearch:
         if not self.budget.sequential or not self._fit_batches:
             return None
         if index not in self._refits:
-            self._refits[index] = sequential_factors(to_model(self.model), self._curves, self._points[index],
+            self._refits[index] = sequential_factors(self._candidate(), self._curves, self._points[index],
                                                      self._fit_batches)
         return self._refits[index]
 
@@ -494,7 +501,7 @@ class BudgetSearch:
                        unit="step", disable=None if progress else True)
 
             def evaluate(index: int, quantized: bool = quantized, bar: tqdm = bar) -> SearchStep:
-                candidate = to_model(self.model)
+                candidate = self._candidate()
                 apply_plans(candidate, self._plan(self._points[index], candidate, self._refitted(index)).plans)
                 result, nbytes = self._judged(candidate, quantized, self._batches, labels)
                 step = self._step(index, (*self._verdict(result), nbytes), quantized)
@@ -536,7 +543,7 @@ class BudgetSearch:
         if self.quantize is not None:
             variants.append((f"factored + {self.quantize.mode}", index, True))
         for label, point, quantized in variants:
-            candidate = to_model(self.model)
+            candidate = self._candidate()
             apply_plans(candidate, self._plan(self._points[point], candidate, self._refitted(point)).plans)
             result, nbytes = self._judged(candidate, quantized, batches, labels)
             self.frontier_rows.append(FrontierRow(label, nbytes, self._kept(point),
@@ -573,7 +580,7 @@ class BudgetSearch:
 
     def _evaluate_threshold(self, tau: float, settings: Settings, memo: PlanMemo) -> SearchStep:
         """One candidate: plan at ``tau``; unless the budget is on parameters alone, build and measure it."""
-        candidate = to_model(self.model)
+        candidate = self._candidate()
         planned = plan_model(candidate, dataclasses.replace(settings, policy=EnergyPolicy(tau)), with_factors=True,
                              memo=memo)
         kept = planned.params_kept()
