@@ -31,7 +31,7 @@ from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, model_file_bytes, weight_stats
 from onnx_arsvd.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
 from onnx_arsvd.sessions import ModelSource, make_session
-from onnx_arsvd.verification import Feed, generated_batches, verify
+from onnx_arsvd.verification import Feed, generated_batches, too_big_together, verify
 
 __all__ = [
     "BenchmarkResult",
@@ -118,27 +118,35 @@ def interleaved_times(
 
     ``max_seconds`` bounds a slow model's measurement: past it, no more than 3 pairs are taken.
     """
+    first_times, second_times = _times((first, second), feed, warmup=warmup, min_runs=min_runs, max_runs=max_runs,
+                                       min_seconds=min_seconds, max_seconds=max_seconds)
+    return first_times, second_times
+
+
+def _times(sessions: Sequence[ort.InferenceSession], feed: Feed, *, warmup: int, min_runs: int, max_runs: int,
+           min_seconds: float, max_seconds: float | None) -> list[np.ndarray]:
+    """Seconds per call of each session, one call of each per turn (their order reversed every other turn)."""
     for _ in range(warmup):
-        first.run(None, feed)
-        second.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
+        for session in sessions:
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
     started = time.perf_counter()
-    pair = 0
+    turn = 0
+
     def more() -> bool:
         elapsed = time.perf_counter() - started
-        if max_seconds is not None and elapsed > max_seconds and pair >= 3:
+        if max_seconds is not None and elapsed > max_seconds and turn >= 3:
             return False
-        return pair < min_runs or (pair < max_runs and elapsed < min_seconds)
+        return turn < min_runs or (turn < max_runs and elapsed < min_seconds)
 
     while more():
-        order = (0, 1) if pair % 2 == 0 else (1, 0)  # alternate who goes first, so neither always runs warm
+        order = range(len(sessions)) if turn % 2 == 0 else reversed(range(len(sessions)))  # neither always warm
         for index in order:
-            session = (first, second)[index]
             tick = time.perf_counter()
-            session.run(None, feed)
+            sessions[index].run(None, feed)
             times[index].append(time.perf_counter() - tick)
-        pair += 1
-    return np.asarray(times[0]), np.asarray(times[1])
+        turn += 1
+    return [np.asarray(seconds) for seconds in times]
 
 
 def timed_rounds(
@@ -152,13 +160,26 @@ def timed_rounds(
     min_seconds: float = 1.0,
     min_runs: int = 20,
     max_seconds: float | None = None,
+    one_at_a_time: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Interleaved times of both models in ``rounds`` rounds, each with freshly created sessions.
 
     Creation order alternates between rounds; ``min_seconds`` and ``max_seconds`` are totals over all rounds.
+    ``one_at_a_time`` holds one session at a time: in each round one model is timed alone, then the other,
+    the order alternating between rounds (blocks of runs interleave, not single runs).
     """
     results = []
     for index in range(rounds):
+        if one_at_a_time:
+            timed = {}
+            for name in (("compressed", "original") if index % 2 else ("original", "compressed")):
+                session = make_session(original if name == "original" else compressed, provider, threads)
+                timed[name] = _times((session,), feed, warmup=5, min_runs=min_runs, max_runs=2000,
+                                     min_seconds=min_seconds / rounds / 2,
+                                     max_seconds=None if max_seconds is None else max_seconds / rounds / 2)[0]
+                del session
+            results.append((timed["original"], timed["compressed"]))
+            continue
         if index % 2:
             second = make_session(compressed, provider, threads)
             first = make_session(original, provider, threads)
@@ -253,8 +274,13 @@ def benchmark_models(
     memory: bool = True,
     accuracy_data: str | os.PathLike | None = None,
     progress: bool = False,
+    one_at_a_time: bool | None = None,
 ) -> BenchmarkResult:
-    """Latency at each batch size and provider, memory of each model, and accuracy on each provider."""
+    """Latency at each batch size and provider, memory of each model, and accuracy on each provider.
+
+    ``one_at_a_time`` (as in :func:`~onnx_arsvd.verification.verify`; ``None`` chooses it when both models'
+    weights exceed half the memory available) holds one session at a time, for the timing and the accuracy.
+    """
     if not batches or any(b < 1 for b in batches):
         raise InvalidInputError(f"batch sizes must be positive integers, got {list(batches)}")
     dims = dict(dims or {})
@@ -263,8 +289,12 @@ def benchmark_models(
     usable, notes = discover_providers(providers)
     result = BenchmarkResult(threads=threads, providers=usable, models=(os.fspath(original), os.fspath(compressed)),
                              dense_flop_ratio=dense_flop_ratio(models["original"], models["compressed"]), notes=notes)
+    if one_at_a_time is None:
+        one_at_a_time = too_big_together(*(weight_stats(model)[1] for model in models.values()))
+    interleaving = ("each model timed alone in turn (one session at a time), the order alternating between rounds"
+                    if one_at_a_time else "runs interleaved pairwise")
     result.notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off; "
-                        f"3 rounds of fresh sessions per batch size, runs interleaved pairwise, at least "
+                        f"3 rounds of fresh sessions per batch size, {interleaving}, at least "
                         f"{min_seconds:g} s in all")
     inner = {str(d) for arg in make_session(paths["original"]).get_inputs() for d in arg.shape[1:]
              if not isinstance(d, int)}
@@ -279,11 +309,11 @@ def benchmark_models(
         if actual != batch:
             result.notes.append(f"batch {batch} asked, the model's fixed batch dim gives {actual}")
         rounds = timed_rounds(paths["original"], paths["compressed"], feed, provider=provider, threads=threads,
-                              min_seconds=min_seconds)
+                              min_seconds=min_seconds, one_at_a_time=one_at_a_time)
         result.latency.append(compare_latency(provider, actual, rounds))
     for provider in usable:
         result.accuracy[provider] = verify(paths["original"], paths["compressed"], data=accuracy_data, dims=dims,
-                                           samples=8, provider=provider)
+                                           samples=8, provider=provider, one_at_a_time=one_at_a_time)
     for name, path in paths.items():
         params, nbytes = weight_stats(models[name])
         peak = increase = None

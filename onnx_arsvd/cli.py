@@ -74,9 +74,14 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 def _add_batch_size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, metavar="N",
                         help="samples per onnxruntime call when verifying --data (default 64; bounds memory)")
+    _add_one_at_a_time_option(parser)
+
+
+def _add_one_at_a_time_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-at-a-time", action="store_true", default=None,
-                        help="verify one model after the other, keeping the original's outputs instead of both "
-                             "models' weights (chosen by itself when both exceed half the available memory)")
+                        help="hold one model in onnxruntime at a time: verification keeps the original's outputs, "
+                             "timing runs each model alone in turn (chosen by itself when both models' weights "
+                             "exceed half the available memory)")
 
 
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("compressed", help="the model to compare with it")
     _add_data_options(bench)
     _add_bench_options(bench)
+    _add_one_at_a_time_option(bench)
     _add_output_options(bench)
     return parser
 
@@ -309,6 +315,7 @@ def _bench(args: argparse.Namespace, original: str, compressed: str):
         original, compressed, batches=_batches(args.batch), threads=args.threads, dims=_dims(args.dim),
         providers=_providers(args), min_seconds=args.seconds,
         memory=not args.no_memory, accuracy_data=args.data, progress=not args.quiet,
+        one_at_a_time=args.one_at_a_time,
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "TaskScores",
     "VerificationReport",
     "check_dims",
+    "too_big_together",
     "check_files",
     "compare_models",
     "generated_batches",
@@ -229,6 +230,11 @@ def _compare(names: list[str], runs: Iterable[tuple[Feed, Outputs, Outputs]], pr
     return report
 
 
+def too_big_together(*weight_bytes: int) -> bool:
+    """Whether the models' weights together exceed half the memory available: then hold one session at a time."""
+    return sum(weight_bytes) > _available_memory() // 2
+
+
 def _available_memory() -> int:
     """Bytes of memory available to new allocations (MemAvailable on Linux, else free pages)."""
     try:
@@ -296,8 +302,7 @@ def verify(
     original_source, original_ir = model_source(original)
     compressed_source, compressed_ir = model_source(compressed)
     if one_at_a_time is None:
-        both = _weight_bytes(original, original_ir) + _weight_bytes(compressed, compressed_ir)
-        one_at_a_time = both > _available_memory() // 2
+        one_at_a_time = too_big_together(_weight_bytes(original, original_ir), _weight_bytes(compressed, compressed_ir))
     session_a = make_session(original_source, provider)
     if not one_at_a_time:
         session_b = make_session(compressed_source, provider)

@@ -131,6 +131,41 @@ def test_each_round_times_its_own_fresh_pair_of_sessions(monkeypatch: pytest.Mon
     assert [ran.count(s) for s in sessions] == [5 + 4] * 6  # warm-up and timed runs, the same for each
 
 
+def test_one_at_a_time_rounds_hold_one_session_and_alternate_the_order(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """For models too big to hold twice: every session opens with no other alive, each model is timed alone,
+    and the order alternates between rounds; ``bench`` says how it timed."""
+    import weakref
+
+    import onnx_arsvd.benchmark as benchmark
+
+    original, compressed = make_mlp(seed=0).SerializeToString(), make_mlp(seed=1).SerializeToString()
+    opened: list[tuple[object, int]] = []
+    refs: list[weakref.ref] = []
+    real = benchmark.make_session
+
+    def tracked(source: object, *args: object, **kwargs: object) -> ort.InferenceSession:
+        alive = sum(ref() is not None for ref in refs)
+        session = real(source, *args, **kwargs)
+        refs.append(weakref.ref(session))
+        opened.append((source, alive))
+        return session
+
+    monkeypatch.setattr(benchmark, "make_session", tracked)
+    rounds = timed_rounds(original, compressed, {"X": np.ones((2, 48), np.float32)}, rounds=3, min_seconds=0.0,
+                          min_runs=4, one_at_a_time=True)
+    assert len(rounds) == 3 and all(len(a) == len(b) == 4 for a, b in rounds)
+    assert [source for source, _ in opened] == [original, compressed, compressed, original, original, compressed]
+    assert [alive for _, alive in opened] == [0] * 6
+    paths = []
+    for name, proto in (("a.onnx", make_mlp(seed=0)), ("b.onnx", make_mlp(seed=1))):
+        onnx.save(proto, tmp_path / name)
+        paths.append(tmp_path / name)
+    result = benchmark_models(*paths, batches=(2,), min_seconds=0.0, memory=False, providers=["cpu"],
+                              one_at_a_time=True)
+    assert len(result.latency) == 1 and any("each model timed alone in turn" in note for note in result.notes)
+
+
 def test_interleaved_times_alternate_who_runs_first(monkeypatch: pytest.MonkeyPatch) -> None:
     first = make_session(make_mlp(seed=0).SerializeToString())
     second = make_session(make_mlp(seed=1).SerializeToString())
