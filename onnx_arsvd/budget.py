@@ -44,7 +44,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import Allocation, LayerOptions, best_within, frontier
-from onnx_arsvd.calibration import capture_grams
+from onnx_arsvd.calibration import capture_grams, curve_grams
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
 from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, sample_count, split_batches
@@ -410,7 +410,7 @@ class BudgetSearch:
         if settings.method == "whitened" and selection.dense:
             if settings.calibration is None:  # Settings refuses the whitened method without calibration inputs
                 raise ValueError("whitened settings without calibration inputs")
-            grams = capture_grams(loaded, selection.dense, settings.calibration, progress=progress)
+            grams = curve_grams(loaded, selection.dense, settings.calibration, progress=progress)
         self._settings = settings
         # the curves hold all the search needs: each Gram (float64, m x m) is dropped once its curve is made
         self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True)

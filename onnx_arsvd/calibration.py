@@ -6,13 +6,16 @@ None when done), so a reader written for static quantization works here unchange
 model runs in onnxruntime with every candidate layer's input exposed as an extra output (from inside
 If/Loop/Scan bodies too), and each
 layer's Gram matrix is accumulated batch by batch in float64: memory is bounded by the layer sizes
-(m x m per weight), not by the amount of data.
+(m x m per weight), not by the amount of data. For loss curves (:func:`curve_grams`) a weight with
+m > n gets the n x n :class:`~onnx_arsvd.losscurve.OutputGram` instead, all its curve needs: a search
+over a transformer's down-projections (4h x h) then holds 16x less.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -22,9 +25,13 @@ from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.capture import exposed_model
 from onnx_arsvd.data import ArrayReader, CalibrationDataReader, CheckedReader
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.losscurve import OutputGram
 from onnx_arsvd.sessions import model_session, run_session
 
-__all__ = ["ArrayReader", "CalibrationDataReader", "capture_grams"]
+__all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams"]
+
+Gram = np.ndarray | OutputGram
+"""A weight's input Gram matrix X^T X (m x m), or its output Gram (m > n, with ``output_side``)."""
 
 
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
@@ -48,13 +55,19 @@ class _Capture:
         return [(layer, _rows(layer, outputs[self.by_node[id(layer.node)]])) for layer in self.layers]
 
 
-def capture_grams(
-    model: ir.Model,
-    layers: Sequence[Layer],
-    data: str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader,
-    *,
-    progress: bool = False,
-) -> dict[WeightKey, np.ndarray]:
+Source = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader
+"""Calibration inputs: an ``.npz`` path, a mapping of arrays, or a ``CalibrationDataReader``."""
+
+
+def curve_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
+                progress: bool = False) -> dict[WeightKey, Gram]:
+    """What each weight's loss curve needs, the smaller side: X^T X when m <= n, an :class:`OutputGram`
+    when m > n; otherwise as :func:`capture_grams`."""
+    return _capture(model, layers, data, progress=progress, output_side=True)
+
+
+def capture_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
+                  progress: bool = False) -> dict[WeightKey, np.ndarray]:
     """X^T X of every layer's input over all calibration feeds, keyed by ``Layer.weight_key``.
 
     ``data`` is an ``.npz`` path, a mapping of arrays, or a ``CalibrationDataReader``. Layers
@@ -65,6 +78,11 @@ def capture_grams(
     changes shape between iterations): then every weight used in a body is left out, and the rest is
     captured on the same feeds.
     """
+    return cast(dict[WeightKey, np.ndarray], _capture(model, layers, data, progress=progress, output_side=False))
+
+
+def _capture(model: ir.Model, layers: Sequence[Layer], data: Source, *, progress: bool,
+             output_side: bool) -> dict[WeightKey, Gram]:
     if not layers:
         return {}
     if isinstance(data, (str, os.PathLike, Mapping)):
@@ -72,7 +90,7 @@ def capture_grams(
     else:
         reader = CheckedReader(data, model)
     capture = _Capture(model, layers)
-    grams: dict[WeightKey, np.ndarray] = {}
+    grams: dict[WeightKey, Gram] = {}
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
         while (feed := reader.get_next()) is not None:
@@ -89,9 +107,20 @@ def capture_grams(
                 capture = _Capture(model, kept)
                 rows = capture.rows(feed)  # the same feed, without the body values: fails again on bad data
             for layer, x in rows:
-                grams[layer.weight_key] = grams.get(layer.weight_key, 0.0) + x.T @ x
+                gram = _output_gram(layer, x) if output_side and layer.shape[0] > layer.shape[1] else x.T @ x
+                known = grams.get(layer.weight_key)
+                grams[layer.weight_key] = gram if known is None else known + gram  # type: ignore[operator]
             batches += 1
             bar.update()
     if not batches:
         raise InvalidInputError("the calibration data yielded no batch")
-    return {key: gram for key, gram in grams.items() if np.trace(gram) > 0}
+    return {key: gram for key, gram in grams.items() if _energy(gram) > 0}
+
+
+def _output_gram(layer: Layer, x: np.ndarray) -> OutputGram:
+    y = x @ layer.matrix().astype(np.float64)
+    return OutputGram(y.T @ y, float(np.einsum("ij,ij->", x, x)), layer.shape[0])
+
+
+def _energy(gram: Gram) -> float:
+    return gram.input_trace if isinstance(gram, OutputGram) else float(np.trace(gram))

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import DENSE, Allocation, Cost, LayerOptions, layer_options, param_cost
+from onnx_arsvd.calibration import Gram
 from onnx_arsvd.candidates import Layer, WeightKey
 from onnx_arsvd.errors import UnsupportedModelError
 from onnx_arsvd.losscurve import LossCurve, loss_curve
@@ -44,7 +45,7 @@ def _matrix(layer: Layer) -> np.ndarray:
     return array
 
 
-def weight_curves(layers: Sequence[Layer], grams: MutableMapping[WeightKey, np.ndarray] | None = None, *,
+def weight_curves(layers: Sequence[Layer], grams: MutableMapping[WeightKey, Gram] | None = None, *,
                   progress: bool = False, jobs: int = 1, release: bool = False) -> list[WeightCurve]:
     """One loss curve per distinct weight (shared weights once, their Grams summed by calibration), in layer order.
 

@@ -16,6 +16,10 @@ without the ridge, tr(M) - sum_{i<=k} v_i^T M v_i, so it matches ||X W - X A B||
 When m < n (an up-projection such as MiniLM's 384 x 1536) the same subspace comes from the SVD of
 R = D^(1/2) Q^T W (m x n), with C + ridge = Q D Q^T: R^T R = W^T (C + ridge) W, so its right singular
 vectors are M's regularised eigenvectors, at O(m^2 n) instead of O(n^3).
+
+When m > n (a down-projection such as 4h x h) the curve needs only M = (X W)^T (X W), n x n, and the
+trace of C (for the ridge): an :class:`OutputGram`, accumulated from the layer's outputs, is m^2 / n^2
+times smaller than C (16x for 4h x h). Either way a curve needs a min(m, n)^2 matrix.
 """
 
 from __future__ import annotations
@@ -25,9 +29,22 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-__all__ = ["LossCurve", "loss_curve"]
+__all__ = ["LossCurve", "OutputGram", "loss_curve"]
 
 DEFAULT_RIDGE = 1e-6
+
+
+@dataclass(frozen=True)
+class OutputGram:
+    """What the curve of a weight with m >= n needs of its inputs X: M = W^T X^T X W (n x n) and tr(X^T X)."""
+
+    matrix: np.ndarray
+    input_trace: float
+    input_dim: int
+
+    def __add__(self, other: OutputGram) -> OutputGram:
+        """The sum over two sets of inputs (a weight shared by layers, or another batch)."""
+        return OutputGram(self.matrix + other.matrix, self.input_trace + other.input_trace, self.input_dim)
 
 
 @dataclass(frozen=True)
@@ -76,29 +93,49 @@ class LossCurve:
         return a / scale, b * scale[:, None]
 
 
-def loss_curve(weight: np.ndarray, gram: np.ndarray, ridge: float = DEFAULT_RIDGE) -> LossCurve:
-    """The loss curve of ``weight`` (m x n) for inputs whose Gram matrix X^T X is ``gram`` (m x m)."""
+def loss_curve(weight: np.ndarray, gram: np.ndarray | OutputGram, ridge: float = DEFAULT_RIDGE) -> LossCurve:
+    """The loss curve of ``weight`` (m x n) for inputs whose Gram matrix X^T X is ``gram`` (m x m), or
+    (m >= n) whose :class:`OutputGram` it is."""
     w = np.asarray(weight, dtype=np.float64)
-    c = np.asarray(gram, dtype=np.float64)
     m, n = w.shape
+    if isinstance(gram, OutputGram):
+        if m < n:
+            raise ValueError(f"a weight of shape {w.shape} has more columns than rows: it needs its input Gram")
+        if gram.matrix.shape != (n, n) or gram.input_dim != m:
+            raise ValueError(f"output Gram of shape {gram.matrix.shape} does not fit a weight of shape {w.shape}")
+        return _tall_curve(w, (gram.matrix + gram.matrix.T) / 2, ridge * _mean(gram.input_trace / m))
+    c = np.asarray(gram, dtype=np.float64)
     if c.shape != (m, m):
         raise ValueError(f"Gram matrix of shape {c.shape} does not fit a weight of shape {w.shape}")
     c = (c + c.T) / 2
-    shift = ridge * max(float(np.mean(np.diag(c))), np.finfo(np.float64).tiny)
+    shift = ridge * _mean(float(np.mean(np.diag(c))))
     if m >= n:
-        vectors = scipy.linalg.eigh(w.T @ (c @ w) + shift * (w.T @ w))[1]
-        basis = vectors[:, ::-1]
-    else:
-        d, q = scipy.linalg.eigh(c + shift * np.eye(m))
-        root = (np.sqrt(np.clip(d, 0.0, None))[:, None] * q.T) @ w
-        try:
-            basis = scipy.linalg.svd(root, full_matrices=False, lapack_driver="gesdd")[2].T
-        except np.linalg.LinAlgError:  # gesdd occasionally fails to converge; gesvd is slower but robust
-            basis = scipy.linalg.svd(root, full_matrices=False, lapack_driver="gesvd")[2].T
-    basis = basis[:, : min(m, n)]
+        return _tall_curve(w, w.T @ (c @ w), shift)
+    d, q = scipy.linalg.eigh(c + shift * np.eye(m))
+    root = (np.sqrt(np.clip(d, 0.0, None))[:, None] * q.T) @ w
+    try:
+        basis = scipy.linalg.svd(root, full_matrices=False, lapack_driver="gesdd")[2].T
+    except np.linalg.LinAlgError:  # gesdd occasionally fails to converge; gesvd is slower but robust
+        basis = scipy.linalg.svd(root, full_matrices=False, lapack_driver="gesvd")[2].T
+    basis = basis[:, :m]
     projected = w @ basis
     kept = np.einsum("ij,ij->j", projected, c @ projected)  # ||X W v_i||^2, exact (no ridge)
-    total = float(np.einsum("ij,ij->", w, c @ w))
+    return _curve(projected, basis, kept, float(np.einsum("ij,ij->", w, c @ w)))
+
+
+def _tall_curve(w: np.ndarray, output_gram: np.ndarray, shift: float) -> LossCurve:
+    """m >= n: the top eigenvectors of M = W^T C W (+ the ridge's shift W^T W) span the best outputs."""
+    basis = scipy.linalg.eigh(output_gram + shift * (w.T @ w))[1][:, ::-1]
+    kept = np.einsum("ij,ij->j", basis, output_gram @ basis)  # ||X W v_i||^2 = v_i^T M v_i, exact (no ridge)
+    return _curve(w @ basis, basis, kept, float(np.trace(output_gram)))
+
+
+def _curve(projected: np.ndarray, basis: np.ndarray, kept: np.ndarray, total: float) -> LossCurve:
     losses = np.clip(total - np.concatenate([[0.0], np.cumsum(kept)]), 0.0, None)
     losses = np.minimum.accumulate(losses)  # rounding only: the exact tail never grows with k
     return LossCurve(projected.astype(np.float32), basis.astype(np.float32), losses)
+
+
+def _mean(value: float) -> float:
+    """A mean input energy, kept above zero so the ridge never vanishes."""
+    return max(value, float(np.finfo(np.float64).tiny))

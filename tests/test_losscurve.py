@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_arsvd.calibration import capture_grams
+from onnx_arsvd.calibration import capture_grams, curve_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.factorize import factors_at_rank, spectrum
-from onnx_arsvd.losscurve import loss_curve
+from onnx_arsvd.losscurve import OutputGram, loss_curve
 from onnx_arsvd.model_io import load_model
 from tests.conftest import MODELS, random_weight, run
 
@@ -46,6 +46,36 @@ def test_curve_equals_the_error_measured_on_real_activations(name: str, index: i
         measured = float(np.sum((x @ weight - x @ a @ b) ** 2))
         # float64 sums over a few hundred samples: agreement to 1e-7 of the output energy
         assert curve.losses[rank] == pytest.approx(measured, rel=1e-6, abs=1e-7 * curve.energy)
+
+
+@pytest.mark.parametrize(("name", "index"), [("fashion", 0), ("fashion", 1), ("digits", 0)])
+def test_curve_grams_keep_the_smaller_side_and_give_the_same_curve(name: str, index: int) -> None:
+    """A tall weight (Fashion 784 x 512, 512 x 256) gets its n x n output Gram, a wide one (digits 64 x 256) its
+    input Gram; the curves equal those from the input Gram to float64 rounding, and the factors to float32's."""
+    weight, x, gram = real_layer(name, index)
+    model = load_model(MODELS / f"{name}_mlp.onnx")
+    layer = find_layers(model)[0][index]
+    with np.load(MODELS / f"{name}_test.npz") as archive:
+        small = curve_grams(model, [layer], {"input": archive["input"][:300]})[layer.weight_key]
+    m, n = weight.shape
+    if m > n:
+        assert isinstance(small, OutputGram) and small.matrix.shape == (n, n)
+        assert np.allclose(small.matrix, weight.T @ gram @ weight, rtol=1e-9, atol=1e-9 * np.abs(small.matrix).max())
+    else:
+        assert isinstance(small, np.ndarray) and small.shape == (m, m)
+    one, two = loss_curve(weight, gram), loss_curve(weight, small)
+    np.testing.assert_allclose(two.losses, one.losses, rtol=1e-6, atol=1e-9 * one.energy)
+    a1, b1 = one.factors(17)
+    a2, b2 = two.factors(17)
+    np.testing.assert_allclose(a2 @ b2, a1 @ b1, atol=1e-4 * np.abs(a1 @ b1).max())
+
+
+
+def test_an_output_gram_must_fit_a_tall_weight() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        loss_curve(np.ones((5, 3)), OutputGram(np.eye(4), 1.0, 5))
+    with pytest.raises(ValueError, match="more columns than rows"):
+        loss_curve(np.ones((3, 5)), OutputGram(np.eye(5), 1.0, 3))
 
 
 @pytest.mark.parametrize(("name", "index"), [("fashion", 0), ("digits", 0)])
