@@ -44,7 +44,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.allocate import Allocation, LayerOptions, best_within, frontier
-from onnx_arsvd.calibration import capture_grams, curve_grams
+from onnx_arsvd.calibration import curve_grams, output_errors
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
 from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, sample_count, split_batches
@@ -58,7 +58,7 @@ from onnx_arsvd.model_plan import (
     plan_model,
     select_layers,
 )
-from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers, relative_output_error
+from onnx_arsvd.plan import LayerDecision, WeightPlan, dense_decision, plan_layers
 from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.results import VerificationReport
@@ -601,13 +601,13 @@ class BudgetSearch:
         if not factored or self.held_out is None:
             return
         inputs = {k: v for k, v in self.held_out.items() if k != "labels"}
-        grams = capture_grams(loaded, [layer for plan in factored for layer in plan.layers], inputs, progress=progress)
+        factors = {plan.layers[0].weight_key: plan.factors for plan in factored if plan.factors is not None}
+        errors = output_errors(loaded, [layer for plan in factored for layer in plan.layers], factors, inputs,
+                               progress=progress)
         for plan in factored:
-            first = plan.layers[0]
-            if first.weight_key not in grams:  # used inside an If/Loop/Scan body: no activations to measure on
+            error = errors.get(plan.layers[0].weight_key)
+            if error is None:  # used inside an If/Loop/Scan body the data never ran: no activations to measure on
                 continue
-            assert plan.factors is not None  # filtered above
-            error = relative_output_error(first.matrix(), plan.factors, grams[first.weight_key])
             plan.decisions = [dataclasses.replace(d, measured_error=error) for d in plan.decisions]
 
     def summary(self) -> dict[str, object]:

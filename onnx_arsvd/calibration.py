@@ -14,8 +14,8 @@ over a transformer's down-projections (4h x h) then holds 16x less.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -28,7 +28,7 @@ from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.losscurve import OutputGram
 from onnx_arsvd.sessions import model_session, run_session
 
-__all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams"]
+__all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams", "output_errors"]
 
 Gram = np.ndarray | OutputGram
 """A weight's input Gram matrix X^T X (m x m), or its output Gram (m > n, with ``output_side``)."""
@@ -63,7 +63,16 @@ def curve_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
                 progress: bool = False) -> dict[WeightKey, Gram]:
     """What each weight's loss curve needs, the smaller side: X^T X when m <= n, an :class:`OutputGram`
     when m > n; otherwise as :func:`capture_grams`."""
-    return _capture(model, layers, data, progress=progress, output_side=True)
+
+    def term(layer: Layer, x: np.ndarray) -> Gram:
+        if layer.shape[0] <= layer.shape[1]:
+            return x.T @ x
+        y = x @ layer.matrix().astype(np.float64)
+        return OutputGram(y.T @ y, float(np.einsum("ij,ij->", x, x)), layer.shape[0])
+
+    grams = _accumulate(model, layers, data, term, progress=progress)
+    return {key: gram for key, gram in grams.items()
+            if (gram.input_trace if isinstance(gram, OutputGram) else np.trace(gram)) > 0}
 
 
 def capture_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
@@ -78,11 +87,32 @@ def capture_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
     changes shape between iterations): then every weight used in a body is left out, and the rest is
     captured on the same feeds.
     """
-    return cast(dict[WeightKey, np.ndarray], _capture(model, layers, data, progress=progress, output_side=False))
+    grams = _accumulate(model, layers, data, lambda _, x: x.T @ x, progress=progress)
+    return {key: gram for key, gram in grams.items() if np.trace(gram) > 0}
 
 
-def _capture(model: ir.Model, layers: Sequence[Layer], data: Source, *, progress: bool,
-             output_side: bool) -> dict[WeightKey, Gram]:
+def output_errors(model: ir.Model, layers: Sequence[Layer], factors: Mapping[WeightKey, tuple[np.ndarray, np.ndarray]],
+                  data: Source, *, progress: bool = False) -> dict[WeightKey, float]:
+    """||X (W - A B)||_F / ||X W||_F of each factored weight on the inputs ``data`` gives its layers, summed
+    batch by batch: no Gram matrix, so memory is one batch of activations (otherwise as :func:`capture_grams`:
+    a weight its layers never saw output from is left out)."""
+
+    def term(layer: Layer, x: np.ndarray) -> np.ndarray:
+        a, b = factors[layer.weight_key]
+        y = x @ layer.matrix().astype(np.float64)
+        return np.array([np.sum((y - (x @ a) @ b) ** 2), np.sum(y * y)])
+
+    sums = _accumulate(model, [layer for layer in layers if layer.weight_key in factors], data, term,
+                       progress=progress)
+    return {key: float(np.sqrt(max(error, 0.0) / energy)) for key, (error, energy) in sums.items() if energy > 0}
+
+
+Term = TypeVar("Term", np.ndarray, Gram)
+
+
+def _accumulate(model: ir.Model, layers: Sequence[Layer], data: Source, term: Callable[[Layer, np.ndarray], Term],
+                *, progress: bool) -> dict[WeightKey, Term]:
+    """The sum over all feeds of ``term(layer, rows of its input)``, per weight (see :func:`capture_grams`)."""
     if not layers:
         return {}
     if isinstance(data, (str, os.PathLike, Mapping)):
@@ -90,7 +120,7 @@ def _capture(model: ir.Model, layers: Sequence[Layer], data: Source, *, progress
     else:
         reader = CheckedReader(data, model)
     capture = _Capture(model, layers)
-    grams: dict[WeightKey, Gram] = {}
+    sums: dict[WeightKey, Term] = {}
     batches = 0
     with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
         while (feed := reader.get_next()) is not None:
@@ -100,27 +130,18 @@ def _capture(model: ir.Model, layers: Sequence[Layer], data: Source, *, progress
                 in_bodies = {layer.weight_key for layer in capture.layers if layer.in_subgraph}
                 if not in_bodies:
                     raise
-                grams = {key: gram for key, gram in grams.items() if key not in in_bodies}
+                sums = {key: total for key, total in sums.items() if key not in in_bodies}
                 kept = [layer for layer in capture.layers if layer.weight_key not in in_bodies]
                 if not kept:
                     return {}
                 capture = _Capture(model, kept)
                 rows = capture.rows(feed)  # the same feed, without the body values: fails again on bad data
             for layer, x in rows:
-                gram = _output_gram(layer, x) if output_side and layer.shape[0] > layer.shape[1] else x.T @ x
-                known = grams.get(layer.weight_key)
-                grams[layer.weight_key] = gram if known is None else known + gram  # type: ignore[operator]
+                value = term(layer, x)
+                known = sums.get(layer.weight_key)
+                sums[layer.weight_key] = value if known is None else known + value  # type: ignore[operator]
             batches += 1
             bar.update()
     if not batches:
         raise InvalidInputError("the calibration data yielded no batch")
-    return {key: gram for key, gram in grams.items() if _energy(gram) > 0}
-
-
-def _output_gram(layer: Layer, x: np.ndarray) -> OutputGram:
-    y = x @ layer.matrix().astype(np.float64)
-    return OutputGram(y.T @ y, float(np.einsum("ij,ij->", x, x)), layer.shape[0])
-
-
-def _energy(gram: Gram) -> float:
-    return gram.input_trace if isinstance(gram, OutputGram) else float(np.trace(gram))
+    return sums

@@ -40,7 +40,6 @@ __all__ = [
     "dense_decision",
     "group_by_weight",
     "plan_layers",
-    "relative_output_error",
 ]
 
 DEFAULT_MAX_RANK_FRACTION = 0.8
@@ -307,13 +306,3 @@ def plan_layers(
 
     with bar:
         return in_jobs(functools.partial(_plan_weight, settings=settings), groups, jobs, planned)
-
-
-def relative_output_error(weight: np.ndarray, factors: tuple[np.ndarray, np.ndarray], gram: np.ndarray) -> float:
-    """||X (W - A B)||_F / ||X W||_F for the inputs X whose Gram matrix is ``gram``, without X itself."""
-    w = np.asarray(weight, dtype=np.float64)
-    difference = w - factors[0] @ factors[1]
-    denominator = float(np.sum(w * (gram @ w)))
-    if denominator <= 0:
-        return 0.0
-    return float(np.sqrt(max(0.0, float(np.sum(difference * (gram @ difference)))) / denominator))

@@ -71,8 +71,8 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
             candidate = base.clone()
             apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
                                                     min_params=0))
-            session = model_session(candidate)[0]
-            points.append((rank, float(relative[rank]), output_distortion(reference, _outputs(session, batches))))
+            outputs = _outputs(model_session(candidate)[0], batches)  # the session is gone before the next opens
+            points.append((rank, float(relative[rank]), output_distortion(reference, outputs)))
         responses[c.key] = _fit(points)
     return responses
 

@@ -8,12 +8,11 @@ import pytest
 
 from onnx_arsvd.allocate import DENSE, Allocation
 from onnx_arsvd.budget import split_data
-from onnx_arsvd.calibration import capture_grams
+from onnx_arsvd.calibration import capture_grams, output_errors
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
 from onnx_arsvd.data import load_data, split_batches
 from onnx_arsvd.model_io import load_model, to_model
-from onnx_arsvd.plan import relative_output_error
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import Response, layer_responses, output_distortion
 from onnx_arsvd.sequential import sequential_factors
@@ -44,10 +43,11 @@ def test_plans_of_an_allocation_rebuild_the_predicted_layer_errors(fashion) -> N
     plans = allocation_plans(layers, curves, allocation)
     assert [p.factored for p in plans] == [True, True, False]
     assert "too small" in plans[2].decisions[0].reason and plans[2].rank == 10
-    grams = capture_grams(model, layers, calibration)
+    errors = output_errors(model, layers, {plan.layers[0].weight_key: plan.factors for plan in plans[:2]},
+                           calibration)
+    assert set(errors) == {curve.key for curve in curves[:2]}
     for plan, curve in zip(plans[:2], curves[:2], strict=True):
-        matrix = plan.layers[0].matrix()
-        measured = relative_output_error(matrix, plan.factors, grams[curve.key])
+        measured = errors[curve.key]  # measured on the activations themselves, batch by batch
         assert measured == pytest.approx(np.sqrt(curve.curve.relative()[plan.rank]), rel=1e-6)
         assert plan.decisions[0].predicted_error == pytest.approx(measured, rel=1e-6)
     assert apply_plans(model, plans) == 2
