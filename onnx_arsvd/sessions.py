@@ -55,27 +55,48 @@ def model_session(model: ir.Model, threads: int = 0) -> tuple[ort.InferenceSessi
     graph's serialized bytes plus its weights' bytes).
 
     Serializing a model holds its weights twice more (the proto, then its bytes) before onnxruntime
-    copies them once more. Here the main graph's initializers of at least ``IN_MEMORY_MIN_BYTES`` reach
-    onnxruntime as the arrays they already are (memory-mapped for a model with external data) through
-    ``add_external_initializers``, and only the graph is serialized. ``model`` is left as it was.
+    copies them once more. Here only the graph is serialized: weights in external data stay references
+    to their file, which onnxruntime maps itself (it is told the folder, which a model loaded from bytes
+    lacks), and the other initializers of at least ``IN_MEMORY_MIN_BYTES`` (factors, inline weights) reach
+    onnxruntime as the arrays they are, through ``add_external_initializers``. ``model`` is left as it was.
     """
     options = session_options(threads)
-    with _weights_as_arrays(model) as arrays:
+    folder = _external_folder(model)
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    with _weights_as_arrays(model, keep_external=folder is not None) as arrays:
         graph = ir.to_proto(model).SerializeToString()
         if arrays:
             options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a)
                                                              for a in arrays.values()])
         session = _open(graph, options, ["CPUExecutionProvider"])
-    return session, len(graph) + sum(array.nbytes for array in arrays.values())
+    external = sum(t.nbytes for t in _used_tensors(model) if isinstance(t, ir.ExternalTensor)) if folder else 0
+    return session, len(graph) + sum(array.nbytes for array in arrays.values()) + external
+
+
+def _used_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """The main graph's initializers that a node or the graph's outputs use, and are not graph inputs."""
+    inputs = {value.name for value in model.graph.inputs}
+    outputs = set(model.graph.outputs)
+    for name, value in model.graph.initializers.items():
+        # onnxruntime drops unused initializers before it would take their replacements
+        if value.const_value is not None and name not in inputs and (value.uses() or value in outputs):
+            yield value.const_value
+
+
+def _external_folder(model: ir.Model) -> str | None:
+    """The one folder the main graph's used external data lies in; None when there is none, or several."""
+    folders = {os.fspath(t.base_dir) for t in _used_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    return folders.pop() if len(folders) == 1 else None
 
 
 @contextmanager
-def _weights_as_arrays(model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
-    """The main graph's large initializers (and every one with external data) as arrays, their tensors
-    swapped for external references to a file that is never read, until the block ends; external data of a
-    type numpy cannot hand to onnxruntime (bfloat16, ...) is read in."""
+def _weights_as_arrays(model: ir.Model, *, keep_external: bool) -> Iterator[dict[str, np.ndarray]]:
+    """The main graph's large in-memory initializers (and, unless ``keep_external``, those with external
+    data) as arrays, their tensors swapped for references to a file that is never read, until the block
+    ends; any other external data is read in, since a serialized graph does not know its folder."""
     inputs = {value.name for value in model.graph.inputs}
-    outputs = set(model.graph.outputs)
+    used = {id(tensor) for tensor in _used_tensors(model)}
     swapped: dict[ir.Value, ir.TensorProtocol] = {}
     arrays: dict[str, np.ndarray] = {}
     try:
@@ -83,9 +104,11 @@ def _weights_as_arrays(model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
             tensor = value.const_value
             if tensor is None or name in inputs:
                 continue
-            external = isinstance(tensor, ir.ExternalTensor)  # its file is not where a serialized graph looks
-            used = bool(value.uses()) or value in outputs  # onnxruntime drops the others before replacing any
-            if used and tensor.dtype in _ARRAY_DTYPES and (external or tensor.nbytes >= IN_MEMORY_MIN_BYTES):
+            external = isinstance(tensor, ir.ExternalTensor)
+            if external and keep_external:
+                continue
+            if id(tensor) in used and tensor.dtype in _ARRAY_DTYPES and (external or
+                                                                        tensor.nbytes >= IN_MEMORY_MIN_BYTES):
                 array = arrays[name] = np.ascontiguousarray(tensor.numpy())
                 swapped[value] = tensor
                 value.const_value = ir.ExternalTensor(_NOWHERE, 0, array.nbytes, tensor.dtype,
