@@ -374,13 +374,13 @@ class BudgetSearch:
     def _judged(self, candidate: ir.Model, quantized: bool, batches: Sequence[Feed],
                 labels: np.ndarray | None) -> tuple[VerificationReport, int]:
         """The comparison with the original on ``batches``, and the candidate's size: serialized when quantized
-        (onnxruntime's quantizers return a proto), else as written with external data (:func:`model_session`:
-        the weights go to onnxruntime as arrays, never serialized)."""
+        (onnxruntime's quantizers return a proto), else as written with external data (:func:`model_session`
+        never serializes the weights)."""
         assert self._judge is not None  # run() made it: only data-driven budgets judge candidates
         if quantized and self.quantize is not None:
             serialized = self.quantize.apply(candidate).SerializeToString()
             session, nbytes = make_session(serialized), len(serialized)
-            del serialized
+            del serialized  # onnxruntime holds its own copy: not this one too while the candidate runs
         else:
             session, nbytes = model_session(candidate)
         return compare_models(self._judge, session, batches, labels=labels), nbytes

@@ -31,7 +31,7 @@ from onnx_arsvd.sessions import model_session, run_session
 __all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams", "output_errors"]
 
 Gram = np.ndarray | OutputGram
-"""A weight's input Gram matrix X^T X (m x m), or its output Gram (m > n, with ``output_side``)."""
+"""A weight's input Gram matrix X^T X (m x m), or its output Gram (m > n, from :func:`curve_grams`)."""
 
 
 def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
