@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep build/big_model/ afterwards")
     parser.add_argument("--budget", action="store_true",
                         help="also run a data-driven budget: --target-params 0.25 with 64 generated activations "
-                             "(whitened factors from 38 of them, verified on the 26 held out)")
+                             "(whitened factors from 19 of them, layer responses on 19 others, verified on the 26 "
+                             "held out)")
+    parser.add_argument("--budget-only", action="store_true", help="run the budget alone, not the --ratio runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     hidden = int(round(2048 * args.scale))
@@ -144,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     size = files_bytes(model)
     rows = []
     load_before = os.getloadavg()
-    runs = [(ROOT, label, options) for label, options in RUNS] + [(src, RUNS[0][0], RUNS[0][1]) for src in args.src]
-    if args.budget:  # inputs of a realistic scale: the blocks keep activations bounded
+    runs = [] if args.budget_only else ([(ROOT, label, options) for label, options in RUNS]
+                                        + [(src, RUNS[0][0], RUNS[0][1]) for src in args.src])
+    if args.budget or args.budget_only:  # inputs of a realistic scale: the blocks keep activations bounded
         data = BUILD / "inputs.npz"
         np.savez(data, X=np.random.default_rng(1).standard_normal((64, 16, hidden)).astype(np.float32))
         runs.append((ROOT, "--target-params 0.25 --data (64 generated inputs, 40% held out)",
@@ -177,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: wall times include other people's work). Command: `python benchmarks/big_model.py --scale "
         f"{args.scale:g} --blocks {args.blocks}" + (f" --jobs {args.jobs}" if args.jobs else "")
         + "".join(f" --src {s}" for s in args.src) + (" --budget" if args.budget else "")
+        + (" --budget-only" if args.budget_only else "")
         + (f" --out {os.path.relpath(args.out, ROOT)}" if args.out != DEFAULT_OUT else "") + "`",
         "",
         f"Model: {args.blocks} blocks of {hidden}x{hidden}, {hidden}x{4 * hidden}, {4 * hidden}x{hidden} fp32 weights "
         f"(power-law spectra plus noise), {size / 2**20:.0f} MiB with external data, built in {built:.0f} s. "
-        "Each run: `onnx-arsvd compress MODEL -o OUT --policy ratio --ratio R [--no-verify | --samples 2 "
-        "[--one-at-a-time]] -q` in a child process"
-        + (", and `onnx-arsvd compress MODEL -o OUT --target-params 0.25 --data inputs.npz -q` (the data-driven "
-           "budget: whitened factors, verified on the held-out part)." if args.budget else "."),
+        + ("" if args.budget_only else "Each run: `onnx-arsvd compress MODEL -o OUT --policy ratio --ratio R "
+                                          "[--no-verify | --samples 2 [--one-at-a-time]] -q` in a child process")
+        + (("; and" if not args.budget_only else "The run:") + " `onnx-arsvd compress MODEL -o OUT --target-params "
+           "0.25 --data inputs.npz -q` in a child process (the data-driven budget: whitened factors, verified on the "
+           "held-out part)." if args.budget or args.budget_only else "."),
         "",
         "| run | exit | wall s | CPU s | peak RSS MiB (x model) | output MiB (x model) | error |",
         "|---|---:|---:|---:|---:|---:|---|",
