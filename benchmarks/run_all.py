@@ -6,8 +6,8 @@ leaves nothing behind for the next, with one BLAS thread for the SVDs unless the
 Installed versions that differ from ``benchmarks/constraints.txt`` are listed first: results made with
 them are a different measurement. At the end a table gives each script's result files and wall time.
 
-The wall times below were measured on this project's 2-CPU machines, shared and busy (load average ~9)
-for those measured here, or are the ones the result files record; the others were not timed.
+The wall times below were measured on this project's 2-CPU machines, shared with other jobs (the load
+average is given), or are the ones the result files record; the others were not timed.
 The MiniLM results need the export (``python models/build_minilm.py``).
 
 Usage: python -m benchmarks.run_all [--only NAME ...] [--skip NAME ...] [--list]
@@ -49,7 +49,7 @@ class Script:
 
 SCRIPTS = (
     Script("mlp_table", ("mlp_table.md",), "37 s (load 8.7)", minilm=False),
-    Script("budget_table", ("budget.md", "budget_digits.png", "budget_fashion.png"), "225 s (load 9)", minilm=False),
+    Script("budget_table", ("budget.md", "budget_digits.png", "budget_fashion.png"), "45 s (load 1.5)", minilm=False),
     Script("session_noise", ("session_noise.md",), "34 s (load 8.7)", minilm=False),
     Script("latency_table", ("latency.md",), "not timed: minutes (8 compressions, each benchmarked)"),
     Script("minilm_table", ("minilm_table.md",), "not timed: minutes (400 sentences scored per policy)"),
@@ -58,23 +58,25 @@ SCRIPTS = (
     Script("compare_quantization", ("quantization.md",), "169 s (recorded in quantization.md)"),
     Script("subgraph_table", ("subgraph_table.md",), "6 s (load 6)", minilm=False),
     Script("factor_throughput", ("factor_throughput.md",), "not timed", minilm=False),
-    Script("big_model", ("big_model.md", "big_model_full.md", "big_model_budget.md"),
+    Script("big_model", ("big_model.md", "big_model_full.md", "big_model_budget.md", "big_model_budget_full.md"),
            "minutes: 57 s at scale 0.5; at scale 1, four compress runs of 2-4 minutes each after building the "
-           "2.3 GB model (load 2-4)", minilm=False,
+           "2.3 GB model (load 2-4); the budgets: see their result files", minilm=False,
            runs=(("--scale", "0.5", "--jobs", "2"),
                  ("--scale", "1", "--jobs", "2", "--out", "benchmarks/results/big_model_full.md"),
-                 ("--scale", "0.5", "--jobs", "2", "--budget", "--out", "benchmarks/results/big_model_budget.md"))),
-    Script("rank_multiple", ("rank_multiple.md",), "not timed: a minute or two", minilm=False),
-    Script("frontier", ("frontier.md",), "not timed: about 10 minutes (budget searches on both MLPs)", minilm=False),
-    Script("sequential", ("sequential.md",), "not timed: minutes", minilm=False),
-    Script("ppocr_table", ("ppocr.md",), "about 12 minutes, two searches of 220 s (needs models/build_ppocr.py)",
+                 ("--scale", "0.5", "--jobs", "2", "--budget", "--out", "benchmarks/results/big_model_budget.md"),
+                 ("--scale", "1", "--jobs", "2", "--budget-only", "--out",
+                  "benchmarks/results/big_model_budget_full.md"))),
+    Script("rank_multiple", ("rank_multiple.md",), "17 s (load 1)", minilm=False),
+    Script("frontier", ("frontier.md",), "60 s (load 1.5)", minilm=False),
+    Script("sequential", ("sequential.md",), "7 s (load 1.5)", minilm=False),
+    Script("ppocr_table", ("ppocr.md",), "600 s (load 1), two searches of under 3 min (needs models/build_ppocr.py)",
            minilm=False, runs=(("--budgets", "0.999,0.99", "--steps", "8", "--seconds", "4"),)),
     Script("minilm_curves", ("minilm_curves.md",), "not timed: minutes"),
     Script("response_samples", ("response_samples.md",), "about a minute (load 1)"),
-    Script("minilm_quantization", ("minilm_quantization.md",), "recorded in minilm_quantization.md",
+    Script("minilm_quantization", ("minilm_quantization.md",), "326 s (load 1-2)",
            runs=(("--cosine", "0.98"),)),
     Script("minilm_budget", ("minilm_budget.md", "minilm_budget_responses.md", "minilm_budget_099.md"),
-           "205 s and 638 s (load 5, before the response subset); 105 s for the CLI's default search (load 1)",
+           "239 s for the three runs (load 1.7)",
            runs=((), ("--responses", "--out", "benchmarks/results/minilm_budget_responses.md"),
                  ("--cosine", "0.99", "--responses", "--quantize", "none", "--out",
                   "benchmarks/results/minilm_budget_099.md"))),
