@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
-import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 
 __all__ = ["ModelSource", "make_session", "model_session", "run_session", "session_options"]
-
-IN_MEMORY_MIN_BYTES = 1024
-"""Initializers from this size on reach onnxruntime as arrays in :func:`model_session`; smaller ones stay inline."""
-_ARRAY_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
-                           ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32,
-                           ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
-"""Element types onnxruntime takes from numpy arrays (bfloat16, float8 and 4-bit types stay in the proto)."""
-_NOWHERE = "onnx-arsvd-in-memory"
-"""The external-data location the proto names for weights given as arrays: onnxruntime never reads it."""
 
 ModelSource = str | os.PathLike | bytes
 """What onnxruntime loads: a path, or a serialized model."""
@@ -51,72 +41,47 @@ def make_session(
 
 
 def model_session(model: ir.Model, threads: int = 0) -> tuple[ort.InferenceSession, int]:
-    """A CPU session on an in-memory model, and the model's size as written with external data (the
-    graph's serialized bytes plus its weights' bytes).
+    """A CPU session on an in-memory model, and the model's size as written (the serialized graph and
+    in-memory tensors, plus the bytes of the external data it keeps). ``model`` is left as it was.
 
-    Serializing a model holds its weights twice more (the proto, then its bytes) before onnxruntime
-    copies them once more. Here only the graph is serialized: weights in external data stay references
-    to their file, which onnxruntime maps itself (it is told the folder, which a model loaded from bytes
-    lacks), and the other initializers of at least ``IN_MEMORY_MIN_BYTES`` (factors, inline weights) reach
-    onnxruntime as the arrays they are, through ``add_external_initializers``. ``model`` is left as it was.
+    Weights in external data are not read: they stay references to their file, and onnxruntime, told the
+    file's folder (a model given as bytes has none: it would look in the working folder), maps them itself,
+    as it does when it opens the file by path. When they lie in more than one folder they are read in.
     """
     options = session_options(threads)
     folder = _external_folder(model)
     if folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-    with _weights_as_arrays(model, keep_external=folder is not None) as arrays:
-        graph = ir.to_proto(model).SerializeToString()
-        if arrays:
-            options.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a)
-                                                             for a in arrays.values()])
-        session = _open(graph, options, ["CPUExecutionProvider"])
-    external = sum(t.nbytes for t in _used_tensors(model) if isinstance(t, ir.ExternalTensor)) if folder else 0
-    return session, len(graph) + sum(array.nbytes for array in arrays.values()) + external
+    with nullcontext() if folder is not None else _external_read_in(model):
+        serialized = ir.to_proto(model).SerializeToString()
+    external = sum(tensor.nbytes for tensor in _external_tensors(model)) if folder else 0
+    return _open(serialized, options, ["CPUExecutionProvider"]), len(serialized) + external
 
 
-def _used_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    """The main graph's initializers that a node or the graph's outputs use, and are not graph inputs."""
-    inputs = {value.name for value in model.graph.inputs}
-    outputs = set(model.graph.outputs)
-    for name, value in model.graph.initializers.items():
-        # onnxruntime drops unused initializers before it would take their replacements
-        if value.const_value is not None and name not in inputs and (value.uses() or value in outputs):
-            yield value.const_value
+def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """The main graph's initializers whose data is in external files."""
+    return [value.const_value for value in model.graph.initializers.values()
+            if isinstance(value.const_value, ir.ExternalTensor)]
 
 
 def _external_folder(model: ir.Model) -> str | None:
-    """The one folder the main graph's used external data lies in; None when there is none, or several."""
-    folders = {os.fspath(t.base_dir) for t in _used_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    """The one folder the main graph's external data lies in; None when there is none, or several."""
+    folders = {os.fspath(tensor.base_dir) for tensor in _external_tensors(model)}
     return folders.pop() if len(folders) == 1 else None
 
 
 @contextmanager
-def _weights_as_arrays(model: ir.Model, *, keep_external: bool) -> Iterator[dict[str, np.ndarray]]:
-    """The main graph's large in-memory initializers (and, unless ``keep_external``, those with external
-    data) as arrays, their tensors swapped for references to a file that is never read, until the block
-    ends; any other external data is read in, since a serialized graph does not know its folder."""
-    inputs = {value.name for value in model.graph.inputs}
-    used = {id(tensor) for tensor in _used_tensors(model)}
+def _external_read_in(model: ir.Model) -> Iterator[None]:
+    """Every main-graph initializer with external data read into memory until the block ends: a serialized
+    graph alone does not say where its files are."""
     swapped: dict[ir.Value, ir.TensorProtocol] = {}
-    arrays: dict[str, np.ndarray] = {}
     try:
-        for name, value in model.graph.initializers.items():
+        for value in model.graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or name in inputs:
-                continue
-            external = isinstance(tensor, ir.ExternalTensor)
-            if external and keep_external:
-                continue
-            if id(tensor) in used and tensor.dtype in _ARRAY_DTYPES and (external or
-                                                                        tensor.nbytes >= IN_MEMORY_MIN_BYTES):
-                array = arrays[name] = np.ascontiguousarray(tensor.numpy())
+            if isinstance(tensor, ir.ExternalTensor):
                 swapped[value] = tensor
-                value.const_value = ir.ExternalTensor(_NOWHERE, 0, array.nbytes, tensor.dtype,
-                                                      shape=ir.Shape(array.shape), name=name)
-            elif external:
-                swapped[value] = tensor
-                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
-        yield arrays
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
+        yield
     finally:
         for value, tensor in swapped.items():
             value.const_value = tensor

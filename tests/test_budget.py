@@ -253,3 +253,19 @@ def test_a_budget_missed_on_held_out_data_fails_the_run_and_says_so(tmp_path: Pa
     assert "NOTE: MISSED on the held-out part" in captured.out
     assert captured.err.strip().endswith("0.95 points lost; nothing written") and captured.err.count("\n") == 1
     assert list(work.iterdir()) == []
+
+
+def test_a_budget_runs_on_an_external_data_model_from_another_working_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are serialized without their external data, which onnxruntime must find by the model's
+    folder, not the working one: before, every search on such a model failed unless run from its folder."""
+    folder, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    onnx.save_model(onnx.load(MODELS / "digits_mlp.onnx"), folder / "digits.onnx", save_as_external_data=True,
+                    location="digits.data", size_threshold=0)
+    monkeypatch.chdir(elsewhere)
+    _, report = compress(folder / "digits.onnx", elsewhere / "small.onnx", budget=Budget(max_drop=1.0),
+                         data=MODELS / "digits_test.npz")
+    assert report.budget["met"] and report.verification.accuracy_drop <= 1.0
+    assert report.dense_params_after < 0.5 * report.dense_params_before

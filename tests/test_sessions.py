@@ -1,4 +1,4 @@
-"""Sessions on in-memory models: the weights reach onnxruntime as arrays, never serialized."""
+"""Sessions on in-memory models: external data stays in its files, found from any working folder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd.model_io import to_model
-from onnx_arsvd.sessions import IN_MEMORY_MIN_BYTES, make_session, model_session
+from onnx_arsvd.sessions import make_session, model_session
 from tests.conftest import MODELS, make_mlp
 
 
@@ -38,28 +38,53 @@ def test_model_session_gives_the_serialized_models_outputs_and_leaves_the_model_
 
 
 @pytest.mark.parametrize("external", [False, True])
-def test_small_and_bfloat16_weights_stay_inline(tmp_path: Path, external: bool) -> None:
-    """Only the types onnxruntime takes from numpy go as arrays; a bfloat16 constant and small tensors stay in
-    the proto (read in from external data), and the model still runs."""
-    big = np.arange(2 * IN_MEMORY_MIN_BYTES, dtype=np.float32).reshape(-1, 8) / 1e4
-    half = numpy_helper.from_array(np.ones((8, 8), dtype=np.float32), "half_f32")
+def test_any_weight_type_and_any_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                external: bool) -> None:
+    """A bfloat16 constant next to float weights, inline or in external data, from a working folder that is not
+    the model's: onnxruntime is told the data's folder (given bytes, it would look in the working folder)."""
+    big = np.arange(2048, dtype=np.float32).reshape(-1, 8) / 1e4
     bf16 = helper.make_tensor("half", TensorProto.BFLOAT16, [8, 8], [1.0] * 64)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Cast", ["half"], ["c"], to=1),
          helper.make_node("MatMul", ["h", "c"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, big.shape[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])],
-        [numpy_helper.from_array(big, "W"), bf16, half])
+        [numpy_helper.from_array(big, "W"), bf16])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder = tmp_path / "model"
+    folder.mkdir()
     if external:
-        onnx.save_model(proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
-    session, size = model_session(to_model(tmp_path / "m.onnx") if external else ir.from_proto(proto))
+        onnx.save_model(proto, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    session, size = model_session(to_model(folder / "m.onnx") if external else ir.from_proto(proto))
     x = np.ones((2, big.shape[0]), dtype=np.float32)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ big @ np.ones((8, 8)), rtol=1e-6)
-    assert size >= big.nbytes + 64 * 2
+    assert big.nbytes + 64 * 2 <= size <= big.nbytes + 64 * 2 + 1024
 
 
-def test_the_shipped_mlp_runs_the_same_from_arrays() -> None:
+def test_external_data_in_two_folders_is_read_in(tmp_path: Path) -> None:
+    """Weights from two models' folders (one joined into the other): no single folder to name, so the
+    external tensors are read into the serialized graph, and the model is left as it was."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, seed in ((first, 0), (second, 1)):
+        folder.mkdir()
+        onnx.save_model(make_mlp((64, 48, 32, 10), seed=seed), folder / "mlp.onnx", save_as_external_data=True,
+                        location="mlp.data", size_threshold=0)
+    model, other = to_model(first / "mlp.onnx"), to_model(second / "mlp.onnx")
+    model.graph.initializers["W1"].const_value = other.graph.initializers["W1"].const_value
+    session, _ = model_session(model)
+    assert all(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    feed = {"X": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)}
+    weights = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
+    hidden = np.maximum(feed["X"] @ weights["W0"] + weights["b0"], 0)
+    hidden = np.maximum(hidden @ weights["W1"] + weights["b1"], 0)
+    expected = hidden @ weights["W2"] + weights["b2"]
+    np.testing.assert_allclose(session.run(None, feed)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_shipped_mlp_runs_the_same_through_model_session() -> None:
     model = to_model(MODELS / "fashion_mlp.onnx")
     session, _ = model_session(model)
     x = np.random.default_rng(1).integers(0, 255, (4, 784)).astype(np.uint8)
