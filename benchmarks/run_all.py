@@ -66,6 +66,7 @@ SCRIPTS = (
                  ("--scale", "0.5", "--jobs", "2", "--budget", "--out", "benchmarks/results/big_model_budget.md"),
                  ("--scale", "1", "--jobs", "2", "--budget-only", "--out",
                   "benchmarks/results/big_model_budget_full.md"))),
+    Script("session_memory", ("session_memory.md",), "about a minute (builds the 576 MiB model)", minilm=False),
     Script("rank_multiple", ("rank_multiple.md",), "17 s (load 1)", minilm=False),
     Script("frontier", ("frontier.md",), "60 s (load 1.5)", minilm=False),
     Script("sequential", ("sequential.md",), "7 s (load 1.5)", minilm=False),
