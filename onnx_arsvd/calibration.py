@@ -26,7 +26,7 @@ from onnx_arsvd.capture import exposed_model
 from onnx_arsvd.data import ArrayReader, CalibrationDataReader, CheckedReader
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.losscurve import OutputGram
-from onnx_arsvd.sessions import model_session, run_session
+from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams", "output_errors"]
 
@@ -48,7 +48,7 @@ class _Capture:
         self.layers = list(layers)
         exposed, self.by_node = exposed_model(model, self.layers)
         self.names = list(dict.fromkeys(self.by_node.values()))
-        self.session = model_session(exposed)[0]
+        self.session = make_session(exposed)
 
     def rows(self, feed: dict[str, np.ndarray]) -> list[tuple[Layer, np.ndarray]]:
         outputs = dict(zip(self.names, run_session(self.session, self.names, feed), strict=True))

@@ -31,7 +31,7 @@ from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.plan import WeightPlan, dense_decision
 from onnx_arsvd.results import LatencyComparison, LayerTiming
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sessions import make_session, model_session, run_session
+from onnx_arsvd.sessions import ModelSource, make_session, run_session
 
 __all__ = ["DEFAULT_MARGIN", "LatencyGuard", "activation_rows", "guard_verdict", "observed_rows", "time_layer",
            "timing_key"]
@@ -61,7 +61,7 @@ def observed_rows(model: ir.Model, layers: Sequence[Layer], feed: Feed) -> dict[
         return {}
     exposed, names = exposed_model(model, layers)
     wanted = list(dict.fromkeys(names.values()))
-    outputs = dict(zip(wanted, run_session(model_session(exposed)[0], wanted, feed), strict=True))
+    outputs = dict(zip(wanted, run_session(make_session(exposed), wanted, feed), strict=True))
     samples = sample_count(feed)
     return {id(layer.node): outputs[names[id(layer.node)]].size / layer.shape[0] / samples for layer in layers}
 
@@ -198,7 +198,7 @@ class LatencyGuard:
                 plan.factors = None
 
     def check_model(
-        self, original: str | bytes, compressed: str | bytes, provider: str, dims: Mapping[str, int], model: ir.Model,
+        self, original: ModelSource, compressed: ModelSource, provider: str, dims: Mapping[str, int], model: ir.Model,
         progress: bool = False,
     ) -> list[LatencyComparison]:
         """The whole models timed against each other at the guard's batch sizes, in bounded time.

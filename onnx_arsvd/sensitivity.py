@@ -23,7 +23,7 @@ from onnx_arsvd.candidates import WeightKey, find_layers
 from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sessions import model_session
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import Feed, ModelLike
 
 __all__ = ["Response", "layer_responses", "output_distortion"]
@@ -59,7 +59,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
                     probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False) -> dict[WeightKey, Response]:
     """Every weight's response (see the module's docstring), each probe one onnxruntime run."""
     base = to_model(model)  # loaded once; each probe rewrites a clone
-    reference = _outputs(model_session(base)[0], batches)
+    reference = _outputs(make_session(base), batches)
     responses: dict[WeightKey, Response] = {}
     for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
         relative = c.curve.relative()
@@ -71,7 +71,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
             candidate = base.clone()
             apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
                                                     min_params=0))
-            outputs = _outputs(model_session(candidate)[0], batches)  # the session is gone before the next opens
+            outputs = _outputs(make_session(candidate), batches)  # the session is gone before the next opens
             points.append((rank, float(relative[rank]), output_distortion(reference, outputs)))
         responses[c.key] = _fit(points)
     return responses

@@ -25,7 +25,7 @@ from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.losscurve import loss_curve
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sessions import model_session
+from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import Feed
 
 __all__ = ["sequential_factors"]
@@ -60,7 +60,7 @@ def _cross_grams(original: ir.Model, working: ir.Model, layers: Sequence[Layer],
                  batches: Sequence[Feed]) -> dict[WeightKey, tuple[np.ndarray, np.ndarray]]:
     """(X'^T X', X'^T X) per weight of ``layers``, X from ``original`` and X' from ``working``."""
     names = list(dict.fromkeys(_input_name(layer) for layer in layers))
-    before, after = model_session(_exposing(original, names))[0], model_session(_exposing(working, names))[0]
+    before, after = make_session(_exposing(original, names)), make_session(_exposing(working, names))
     grams: dict[WeightKey, tuple[np.ndarray, np.ndarray]] = {}
     for feed in batches:
         xs = dict(zip(names, before.run(names, feed), strict=True))

@@ -13,8 +13,8 @@ from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 
 __all__ = ["ModelSource", "make_session", "model_session", "run_session", "session_options"]
 
-ModelSource = str | os.PathLike | bytes
-"""What onnxruntime loads: a path, or a serialized model."""
+ModelSource = str | os.PathLike | bytes | ir.Model
+"""What a session is made from: a path, a serialized model, or an in-memory model (see :func:`make_session`)."""
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
@@ -33,29 +33,42 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
 def make_session(
     source: ModelSource, provider: str = "CPUExecutionProvider", threads: int = 0, *, cpu_fallback: bool = False
 ) -> ort.InferenceSession:
-    """A session on ``provider`` (and the CPU for unsupported nodes with ``cpu_fallback``); one-line errors."""
-    model = source if isinstance(source, bytes) else os.fspath(source)
+    """A session on ``provider`` (and the CPU for unsupported nodes with ``cpu_fallback``); one-line errors.
+
+    An in-memory ``ir.Model`` is serialized without its external data, which onnxruntime then maps from its
+    file as it does for a path (:func:`_serialized`); ``model`` is left as it was.
+    """
+    options = session_options(threads)
+    if isinstance(source, ir.Model):
+        model: str | bytes = _serialized(source, options)[0]
+    else:
+        model = source if isinstance(source, bytes) else os.fspath(source)
     providers = ([provider, "CPUExecutionProvider"] if cpu_fallback and provider != "CPUExecutionProvider"
                  else [provider])
-    return _open(model, session_options(threads), providers)
+    return _open(model, options, providers)
 
 
 def model_session(model: ir.Model, threads: int = 0) -> tuple[ort.InferenceSession, int]:
-    """A CPU session on an in-memory model, and the model's size as written (the serialized graph and
-    in-memory tensors, plus the bytes of the external data it keeps). ``model`` is left as it was.
-
-    Weights in external data are not read: they stay references to their file, and onnxruntime, told the
-    file's folder (a model given as bytes has none: it would look in the working folder), maps them itself,
-    as it does when it opens the file by path. When they lie in more than one folder they are read in.
-    """
+    """A CPU session on an in-memory model (as :func:`make_session`), and the model's size as written: the
+    serialized graph and in-memory tensors, plus the bytes of the external data it keeps."""
     options = session_options(threads)
+    serialized, external = _serialized(model, options)
+    return _open(serialized, options, ["CPUExecutionProvider"]), len(serialized) + external
+
+
+def _serialized(model: ir.Model, options: ort.SessionOptions) -> tuple[bytes, int]:
+    """``model`` serialized for onnxruntime, and the bytes of external data it refers to.
+
+    Weights in external data are not read: they stay references to their file, and ``options`` tell
+    onnxruntime the file's folder (a model given as bytes has none: it would look in the working folder).
+    When they lie in more than one folder they are read in.
+    """
     folder = _external_folder(model)
     if folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     with nullcontext() if folder is not None else _external_read_in(model):
         serialized = ir.to_proto(model).SerializeToString()
-    external = sum(tensor.nbytes for tensor in _external_tensors(model)) if folder else 0
-    return _open(serialized, options, ["CPUExecutionProvider"]), len(serialized) + external
+    return serialized, sum(tensor.nbytes for tensor in _external_tensors(model)) if folder else 0
 
 
 def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:

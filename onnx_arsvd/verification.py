@@ -253,16 +253,19 @@ def _weight_bytes(source: ModelLike, model: ir.Model | None) -> int:
     return weight_stats(model)[1]
 
 
-def model_source(model: ModelLike) -> tuple[str | bytes, ir.Model | None]:
-    """What onnxruntime loads (a path, or serialized bytes), and the IR when it is at hand.
+def model_source(model: ModelLike) -> tuple[str | bytes | ir.Model, ir.Model | None]:
+    """What :func:`~onnx_arsvd.sessions.make_session` takes (a path, serialized bytes, or the IR itself),
+    and the IR when it is at hand.
 
     A path is opened through :func:`load_model` first, so onnxruntime never reads a file that
-    our checks (external data inside the model's folder, sizes) refuse.
+    our checks (external data inside the model's folder, sizes) refuse. An IR model stays one, so that
+    its external data is found from any working folder.
     """
     if isinstance(model, (str, os.PathLike)):
         return os.fspath(model), load_model(model)
-    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
-    return proto.SerializeToString(), model if isinstance(model, ir.Model) else None
+    if isinstance(model, ir.Model):
+        return model, model
+    return model.SerializeToString(), None
 
 
 def check_files(**paths: object) -> None:
