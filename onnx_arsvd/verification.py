@@ -26,13 +26,13 @@ __all__ = [
     "TaskScores",
     "VerificationReport",
     "check_dims",
-    "too_big_together",
     "check_files",
     "compare_models",
     "generated_batches",
     "macro_f1",
     "make_session",
     "model_source",
+    "too_big_together",
     "verify",
 ]
 
