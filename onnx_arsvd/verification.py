@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +24,18 @@ __all__ = [
     "ModelLike",
     "OutputAgreement",
     "OutputComparison",
+    "ReferenceOutputs",
     "TaskScores",
     "VerificationReport",
     "check_dims",
     "check_files",
     "compare_models",
+    "compare_with_reference",
     "generated_batches",
     "macro_f1",
     "make_session",
     "model_source",
+    "reference_outputs",
     "too_big_together",
     "verify",
 ]
@@ -193,6 +197,38 @@ def compare_models(
     runs = ((feed, run_session(original, names, feed), run_session(compressed, names, feed)) for feed in batches)
     return _compare(names, runs, original.get_providers()[0], labels=labels, inputs=inputs, progress=progress,
                     total=total)
+
+
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    """The original model's outputs on a fixed list of batches, computed once: a search compares every
+    candidate with them, without holding (or rerunning) a session of the original."""
+
+    names: list[str]
+    provider: str
+    outputs: list[Outputs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(np.asarray(output).nbytes for batch in self.outputs for output in batch)
+
+
+def reference_outputs(original: ort.InferenceSession, batches: Sequence[Feed]) -> ReferenceOutputs:
+    """Every output of ``original`` on each of ``batches``."""
+    names = [o.name for o in original.get_outputs()]
+    outputs = [run_session(original, names, feed) for feed in batches]
+    return ReferenceOutputs(names, original.get_providers()[0], outputs)
+
+
+def compare_with_reference(reference: ReferenceOutputs, compressed: ort.InferenceSession, batches: Sequence[Feed], *,
+                           labels: np.ndarray | None = None) -> VerificationReport:
+    """:func:`compare_models` against outputs computed once by :func:`reference_outputs` on the same ``batches``."""
+    if len(batches) != len(reference.outputs):
+        raise ValueError(f"{len(batches)} batches for reference outputs of {len(reference.outputs)}")
+    _check_same_outputs(reference.names, compressed)
+    runs = ((feed, expected, run_session(compressed, reference.names, feed))
+            for feed, expected in zip(batches, reference.outputs, strict=True))
+    return _compare(reference.names, runs, reference.provider, labels=labels, inputs="", progress=False, total=None)
 
 
 def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> None:

@@ -10,11 +10,21 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_arsvd import verify
+from onnx_arsvd import EnergyPolicy, compress, verify
+from onnx_arsvd.data import load_data
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
-from onnx_arsvd.verification import OutputAgreement, generated_batches, macro_f1, make_session, split_batches
-from tests.conftest import make_mlp
+from onnx_arsvd.verification import (
+    OutputAgreement,
+    compare_models,
+    compare_with_reference,
+    generated_batches,
+    macro_f1,
+    make_session,
+    reference_outputs,
+    split_batches,
+)
+from tests.conftest import MODELS, make_mlp
 
 
 def test_macro_f1_by_hand() -> None:
@@ -191,3 +201,20 @@ def test_models_with_different_inputs_are_refused_either_way(one_at_a_time: bool
         node.input[:] = ["Z" if name == "X" else name for name in node.input]
     with pytest.raises(InvalidInputError, match=r"the models take different inputs: X: tensor\(float\)\S* vs Z"):
         verify(make_mlp(), other, samples=1, one_at_a_time=one_at_a_time)
+
+
+def test_comparing_with_reference_outputs_computed_once_gives_the_same_report(tmp_path: Path) -> None:
+    """The budget search compares every candidate with the original's outputs computed once, instead of running
+    a session of the original each time: the reports must be the same, labels included."""
+    compress(MODELS / "fashion_mlp.onnx", tmp_path / "small.onnx", policy=EnergyPolicy(0.6), check=False)
+    original, small = make_session(str(MODELS / "fashion_mlp.onnx")), make_session(str(tmp_path / "small.onnx"))
+    with np.load(MODELS / "fashion_test.npz") as archive:
+        feed, labels = {"input": archive["input"][:300]}, archive["labels"][:300]
+    batches = list(split_batches(load_data(feed, original)[0], original, 64))
+    reference = reference_outputs(original, batches)
+    assert len(reference.outputs) == 5 and reference.nbytes == 300 * 10 * 4
+    once = compare_with_reference(reference, small, batches, labels=labels)
+    each_time = compare_models(original, small, batches, labels=labels)
+    assert once == each_time and once.accuracy_drop is not None and once.outputs[0].mean_cosine < 0.9999
+    with pytest.raises(ValueError, match="4 batches for reference outputs of 5"):
+        compare_with_reference(reference, small, batches[:4])
