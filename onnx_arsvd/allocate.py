@@ -25,7 +25,7 @@ import numpy as np
 from onnx_arsvd.rank import break_even_rank
 
 __all__ = ["DENSE", "Allocation", "LayerOptions", "allocation_path", "best_within", "frontier", "layer_options",
-           "param_cost"]
+           "option_ranks", "param_cost"]
 
 DENSE = 0
 """The rank that stands for "kept dense" in options and allocations."""
@@ -70,16 +70,15 @@ def layer_options(
     Ranks are the multiples of ``multiple`` up to ``max_rank_fraction`` x break-even (halved, down
     to 1, until the layer has at least ``MIN_CHOICES`` of them); a weight under ``min_params``
     parameters, or with no such rank, is dense only.
-    Points off the lower convex hull of (cost, loss) are dropped: no multiplier would pick them.
+    Ranks costing no less than dense (a factored layer slower than the dense one, under a latency
+    cost) are not offered, and points off the lower convex hull of (cost, loss) are dropped: no
+    multiplier would pick them.
     """
-    if multiple < 1:
-        raise ValueError(f"rank multiple must be at least 1, got {multiple}")
-    limit = max_rank_fraction * break_even_rank(shape)
-    step = multiple
-    while step > 1 and limit / step < MIN_CHOICES:  # small layers: a finer grid, so they keep a real choice
-        step //= 2
-    ranks = [] if shape[0] * shape[1] < min_params else [k for k in range(step, len(losses), step) if k <= limit]
-    points = [(cost(shape, k), scale * float(losses[k]), k) for k in ranks] + [(cost(shape, DENSE), 0.0, DENSE)]
+    ranks = [k for k in option_ranks(shape, multiple=multiple, max_rank_fraction=max_rank_fraction,
+                                     min_params=min_params) if k < len(losses)]
+    dense = cost(shape, DENSE)
+    points = [(c, scale * float(losses[k]), k) for k in ranks if (c := cost(shape, k)) < dense]
+    points.append((dense, 0.0, DENSE))
     hull: list[tuple[float, float, int]] = []
     for point in sorted(points, key=lambda p: (p[0], p[1])):
         if hull and point[1] >= hull[-1][1]:
@@ -89,6 +88,21 @@ def layer_options(
         hull.append(point)
     costs, values, kept = zip(*hull, strict=True)
     return LayerOptions(key, tuple(kept), tuple(costs), tuple(values), tuple(points))
+
+
+def option_ranks(shape: tuple[int, int], *, multiple: int = 1, max_rank_fraction: float = 0.8,
+                 min_params: int = 0) -> list[int]:
+    """The factored ranks a weight offers: multiples of ``multiple`` up to ``max_rank_fraction`` x break-even,
+    on a finer grid (halved, down to 1) until there are at least ``MIN_CHOICES``; none under ``min_params``."""
+    if multiple < 1:
+        raise ValueError(f"rank multiple must be at least 1, got {multiple}")
+    limit = max_rank_fraction * break_even_rank(shape)
+    step = multiple
+    while step > 1 and limit / step < MIN_CHOICES:  # small layers: a finer grid, so they keep a real choice
+        step //= 2
+    if shape[0] * shape[1] < min_params:
+        return []
+    return [k for k in range(step, min(shape) + 1, step) if k <= limit]
 
 
 def _slope(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:

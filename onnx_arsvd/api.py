@@ -240,7 +240,8 @@ def compress(
     one global output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a ``guard``, each layer is kept dense where
     factoring it is not faster on the guard's provider, and the whole model is timed against the original at the end
-    (``report.latency_check``). ``jobs`` weights are factored at once (threads, one BLAS thread each); the output is
+    (``report.latency_check``); a budget with ``minimize="latency"`` prices every rank on the guard's provider and
+    batch sizes, and needs it. ``jobs`` weights are factored at once (threads, one BLAS thread each); the output is
     the same whatever ``jobs`` is. A model with external data written to ``output`` (no budget, no ``quantize``)
     has each weight's factors moved to a scratch file beside the output as soon as they are made, so memory holds
     the factors of the weights in progress only. With ``quantize`` ("int8", "int4" or a
@@ -260,7 +261,8 @@ def compress(
         external_data = True
     if isinstance(quantize, str):
         quantize = Quantization(quantize)
-    search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size)
+    search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size,
+                           latency=guard if budget.minimize == "latency" else None, dims=dims)
               if budget is not None else None)
     if search is not None and method == "whitened":
         calibration = search.calibration

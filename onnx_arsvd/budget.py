@@ -43,12 +43,14 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from onnx_arsvd.allocate import Allocation, LayerOptions, best_within, frontier
+from onnx_arsvd.allocate import DENSE, Allocation, LayerOptions, best_within, frontier, param_cost
 from onnx_arsvd.calibration import curve_grams, output_errors
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
 from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, sample_count, split_batches
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.guard import LatencyGuard, observed_rows
+from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
 from onnx_arsvd.model_plan import (
     HEAD_REASON,
     LayerSelection,
@@ -67,12 +69,20 @@ from onnx_arsvd.sensitivity import Response, layer_responses
 from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session, model_session
 from onnx_arsvd.settings import CalibrationSource, Settings
-from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, ModelLike, compare_models, model_source
+from onnx_arsvd.verification import (
+    DEFAULT_BATCH_SIZE,
+    ModelLike,
+    ReferenceOutputs,
+    compare_with_reference,
+    model_source,
+    reference_outputs,
+)
 
-__all__ = ["ALLOCATIONS", "Budget", "BudgetSearch", "SearchOutcome", "SearchStep", "bisect_index", "bisect_tau",
-           "first_samples", "response_batches", "split_data"]
+__all__ = ["ALLOCATIONS", "COSTS", "Budget", "BudgetSearch", "SearchOutcome", "SearchStep", "bisect_index",
+           "bisect_tau", "first_samples", "response_batches", "split_data"]
 
 ALLOCATIONS = ("global", "threshold")
+COSTS = ("params", "latency")
 Z_95 = 1.645
 RESPONSE_VALUES = 2**20
 """Output values each layer's end-to-end response is measured on: the first calibration samples whose outputs
@@ -104,6 +114,9 @@ class Budget:
     """Refit every candidate's factors layer by layer on the partially compressed model (needs data)."""
     fit_share: float = 0.5
     """Share of the calibration part that fits factors (Grams, refits) when the search fits to data; the rest judges."""
+    minimize: str = "params"
+    """What the search makes least within an accuracy budget: parameters, or the dense layers' measured latency
+    (:mod:`onnx_arsvd.latency_cost`; global allocation only)."""
 
     def __post_init__(self) -> None:
         given = [v is not None for v in (self.max_drop, self.min_cosine, self.target_params)]
@@ -125,6 +138,13 @@ class Budget:
             raise InvalidInputError(f"unknown allocation {self.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
         if self.rank_multiple < 1:
             raise InvalidInputError(f"rank_multiple must be at least 1, got {self.rank_multiple}")
+        if self.minimize not in COSTS:
+            raise InvalidInputError(f"unknown cost to minimize {self.minimize!r}; choose one of: {', '.join(COSTS)}")
+        if self.minimize == "latency" and self.target_params is not None:
+            raise InvalidInputError("minimizing latency needs an accuracy budget (max_drop or min_cosine), "
+                                    "not a parameter target")
+        if self.minimize == "latency" and self.allocation != "global":
+            raise InvalidInputError("minimizing latency needs the global allocation")
 
     @property
     def needs_data(self) -> bool:
@@ -148,7 +168,8 @@ class Budget:
 @dataclass(frozen=True)
 class SearchStep:
     """One candidate of the search: its threshold (or frontier point), dense parameters kept, measured
-    value, verdict; for a frontier point also its predicted loss, serialized bytes and whether it was quantized."""
+    value, verdict; for a frontier point also its predicted loss, serialized bytes, whether it was quantized and,
+    when the search minimizes latency, its predicted share of the dense layers' latency."""
 
     tau: float | None
     params_kept: float
@@ -158,6 +179,7 @@ class SearchStep:
     predicted_loss: float | None = None
     model_bytes: int | None = None
     quantized: bool = False
+    latency: float | None = None
 
 
 @dataclass(frozen=True)
@@ -298,8 +320,15 @@ class BudgetSearch:
         calibration: CalibrationSource | None,
         quantize: Quantization | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        latency: LatencyGuard | None = None,
+        dims: Mapping[str, int] | None = None,
     ) -> None:
         self.model, self.budget, self.quantize, self.batch_size = model, budget, quantize, batch_size
+        self.latency, self.dims = latency, dict(dims or {})
+        if budget.minimize == "latency" and latency is None:
+            raise InvalidInputError("minimizing latency needs the latency guard: its provider and batch sizes")
+        if budget.minimize == "latency" and method == "lp":
+            raise InvalidInputError("minimizing latency needs the global allocation, which l_p factors do not have")
         self.calibration_part: dict[str, np.ndarray] = {}
         self.held_out: dict[str, np.ndarray] | None = None
         self.steps: list[SearchStep] = []
@@ -324,10 +353,13 @@ class BudgetSearch:
             self.fit_part = self._split_fit()
         self.calibration: CalibrationSource | None = (
             calibration if calibration is not None else (self.fit_part or self.calibration_part or None))
-        self._judge: ort.InferenceSession | None = None
         self._loaded: ir.Model | None = None
         self._batches: list[Feed] = []
         self._fit_batches: list[Feed] = []
+        self._response_batches: list[Feed] = []
+        self._held_batches: list[Feed] = []
+        self._reference: ReferenceOutputs | None = None
+        self._held_reference: ReferenceOutputs | None = None
         self._settings = Settings()
         self._memo = PlanMemo()
         self._curves: list[WeightCurve] = []
@@ -335,6 +367,7 @@ class BudgetSearch:
         self._total = 0.0
         self._fixed = 0.0
         self._refits: dict[int, dict[WeightKey, tuple[np.ndarray, np.ndarray]]] = {}
+        self._costs: LatencyCosts | None = None
 
     def _split_fit(self) -> dict[str, np.ndarray]:
         """Split the calibration part into the fit part (returned, without labels) and the judge part (kept)."""
@@ -350,18 +383,28 @@ class BudgetSearch:
         """Search under the budget; each candidate (unless the budget is on parameters alone) checked in onnxruntime."""
         self._loaded = loaded
         if self.calibration_part:  # end-to-end checks, and (for a global allocation) the layers' gains
-            self._judge = make_session(model_source(self.model)[0])
-            self._batches = self._feed_batches(self.calibration_part)
-            self._fit_batches = self._feed_batches(self.fit_part) if self.fit_part else self._batches
+            self._prepare_judging()
         if self.allocation == "threshold":
             return self._run_threshold(loaded, settings, progress)
         return self._run_global(loaded, settings, progress)
 
-    def _feed_batches(self, part: Mapping[str, np.ndarray]) -> list[Feed]:
-        """A data part (its labels left out) as the judge session's feeds, in batches of the verification's size."""
-        assert self._judge is not None
+    def _prepare_judging(self) -> None:
+        """The data parts as feeds, and the original's outputs on the calibration and held-out parts, computed
+        once: every candidate is compared with them, so no session of the original stays open (it held
+        onnxruntime's copy of every weight through the search) and none runs again per candidate."""
+        original = make_session(model_source(self.model)[0])
+        self._batches = self._feed_batches(original, self.calibration_part)
+        self._fit_batches = self._feed_batches(original, self.fit_part) if self.fit_part else self._batches
+        self._response_batches = response_batches(original, self._batches)
+        self._reference = reference_outputs(original, self._batches)
+        if self.held_out is not None and self.allocation == "global":  # its report measures the frontier held out
+            self._held_batches = self._feed_batches(original, self.held_out)
+            self._held_reference = reference_outputs(original, self._held_batches)
+
+    def _feed_batches(self, session: ort.InferenceSession, part: Mapping[str, np.ndarray]) -> list[Feed]:
+        """A data part (its labels left out) as the model's feeds, in batches of the verification's size."""
         inputs = {name: array for name, array in part.items() if name != "labels"}
-        return list(split_batches(load_data(inputs, self._judge)[0], self._judge, self.batch_size))
+        return list(split_batches(load_data(inputs, session)[0], session, self.batch_size))
 
     # -- one candidate, judged in onnxruntime ------------------------------------------------------------------
 
@@ -371,19 +414,22 @@ class BudgetSearch:
         assert self._loaded is not None  # run() set it
         return self._loaded.clone()
 
-    def _judged(self, candidate: ir.Model, quantized: bool, batches: Sequence[Feed],
-                labels: np.ndarray | None) -> tuple[VerificationReport, int]:
-        """The comparison with the original on ``batches``, and the candidate's size: serialized when quantized
-        (onnxruntime's quantizers return a proto), else as written with external data (:func:`model_session`
-        never serializes the weights)."""
-        assert self._judge is not None  # run() made it: only data-driven budgets judge candidates
+    def _judged(self, candidate: ir.Model, quantized: bool, held_out: bool = False) -> tuple[VerificationReport, int]:
+        """The comparison with the original on the calibration part (or the held-out part), and the candidate's
+        size: serialized when quantized (onnxruntime's quantizers return a proto), else as written with external
+        data (:func:`model_session` never serializes the weights)."""
+        reference = self._held_reference if held_out else self._reference
+        assert reference is not None  # run() made it: only data-driven budgets judge candidates
+        batches = self._held_batches if held_out else self._batches
+        part = self.held_out if held_out else self.calibration_part
+        labels = part.get("labels") if part is not None else None
         if quantized and self.quantize is not None:
             serialized = self.quantize.apply(candidate).SerializeToString()
             session, nbytes = make_session(serialized), len(serialized)
             del serialized  # onnxruntime holds its own copy: not this one too while the candidate runs
         else:
             session, nbytes = model_session(candidate)
-        return compare_models(self._judge, session, batches, labels=labels), nbytes
+        return compare_with_reference(reference, session, batches, labels=labels), nbytes
 
     def _verdict(self, result: VerificationReport) -> tuple[float | None, bool]:
         """The measured bound and whether it is within the budget.
@@ -415,11 +461,12 @@ class BudgetSearch:
         # the curves hold all the search needs: each Gram (float64, m x m) is dropped once its curve is made
         self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True)
         del grams
+        if self.budget.minimize == "latency":
+            self._costs = self._latency_costs(loaded, settings, progress)
         options = self._options(settings, None)
-        if self.budget.sensitivity and self._judge is not None:
+        if self.budget.sensitivity and self._reference is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
-            responses = layer_responses(loaded, choosing, response_batches(self._judge, self._batches),
-                                        progress=progress)
+            responses = layer_responses(loaded, choosing, self._response_batches, progress=progress)
             options = self._options(settings, responses)
         self._points = frontier(options)
         self._total = sum(d.params for d in self._decisions(self._points[-1], loaded))
@@ -434,7 +481,7 @@ class BudgetSearch:
             self._bisect(progress)
         assert self.chosen is not None and self.chosen.point is not None
         planned = self._plan(self._points[self.chosen.point], loaded, self._refitted(self.chosen.point))
-        if self.held_out is not None and self._judge is not None:
+        if self._held_reference is not None:
             self._measure_frontier(self.chosen.point)
         return SearchOutcome(settings, memo, planned)
 
@@ -450,7 +497,17 @@ class BudgetSearch:
 
     def _options(self, settings: Settings, responses: Mapping[WeightKey, Response] | None) -> list[LayerOptions]:
         return weight_options(self._curves, responses=responses, multiple=self.budget.rank_multiple,
-                              max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params)
+                              max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params,
+                              costs=self._costs.costs if self._costs is not None else None)
+
+    def _latency_costs(self, loaded: ir.Model, settings: Settings, progress: bool) -> LatencyCosts:
+        """Every weight's measured latency at the ranks it may take, each layer at the rows it sees on the data."""
+        assert self.latency is not None and self._batches  # __init__ and run() made sure
+        layers = [layer for c in self._curves for layer in c.layers]
+        rows = observed_rows(loaded, layers, first_samples(self._batches, 8)[0])
+        return latency_costs(self._curves, self.latency, self.latency.provider(), rows, self.dims,
+                             multiple=self.budget.rank_multiple, max_rank_fraction=settings.max_rank_fraction,
+                             min_params=settings.min_params, progress=progress)
 
     def _refitted(self, index: int) -> dict[WeightKey, tuple[np.ndarray, np.ndarray]] | None:
         """With ``sequential``, the frontier point's factors refitted layer by layer (once per point)."""
@@ -486,16 +543,19 @@ class BudgetSearch:
         return sum(d.params_after for d in fixed + [d for _, d in planned.excluded])
 
     def _kept(self, index: int) -> float:
-        """Share of the dense parameters a frontier point keeps (its cost is in parameters)."""
-        return (self._points[index].cost + self._fixed) / self._total
+        """Share of the dense parameters a frontier point keeps."""
+        ranks = self._points[index].ranks
+        allocated = sum(param_cost(c.curve.shape, ranks.get(c.key, DENSE)) for c in self._curves)
+        return (allocated + self._fixed) / self._total
 
     def _step(self, index: int, measured: tuple[float | None, bool, int] | None, quantized: bool) -> SearchStep:
         value, feasible, nbytes = measured if measured is not None else (None, True, None)
-        return SearchStep(None, self._kept(index), value, feasible, index, self._points[index].loss, nbytes, quantized)
+        point, dense = self._points[index], self._points[-1]
+        latency = point.cost / dense.cost if self._costs is not None and dense.cost > 0 else None
+        return SearchStep(None, self._kept(index), value, feasible, index, point.loss, nbytes, quantized, latency)
 
     def _bisect(self, progress: bool) -> None:
         """Bisect the frontier with quantization (when asked), and without it if quantization alone misses."""
-        labels = self.calibration_part.get("labels")
         for quantized in ([True, False] if self.quantize is not None else [False]):
             bar = tqdm(total=self.budget.steps + 1, desc="budget search" + (" (quantized)" if quantized else ""),
                        unit="step", disable=None if progress else True)
@@ -503,7 +563,7 @@ class BudgetSearch:
             def evaluate(index: int, quantized: bool = quantized, bar: tqdm = bar) -> SearchStep:
                 candidate = self._candidate()
                 apply_plans(candidate, self._plan(self._points[index], candidate, self._refitted(index)).plans)
-                result, nbytes = self._judged(candidate, quantized, self._batches, labels)
+                result, nbytes = self._judged(candidate, quantized)
                 step = self._step(index, (*self._verdict(result), nbytes), quantized)
                 bar.update()
                 bar.set_postfix(point=index, kept=f"{step.params_kept:.1%}", ok=step.feasible)
@@ -532,9 +592,6 @@ class BudgetSearch:
     def _measure_frontier(self, index: int) -> None:
         """Size and quality on the held-out part of: the original, quantization alone, the chosen
         allocation factored, and factored + quantized."""
-        assert self.held_out is not None and self._judge is not None
-        batches = self._feed_batches(self.held_out)
-        labels = self.held_out.get("labels")
         dense = len(self._points) - 1
         variants = [("original", dense, False)]
         if self.quantize is not None:
@@ -545,7 +602,7 @@ class BudgetSearch:
         for label, point, quantized in variants:
             candidate = self._candidate()
             apply_plans(candidate, self._plan(self._points[point], candidate, self._refitted(point)).plans)
-            result, nbytes = self._judged(candidate, quantized, batches, labels)
+            result, nbytes = self._judged(candidate, quantized, held_out=True)
             self.frontier_rows.append(FrontierRow(label, nbytes, self._kept(point),
                                                   min(o.mean_cosine for o in result.outputs), result.accuracy_drop))
         shipped = self.frontier_rows[-1 if self.chosen is not None and self.chosen.quantized else
@@ -587,8 +644,7 @@ class BudgetSearch:
         if self.budget.target_params is not None:
             return SearchStep(tau, kept, None, kept <= self.budget.target_params)
         apply_plans(candidate, planned.plans)
-        result, nbytes = self._judged(candidate, self.quantize is not None, self._batches,
-                                      self.calibration_part.get("labels"))
+        result, nbytes = self._judged(candidate, self.quantize is not None)
         value, feasible = self._verdict(result)
         return SearchStep(tau, kept, value, feasible, model_bytes=nbytes, quantized=self.quantize is not None)
 
@@ -616,10 +672,12 @@ class BudgetSearch:
                    "held_out": sample_count(self.held_out or {})}
         allocation = self.allocation
         if allocation == "global":
-            weighting = "measured end-to-end responses" if self.budget.sensitivity and self._judge is not None else \
-                "relative output errors"
+            measured = self.budget.sensitivity and self._reference is not None
+            weighting = "measured end-to-end responses" if measured else "relative output errors"
+            cost = f", cost: {self._costs.description}" if self._costs is not None else ""
             allocation = f"global (knapsack over every layer's loss curve, {weighting}, ranks in multiples of " \
-                         f"{self.budget.rank_multiple}" + (", refitted sequentially" if self._refits else "") + ")"
+                         f"{self.budget.rank_multiple}{cost}" + (", refitted sequentially" if self._refits else "") \
+                         + ")"
         return {"budget": self.budget.describe(), "measure": self.budget.measure,
                 "met": bool(self.chosen and self.chosen.feasible),
                 "tau": self.chosen.tau if self.chosen else None, "samples": samples,

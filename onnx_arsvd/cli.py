@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "threshold: one output-energy threshold for all layers")
     budget.add_argument("--rank-multiple", type=int, default=8, metavar="Q",
                         help="ranks in multiples of Q, finer for small layers (default 8: CPU kernels' preference)")
+    budget.add_argument("--minimize", choices=["params", "latency"], default="params",
+                        help="what the search makes least within --max-drop/--min-cosine: parameters (default), or "
+                             "the dense layers' latency measured on --target at the --batch sizes (turns on "
+                             "--guard latency)")
     budget.add_argument("--sequential", action="store_true",
                         help="refit each candidate's factors layer by layer on the partially compressed model "
                              "(slower: one activation pass per layer input; global allocation only)")
@@ -243,7 +247,7 @@ def _budget(args: argparse.Namespace):
     from onnx_arsvd.budget import Budget
 
     search = {"holdout": args.holdout, "fit_share": args.fit_share, "allocation": args.allocation,
-              "rank_multiple": args.rank_multiple, "sequential": args.sequential}
+              "rank_multiple": args.rank_multiple, "sequential": args.sequential, "minimize": args.minimize}
     if args.max_drop is None and args.min_cosine is None and args.target_params is None:
         chosen = args.policy is not None or any(getattr(args, p) is not None for p in (*_POLICY_PARAMS.values(),
                                                                                        "output_tau"))
@@ -343,6 +347,12 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, format_report(report), format_report(report, True), report_to_json(report))
     elif args.command == "compress":
         guard = None
+        args.budget = _budget(args)
+        if args.minimize == "latency":
+            if args.budget is None:
+                raise InvalidInputError("--minimize latency needs an accuracy budget (--max-drop or --min-cosine) "
+                                        "and --data")
+            args.guard = "latency"  # the guard's table prices the ranks, and then checks the result
         if args.bench or args.guard:  # bad benchmark options must fail before anything is written
             batches = _batches(args.batch)
         if args.bench:
@@ -355,7 +365,6 @@ def _run(args: argparse.Namespace) -> int:
             guard = LatencyGuard(target=args.target, batches=tuple(batches), threads=args.threads,
                                  margin=args.guard_margin, layer_seconds=args.guard_seconds,
                                  model_seconds=args.seconds)
-        args.budget = _budget(args)
         try:
             _, report = api.compress(
                 args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include,

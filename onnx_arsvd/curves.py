@@ -75,12 +75,14 @@ def weight_options(
     multiple: int = 8,
     max_rank_fraction: float = DEFAULT_MAX_RANK_FRACTION,
     min_params: int = DEFAULT_MIN_PARAMS,
-    cost: Cost = param_cost,
+    costs: Mapping[WeightKey, Cost] | None = None,
 ) -> list[LayerOptions]:
     """Allocation options of every weight; losses are relative output errors (loss / output energy),
-    mapped through the weight's measured end-to-end response when ``responses`` has one."""
+    mapped through the weight's measured end-to-end response when ``responses`` has one; each weight
+    costs its parameters unless ``costs`` has its cost function (e.g. measured latency)."""
     return [layer_options(c.key, c.curve.shape, (responses or {}).get(c.key, _same)(c.curve.relative()),
-                          multiple=multiple, max_rank_fraction=max_rank_fraction, min_params=min_params, cost=cost)
+                          multiple=multiple, max_rank_fraction=max_rank_fraction, min_params=min_params,
+                          cost=(costs or {}).get(c.key, param_cost))
             for c in curves]
 
 

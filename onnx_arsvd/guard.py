@@ -184,18 +184,33 @@ class LatencyGuard:
         factored = [plan for plan in plans if plan.factored and plan.factors is not None
                     and all(layer.is_plain for layer in plan.layers)]
         for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
-            layer, per_sample = plan.layers[0], (rows or {}).get(id(plan.layers[0].node))
-            key = timing_key(layer, plan.rank, provider, self.batches, dims, per_sample)
-            if key not in self.table:
-                self.table[key] = tuple(time_layer(layer, plan.factors, provider=provider, batches=self.batches,
-                                                   dims=dims, threads=self.threads, min_seconds=self.layer_seconds,
-                                                   rows_per_sample=per_sample))
-            timings = self.table[key]
+            layer = plan.layers[0]
+            timings = self.timings(layer, plan.rank, provider, dims, (rows or {}).get(id(layer.node)), plan.factors)
             reason = guard_verdict(timings, provider, self.margin)
             plan.decisions = [dataclasses.replace(d, factored=not reason, reason=reason, timings=timings)
                               for d in plan.decisions]
             if reason:
                 plan.factors = None
+
+    def timings(self, layer: Layer, rank: int, provider: str, dims: Mapping[str, int],
+                rows_per_sample: float | None = None,
+                factors: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[LayerTiming, ...]:
+        """The plain layer's timings at ``rank``, from the table or timed once for it.
+
+        Latency does not depend on the factors' values: without ``factors``, seeded random ones of the
+        rank are timed (a search prices ranks it has not factored).
+        """
+        key = timing_key(layer, rank, provider, self.batches, dims, rows_per_sample)
+        if key not in self.table:
+            if factors is None:
+                rng = np.random.default_rng(rank)
+                dtype = layer.dtype.numpy()
+                m, n = layer.shape
+                factors = (rng.standard_normal((m, rank)).astype(dtype), rng.standard_normal((rank, n)).astype(dtype))
+            self.table[key] = tuple(time_layer(layer, factors, provider=provider, batches=self.batches, dims=dims,
+                                               threads=self.threads, min_seconds=self.layer_seconds,
+                                               rows_per_sample=rows_per_sample))
+        return self.table[key]
 
     def check_model(
         self, original: ModelSource, compressed: ModelSource, provider: str, dims: Mapping[str, int], model: ir.Model,

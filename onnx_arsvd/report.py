@@ -202,12 +202,15 @@ def _budget_text(budget: dict, style: str) -> str:
     verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
                 else "no held-out data")
     steps = budget["steps"]
+    latency = any(s.get("latency") is not None for s in steps)
     rows = [[f"{s['tau']:.4f}" if by_threshold else str(s["point"]), f"{s['params_kept']:.1%}",
+             *([f"{s['latency']:.3f}"] if latency else []),
              *([] if by_threshold else [f"{s['predicted_loss']:.4g}"]),
              *([] if not measure else ["" if s["value"] is None else f"{s['value']:.4g}"]),
              *(["yes" if s.get("quantized") else "no"] if budget.get("quantize") else []),
              "yes" if s["feasible"] else "no"] for s in steps]
     headers = ["tau" if by_threshold else "frontier point", "dense params kept",
+               *(["predicted layer latency (x dense)"] if latency else []),
                *([] if by_threshold else ["predicted loss"]),
                *([f"{measure} on calibration part"] if measure else []),
                *(["quantized"] if budget.get("quantize") else []), "within budget"]

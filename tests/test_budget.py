@@ -131,6 +131,8 @@ def test_target_params_keeps_at_most_that_share(tmp_path: Path) -> None:
     (["--max-drop", "0.5"], "an accuracy budget needs data"),
     (["--max-drop", "0.5", "--tau", "0.9"], "a budget chooses the ranks itself"),
     (["--max-drop", "0.5", "--min-cosine", "0.9"], "give exactly one budget"),
+    (["--minimize", "latency"], "--minimize latency needs an accuracy budget (--max-drop or --min-cosine)"),
+    (["--minimize", "latency", "--target-params", "0.5"], "minimizing latency needs an accuracy budget"),
 ])
 def test_cli_budget_errors(options: list[str], message: str, mlp_path: Path, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
