@@ -459,7 +459,8 @@ class BudgetSearch:
             grams = curve_grams(loaded, selection.dense, settings.calibration, progress=progress)
         self._settings = settings
         # the curves hold all the search needs: each Gram (float64, m x m) is dropped once its curve is made
-        self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True)
+        self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True,
+                                     max_rank_fraction=settings.max_rank_fraction)
         del grams
         if self.budget.minimize == "latency":
             self._costs = self._latency_costs(loaded, settings, progress)

@@ -46,19 +46,26 @@ def _matrix(layer: Layer) -> np.ndarray:
 
 
 def weight_curves(layers: Sequence[Layer], grams: MutableMapping[WeightKey, Gram] | None = None, *,
-                  progress: bool = False, jobs: int = 1, release: bool = False) -> list[WeightCurve]:
+                  progress: bool = False, jobs: int = 1, release: bool = False,
+                  max_rank_fraction: float | None = None) -> list[WeightCurve]:
     """One loss curve per distinct weight (shared weights once, their Grams summed by calibration), in layer order.
 
     ``jobs`` weights at once, each on one BLAS thread, as factoring does (see :mod:`onnx_arsvd.threads`).
     With ``release`` each Gram is removed from ``grams`` once its curve is made, so the Grams (float64,
-    m x m per weight) and the curves are not all held at once.
+    m x m per weight) and the curves are not all held at once. With ``max_rank_fraction`` each curve
+    stores the factors of the ranks up to that fraction of break-even only, the most an allocation
+    offers (:func:`onnx_arsvd.allocate.option_ranks`): 0.8 of break-even is at most 0.4 min(m, n),
+    so the curves of a search hold under half of what full ones would.
     """
 
     def curve(group: list[Layer]) -> WeightCurve:
         matrix = _matrix(group[0])
         key = group[0].weight_key
         gram = grams.get(key) if grams is not None else None
-        made = WeightCurve(group, loss_curve(matrix, gram if gram is not None else np.eye(matrix.shape[0])))
+        keep = (None if max_rank_fraction is None
+                else max(1, int(max_rank_fraction * break_even_rank(group[0].shape))))
+        made = WeightCurve(group, loss_curve(matrix, gram if gram is not None else np.eye(matrix.shape[0]),
+                                             keep=keep))
         if release and grams is not None:
             grams.pop(key, None)
         return made

@@ -51,11 +51,12 @@ class OutputGram:
 class LossCurve:
     """One layer's optimal activation-aware factors at every rank, and their output error.
 
-    ``projected`` = W V (m x r) and ``basis`` = V (n x r), r = min(m, n), columns ordered by the
-    output energy they keep, both float32 (computed in float64, stored at the precision the factors
-    are written in: half the memory of a search that holds every layer's curve); ``losses[k]`` is
-    ||X W - X A_k B_k||_F^2 on the calibration inputs for k = 0 .. r (``losses[0]`` = ||X W||_F^2,
-    the layer's output energy).
+    ``projected`` = W V (m x s) and ``basis`` = V (n x s), columns ordered by the output energy they
+    keep, both float32 (computed in float64, stored at the precision the factors are written in:
+    half the memory of a search that holds every layer's curve); s is the ``stored_rank``, min(m, n)
+    unless fewer were kept (a search keeps only the ranks it may choose). ``losses[k]`` is
+    ||X W - X A_k B_k||_F^2 on the calibration inputs for every k = 0 .. min(m, n) (``losses[0]`` =
+    ||X W||_F^2, the layer's output energy).
     """
 
     projected: np.ndarray
@@ -69,6 +70,11 @@ class LossCurve:
     @property
     def max_rank(self) -> int:
         return len(self.losses) - 1
+
+    @property
+    def stored_rank(self) -> int:
+        """The largest rank whose factors the curve holds."""
+        return self.projected.shape[1]
 
     @property
     def energy(self) -> float:
@@ -85,17 +91,28 @@ class LossCurve:
         Each pair (column of A, row of B) is rescaled to equal norms (B's rows are unit vectors
         before), so both factors share one numeric range when stored in float16.
         """
-        if not 1 <= rank <= self.max_rank:
-            raise ValueError(f"rank must be in [1, {self.max_rank}], got {rank}")
+        if not 1 <= rank <= self.stored_rank:
+            raise ValueError(f"rank must be in [1, {self.stored_rank}] (the factors stored), got {rank}")
         a, b = self.projected[:, :rank], self.basis[:, :rank].T
         scale = np.sqrt(np.linalg.norm(a, axis=0))
         scale[scale == 0] = 1.0
         return a / scale, b * scale[:, None]
 
 
-def loss_curve(weight: np.ndarray, gram: np.ndarray | OutputGram, ridge: float = DEFAULT_RIDGE) -> LossCurve:
+def loss_curve(weight: np.ndarray, gram: np.ndarray | OutputGram, ridge: float = DEFAULT_RIDGE,
+               keep: int | None = None) -> LossCurve:
     """The loss curve of ``weight`` (m x n) for inputs whose Gram matrix X^T X is ``gram`` (m x m), or
-    (m >= n) whose :class:`OutputGram` it is."""
+    (m >= n) whose :class:`OutputGram` it is; with ``keep``, the factors of the first ``keep`` ranks only
+    (the losses of every rank are kept)."""
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    curve = _full_curve(weight, gram, ridge)
+    if keep is None or keep >= curve.stored_rank:
+        return curve
+    return LossCurve(curve.projected[:, :keep].copy(), curve.basis[:, :keep].copy(), curve.losses)
+
+
+def _full_curve(weight: np.ndarray, gram: np.ndarray | OutputGram, ridge: float) -> LossCurve:
     w = np.asarray(weight, dtype=np.float64)
     m, n = w.shape
     if isinstance(gram, OutputGram):

@@ -65,7 +65,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
         relative = c.curve.relative()
         points: list[tuple[int, float, float]] = []
         for probe in probes:
-            rank = int(np.argmin(np.abs(relative[1:] - probe)) + 1)
+            rank = int(np.argmin(np.abs(relative[1:c.curve.stored_rank + 1] - probe)) + 1)  # a rank it has factors of
             if relative[rank] <= 0 or any(r == rank for r, _, _ in points):
                 continue
             candidate = base.clone()

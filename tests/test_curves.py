@@ -127,3 +127,23 @@ def test_responses_take_the_first_samples_holding_enough_output_values(fashion) 
     assert [len(b["input"]) for b in across] == [256, 44]
     assert np.array_equal(across[1]["input"], batches[1]["input"][:44])
     assert first_samples(batches, 0) == [] and first_samples([], 5) == []
+
+
+def test_a_search_stores_only_the_factors_of_the_ranks_it_may_choose(fashion) -> None:
+    """With the allocation's rank limit (0.8 x break-even) each curve keeps that many factor columns, the
+    same as the full curve's, and the losses of every rank: 247 of 512 columns for the 784 x 512 weight."""
+    curves, _, calibration = fashion
+    model = load_model(FASHION)
+    layers = find_layers(model)[0]
+    kept = weight_curves(layers, capture_grams(model, layers, calibration), max_rank_fraction=0.8)
+    assert [c.curve.stored_rank for c in kept] == [247, 136, 7]
+    assert [c.curve.stored_rank for c in curves] == [512, 256, 10]
+    for full, few in zip(curves, kept, strict=True):
+        np.testing.assert_array_equal(full.curve.losses, few.curve.losses)
+        k = few.curve.stored_rank
+        for one, two in zip(full.curve.factors(k), few.curve.factors(k), strict=True):
+            np.testing.assert_array_equal(one, two)
+        with pytest.raises(ValueError, match=rf"rank must be in \[1, {k}\] \(the factors stored\)"):
+            few.curve.factors(k + 1)
+    stored = sum(c.curve.projected.nbytes + c.curve.basis.nbytes for c in kept)
+    assert stored < 0.5 * sum(c.curve.projected.nbytes + c.curve.basis.nbytes for c in curves)
