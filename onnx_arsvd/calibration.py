@@ -70,7 +70,7 @@ def curve_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
         y = x @ layer.matrix().astype(np.float64)
         return OutputGram(y.T @ y, float(np.einsum("ij,ij->", x, x)), layer.shape[0])
 
-    grams = _accumulate(model, layers, data, term, progress=progress)
+    grams = _accumulate(model, _dense_only(layers), data, term, progress=progress)
     return {key: gram for key, gram in grams.items()
             if (gram.input_trace if isinstance(gram, OutputGram) else np.trace(gram)) > 0}
 
@@ -87,8 +87,17 @@ def capture_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
     changes shape between iterations): then every weight used in a body is left out, and the rest is
     captured on the same feeds.
     """
-    grams = _accumulate(model, layers, data, lambda _, x: x.T @ x, progress=progress)
+    grams = _accumulate(model, _dense_only(layers), data, lambda _, x: x.T @ x, progress=progress)
     return {key: gram for key, gram in grams.items() if np.trace(gram) > 0}
+
+
+def _dense_only(layers: Sequence[Layer]) -> Sequence[Layer]:
+    """The layers, refused if one is an embedding table: a lookup has no input activations to take a Gram of
+    (MiniLM's word table would ask for a 30522 x 30522 one)."""
+    tables = [layer.name for layer in layers if layer.is_embedding]
+    if tables:
+        raise ValueError(f"embedding tables have no input Gram matrix: {', '.join(tables)}")
+    return layers
 
 
 def output_errors(model: ir.Model, layers: Sequence[Layer], factors: Mapping[WeightKey, tuple[np.ndarray, np.ndarray]],

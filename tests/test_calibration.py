@@ -9,12 +9,12 @@ import onnx_ir as ir
 import pytest
 
 from onnx_arsvd import FixedRankPolicy, compress
-from onnx_arsvd.calibration import capture_grams
+from onnx_arsvd.calibration import capture_grams, curve_grams
 from onnx_arsvd.candidates import find_layers, read_array
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.factorize import factors_at_rank, spectrum, whitened_spectrum
-from tests.conftest import MODELS, make_linear_model, make_mlp
+from tests.conftest import MODELS, make_embedding_model, make_linear_model, make_mlp
 
 
 class ListReader:
@@ -131,3 +131,15 @@ def test_cli_tau_and_output_tau_are_not_interchangeable(mlp_path: Path, tmp_path
     assert "use --output-tau" in capsys.readouterr().err
     assert main(["inspect", str(mlp_path), "--output-tau", "0.9", "-q"]) == 2
     assert "needs --method whitened" in capsys.readouterr().err
+
+
+def test_an_embedding_table_is_refused_not_given_a_vocabulary_sized_gram() -> None:
+    """A lookup has no input activations: asked for one, the Gram of MiniLM's word table (30522 rows) would
+    take 7.4 GB, and the BLAS call crashed the process; now it is a clear error."""
+    model = ir.from_proto(make_embedding_model(vocab=50, hidden=16))
+    layers = find_layers(model)[0]
+    feeds = [{"ids": np.zeros((2, 3), np.int64)}]
+    with pytest.raises(ValueError, match="embedding tables have no input Gram matrix: embed"):
+        capture_grams(model, layers, ListReader(feeds))
+    with pytest.raises(ValueError, match="embedding tables have no input Gram matrix: embed"):
+        curve_grams(model, layers, ListReader(feeds))
