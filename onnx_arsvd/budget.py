@@ -65,7 +65,7 @@ from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.rank import EnergyPolicy
 from onnx_arsvd.results import VerificationReport
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sensitivity import Response, layer_responses
+from onnx_arsvd.sensitivity import DEFAULT_PROBES, Response, layer_responses
 from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session, model_session
 from onnx_arsvd.settings import CalibrationSource, Settings
@@ -460,7 +460,7 @@ class BudgetSearch:
         self._settings = settings
         # the curves hold all the search needs: each Gram (float64, m x m) is dropped once its curve is made
         self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True,
-                                     max_rank_fraction=settings.max_rank_fraction)
+                                     max_rank_fraction=settings.max_rank_fraction, probes=DEFAULT_PROBES)
         del grams
         if self.budget.minimize == "latency":
             self._costs = self._latency_costs(loaded, settings, progress)

@@ -47,28 +47,29 @@ def _matrix(layer: Layer) -> np.ndarray:
 
 def weight_curves(layers: Sequence[Layer], grams: MutableMapping[WeightKey, Gram] | None = None, *,
                   progress: bool = False, jobs: int = 1, release: bool = False,
-                  max_rank_fraction: float | None = None) -> list[WeightCurve]:
+                  max_rank_fraction: float | None = None, probes: Sequence[float] = ()) -> list[WeightCurve]:
     """One loss curve per distinct weight (shared weights once, their Grams summed by calibration), in layer order.
 
     ``jobs`` weights at once, each on one BLAS thread, as factoring does (see :mod:`onnx_arsvd.threads`).
     With ``release`` each Gram is removed from ``grams`` once its curve is made, so the Grams (float64,
     m x m per weight) and the curves are not all held at once. With ``max_rank_fraction`` each curve
-    stores the factors of the ranks up to that fraction of break-even only, the most an allocation
-    offers (:func:`onnx_arsvd.allocate.option_ranks`): 0.8 of break-even is at most 0.4 min(m, n),
-    so the curves of a search hold under half of what full ones would.
+    stores the factors a search may ask of it only: the ranks up to that fraction of break-even (the
+    most an allocation offers, :func:`onnx_arsvd.allocate.option_ranks`; 0.8 of break-even is at most
+    0.4 min(m, n)), and the ranks nearest the relative errors in ``probes`` (the layer responses'),
+    so the curves of a search hold about half of what full ones would.
     """
 
     def curve(group: list[Layer]) -> WeightCurve:
         matrix = _matrix(group[0])
         key = group[0].weight_key
         gram = grams.get(key) if grams is not None else None
-        keep = (None if max_rank_fraction is None
-                else max(1, int(max_rank_fraction * break_even_rank(group[0].shape))))
-        made = WeightCurve(group, loss_curve(matrix, gram if gram is not None else np.eye(matrix.shape[0]),
-                                             keep=keep))
+        made = loss_curve(matrix, gram if gram is not None else np.eye(matrix.shape[0]))
+        if max_rank_fraction is not None:
+            limit = int(max_rank_fraction * break_even_rank(group[0].shape))
+            made = made.truncated(max([1, limit, *(made.rank_nearest(probe) for probe in probes)]))
         if release and grams is not None:
             grams.pop(key, None)
-        return made
+        return WeightCurve(group, made)
 
     groups = group_by_weight(layers)
     with tqdm(total=len(groups), desc="loss curves", unit="weight", disable=None if progress else True) as bar:

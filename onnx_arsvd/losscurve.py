@@ -81,6 +81,18 @@ class LossCurve:
         """||X W||_F^2: the layer's output energy on the calibration inputs."""
         return float(self.losses[0])
 
+    def rank_nearest(self, relative_error: float) -> int:
+        """The rank (at least 1) whose relative output error is nearest ``relative_error``."""
+        return int(np.argmin(np.abs(self.relative()[1:] - relative_error)) + 1)
+
+    def truncated(self, keep: int) -> LossCurve:
+        """The same curve holding the factors of the first ``keep`` ranks only (the losses of every rank kept)."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        if keep >= self.stored_rank:
+            return self
+        return LossCurve(self.projected[:, :keep].copy(), self.basis[:, :keep].copy(), self.losses)
+
     def relative(self) -> np.ndarray:
         """losses / output energy: 1 - output energy kept, at every rank (zeros for a silent layer)."""
         return self.losses / self.energy if self.energy > 0 else np.zeros_like(self.losses)
@@ -99,20 +111,9 @@ class LossCurve:
         return a / scale, b * scale[:, None]
 
 
-def loss_curve(weight: np.ndarray, gram: np.ndarray | OutputGram, ridge: float = DEFAULT_RIDGE,
-               keep: int | None = None) -> LossCurve:
+def loss_curve(weight: np.ndarray, gram: np.ndarray | OutputGram, ridge: float = DEFAULT_RIDGE) -> LossCurve:
     """The loss curve of ``weight`` (m x n) for inputs whose Gram matrix X^T X is ``gram`` (m x m), or
-    (m >= n) whose :class:`OutputGram` it is; with ``keep``, the factors of the first ``keep`` ranks only
-    (the losses of every rank are kept)."""
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    curve = _full_curve(weight, gram, ridge)
-    if keep is None or keep >= curve.stored_rank:
-        return curve
-    return LossCurve(curve.projected[:, :keep].copy(), curve.basis[:, :keep].copy(), curve.losses)
-
-
-def _full_curve(weight: np.ndarray, gram: np.ndarray | OutputGram, ridge: float) -> LossCurve:
+    (m >= n) whose :class:`OutputGram` it is."""
     w = np.asarray(weight, dtype=np.float64)
     m, n = w.shape
     if isinstance(gram, OutputGram):

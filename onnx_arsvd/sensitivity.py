@@ -26,7 +26,7 @@ from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import Feed, ModelLike
 
-__all__ = ["Response", "layer_responses", "output_distortion"]
+__all__ = ["DEFAULT_PROBES", "Response", "layer_responses", "output_distortion"]
 
 DEFAULT_PROBES = (0.01, 0.1)
 
@@ -65,7 +65,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
         relative = c.curve.relative()
         points: list[tuple[int, float, float]] = []
         for probe in probes:
-            rank = int(np.argmin(np.abs(relative[1:c.curve.stored_rank + 1] - probe)) + 1)  # a rank it has factors of
+            rank = c.curve.rank_nearest(probe)
             if relative[rank] <= 0 or any(r == rank for r, _, _ in points):
                 continue
             candidate = base.clone()

@@ -13,6 +13,7 @@ from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
 from onnx_arsvd.data import load_data, split_batches
 from onnx_arsvd.model_io import load_model, to_model
+from onnx_arsvd.rank import break_even_rank
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import Response, layer_responses, output_distortion
 from onnx_arsvd.sequential import sequential_factors
@@ -147,3 +148,11 @@ def test_a_search_stores_only_the_factors_of_the_ranks_it_may_choose(fashion) ->
             few.curve.factors(k + 1)
     stored = sum(c.curve.projected.nbytes + c.curve.basis.nbytes for c in kept)
     assert stored < 0.5 * sum(c.curve.projected.nbytes + c.curve.basis.nbytes for c in curves)
+    # the layer responses probe the rank nearest a relative error of 0.01: kept too, beyond the limit if need be
+    probed = weight_curves(layers, capture_grams(model, layers, calibration), max_rank_fraction=0.8,
+                           probes=(0.01, 0.1))
+    for full, few in zip(curves, probed, strict=True):
+        assert few.curve.stored_rank == max(int(0.8 * break_even_rank(full.curve.shape)),
+                                            full.curve.rank_nearest(0.01), full.curve.rank_nearest(0.1))
+    exact = weight_curves(layers, capture_grams(model, layers, calibration), max_rank_fraction=0.8, probes=(0.0,))
+    assert [c.curve.stored_rank for c in exact] == [512, 256, 10]  # a probe beyond the limit is kept all the same

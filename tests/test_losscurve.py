@@ -125,5 +125,5 @@ def test_rank_and_shape_are_checked() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         loss_curve(np.eye(4), np.eye(3))
     with pytest.raises(ValueError, match="keep must be at least 1"):
-        loss_curve(np.eye(4), np.eye(4), keep=0)
-    assert loss_curve(np.eye(4), np.eye(4), keep=9).stored_rank == 4
+        curve.truncated(0)
+    assert curve.truncated(9) is curve and curve.truncated(2).stored_rank == 2
