@@ -15,9 +15,9 @@ costs the number of batch sizes, and a point's cost divided by that is its predi
 dense layers' latency; the rest of the graph (attention, norms, activations) is not in it, which is
 why the whole-model check still times the result. A rank whose cost is not below dense by the
 guard's margin is priced at infinity, so the allocation never offers it. A rank that saves in sum
-but not at every batch size can be offered: at batch 1 a small layer's two MatMuls cost what its
-one did, within noise (digits MLP: 6.1 vs 6.3 us), while at batch 32 it is 2-3x faster; the guard,
-which runs after the search, then decides by its own per-batch rule.
+but not at every batch size can be offered: at batch 1 a small layer's two MatMuls cost about what
+its one did (a fixed per-operator time), while at batch 32 they are much faster; the guard, which
+runs after the search, then decides by its own per-batch rule.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def latency_costs(
                 layer_dense = np.median(times[..., 0], axis=0)  # every timing measured the dense layer too
                 dense += layer_dense
                 factored += times[..., 1] / times[..., 0] * layer_dense
-            ratios = np.column_stack([isotonic_regression(column / total).x
-                                      for column, total in zip(factored.T, dense, strict=True)])
+            ratios = np.column_stack([isotonic_regression(column / dense_ms).x
+                                      for column, dense_ms in zip(factored.T, dense, strict=True)])
             priced[c.key] = _Priced(dense, grid, ratios)
     scale = sum((p.dense for p in priced.values()), np.zeros(len(guard.batches)))
     costs: dict[WeightKey, Cost] = {c.key: _cost(priced[c.key], scale, guard.margin) if c.key in priced
