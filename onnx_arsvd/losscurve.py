@@ -69,6 +69,7 @@ class LossCurve:
 
     @property
     def max_rank(self) -> int:
+        """The largest rank the losses cover, min(m, n) (the factors may stop earlier: ``stored_rank``)."""
         return len(self.losses) - 1
 
     @property
