@@ -359,6 +359,7 @@ class BudgetSearch:
         self._response_batches: list[Feed] = []
         self._held_batches: list[Feed] = []
         self._reference: ReferenceOutputs | None = None
+        self._response_reference: ReferenceOutputs | None = None
         self._held_reference: ReferenceOutputs | None = None
         self._settings = Settings()
         self._memo = PlanMemo()
@@ -389,14 +390,19 @@ class BudgetSearch:
         return self._run_global(loaded, settings, progress)
 
     def _prepare_judging(self) -> None:
-        """The data parts as feeds, and the original's outputs on the calibration and held-out parts, computed
-        once: every candidate is compared with them, so no session of the original stays open (it held
-        onnxruntime's copy of every weight through the search) and none runs again per candidate."""
+        """The data parts as feeds, and the original's outputs that the search compares with, computed once
+        from one session: on the calibration part (to judge candidates, unless parameters alone decide), on
+        the samples the layer responses run on, and on the held-out part. So no session of the original
+        stays open (it held onnxruntime's copy of every weight through the search), and the original does
+        not run again per candidate or for the responses."""
         original = make_session(model_source(self.model)[0])
         self._batches = self._feed_batches(original, self.calibration_part)
         self._fit_batches = self._feed_batches(original, self.fit_part) if self.fit_part else self._batches
-        self._response_batches = response_batches(original, self._batches)
-        self._reference = reference_outputs(original, self._batches)
+        if self.budget.measure is not None:
+            self._reference = reference_outputs(original, self._batches)
+        if self.allocation == "global" and self.budget.sensitivity:
+            self._response_batches = response_batches(original, self._batches)
+            self._response_reference = reference_outputs(original, self._response_batches)
         if self.held_out is not None and self.allocation == "global":  # its report measures the frontier held out
             self._held_batches = self._feed_batches(original, self.held_out)
             self._held_reference = reference_outputs(original, self._held_batches)
@@ -465,9 +471,10 @@ class BudgetSearch:
         if self.budget.minimize == "latency":
             self._costs = self._latency_costs(loaded, settings, progress)
         options = self._options(settings, None)
-        if self.budget.sensitivity and self._reference is not None:
+        if self._response_reference is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
-            responses = layer_responses(loaded, choosing, self._response_batches, progress=progress)
+            responses = layer_responses(loaded, choosing, self._response_batches, progress=progress,
+                                        reference=self._response_reference.outputs)
             options = self._options(settings, responses)
         self._points = frontier(options)
         self._total = sum(d.params for d in self._decisions(self._points[-1], loaded))
@@ -673,7 +680,7 @@ class BudgetSearch:
                    "held_out": sample_count(self.held_out or {})}
         allocation = self.allocation
         if allocation == "global":
-            measured = self.budget.sensitivity and self._reference is not None
+            measured = self._response_reference is not None
             weighting = "measured end-to-end responses" if measured else "relative output errors"
             cost = f", cost: {self._costs.description}" if self._costs is not None else ""
             allocation = f"global (knapsack over every layer's loss curve, {weighting}, ranks in multiples of " \

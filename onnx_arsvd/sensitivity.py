@@ -56,10 +56,16 @@ class Response:
 
 
 def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Sequence[Feed], *,
-                    probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False) -> dict[WeightKey, Response]:
-    """Every weight's response (see the module's docstring), each probe one onnxruntime run."""
+                    probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False,
+                    reference: Sequence[Sequence[np.ndarray]] | None = None) -> dict[WeightKey, Response]:
+    """Every weight's response (see the module's docstring), each probe one onnxruntime run.
+
+    ``reference`` is the model's every output on each of ``batches`` when the caller has them already;
+    else the model runs once for them.
+    """
     base = to_model(model)  # loaded once; each probe rewrites a clone
-    reference = _outputs(make_session(base), batches)
+    expected = (_outputs(make_session(base), batches) if reference is None
+                else [[np.asarray(o, dtype=np.float64) for o in outputs] for outputs in reference])
     responses: dict[WeightKey, Response] = {}
     for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
         relative = c.curve.relative()
@@ -72,7 +78,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
             apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
                                                     min_params=0))
             outputs = _outputs(make_session(candidate), batches)  # the session is gone before the next opens
-            points.append((rank, float(relative[rank]), output_distortion(reference, outputs)))
+            points.append((rank, float(relative[rank]), output_distortion(expected, outputs)))
         responses[c.key] = _fit(points)
     return responses
 
