@@ -23,6 +23,19 @@ MINILM = MODELS / "build" / "minilm.onnx"
 _DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
 
+def external_copy_elsewhere(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """``source`` saved in ``tmp_path/model`` with every weight in external data (``<stem>.data``), and the
+    working folder moved to the empty ``tmp_path/elsewhere``: (the copy's path, that folder)."""
+    folder, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    copy = folder / source.name
+    onnx.save_model(onnx.load(source), copy, save_as_external_data=True, location=f"{source.stem}.data",
+                    size_threshold=0)
+    monkeypatch.chdir(elsewhere)
+    return copy, elsewhere
+
+
 def random_weight(m: int, n: int, true_rank: int | None = None, seed: int = 0, decay: float = 0.0) -> np.ndarray:
     """A float64 m x n matrix: exactly of ``true_rank`` when given, else with spectrum s_i ~ exp(-decay * i)."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from onnx_arsvd import EnergyPolicy, compress, format_report
 from onnx_arsvd.budget import Budget, BudgetSearch, SearchStep, bisect_index, bisect_tau, split_data
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import BudgetMissedError, InvalidInputError
-from tests.conftest import MODELS
+from tests.conftest import MODELS, external_copy_elsewhere
 
 
 def test_bisection_finds_the_boundary_from_either_side() -> None:
@@ -261,13 +261,8 @@ def test_a_budget_runs_on_an_external_data_model_from_another_working_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Candidates are serialized without their external data, which onnxruntime must find by the model's
     folder, not the working one: before, every search on such a model failed unless run from its folder."""
-    folder, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
-    folder.mkdir()
-    elsewhere.mkdir()
-    onnx.save_model(onnx.load(MODELS / "digits_mlp.onnx"), folder / "digits.onnx", save_as_external_data=True,
-                    location="digits.data", size_threshold=0)
-    monkeypatch.chdir(elsewhere)
-    _, report = compress(folder / "digits.onnx", elsewhere / "small.onnx", budget=Budget(max_drop=1.0),
+    copy, elsewhere = external_copy_elsewhere(MODELS / "digits_mlp.onnx", tmp_path, monkeypatch)
+    _, report = compress(copy, elsewhere / "small.onnx", budget=Budget(max_drop=1.0),
                          data=MODELS / "digits_test.npz")
     assert report.budget["met"] and report.verification.accuracy_drop <= 1.0
     assert report.dense_params_after < 0.5 * report.dense_params_before

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_arsvd import EnergyPolicy, compress, verify
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.sessions import make_session, model_session
-from tests.conftest import MODELS, make_mlp
+from tests.conftest import MODELS, external_copy_elsewhere, make_mlp
 
 
 @pytest.mark.parametrize("external", [False, True])
@@ -97,15 +97,10 @@ def test_in_memory_models_with_external_data_verify_from_any_working_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``compress`` without an output verifies the rewritten model in memory, whose untouched weights are still
     references into the input's data file: that file is found from another working folder, by any session."""
-    folder, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
-    folder.mkdir()
-    elsewhere.mkdir()
-    onnx.save_model(onnx.load(MODELS / "fashion_mlp.onnx"), folder / "f.onnx", save_as_external_data=True,
-                    location="f.data", size_threshold=0)
-    monkeypatch.chdir(elsewhere)
-    model, report = compress(folder / "f.onnx", policy=EnergyPolicy(0.9), data=MODELS / "fashion_test.npz")
+    copy, elsewhere = external_copy_elsewhere(MODELS / "fashion_mlp.onnx", tmp_path, monkeypatch)
+    model, report = compress(copy, policy=EnergyPolicy(0.9), data=MODELS / "fashion_test.npz")
     assert report.verification.samples == 10000 and report.verification.accuracy_drop < 1.0
     assert any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    again = verify(to_model(folder / "f.onnx"), model, data=MODELS / "fashion_test.npz")
+    again = verify(to_model(copy), model, data=MODELS / "fashion_test.npz")
     assert again.accuracy_drop == report.verification.accuracy_drop
     assert list(elsewhere.iterdir()) == []
