@@ -5,7 +5,8 @@ object with onnxruntime's ``CalibrationDataReader`` protocol (``get_next()`` ret
 None when done), so a reader written for static quantization works here unchanged. The original
 model runs in onnxruntime with every candidate layer's input exposed as an extra output (from inside
 If/Loop/Scan bodies too), and each
-layer's Gram matrix is accumulated batch by batch in float64: memory is bounded by the layer sizes
+layer's Gram matrix is accumulated batch by batch in float64, over real token positions only when the
+feed carries an attention mask (:mod:`onnx_arsvd.padding`): memory is bounded by the layer sizes
 (m x m per weight), not by the amount of data. For loss curves (:func:`curve_grams`) a weight with
 m > n gets the n x n :class:`~onnx_arsvd.losscurve.OutputGram` instead, all its curve needs: a search
 over a transformer's down-projections (4h x h) then holds 16x less.
@@ -26,6 +27,7 @@ from onnx_arsvd.capture import exposed_model
 from onnx_arsvd.data import ArrayReader, CalibrationDataReader, CheckedReader
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.losscurve import OutputGram
+from onnx_arsvd.padding import drop_padding, real_positions
 from onnx_arsvd.sessions import make_session, run_session
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams", "output_errors"]
@@ -34,10 +36,13 @@ Gram = np.ndarray | OutputGram
 """A weight's input Gram matrix X^T X (m x m), or its output Gram (m > n, from :func:`curve_grams`)."""
 
 
-def _rows(layer: Layer, x: np.ndarray) -> np.ndarray:
-    """The layer's input vectors, one per row: X's rows for ``X @ M``, its columns for ``W @ X`` or transA."""
+def _rows(layer: Layer, x: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    """The layer's input vectors, one per row: X's rows for ``X @ M`` (those at real token ``positions`` only,
+    see :mod:`onnx_arsvd.padding`), its columns for ``W @ X`` or transA."""
     if layer.left != layer.trans_x and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
+    else:
+        x = drop_padding(x, positions)
     return x.astype(np.float64).reshape(-1, layer.shape[0])
 
 
@@ -52,7 +57,8 @@ class _Capture:
 
     def rows(self, feed: dict[str, np.ndarray]) -> list[tuple[Layer, np.ndarray]]:
         outputs = dict(zip(self.names, run_session(self.session, self.names, feed), strict=True))
-        return [(layer, _rows(layer, outputs[self.by_node[id(layer.node)]])) for layer in self.layers]
+        positions = real_positions(feed)
+        return [(layer, _rows(layer, outputs[self.by_node[id(layer.node)]], positions)) for layer in self.layers]
 
 
 Source = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader

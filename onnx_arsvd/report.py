@@ -175,7 +175,9 @@ def format_verification(verification: VerificationReport, markdown: bool = False
     lines = [
         f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})"
         + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (pass --data)"
-           if verification.inputs.startswith("generated") else ""),
+           if verification.inputs.startswith("generated") else "")
+        + (f"\n{verification.padded_positions} padded token positions (attention mask 0) left out of the comparison"
+           if verification.padded_positions else ""),
         tabulate(rows, ["output", "max abs err", "rel err", "cosine (mean)", "cosine (min)"], tablefmt=style),
     ]
     if verification.original is not None and verification.compressed is not None:

@@ -61,6 +61,9 @@ class VerificationReport:
     compressed: TaskScores | None = None
     flipped: int | None = None
     """Samples one model classifies correctly and the other not (the discordant pairs)."""
+    padded_positions: int = 0
+    """Token positions the attention mask marks as padding, left out of every comparison (see
+    :mod:`onnx_arsvd.padding`)."""
 
     @property
     def accuracy_drop(self) -> float | None:

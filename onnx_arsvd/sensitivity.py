@@ -22,6 +22,7 @@ from onnx_arsvd.allocate import Allocation
 from onnx_arsvd.candidates import WeightKey, find_layers
 from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.model_io import to_model
+from onnx_arsvd.padding import real_positions, zero_padding
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import Feed, ModelLike
@@ -32,7 +33,13 @@ DEFAULT_PROBES = (0.01, 0.1)
 
 
 def _outputs(session, batches: Sequence[Feed]) -> list[list[np.ndarray]]:
-    return [[np.asarray(o, dtype=np.float64) for o in session.run(None, feed)] for feed in batches]
+    """Every output on each batch, zero at padded token positions (:mod:`onnx_arsvd.padding`)."""
+    return [_real(session.run(None, feed), feed) for feed in batches]
+
+
+def _real(outputs: Sequence[np.ndarray], feed: Feed) -> list[np.ndarray]:
+    positions = real_positions(feed)
+    return [zero_padding(np.asarray(o, dtype=np.float64), positions) for o in outputs]
 
 
 def output_distortion(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
@@ -65,7 +72,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
     """
     base = to_model(model)  # loaded once; each probe rewrites a clone
     expected = (_outputs(make_session(base), batches) if reference is None
-                else [[np.asarray(o, dtype=np.float64) for o in outputs] for outputs in reference])
+                else [_real(outputs, feed) for outputs, feed in zip(reference, batches, strict=True)])
     responses: dict[WeightKey, Response] = {}
     for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
         relative = c.curve.relative()

@@ -24,6 +24,7 @@ from onnx_arsvd.candidates import Layer, WeightKey, find_layers, node_label
 from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.losscurve import loss_curve
 from onnx_arsvd.model_io import to_model
+from onnx_arsvd.padding import drop_padding, real_positions
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.verification import Feed
@@ -65,10 +66,11 @@ def _cross_grams(original: ir.Model, working: ir.Model, layers: Sequence[Layer],
     for feed in batches:
         xs = dict(zip(names, before.run(names, feed), strict=True))
         shifted = dict(zip(names, after.run(names, feed), strict=True))
+        positions = real_positions(feed)
         for layer in layers:
             m = layer.shape[0]
-            x = xs[_input_name(layer)].astype(np.float64).reshape(-1, m)
-            x2 = shifted[_input_name(layer)].astype(np.float64).reshape(-1, m)
+            x = drop_padding(xs[_input_name(layer)], positions).astype(np.float64).reshape(-1, m)
+            x2 = drop_padding(shifted[_input_name(layer)], positions).astype(np.float64).reshape(-1, m)
             own, cross = grams.get(layer.weight_key, (0.0, 0.0))
             grams[layer.weight_key] = (own + x2.T @ x2, cross + x2.T @ x)
     return grams

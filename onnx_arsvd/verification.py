@@ -17,6 +17,7 @@ from onnx_arsvd.candidates import constant_tensor
 from onnx_arsvd.data import Feed, load_labelled, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, to_model, weight_stats
+from onnx_arsvd.padding import masks, real_positions, zero_padding
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
 from onnx_arsvd.sessions import make_session, run_session
 
@@ -189,6 +190,9 @@ def compare_models(
 ) -> VerificationReport:
     """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory.
 
+    Outputs laid out batch x sequence x ... are compared at real token positions only when the feeds carry
+    an attention mask (:mod:`onnx_arsvd.padding`); the report counts the padded positions left out.
+
     With ``labels``, the first output is read as class scores (argmax per sample) for accuracy and macro-F1.
     ``total`` samples, when known, give the progress bar its length.
     """
@@ -242,11 +246,14 @@ def _compare(names: list[str], runs: Iterable[tuple[Feed, Outputs, Outputs]], pr
     """The report over (feed, original's outputs, compressed model's outputs) for each batch."""
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    samples = 0
+    samples = padded = 0
     bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed, expected, actual in runs:
+        positions = real_positions(feed)
         for name, e, a in zip(names, expected, actual, strict=True):
-            agreements[name].add(np.asarray(e), np.asarray(a))
+            agreements[name].add(zero_padding(np.asarray(e), positions), zero_padding(np.asarray(a), positions))
+        if positions is not None and any(masks(np.asarray(e), positions) for e in expected):
+            padded += int(positions.size - positions.sum())
         if labels is not None:
             for kept, first in zip(predictions, (expected[0], actual[0]), strict=True):
                 kept.append(_rows(np.asarray(first)).argmax(axis=1))
@@ -255,7 +262,8 @@ def _compare(names: list[str], runs: Iterable[tuple[Feed, Outputs, Outputs]], pr
         bar.update(count)
     bar.close()
     report = VerificationReport(provider=provider, inputs=inputs, samples=samples,
-                                outputs=[agreement.result() for agreement in agreements.values()])
+                                outputs=[agreement.result() for agreement in agreements.values()],
+                                padded_positions=padded)
     if labels is not None:
         predicted_e, predicted_a = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in predictions)
         labels = np.asarray(labels).reshape(-1)[: len(predicted_e)]
