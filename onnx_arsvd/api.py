@@ -174,6 +174,9 @@ def _staged(model: ir.Model, output: str | os.PathLike | None, external_data: bo
 def _check_result(verification: VerificationReport | None, search: BudgetSearch | None) -> None:
     """A compressed model whose outputs turn NaN/Inf, or a budget the search could not meet, is a failed run."""
     if search is not None and not search.summary()["met"]:
+        if search.budget.target_latency is not None:
+            raise OutputError(f"the budget ({search.budget.describe()}) is not met even by the fastest allocation "
+                              "searched; nothing written")
         raise OutputError(f"the budget ({search.budget.describe()}) is not met even with every layer's full output "
                           "energy kept; nothing written")
     for output in verification.outputs if verification is not None else ():
@@ -182,8 +185,15 @@ def _check_result(verification: VerificationReport | None, search: BudgetSearch 
                               f"{output.newly_nonfinite} samples where the original's is finite; nothing written")
 
 
-def _held_out_miss(verification: VerificationReport | None, search: BudgetSearch | None) -> str:
-    """How the verified model misses its budget on the held-out part, or "" when it meets it (or none applies)."""
+def _held_out_miss(verification: VerificationReport | None, search: BudgetSearch | None,
+                   latency_check: Sequence[LatencyComparison] = ()) -> str:
+    """How the verified model misses its budget on the held-out part (or, for a latency target, in the final
+    whole-model timing), or "" when it meets it (or none applies)."""
+    if search is not None and search.budget.target_latency is not None and latency_check:
+        slowest = max(latency_check, key=lambda c: c.ratio)
+        if slowest.ratio > search.budget.target_latency:
+            return (f"the budget ({search.budget.describe()}) is missed in the final timing: {slowest.ratio:.3f}x "
+                    f"at batch {slowest.batch}")
     if search is None or search.held_out is None or verification is None:
         return ""
     budget = search.budget
@@ -240,8 +250,9 @@ def compress(
     one global output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a ``guard``, each layer is kept dense where
     factoring it is not faster on the guard's provider, and the whole model is timed against the original at the end
-    (``report.latency_check``); a budget with ``minimize="latency"`` prices every rank on the guard's provider and
-    batch sizes, and needs it. ``jobs`` weights are factored at once (threads, one BLAS thread each); the output is
+    (``report.latency_check``); a budget with ``minimize="latency"`` or a ``target_latency`` prices every rank on the
+    guard's provider and batch sizes, and needs it; a latency target is missed when that final timing exceeds it.
+    ``jobs`` weights are factored at once (threads, one BLAS thread each); the output is
     the same whatever ``jobs`` is. A model with external data written to ``output`` (no budget, no ``quantize``)
     has each weight's factors moved to a scratch file beside the output as soon as they are made, so memory holds
     the factors of the weights in progress only. With ``quantize`` ("int8", "int4" or a
@@ -262,7 +273,7 @@ def compress(
     if isinstance(quantize, str):
         quantize = Quantization(quantize)
     search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size,
-                           latency=guard if budget.minimize == "latency" else None, dims=dims)
+                           latency=guard if budget.prices_latency else None, dims=dims)
               if budget is not None else None)
     if search is not None and method == "whitened":
         calibration = search.calibration
@@ -317,7 +328,8 @@ def compress(
 
         with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
             compressed = written_model.path if written_model is not None else loaded
-            if guard is not None and provider is not None and factored:
+            timed = factored or (search is not None and search.budget.target_latency is not None)
+            if guard is not None and provider is not None and timed:
                 compressed_source = (os.fspath(written_model.path) if written_model is not None
                                      else model_source(loaded)[0])
                 latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
@@ -326,7 +338,7 @@ def compress(
                 verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
                                       batch_size=batch_size, progress=progress, one_at_a_time=one_at_a_time)
             _check_result(verification, search)
-            if missed := _held_out_miss(verification, search):
+            if missed := _held_out_miss(verification, search, latency_check):
                 raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()), loaded)
             written = _Written()
             if written_model is not None:

@@ -18,6 +18,12 @@ before it is judged, so the budget judges the model that ships; if even quantiza
 misses the budget, the search runs again without it and says so. Candidates run in batches of the verification's size:
 dynamic INT8 takes each activation's scale from the whole batch, so its outputs depend on the batching.
 
+A latency target (``target_latency``) prices every rank in the guard's measured per-layer latency
+(:mod:`onnx_arsvd.latency_cost`) and bisects that frontier the other way: the most accurate point whose
+whole model, timed against the original at every guard batch size, is within the target. The per-layer
+prices leave out the rest of the graph, so only the whole-model timing decides; the final check times
+the written model again, and a miss there is reported as a miss.
+
 With ``sequential`` every candidate's factors are refitted layer by layer on the partially
 compressed model's activations (:mod:`onnx_arsvd.sequential`) before it is judged.
 
@@ -97,11 +103,13 @@ judged on the whole calibration part."""
 @dataclass(frozen=True)
 class Budget:
     """One of: at most ``max_drop`` accuracy points lost (needs labels), a mean output cosine of at
-    least ``min_cosine``, or at most ``target_params`` of the dense parameters kept."""
+    least ``min_cosine``, at most ``target_params`` of the dense parameters kept, or a whole-model latency of
+    at most ``target_latency`` times the original's (measured on the latency guard's provider and batch sizes)."""
 
     max_drop: float | None = None
     min_cosine: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
     holdout: float = 0.4
     seed: int = 0
     steps: int = 12
@@ -119,15 +127,19 @@ class Budget:
     (:mod:`onnx_arsvd.latency_cost`; global allocation only)."""
 
     def __post_init__(self) -> None:
-        given = [v is not None for v in (self.max_drop, self.min_cosine, self.target_params)]
+        given = [v is not None for v in (self.max_drop, self.min_cosine, self.target_params, self.target_latency)]
         if sum(given) != 1:
-            raise InvalidInputError("give exactly one budget: max_drop, min_cosine or target_params")
+            raise InvalidInputError("give exactly one budget: max_drop, min_cosine, target_params or target_latency")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise InvalidInputError(f"max_drop must be a non-negative number of points, got {self.max_drop}")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise InvalidInputError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
         if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
             raise InvalidInputError(f"target_params must be in (0, 1], got {self.target_params}")
+        if self.target_latency is not None and not 0.0 < self.target_latency <= 1.0:
+            raise InvalidInputError(f"target_latency must be in (0, 1], got {self.target_latency}")
+        if self.target_latency is not None and self.allocation != "global":
+            raise InvalidInputError("a latency target needs the global allocation")
         if not 0.0 < self.holdout < 1.0:
             raise InvalidInputError(f"holdout must be in (0, 1), got {self.holdout}")
         if not 0.0 < self.fit_share < 1.0:
@@ -151,10 +163,22 @@ class Budget:
         return self.target_params is None
 
     @property
+    def prices_latency(self) -> bool:
+        """Whether the allocation costs each rank in measured latency (to minimize it, or to meet a latency target)."""
+        return self.minimize == "latency" or self.target_latency is not None
+
+    @property
+    def judges_outputs(self) -> bool:
+        """Whether each search step compares the candidate's outputs with the original's (an accuracy budget)."""
+        return self.max_drop is not None or self.min_cosine is not None
+
+    @property
     def measure(self) -> str | None:
         """What each search step measures in onnxruntime; None when parameters alone decide."""
         if self.max_drop is not None:
             return "accuracy drop, 95% upper prediction bound for the held-out part (points)"
+        if self.target_latency is not None:
+            return "whole-model latency (x the original's, median, slowest batch size)"
         return "mean output cosine, 95% lower prediction bound" if self.min_cosine is not None else None
 
     def describe(self) -> str:
@@ -162,6 +186,8 @@ class Budget:
             return f"at most {self.max_drop:g} accuracy points lost"
         if self.min_cosine is not None:
             return f"mean output cosine at least {self.min_cosine:g}"
+        if self.target_latency is not None:
+            return f"whole-model latency at most {self.target_latency:g}x the original's"
         return f"at most {self.target_params:.1%} of the dense parameters"
 
 
@@ -273,17 +299,21 @@ def bisect_tau(
     return best, tried
 
 
-def bisect_index(evaluate: Callable[[int], SearchStep], count: int, steps: int) -> tuple[SearchStep, list[SearchStep]]:
-    """The smallest feasible index in [0, count) by bisection, the last (safest) tried first, and every step.
+def bisect_index(evaluate: Callable[[int], SearchStep], count: int, steps: int, *,
+                 feasible_above: bool = True) -> tuple[SearchStep, list[SearchStep]]:
+    """The feasible index in [0, count) nearest the feasibility boundary by bisection, and every step.
 
-    Feasibility is taken as monotone in the index (a frontier: more cost, less predicted loss); an
-    infeasible search returns the last index, marked infeasible.
+    Feasibility is taken as monotone in the index (a frontier: more cost, less predicted loss). With
+    ``feasible_above`` (an accuracy budget) the answer is the smallest feasible index and the last (safest)
+    is tried first; otherwise (a latency target: more cost, slower) the largest, and index 0 is tried
+    first. An infeasible search returns that first step, marked infeasible.
     """
-    best = evaluate(count - 1)
+    safe = count - 1 if feasible_above else 0
+    best = evaluate(safe)
     tried = [best]
     if not best.feasible:
         return best, tried
-    low, high = -1, count - 1
+    low, high = (-1, safe) if feasible_above else (safe, count)  # the feasible end is high, resp. low
     for _ in range(steps):
         if high - low <= 1:
             break
@@ -291,7 +321,9 @@ def bisect_index(evaluate: Callable[[int], SearchStep], count: int, steps: int) 
         step = evaluate(middle)
         tried.append(step)
         if step.feasible:
-            high, best = middle, step
+            best = step
+        if step.feasible == feasible_above:
+            high = middle
         else:
             low = middle
     return best, tried
@@ -325,10 +357,11 @@ class BudgetSearch:
     ) -> None:
         self.model, self.budget, self.quantize, self.batch_size = model, budget, quantize, batch_size
         self.latency, self.dims = latency, dict(dims or {})
-        if budget.minimize == "latency" and latency is None:
-            raise InvalidInputError("minimizing latency needs the latency guard: its provider and batch sizes")
-        if budget.minimize == "latency" and method == "lp":
-            raise InvalidInputError("minimizing latency needs the global allocation, which l_p factors do not have")
+        what = "a latency target" if budget.target_latency is not None else "minimizing latency"
+        if budget.prices_latency and latency is None:
+            raise InvalidInputError(f"{what} needs the latency guard: its provider and batch sizes")
+        if budget.prices_latency and method == "lp":
+            raise InvalidInputError(f"{what} needs the global allocation, which l_p factors do not have")
         self.calibration_part: dict[str, np.ndarray] = {}
         self.held_out: dict[str, np.ndarray] | None = None
         self.steps: list[SearchStep] = []
@@ -398,7 +431,7 @@ class BudgetSearch:
         original = make_session(model_source(self.model)[0])
         self._batches = self._feed_batches(original, self.calibration_part)
         self._fit_batches = self._feed_batches(original, self.fit_part) if self.fit_part else self._batches
-        if self.budget.measure is not None:
+        if self.budget.judges_outputs:
             self._reference = reference_outputs(original, self._batches)
         if self.allocation == "global" and self.budget.sensitivity:
             self._response_batches = response_batches(original, self._batches)
@@ -468,7 +501,7 @@ class BudgetSearch:
         self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True,
                                      max_rank_fraction=settings.max_rank_fraction, probes=DEFAULT_PROBES)
         del grams
-        if self.budget.minimize == "latency":
+        if self.budget.prices_latency:
             self._costs = self._latency_costs(loaded, settings, progress)
         options = self._options(settings, None)
         if self._response_reference is not None:
@@ -485,6 +518,8 @@ class BudgetSearch:
             step = self._step(index, None, False)
             self.chosen = dataclasses.replace(step, feasible=chosen is not None)
             self.steps = [self.chosen]
+        elif self.budget.target_latency is not None:
+            self._bisect_latency(progress)
         else:
             self._bisect(progress)
         assert self.chosen is not None and self.chosen.point is not None
@@ -556,7 +591,7 @@ class BudgetSearch:
         allocated = sum(param_cost(c.curve.shape, ranks.get(c.key, DENSE)) for c in self._curves)
         return (allocated + self._fixed) / self._total
 
-    def _step(self, index: int, measured: tuple[float | None, bool, int] | None, quantized: bool) -> SearchStep:
+    def _step(self, index: int, measured: tuple[float | None, bool, int | None] | None, quantized: bool) -> SearchStep:
         value, feasible, nbytes = measured if measured is not None else (None, True, None)
         point, dense = self._points[index], self._points[-1]
         latency = point.cost / dense.cost if self._costs is not None and dense.cost > 0 else None
@@ -590,6 +625,28 @@ class BudgetSearch:
         if self.chosen.feasible and self.chosen.point == last and self.chosen.quantized:
             self.notes.append(f"the best model within the budget is {self._quantize_label()} alone: "
                               "factoring any layer on top of it crossed the budget")
+
+    def _bisect_latency(self, progress: bool) -> None:
+        """The most accurate frontier point whose whole model, timed against the original (interleaved, fresh
+        sessions, at every guard batch size), runs within the latency target; quantized when asked (what ships)."""
+        assert self.latency is not None and self.budget.target_latency is not None and self._loaded is not None
+        guard, target, quantized = self.latency, self.budget.target_latency, self.quantize is not None
+        provider, original, loaded = guard.provider(), model_source(self.model)[0], self._loaded
+        bar = tqdm(total=self.budget.steps + 1, desc="latency search", unit="step", disable=None if progress else True)
+
+        def evaluate(index: int) -> SearchStep:
+            candidate = self._candidate()
+            apply_plans(candidate, self._plan(self._points[index], candidate).plans)
+            source = self.quantize.apply(candidate).SerializeToString() if self.quantize is not None else candidate
+            ratio = max(c.ratio for c in guard.check_model(original, source, provider, self.dims, loaded))
+            step = self._step(index, (ratio, ratio <= target, None), quantized)
+            bar.update()
+            bar.set_postfix(point=index, kept=f"{step.params_kept:.1%}", latency=f"{ratio:.3f}", ok=step.feasible)
+            return step
+
+        with bar:
+            self.chosen, self.steps = bisect_index(evaluate, len(self._points), self.budget.steps,
+                                                   feasible_above=False)
 
     def _quantize_label(self) -> str:
         """The quantization as the notes name it; asked for only of a search that quantizes."""
@@ -687,6 +744,7 @@ class BudgetSearch:
                          f"{self.budget.rank_multiple}{cost}" + (", refitted sequentially" if self._refits else "") \
                          + ")"
         return {"budget": self.budget.describe(), "measure": self.budget.measure,
+                "timed": self.budget.target_latency is not None,
                 "met": bool(self.chosen and self.chosen.feasible),
                 "tau": self.chosen.tau if self.chosen else None, "samples": samples,
                 "allocation": allocation,

@@ -131,13 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
                                "(automatic above 1.8 GB or when the input has it)")
     compress.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     compress.add_argument("--bench", action="store_true", help="benchmark the original and the written model")
-    budget = compress.add_argument_group("budget: the fewest parameters within an accuracy budget (splits --data)")
+    budget = compress.add_argument_group("budget: the fewest parameters within an accuracy budget, or the most "
+                                         "accurate model within a parameter or latency target (splits --data)")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
                         help="at most this many accuracy points lost (needs labels in --data or --labels)")
     budget.add_argument("--min-cosine", type=float,
                         help="mean cosine of every output with the original's at least this")
     budget.add_argument("--target-params", type=float, metavar="F",
                         help="keep at most this fraction of the dense-layer parameters, as accurately as possible")
+    budget.add_argument("--target-latency", type=float, metavar="F",
+                        help="the whole model at most F times the original's latency (median, on --target at every "
+                             "--batch size), as accurately as possible; turns on --guard latency")
     budget.add_argument("--holdout", type=float, default=0.4,
                         help="share of --data held out to report on, never used to choose ranks (default 0.4)")
     budget.add_argument("--fit-share", type=float, default=0.5, metavar="F",
@@ -248,7 +252,7 @@ def _budget(args: argparse.Namespace):
 
     search = {"holdout": args.holdout, "fit_share": args.fit_share, "allocation": args.allocation,
               "rank_multiple": args.rank_multiple, "sequential": args.sequential, "minimize": args.minimize}
-    if args.max_drop is None and args.min_cosine is None and args.target_params is None:
+    if all(getattr(args, kind) is None for kind in ("max_drop", "min_cosine", "target_params", "target_latency")):
         chosen = args.policy is not None or any(getattr(args, p) is not None for p in (*_POLICY_PARAMS.values(),
                                                                                        "output_tau"))
         labelled = None if args.data is None or chosen else bool(args.labels) or _labelled(args.data)
@@ -260,7 +264,8 @@ def _budget(args: argparse.Namespace):
             "--max-drop, ... to choose yourself)")
         return budget
 
-    return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params, **search)
+    return Budget(max_drop=args.max_drop, min_cosine=args.min_cosine, target_params=args.target_params,
+                  target_latency=args.target_latency, **search)
 
 
 def _dims(pairs: Sequence[str]) -> dict[str, int]:
@@ -353,6 +358,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise InvalidInputError("--minimize latency needs an accuracy budget (--max-drop or --min-cosine) "
                                         "and --data")
             args.guard = "latency"  # the guard's table prices the ranks, and then checks the result
+        if args.target_latency is not None:
+            args.guard = "latency"  # the guard times each candidate and prices the ranks
         if args.bench or args.guard:  # bad benchmark options must fail before anything is written
             batches = _batches(args.batch)
         if args.bench:

@@ -201,6 +201,8 @@ def _budget_text(budget: dict, style: str) -> str:
     fitted = f" (factors fitted on {samples['fit']} others)" if samples.get("fit") else ""
     chosen = (f"chosen on {samples['calibration']} calibration samples{fitted}" if measure
               else "chosen by the parameter count alone")
+    if budget.get("timed"):
+        chosen = f"chosen by timing each candidate's whole model against the original{fitted}"
     verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
                 else "no held-out data")
     steps = budget["steps"]
@@ -214,7 +216,7 @@ def _budget_text(budget: dict, style: str) -> str:
     headers = ["tau" if by_threshold else "frontier point", "dense params kept",
                *(["predicted layer latency (x dense)"] if latency else []),
                *([] if by_threshold else ["predicted loss"]),
-               *([f"{measure} on calibration part"] if measure else []),
+               *([measure if budget.get("timed") else f"{measure} on calibration part"] if measure else []),
                *(["quantized"] if budget.get("quantize") else []), "within budget"]
     lines = [f"budget: {budget['budget']}; {verdict}; {chosen}, {verified}",
              tabulate(rows, headers, tablefmt=style, disable_numparse=True)]

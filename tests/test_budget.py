@@ -34,6 +34,16 @@ def test_index_bisection_finds_the_cheapest_feasible_point_and_tries_the_safe_en
     assert not best.feasible and best.point == 99 and len(tried) == 1
 
 
+def test_index_bisection_below_finds_the_costliest_feasible_point_and_tries_index_zero_first() -> None:
+    """A latency target: the cheap end is the fast one, so the feasible points are the low indices."""
+    for boundary in (0, 1, 37, 98, 99):
+        best, tried = bisect_index(lambda i, b=boundary: SearchStep(None, i / 100, None, i <= b, point=i), 100, 12,
+                                   feasible_above=False)
+        assert best.point == boundary and best.feasible and tried[0].point == 0 and len(tried) <= 9
+    best, tried = bisect_index(lambda i: SearchStep(None, 1.0, None, False, point=i), 100, 12, feasible_above=False)
+    assert not best.feasible and best.point == 0 and len(tried) == 1
+
+
 def test_split_is_seeded_disjoint_and_complete() -> None:
     arrays = {"x": np.arange(100), "labels": np.arange(100) * 10}
     calibration, held_out = split_data(arrays, 0.4, seed=0)

@@ -19,6 +19,7 @@ from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows, timing_key
 from onnx_arsvd.latency_cost import latency_costs, rank_grid
 from onnx_arsvd.model_io import load_model
+from onnx_arsvd.report import format_report
 from onnx_arsvd.results import LayerTiming
 from tests.conftest import MODELS
 
@@ -139,3 +140,36 @@ def test_cli_minimize_latency_turns_the_guard_on(tmp_path: Path, capsys: pytest.
     report = json.loads(capsys.readouterr().out)
     assert "cost: measured latency on CPU at batch 1, 8" in report["budget"]["allocation"]
     assert [c["batch"] for c in report["latency_check"]] == [1, 8] and out.is_file()
+
+
+def test_a_latency_target_returns_the_most_accurate_point_timed_within_it(tmp_path: Path) -> None:
+    guard = LatencyGuard(batches=(1, 8), layer_seconds=0.02, model_seconds=0.05)
+    _, report = compress(MODELS / "fashion_mlp.onnx", tmp_path / "fast.onnx", budget=Budget(target_latency=0.9),
+                         data=MODELS / "fashion_test.npz", guard=guard)
+    budget = report.budget
+    assert budget["met"] and budget["timed"] and "cost: measured latency on CPU at batch 1, 8" in budget["allocation"]
+    steps = budget["steps"]
+    assert steps[0]["point"] == 0 and all(s["value"] is not None for s in steps)  # the fastest end, tried first
+    assert all(s["feasible"] == (s["value"] <= 0.9) for s in steps)
+    chosen = max((s for s in steps if s["feasible"]), key=lambda s: s["point"])
+    assert 0.0 < chosen["params_kept"] < 1.0 and report.factored >= 1
+    assert report.verification is not None and report.verification.samples == 4000
+    assert [c.batch for c in report.latency_check] == [1, 8] and (tmp_path / "fast.onnx").is_file()
+    assert "chosen by timing each candidate's whole model against the original" in format_report(report)
+
+
+def test_an_unreachable_latency_target_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fast.onnx"
+    code = main(["compress", str(MODELS / "fashion_mlp.onnx"), "-o", str(out), "--data",
+                 str(MODELS / "fashion_test.npz"), "--target-latency", "0.001", "--batch", "1",
+                 "--guard-seconds", "0.02", "--seconds", "0.05", "-q"])
+    assert code == 1 and not out.exists()
+    assert "not met even by the fastest allocation searched; nothing written" in capsys.readouterr().err
+    with pytest.raises(InvalidInputError, match="a latency target needs the latency guard"):
+        compress(MODELS / "fashion_mlp.onnx", budget=Budget(target_latency=0.5), data=MODELS / "fashion_test.npz")
+    with pytest.raises(InvalidInputError, match="target_latency must be in"):
+        Budget(target_latency=1.5)
+    with pytest.raises(InvalidInputError, match="a latency target needs the global allocation"):
+        Budget(target_latency=0.5, allocation="threshold")
+    with pytest.raises(InvalidInputError, match="give exactly one budget"):
+        Budget(target_latency=0.5, max_drop=1.0)
