@@ -30,7 +30,14 @@ if not __package__:  # run as a file: import from the repository root, as python
 import numpy as np
 import onnx_ir as ir
 
-from benchmarks.results_io import MINILM_PACKAGES, compress_studied, header, markdown_table, write_result
+from benchmarks.results_io import (
+    MINILM_PACKAGES,
+    compress_studied,
+    header,
+    held_out_quality,
+    markdown_table,
+    write_result,
+)
 from benchmarks.text_eval import MINILM, minilm_built
 from onnx_arsvd import Report
 from onnx_arsvd.benchmark import batch_feed, compare_latency, timed_rounds
@@ -65,14 +72,6 @@ CASES = {
 }
 
 
-def _quality(report: Report) -> str:
-    verification = report.verification
-    assert verification is not None
-    cosine = min(o.mean_cosine for o in verification.outputs)
-    drop = verification.accuracy_drop
-    return f"cosine {cosine:.4f}" + (f", drop {drop:+.2f} pts" if drop is not None else "")
-
-
 def _row(case: Case, budget: Budget, report: Report, missed: bool, seconds: float) -> list[object]:
     reverted = sum(1 for layer in report.layers if layer.reason.startswith("latency guard"))
     whole = " / ".join(f"{c.ratio:.3f}" for c in report.latency_check) or "nothing factored"
@@ -80,7 +79,7 @@ def _row(case: Case, budget: Budget, report: Report, missed: bool, seconds: floa
     chosen = min((s for s in report.budget["steps"] if s["feasible"]), key=lambda s: s["point"], default=None)
     predicted = "" if chosen is None or chosen.get("latency") is None else f"{chosen['latency']:.3f}"
     kept = report.dense_params_after / report.dense_params_before
-    quality = _quality(report) + (" **MISSED**" if missed else "")
+    quality = held_out_quality(report) + (" **MISSED**" if missed else "")
     return [case.name, budget.describe(), budget.minimize, f"{kept:.1%}", predicted, f"{report.factored} ({reverted})",
             quality, whole, f"{seconds:.0f}"]
 

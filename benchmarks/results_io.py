@@ -127,3 +127,12 @@ def compress_studied(model: object, output: Path | None = None, **options: Any) 
         if output is not None:
             save_model(error.model, output)
         return error.report, True
+
+
+def held_out_quality(report: Report) -> str:
+    """The verification's worst mean output cosine, and the accuracy drop when labels were given."""
+    verification = report.verification
+    assert verification is not None
+    cosine = min(o.mean_cosine for o in verification.outputs)
+    drop = verification.accuracy_drop
+    return f"cosine {cosine:.4f}" + (f", drop {drop:+.2f} pts" if drop is not None else "")

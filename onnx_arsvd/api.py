@@ -174,7 +174,11 @@ def _staged(model: ir.Model, output: str | os.PathLike | None, external_data: bo
 def _check_result(verification: VerificationReport | None, search: BudgetSearch | None) -> None:
     """A compressed model whose outputs turn NaN/Inf, or a budget the search could not meet, is a failed run."""
     if search is not None and not search.summary()["met"]:
-        if search.budget.target_latency is not None:
+        if search.latency_bound is not None:
+            raise OutputError(f"the budget ({search.budget.describe()}) is not met: the fastest model within the "
+                              f"accuracy budget times at up to {search.latency_bound:.3f}x (95% bound); "
+                              "nothing written")
+        if search.budget.target_latency is not None and not search.budget.judges_outputs:
             raise OutputError(f"the budget ({search.budget.describe()}) is not met even by the fastest allocation "
                               "searched; nothing written")
         raise OutputError(f"the budget ({search.budget.describe()}) is not met even with every layer's full output "

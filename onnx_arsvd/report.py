@@ -202,7 +202,8 @@ def _budget_text(budget: dict, style: str) -> str:
     chosen = (f"chosen on {samples['calibration']} calibration samples{fitted}" if measure
               else "chosen by the parameter count alone")
     if budget.get("timed"):
-        chosen = f"chosen by timing each candidate's whole model against the original{fitted}"
+        chosen = "chosen by timing each candidate's whole model against the original" + (
+            f" (factors fitted on {samples['fit']} samples)" if samples.get("fit") else "")
     verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
                 else "no held-out data")
     steps = budget["steps"]

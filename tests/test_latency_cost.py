@@ -15,7 +15,7 @@ from onnx_arsvd.budget import Budget
 from onnx_arsvd.candidates import Layer, find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.curves import weight_curves, weight_options
-from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.errors import InvalidInputError, OutputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows, timing_key
 from onnx_arsvd.latency_cost import latency_costs, rank_grid
 from onnx_arsvd.model_io import load_model
@@ -171,5 +171,22 @@ def test_an_unreachable_latency_target_writes_nothing(tmp_path: Path, capsys: py
         Budget(target_latency=1.5)
     with pytest.raises(InvalidInputError, match="a latency target needs the global allocation"):
         Budget(target_latency=0.5, allocation="threshold")
-    with pytest.raises(InvalidInputError, match="give exactly one budget"):
-        Budget(target_latency=0.5, max_drop=1.0)
+    with pytest.raises(InvalidInputError, match="a parameter target and a latency target"):
+        Budget(target_latency=0.5, target_params=0.3)
+
+
+def test_a_latency_target_with_an_accuracy_budget_times_the_fastest_point_within_it(tmp_path: Path) -> None:
+    guard = LatencyGuard(batches=(1, 8), layer_seconds=0.02, model_seconds=0.05)
+    budget = Budget(max_drop=1.0, target_latency=0.9)
+    assert budget.describe() == "at most 1 accuracy points lost, whole-model latency at most 0.9x the original's"
+    _, report = compress(MODELS / "fashion_mlp.onnx", tmp_path / "fast.onnx", budget=budget,
+                         data=MODELS / "fashion_test.npz", guard=guard)
+    searched = report.budget
+    assert searched["met"] and not searched["timed"] and 0.0 < searched["latency_bound"] <= 0.9
+    assert "cost: measured latency" in searched["allocation"]  # the fastest point within the accuracy budget
+    assert report.verification.accuracy_drop <= 1.0 and (tmp_path / "fast.onnx").is_file()
+    out = tmp_path / "too_fast.onnx"
+    with pytest.raises(OutputError, match="the fastest model within the accuracy budget times at up to"):
+        compress(MODELS / "fashion_mlp.onnx", out, budget=Budget(max_drop=1.0, target_latency=0.001),
+                 data=MODELS / "fashion_test.npz", guard=guard)
+    assert not out.exists()
