@@ -20,9 +20,11 @@ dynamic INT8 takes each activation's scale from the whole batch, so its outputs 
 
 A latency target (``target_latency``) prices every rank in the guard's measured per-layer latency
 (:mod:`onnx_arsvd.latency_cost`) and bisects that frontier the other way: the most accurate point whose
-whole model, timed against the original at every guard batch size, is within the target. The per-layer
-prices leave out the rest of the graph, so only the whole-model timing decides; the final check times
-the written model again, and a miss there is reported as a miss.
+whole model, timed against the original at every guard batch size, is within the target by a 95% upper
+prediction bound (the median alone kept points just under the target, which the final timing then
+missed). The per-layer prices leave out the rest of the graph, so only the whole-model timing decides;
+the final check times the written model again, and a miss there is reported as a miss. With an accuracy
+budget as well, the fastest point within that budget is timed once the same way.
 
 With ``sequential`` every candidate's factors are refitted layer by layer on the partially
 compressed model's activations (:mod:`onnx_arsvd.sequential`) before it is judged.
@@ -53,10 +55,11 @@ from onnx_arsvd.allocate import DENSE, Allocation, LayerOptions, best_within, fr
 from onnx_arsvd.calibration import curve_grams, output_errors
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
-from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, sample_count, split_batches
+from onnx_arsvd.data import Feed, label_problem, load_arrays, load_data, load_labels, sample_count, split_batches
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
+from onnx_arsvd.model_io import to_model
 from onnx_arsvd.model_plan import (
     HEAD_REASON,
     LayerSelection,
@@ -184,7 +187,7 @@ class Budget:
         if self.min_cosine is not None:
             return "mean output cosine, 95% lower prediction bound"
         if self.target_latency is not None:
-            return "whole-model latency (x the original's, median, slowest batch size)"
+            return "whole-model latency (x the original's), 95% upper prediction bound, slowest batch size"
         return None
 
     def describe(self) -> str:
@@ -383,6 +386,8 @@ class BudgetSearch:
             raise InvalidInputError("an accuracy budget needs data: inputs (and labels) to split and measure")
         if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
             arrays = load_arrays(data)
+            if labels is None and "labels" in arrays and label_problem(to_model(model)):
+                del arrays["labels"]  # sentence labels for token outputs: no accuracy to judge (see data.py)
             if labels is not None:
                 arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
             if budget.max_drop is not None and "labels" not in arrays:
@@ -651,7 +656,7 @@ class BudgetSearch:
         source = self.quantize.apply(candidate).SerializeToString() if quantized and self.quantize else candidate
         comparisons = self.latency.check_model(model_source(self.model)[0], source, self.latency.provider(),
                                                self.dims, self._loaded)
-        return max(c.ratio for c in comparisons)
+        return max(c.ratio_bound(Z_95) for c in comparisons)
 
     def _bisect_latency(self, progress: bool) -> None:
         """The most accurate frontier point whose whole model, timed against the original (interleaved, fresh

@@ -236,15 +236,21 @@ def _factor_heads(args: argparse.Namespace) -> bool:
     return bool(args.factor_heads or getattr(args, "data", None) or args.calibration)
 
 
-def _labelled(path: str) -> bool | None:
-    """Whether an .npz holds a 'labels' array; None when it cannot be read (the data check says why later)."""
+def _labelled(path: str, model: str) -> bool | None:
+    """Whether an .npz holds a 'labels' array the model's first output can be scored against; None when the data
+    cannot be read (the data check says why later)."""
     import numpy as np
+
+    from onnx_arsvd.data import label_problem
+    from onnx_arsvd.model_io import load_model
 
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return "labels" in archive.files
+            if "labels" not in archive.files:
+                return False
     except (OSError, ValueError):
         return None
+    return not label_problem(load_model(model))
 
 
 def _budget(args: argparse.Namespace):
@@ -255,7 +261,7 @@ def _budget(args: argparse.Namespace):
     if all(getattr(args, kind) is None for kind in ("max_drop", "min_cosine", "target_params", "target_latency")):
         chosen = args.policy is not None or any(getattr(args, p) is not None for p in (*_POLICY_PARAMS.values(),
                                                                                        "output_tau"))
-        labelled = None if args.data is None or chosen else bool(args.labels) or _labelled(args.data)
+        labelled = None if args.data is None or chosen else bool(args.labels) or _labelled(args.data, args.model)
         if labelled is None:
             return None
         budget = Budget(max_drop=1.0, **search) if labelled else Budget(min_cosine=0.99, **search)

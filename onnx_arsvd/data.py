@@ -3,11 +3,16 @@
 Arrays are keyed by graph input name with samples on the first axis. Before any work each array
 is checked against the model's input: present, of a castable dtype, of the input's rank, with its
 fixed dims, at least one sample, all inputs with the same sample count, and finite. Labels are
-1-D integers, one per sample, and only for a first output that can be argmaxed into classes.
+1-D integers, one per sample, and only for a first output that can be argmaxed into classes: one
+score vector per sample, (samples, classes) or with fixed extra axes. A data file's own ``labels``
+array that the first output cannot take (a sentence-embedding model's token states, batch x sequence
+x hidden, scored against sentence labels) is left out with a warning, so no meaningless accuracy is
+reported or budgeted; labels given apart are an error then.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -20,6 +25,8 @@ import onnx_ir as ir
 
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 
+logger = logging.getLogger("onnx_arsvd")
+
 __all__ = [
     "ArrayReader",
     "CalibrationDataReader",
@@ -29,6 +36,7 @@ __all__ = [
     "check_feed",
     "check_labels",
     "input_specs",
+    "label_problem",
     "load_arrays",
     "load_data",
     "load_labelled",
@@ -204,12 +212,25 @@ def _classes(model: ir.Model | _Session) -> int | None:
         raise InvalidInputError(f"labels need a first output of shape (samples, classes); {name!r} has rank "
                                 f"{len(shape)}")
     known = [d for d in shape[1:] if d is not None]
+    if len(shape) > 2 and len(known) < len(shape) - 1:
+        dims = ", ".join("?" if d is None else str(d) for d in shape)
+        raise InvalidInputError(f"labels need a first output of class scores, (samples, classes); {name!r} has "
+                                f"shape ({dims}), more than one axis per sample and not all fixed")
     if len(known) == len(shape) - 1:
         classes = math.prod(known)
         if classes < 2:
             raise InvalidInputError(f"labels need at least 2 classes; output {name!r} has {classes}")
         return classes
     return None
+
+
+def label_problem(model: ir.Model | _Session) -> str:
+    """Why the model's first output cannot be scored against labels, or "" when it can."""
+    try:
+        _classes(model)
+    except InvalidInputError as error:
+        return str(error)
+    return ""
 
 
 def check_labels(labels: np.ndarray, samples: int, model: ir.Model | _Session, where: str = "labels") -> np.ndarray:
@@ -236,8 +257,13 @@ def load_data(data: DataSource, model: ir.Model | _Session) -> tuple[Feed, np.nd
 def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | None,
                   model: ir.Model | _Session) -> tuple[Feed, np.ndarray | None]:
     """The checked feed and its checked labels: ``labels`` when given (an array or ``.npy`` path), else
-    the data's own ``labels`` array, else None."""
+    the data's own ``labels`` array (left out, with a warning, when the first output cannot take labels),
+    else None."""
     feed, own = load_data(data, model)
+    if labels is None and own is not None and (problem := label_problem(model)):
+        where = "the data" if isinstance(data, Mapping) else os.fspath(data)
+        logger.warning(f"{where}: its 'labels' array is left out: {problem}")
+        own = None
     given = load_labels(labels) if labels is not None else own
     if given is None:
         return feed, None

@@ -128,6 +128,18 @@ class LatencyComparison:
     ratio_p90: float
     round_ratios: tuple[float, ...]
 
+    def ratio_bound(self, z: float = 1.645) -> float:
+        """One-sided upper prediction bound for the ratio another measurement like this one will show.
+
+        Each round has its own sessions, so the rounds' spread is the noise a fresh measurement meets
+        (sessions, and the machine's load over seconds): the ratio plus z times that spread, widened by
+        sqrt(1 + 1/rounds) for the new measurement's own noise. One round gives no spread: the ratio itself.
+        """
+        rounds = len(self.round_ratios)
+        if rounds < 2:
+            return self.ratio
+        return self.ratio + z * float(np.std(self.round_ratios, ddof=1)) * float(np.sqrt(1.0 + 1.0 / rounds))
+
     @property
     def consistently_slower(self) -> bool:
         """Slower overall and in every round (with 3 rounds, pure session noise does this 1 time in 8)."""

@@ -20,7 +20,7 @@ from onnx_arsvd.guard import LatencyGuard, observed_rows, timing_key
 from onnx_arsvd.latency_cost import latency_costs, rank_grid
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.report import format_report
-from onnx_arsvd.results import LayerTiming
+from onnx_arsvd.results import LatencyComparison, LatencyStats, LayerTiming
 from tests.conftest import MODELS
 
 CPU = "CPUExecutionProvider"
@@ -156,6 +156,14 @@ def test_a_latency_target_returns_the_most_accurate_point_timed_within_it(tmp_pa
     assert report.verification is not None and report.verification.samples == 4000
     assert [c.batch for c in report.latency_check] == [1, 8] and (tmp_path / "fast.onnx").is_file()
     assert "chosen by timing each candidate's whole model against the original" in format_report(report)
+
+
+def test_the_latency_bound_widens_with_the_rounds_spread() -> None:
+    stats = LatencyStats(1.0, 1.0, 1.0, 1.0, 10)
+    spread = LatencyComparison(CPU, 1, stats, stats, 0.6, 0.5, 0.7, (0.5, 0.6, 0.7))
+    assert spread.ratio_bound() == pytest.approx(0.6 + 1.645 * 0.1 * np.sqrt(4 / 3))
+    assert LatencyComparison(CPU, 1, stats, stats, 0.6, 0.5, 0.7, (0.6, 0.6, 0.6)).ratio_bound() == 0.6
+    assert LatencyComparison(CPU, 1, stats, stats, 0.6, 0.5, 0.7, (0.9,)).ratio_bound() == 0.6  # no spread known
 
 
 def test_an_unreachable_latency_target_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_arsvd import verify
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
+from onnx_arsvd.cli import main
 from onnx_arsvd.curves import weight_curves
+from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.padding import drop_padding, real_positions, zero_padding
 from onnx_arsvd.report import format_verification
 from onnx_arsvd.sensitivity import layer_responses
@@ -113,3 +115,26 @@ def test_layer_response_is_measured_on_real_positions() -> None:
     y, y2 = data["X"] @ random_weight(M, N, decay=0.3) + mask, data["X"] @ (a @ b) + mask
     distortion = np.sum(np.where(mask, y2 - y, 0) ** 2) / np.sum(np.where(mask, y, 0) ** 2)
     assert response.scale * curve.curve.relative()[rank] == pytest.approx(distortion, rel=1e-3)
+
+
+def test_sentence_labels_are_left_out_for_token_outputs(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Labels per sentence cannot score a batch x sequence x hidden output: an argmax over a sentence's every
+    token state is no class, and both models would score about 0, so any budget on it would be met."""
+    onnx.save(_masked_model(random_weight(M, N)), tmp_path / "tokens.onnx")
+    data = _data(samples=40)
+    np.savez(tmp_path / "data.npz", **data, labels=np.arange(40) % 2)
+    with caplog.at_level("WARNING", logger="onnx_arsvd"):
+        report = verify(tmp_path / "tokens.onnx", tmp_path / "tokens.onnx", data=tmp_path / "data.npz")
+    assert report.original is None and "its 'labels' array is left out" in caplog.text
+    assert "labels need a first output of class scores" in caplog.text
+    with pytest.raises(InvalidInputError, match=r"has shape \(\?, \?, 12\)"):
+        verify(tmp_path / "tokens.onnx", tmp_path / "tokens.onnx", data=tmp_path / "data.npz",
+               labels=np.arange(40) % 2)
+    out = tmp_path / "small.onnx"
+    assert main(["compress", str(tmp_path / "tokens.onnx"), "-o", str(out), "--data", str(tmp_path / "data.npz"),
+                 "--min-params", "0", "-q"]) == 0  # the default budget without usable labels: output cosine
+    assert "choosing ranks for mean output cosine at least 0.99" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "tokens.onnx"), "-o", str(out), "--data", str(tmp_path / "data.npz"),
+                 "--max-drop", "1", "-q"]) == 2
+    assert "max_drop needs labels" in capsys.readouterr().err
