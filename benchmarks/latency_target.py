@@ -3,9 +3,9 @@
 For each model and target, ``compress`` runs with ``Budget(target_latency=...)`` and the latency guard at
 batch 1 and 32 on CPU: every rank is priced from the guard's per-shape table, and the frontier is
 bisected with each candidate's whole model timed against the original (interleaved rounds of fresh
-sessions, median of per-pair ratios, the slower batch size deciding). The written model is then timed
-again by ``compress``'s final check, which is what the table shows, and its quality is measured on the
-held-out 40% of the data, which the search never saw. A target the final timing misses is shown as
+sessions; the 95% upper prediction bound of the ratio, the slower batch size deciding). The written
+model is then timed again by ``compress``'s final check, which is what the table shows, and its quality
+is measured on the held-out 40% of the data, which the search never saw. A target the final timing misses is shown as
 missed (the tool writes nothing then; the study keeps the model to measure it).
 
 One Fashion run has an accuracy budget as well (``--max-drop 1 --target-latency 0.6``): the fastest point
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                        "60/40 (seed 0), every quality figure is on the held-out 40%",
                        f"wall time {time.perf_counter() - started:.0f} s"]),
         "",
-        "`search's timing`: the chosen point's whole-model ratio as the search measured it (the slower batch "
-        "size; with an accuracy budget too, the fastest point within it, timed once); `final timing`: "
+        "`search's timing`: the chosen point's whole-model ratio as the search measured it, its 95% upper "
+        "prediction bound at the slower batch size (with an accuracy budget too, the fastest point within it, "
+        "timed once); `final timing`: "
         "`compress`'s own check of the written model, compressed / original median "
         "latency at batch 1 / 32, which decides met or missed; `steps`: candidates timed.",
         "",
