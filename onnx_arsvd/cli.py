@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-params", type=float, metavar="F",
                         help="keep at most this fraction of the dense-layer parameters, as accurately as possible")
     budget.add_argument("--target-latency", type=float, metavar="F",
-                        help="the whole model at most F times the original's latency (median, on --target at every "
-                             "--batch size), as accurately as possible; turns on --guard latency")
+                        help="the whole model at most F times the original's latency on --target at every --batch "
+                             "size (a 95%% upper bound in the search, the median in the final timing), as accurately "
+                             "as possible; with --max-drop/--min-cosine, the fastest model within those, timed; "
+                             "turns on --guard latency")
     budget.add_argument("--holdout", type=float, default=0.4,
                         help="share of --data held out to report on, never used to choose ranks (default 0.4)")
     budget.add_argument("--fit-share", type=float, default=0.5, metavar="F",
