@@ -55,11 +55,10 @@ from onnx_arsvd.allocate import DENSE, Allocation, LayerOptions, best_within, fr
 from onnx_arsvd.calibration import curve_grams, output_errors
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
-from onnx_arsvd.data import Feed, label_problem, load_arrays, load_data, load_labels, sample_count, split_batches
+from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, sample_count, split_batches
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
-from onnx_arsvd.model_io import to_model
 from onnx_arsvd.model_plan import (
     HEAD_REASON,
     LayerSelection,
@@ -353,7 +352,12 @@ class SearchOutcome:
 
 
 class BudgetSearch:
-    """Splits the data, then finds the model with the fewest parameters that meets the budget."""
+    """Splits the data, then finds the model with the fewest parameters that meets the budget.
+
+    ``labels`` are the ones to judge with, as the caller resolved them (:func:`onnx_arsvd.api.compress` passes
+    those given, or the data's own when the model's first output can take them); a ``labels`` array in
+    ``data`` is not read.
+    """
 
     def __init__(
         self,
@@ -386,8 +390,7 @@ class BudgetSearch:
             raise InvalidInputError("an accuracy budget needs data: inputs (and labels) to split and measure")
         if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
             arrays = load_arrays(data)
-            if labels is None and "labels" in arrays and label_problem(to_model(model)):
-                del arrays["labels"]  # sentence labels for token outputs: no accuracy to judge (see data.py)
+            arrays.pop("labels", None)
             if labels is not None:
                 arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
             if budget.max_drop is not None and "labels" not in arrays:

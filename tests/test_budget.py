@@ -62,7 +62,7 @@ def test_factors_are_never_judged_on_the_samples_they_were_fitted_to(method: str
     with np.load(MODELS / "digits_test.npz") as archive:
         arrays = {name: archive[name] for name in archive.files}
     budget = Budget(max_drop=1.0, sequential=sequential)
-    search = BudgetSearch(MODELS / "digits_mlp.onnx", budget, arrays, None, method, None)
+    search = BudgetSearch(MODELS / "digits_mlp.onnx", budget, arrays, arrays["labels"], method, None)
     calibration, held_out = split_data(arrays, budget.holdout, budget.seed)
     judged = {row.tobytes() for row in search.calibration_part["input"]}
     assert "labels" in search.calibration_part and len(search.held_out["input"]) == len(held_out["input"])
