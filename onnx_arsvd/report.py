@@ -198,12 +198,15 @@ def _budget_text(budget: dict, style: str) -> str:
                    else budget.get("allocation", "a global allocation"))
     verdict = (f"met with {chosen_with}" if budget["met"]
                else "NOT met even with every layer dense: the model is returned unfactored")
-    fitted = f" (factors fitted on {samples['fit']} others)" if samples.get("fit") else ""
-    chosen = (f"chosen on {samples['calibration']} calibration samples{fitted}" if measure
-              else "chosen by the parameter count alone")
+    fit = samples.get("fit")
     if budget.get("timed"):
         chosen = "chosen by timing each candidate's whole model against the original" + (
-            f" (factors fitted on {samples['fit']} samples)" if samples.get("fit") else "")
+            f" (factors fitted on {fit} samples)" if fit else "")
+    elif measure:
+        chosen = f"chosen on {samples['calibration']} calibration samples" + (
+            f" (factors fitted on {fit} others)" if fit else "")
+    else:
+        chosen = "chosen by the parameter count alone"
     verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
                 else "no held-out data")
     steps = budget["steps"]
