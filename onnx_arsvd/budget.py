@@ -528,7 +528,7 @@ class BudgetSearch:
         if self._response_reference is not None:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
             responses = layer_responses(loaded, choosing, self._response_batches, progress=progress,
-                                        reference=self._response_reference.outputs)
+                                        reference=self._response_reference)
             options = self._options(settings, responses)
         self._points = frontier(options)
         self._total = sum(d.params for d in self._decisions(self._points[-1], loaded))

@@ -22,10 +22,10 @@ from onnx_arsvd.allocate import Allocation
 from onnx_arsvd.candidates import WeightKey, find_layers
 from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.model_io import to_model
-from onnx_arsvd.padding import real_positions, zero_padding
+from onnx_arsvd.padding import real_positions, sequence_outputs, zero_padding
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
-from onnx_arsvd.verification import Feed, ModelLike
+from onnx_arsvd.verification import Feed, ModelLike, ReferenceOutputs
 
 __all__ = ["DEFAULT_PROBES", "Response", "layer_responses", "output_distortion"]
 
@@ -34,12 +34,14 @@ DEFAULT_PROBES = (0.01, 0.1)
 
 def _outputs(session, batches: Sequence[Feed]) -> list[list[np.ndarray]]:
     """Every output on each batch, zero at padded token positions (:mod:`onnx_arsvd.padding`)."""
-    return [_real(session.run(None, feed), feed) for feed in batches]
+    sequence = sequence_outputs(session.get_inputs(), session.get_outputs())
+    return [_real(session.run(None, feed), feed, sequence) for feed in batches]
 
 
-def _real(outputs: Sequence[np.ndarray], feed: Feed) -> list[np.ndarray]:
+def _real(outputs: Sequence[np.ndarray], feed: Feed, sequence: Sequence[bool]) -> list[np.ndarray]:
     positions = real_positions(feed)
-    return [zero_padding(np.asarray(o, dtype=np.float64), positions) for o in outputs]
+    return [zero_padding(np.asarray(o, dtype=np.float64), positions, seq)
+            for o, seq in zip(outputs, sequence, strict=True)]
 
 
 def output_distortion(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
@@ -64,15 +66,16 @@ class Response:
 
 def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Sequence[Feed], *,
                     probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False,
-                    reference: Sequence[Sequence[np.ndarray]] | None = None) -> dict[WeightKey, Response]:
+                    reference: ReferenceOutputs | None = None) -> dict[WeightKey, Response]:
     """Every weight's response (see the module's docstring), each probe one onnxruntime run.
 
-    ``reference`` is the model's every output on each of ``batches`` when the caller has them already;
+    ``reference`` holds the model's every output on each of ``batches`` when the caller has them already;
     else the model runs once for them.
     """
     base = to_model(model)  # loaded once; each probe rewrites a clone
     expected = (_outputs(make_session(base), batches) if reference is None
-                else [_real(outputs, feed) for outputs, feed in zip(reference, batches, strict=True)])
+                else [_real(outputs, feed, reference.sequence)
+                      for outputs, feed in zip(reference.outputs, batches, strict=True)])
     responses: dict[WeightKey, Response] = {}
     for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
         relative = c.curve.relative()

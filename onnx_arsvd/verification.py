@@ -17,7 +17,7 @@ from onnx_arsvd.candidates import constant_tensor
 from onnx_arsvd.data import Feed, load_labelled, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, to_model, weight_stats
-from onnx_arsvd.padding import masks, real_positions, zero_padding
+from onnx_arsvd.padding import masks, real_positions, sequence_outputs, zero_padding
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
 from onnx_arsvd.sessions import make_session, run_session
 
@@ -190,8 +190,9 @@ def compare_models(
 ) -> VerificationReport:
     """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory.
 
-    Outputs laid out batch x sequence x ... are compared at real token positions only when the feeds carry
-    an attention mask (:mod:`onnx_arsvd.padding`); the report counts the padded positions left out.
+    Outputs laid out batch x sequence x ... (and 2-D ones whose declared second dim is the mask's sequence dim)
+    are compared at real token positions only when the feeds carry an attention mask
+    (:mod:`onnx_arsvd.padding`); the report counts the padded positions left out.
 
     With ``labels``, the first output is read as class scores (argmax per sample) for accuracy and macro-F1.
     ``total`` samples, when known, give the progress bar its length.
@@ -199,8 +200,13 @@ def compare_models(
     names = [o.name for o in original.get_outputs()]
     _check_same_outputs(names, compressed)
     runs = ((feed, run_session(original, names, feed), run_session(compressed, names, feed)) for feed in batches)
-    return _compare(names, runs, original.get_providers()[0], labels=labels, inputs=inputs, progress=progress,
-                    total=total)
+    return _compare(names, _sequence(original), runs, original.get_providers()[0], labels=labels, inputs=inputs,
+                    progress=progress, total=total)
+
+
+def _sequence(session: ort.InferenceSession) -> list[bool]:
+    """For each output, whether it is a 2-D batch x sequence output (:func:`~onnx_arsvd.padding.sequence_outputs`)."""
+    return sequence_outputs(session.get_inputs(), session.get_outputs())
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,7 @@ class ReferenceOutputs:
     candidate with them, without holding (or rerunning) a session of the original."""
 
     names: list[str]
+    sequence: list[bool]
     provider: str
     outputs: list[Outputs]
 
@@ -221,7 +228,7 @@ def reference_outputs(original: ort.InferenceSession, batches: Sequence[Feed]) -
     """Every output of ``original`` on each of ``batches``."""
     names = [o.name for o in original.get_outputs()]
     outputs = [run_session(original, names, feed) for feed in batches]
-    return ReferenceOutputs(names, original.get_providers()[0], outputs)
+    return ReferenceOutputs(names, _sequence(original), original.get_providers()[0], outputs)
 
 
 def compare_with_reference(reference: ReferenceOutputs, compressed: ort.InferenceSession, batches: Sequence[Feed], *,
@@ -232,7 +239,8 @@ def compare_with_reference(reference: ReferenceOutputs, compressed: ort.Inferenc
     _check_same_outputs(reference.names, compressed)
     runs = ((feed, expected, run_session(compressed, reference.names, feed))
             for feed, expected in zip(batches, reference.outputs, strict=True))
-    return _compare(reference.names, runs, reference.provider, labels=labels, inputs="", progress=False, total=None)
+    return _compare(reference.names, reference.sequence, runs, reference.provider, labels=labels, inputs="",
+                    progress=False, total=None)
 
 
 def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> None:
@@ -241,18 +249,20 @@ def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> N
                                     f"{[o.name for o in compressed.get_outputs()]}")
 
 
-def _compare(names: list[str], runs: Iterable[tuple[Feed, Outputs, Outputs]], provider: str, *,
-             labels: np.ndarray | None, inputs: str, progress: bool, total: int | None) -> VerificationReport:
-    """The report over (feed, original's outputs, compressed model's outputs) for each batch."""
+def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Feed, Outputs, Outputs]], provider: str,
+             *, labels: np.ndarray | None, inputs: str, progress: bool, total: int | None) -> VerificationReport:
+    """The report over (feed, original's outputs, compressed model's outputs) for each batch; ``sequence`` flags the
+    2-D outputs laid out batch x sequence."""
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = padded = 0
     bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed, expected, actual in runs:
         positions = real_positions(feed)
-        for name, e, a in zip(names, expected, actual, strict=True):
-            agreements[name].add(zero_padding(np.asarray(e), positions), zero_padding(np.asarray(a), positions))
-        if positions is not None and any(masks(np.asarray(e), positions) for e in expected):
+        for name, seq, e, a in zip(names, sequence, expected, actual, strict=True):
+            agreements[name].add(*(zero_padding(np.asarray(x), positions, seq) for x in (e, a)))
+        if positions is not None and any(masks(np.asarray(e), positions, seq)
+                                         for e, seq in zip(expected, sequence, strict=True)):
             padded += int(positions.size - positions.sum())
         if labels is not None:
             for kept, first in zip(predictions, (expected[0], actual[0]), strict=True):
@@ -370,8 +380,8 @@ def verify(
     if not one_at_a_time:
         return compare_models(session_a, session_b, batches, labels=labels, inputs=described, progress=progress,
                               total=total)
-    names, inputs, provider_used = [o.name for o in session_a.get_outputs()], _inputs(session_a), \
-        session_a.get_providers()[0]
+    names, sequence, inputs, provider_used = ([o.name for o in session_a.get_outputs()], _sequence(session_a),
+                                              _inputs(session_a), session_a.get_providers()[0])
     feeds = list(batches)
     bar = tqdm(feeds, desc="verification (original)", unit="batch", disable=None if progress else True)
     expected = [run_session(session_a, names, feed) for feed in bar]
@@ -380,7 +390,7 @@ def verify(
     _check_same_inputs(inputs, session_b)
     _check_same_outputs(names, session_b)
     runs = ((feed, outputs, run_session(session_b, names, feed)) for feed, outputs in zip(feeds, expected, strict=True))
-    return _compare(names, runs, provider_used, labels=labels, inputs=described + "; one model at a time",
+    return _compare(names, sequence, runs, provider_used, labels=labels, inputs=described + "; one model at a time",
                     progress=progress, total=total)
 
 

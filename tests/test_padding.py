@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.curves import weight_curves
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.padding import drop_padding, real_positions, zero_padding
+from onnx_arsvd.padding import drop_padding, real_positions, sequence_outputs, zero_padding
 from onnx_arsvd.report import format_verification
 from onnx_arsvd.sensitivity import layer_responses
 from tests.conftest import random_weight
@@ -99,6 +100,53 @@ def test_verification_compares_real_positions_only(tmp_path: Path) -> None:
     unpadded = verify(tmp_path / "a.onnx", tmp_path / "b.onnx",
                       data={"X": data["X"], "attention_mask": np.ones_like(data["attention_mask"])})
     assert unpadded.padded_positions == 0 and unpadded.outputs[0].max_abs_error > 10 * output.max_abs_error
+
+
+def _span_model(weight: np.ndarray, second_dim: str) -> onnx.ModelProto:
+    """Per-position scores, batch x sequence (as question answering's start logits): sum_j (X @ W)[..., j], the
+    output's second dim declared as ``second_dim``."""
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["H"], name="dense"),
+             helper.make_node("ReduceSum", ["H", "last"], ["logits"], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "spans",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "seq", M]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", second_dim])],
+        initializer=[numpy_helper.from_array(weight.astype(np.float32), "W"),
+                     numpy_helper.from_array(np.array([-1], np.int64), "last")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("second_dim", ["seq", "classes"])
+def test_two_dimensional_output_is_masked_only_on_the_masks_named_axis(tmp_path: Path, second_dim: str) -> None:
+    """A 2-D output is batch x sequence only when its declared dim is the mask's: its size alone (here SEQ either
+    way) cannot tell a sequence axis from a class axis."""
+    w = random_weight(M, N)
+    noisy = w + 0.3 * np.random.default_rng(1).standard_normal(w.shape)
+    onnx.save(_span_model(w, second_dim), tmp_path / "a.onnx")
+    onnx.save(_span_model(noisy, second_dim), tmp_path / "b.onnx")
+    data = _data()
+    report = verify(tmp_path / "a.onnx", tmp_path / "b.onnx", data=data, batch_size=3)
+    mask = data["attention_mask"].astype(bool) if second_dim == "seq" else np.ones((len(data["X"]), SEQ), bool)
+    y, y2 = (np.where(mask, (data["X"] @ v).sum(-1), 0) for v in (w, noisy))
+    cosines = np.sum(y * y2, 1) / np.linalg.norm(y, axis=1) / np.linalg.norm(y2, axis=1)
+    (output,) = report.outputs
+    assert output.mean_cosine == pytest.approx(np.mean(cosines), rel=1e-5)
+    assert output.relative_error == pytest.approx(np.linalg.norm(y2 - y) / np.linalg.norm(y), rel=1e-4)
+    assert report.padded_positions == (int(mask.size - mask.sum()) if second_dim == "seq" else 0)
+
+
+def test_sequence_outputs_need_the_masks_symbolic_dim() -> None:
+    def declared(name: str, *shape: int | str | None) -> SimpleNamespace:
+        return SimpleNamespace(name=name, shape=list(shape))
+
+    outputs = [declared("start", "b", "s"), declared("pooled", "b", 384), declared("tokens", "b", "s", 384),
+               declared("other", "b", "t")]
+    assert sequence_outputs([declared("attention_mask", "b", "s")], outputs) == [True, False, False, False]
+    assert sequence_outputs([declared("attention_mask", "b", 128)], outputs) == [False] * 4  # fixed: no name
+    assert sequence_outputs([declared("attention_mask", "b", None)], [declared("start", "b", None)]) == [False]
+    assert sequence_outputs([declared("ids", "b", "s")], outputs) == [False] * 4  # no mask input
 
 
 def test_layer_response_is_measured_on_real_positions() -> None:
