@@ -148,11 +148,12 @@ def _input_files(model: ModelLike, loaded: ir.Model, data: object, labels: objec
 
 
 def _checked_data(loaded: ir.Model, data: DataSource | None, labels: np.ndarray | str | os.PathLike | None,
-                  calibration: CalibrationSource | None) -> np.ndarray | None:
+                  calibration: CalibrationSource | None, *, verified_on_data: bool) -> np.ndarray | None:
     """Check the data, labels and calibration arrays against the model before any work; the labels array
-    (those given, else the data's own)."""
+    (those given, else the data's own). Labels the model cannot take are warned about here unless
+    ``verified_on_data``: the verification reads the same data again and says it then."""
     if data is not None:
-        labels = load_labelled(data, labels, loaded)[1]
+        labels = load_labelled(data, labels, loaded, warn=not verified_on_data)[1]
     elif labels is not None:
         labels = load_labels(labels)
     if isinstance(calibration, (str, os.PathLike, Mapping)):
@@ -270,7 +271,8 @@ def compress(
     check_files(data=data, labels=labels)
     loaded = to_model(model)
     check_paths({"-o": output}, _input_files(model, loaded, data, labels, calibration))
-    labels = _checked_data(loaded, data, labels, calibration if method == "whitened" else None)
+    labels = _checked_data(loaded, data, labels, calibration if method == "whitened" else None,
+                           verified_on_data=check and budget is None)
     source_files = external_data_files(loaded)
     if external_data is None and source_files:  # a model that had external data keeps it, whatever is factored
         external_data = True

@@ -255,14 +255,15 @@ def load_data(data: DataSource, model: ir.Model | _Session) -> tuple[Feed, np.nd
 
 
 def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | None,
-                  model: ir.Model | _Session) -> tuple[Feed, np.ndarray | None]:
+                  model: ir.Model | _Session, *, warn: bool = True) -> tuple[Feed, np.ndarray | None]:
     """The checked feed and its checked labels: ``labels`` when given (an array or ``.npy`` path), else
-    the data's own ``labels`` array (left out, with a warning, when the first output cannot take labels),
-    else None."""
+    the data's own ``labels`` array (left out, with a warning unless ``warn`` is false, when the first output
+    cannot take labels), else None."""
     feed, own = load_data(data, model)
     if labels is None and own is not None and (problem := label_problem(model)):
         where = "the data" if isinstance(data, Mapping) else os.fspath(data)
-        logger.warning(f"{where}: its 'labels' array is left out: {problem}")
+        if warn:
+            logger.warning(f"{where}: its 'labels' array is left out: {problem}")
         own = None
     given = load_labels(labels) if labels is not None else own
     if given is None:

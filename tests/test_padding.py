@@ -182,7 +182,13 @@ def test_sentence_labels_are_left_out_for_token_outputs(tmp_path: Path, caplog: 
     out = tmp_path / "small.onnx"
     assert main(["compress", str(tmp_path / "tokens.onnx"), "-o", str(out), "--data", str(tmp_path / "data.npz"),
                  "--min-params", "0", "-q"]) == 0  # the default budget without usable labels: output cosine
-    assert "choosing ranks for mean output cosine at least 0.99" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "choosing ranks for mean output cosine at least 0.99" in err and err.count("is left out") == 1
+    for extra in (["--tau", "0.9"], ["--tau", "0.9", "--no-verify"]):  # said once, whether or not verify reads it
+        out.unlink()
+        assert main(["compress", str(tmp_path / "tokens.onnx"), "-o", str(out), "--data", str(tmp_path / "data.npz"),
+                     "--min-params", "0", "-q", *extra]) == 0
+        assert capsys.readouterr().err.count("its 'labels' array is left out") == 1, extra
     assert main(["compress", str(tmp_path / "tokens.onnx"), "-o", str(out), "--data", str(tmp_path / "data.npz"),
                  "--max-drop", "1", "-q"]) == 2
     assert "max_drop needs labels" in capsys.readouterr().err
