@@ -531,8 +531,8 @@ class BudgetSearch:
                                         reference=self._response_reference)
             options = self._options(settings, responses)
         self._points = frontier(options)
-        self._total = sum(d.params for d in self._decisions(self._points[-1], loaded))
-        self._fixed = self._fixed_params(loaded)
+        self._total = sum(d.params for d in self._dense_decisions(self._points[-1], loaded))
+        self._fixed = sum(d.params_after for d in self._dense_decisions(self._points[0], loaded, outside=True))
         if self.budget.target_params is not None:
             chosen = best_within(self._points, self.budget.target_params * self._total - self._fixed)
             index = self._points.index(chosen) if chosen is not None else 0
@@ -596,16 +596,13 @@ class BudgetSearch:
         excluded = [(layer, dense_decision(layer, reason)) for layer, reason in selection.excluded]
         return ModelPlan(plans, excluded, selection.skipped, selection.order)
 
-    def _decisions(self, point: Allocation, model: ir.Model) -> list[LayerDecision]:
+    def _dense_decisions(self, point: Allocation, model: ir.Model, outside: bool = False) -> list[LayerDecision]:
+        """Each dense layer's decision at an allocation, a shared weight once, embedding tables apart (as the report
+        and :meth:`ModelPlan.params_kept` count); with ``outside``, only the layers the allocation does not choose."""
+        chosen = {c.key for c in self._curves} if outside else set()
         planned = self._plan(point, model)
-        return [d for plan in planned.plans for d in plan.decisions[:1]] + [d for _, d in planned.excluded]
-
-    def _fixed_params(self, model: ir.Model) -> float:
-        """Parameters outside the allocation (excluded layers, embedding tables) at any point."""
-        keys = {c.key for c in self._curves}
-        planned = self._plan(self._points[0], model)
-        fixed = [d for plan in planned.plans if plan.layers[0].weight_key not in keys for d in plan.decisions[:1]]
-        return sum(d.params_after for d in fixed + [d for _, d in planned.excluded])
+        firsts = [(plan.layers[0], plan.decisions[0]) for plan in planned.plans] + planned.excluded
+        return [d for layer, d in firsts if not layer.is_embedding and layer.weight_key not in chosen]
 
     def _kept(self, index: int) -> float:
         """Share of the dense parameters a frontier point keeps."""
