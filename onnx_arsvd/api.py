@@ -279,7 +279,7 @@ def compress(
     if isinstance(quantize, str):
         quantize = Quantization(quantize)
     search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size,
-                           latency=guard if budget.prices_latency else None, dims=dims)
+                           latency=guard if budget.prices_latency else None, dims=dims, loaded=loaded)
               if budget is not None else None)
     if search is not None and method == "whitened":
         calibration = search.calibration

@@ -55,10 +55,11 @@ from onnx_arsvd.allocate import DENSE, Allocation, LayerOptions, best_within, fr
 from onnx_arsvd.calibration import curve_grams, output_errors
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
-from onnx_arsvd.data import Feed, load_arrays, load_data, load_labels, sample_count, split_batches
+from onnx_arsvd.data import Feed, load_data, load_labels, sample_count, split_batches
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
+from onnx_arsvd.model_io import to_model
 from onnx_arsvd.model_plan import (
     HEAD_REASON,
     LayerSelection,
@@ -75,7 +76,7 @@ from onnx_arsvd.results import VerificationReport
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sensitivity import DEFAULT_PROBES, Response, layer_responses
 from onnx_arsvd.sequential import sequential_factors
-from onnx_arsvd.sessions import make_session, model_session
+from onnx_arsvd.sessions import make_session, model_session, run_session
 from onnx_arsvd.settings import CalibrationSource, Settings
 from onnx_arsvd.verification import (
     DEFAULT_BATCH_SIZE,
@@ -90,6 +91,8 @@ __all__ = ["ALLOCATIONS", "COSTS", "Budget", "BudgetSearch", "SearchOutcome", "S
            "bisect_tau", "first_samples", "response_batches", "split_data"]
 
 ALLOCATIONS = ("global", "threshold")
+UNREACHED_REASON = "the calibration data never reached it (a branch not taken): kept dense, nothing could judge it"
+SILENT_REASON = "factoring it changed no output on the calibration data: kept dense, nothing could judge it"
 COSTS = ("params", "latency")
 Z_95 = 1.645
 RESPONSE_VALUES = 2**20
@@ -246,7 +249,7 @@ def response_batches(session: ort.InferenceSession, batches: Sequence[Feed], val
     if not batches or not batches[0]:
         return list(batches)
     one = {name: array[:1] for name, array in batches[0].items()}
-    per_sample = max(1, sum(np.asarray(output).size for output in session.run(None, one)))
+    per_sample = max(1, sum(np.asarray(output).size for output in run_session(session, None, one)))
     return first_samples(batches, max(least, math.ceil(values / per_sample)))
 
 
@@ -371,7 +374,9 @@ class BudgetSearch:
         batch_size: int = DEFAULT_BATCH_SIZE,
         latency: LatencyGuard | None = None,
         dims: Mapping[str, int] | None = None,
+        loaded: ir.Model | None = None,
     ) -> None:
+        """``loaded`` is ``model`` already opened, when the caller has it (else it is opened to read its inputs)."""
         self.model, self.budget, self.quantize, self.batch_size = model, budget, quantize, batch_size
         self.latency, self.dims = latency, dict(dims or {})
         what = "a latency target" if budget.target_latency is not None else "minimizing latency"
@@ -389,8 +394,8 @@ class BudgetSearch:
         if budget.needs_data and data is None:
             raise InvalidInputError("an accuracy budget needs data: inputs (and labels) to split and measure")
         if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
-            arrays = load_arrays(data)
-            arrays.pop("labels", None)
+            arrays = load_data(data, loaded if loaded is not None else to_model(model))[0]  # checked: per-call inputs
+            # repeated for each sample, so the split slices every array alike
             if labels is not None:
                 arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
             if budget.max_drop is not None and "labels" not in arrays:
@@ -415,6 +420,7 @@ class BudgetSearch:
         self._settings = Settings()
         self._memo = PlanMemo()
         self._curves: list[WeightCurve] = []
+        self._unjudged: dict[WeightKey, str] = {}
         self._points: list[Allocation] = []
         self._total = 0.0
         self._fixed = 0.0
@@ -517,6 +523,7 @@ class BudgetSearch:
             if settings.calibration is None:  # Settings refuses the whitened method without calibration inputs
                 raise ValueError("whitened settings without calibration inputs")
             grams = curve_grams(loaded, selection.dense, settings.calibration, progress=progress)
+        reached = set(grams) if grams is not None else None
         self._settings = settings
         # the curves hold all the search needs: each Gram (float64, m x m) is dropped once its curve is made
         self._curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True,
@@ -529,7 +536,11 @@ class BudgetSearch:
             choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
             responses = layer_responses(loaded, choosing, self._response_batches, progress=progress,
                                         reference=self._response_reference)
+            self._set_aside_unjudged(reached, responses)
             options = self._options(settings, responses)
+        elif reached is not None:
+            self._set_aside_unjudged(reached, {})
+            options = self._options(settings, None)
         self._points = frontier(options)
         self._total = sum(d.params for d in self._dense_decisions(self._points[-1], loaded))
         self._fixed = sum(d.params_after for d in self._dense_decisions(self._points[0], loaded, outside=True))
@@ -550,15 +561,31 @@ class BudgetSearch:
             self._measure_frontier(self.chosen.point)
         return SearchOutcome(settings, memo, planned)
 
-    @staticmethod
-    def _select(model: ir.Model, settings: Settings) -> LayerSelection:
-        """The model's layers; without ``factor_heads`` the layers feeding a graph output are set aside, dense."""
+    def _select(self, model: ir.Model, settings: Settings) -> LayerSelection:
+        """The model's layers; set aside, dense: the weights the data cannot judge (:meth:`_set_aside_unjudged`),
+        and without ``factor_heads`` the layers feeding a graph output."""
         selection = select_layers(model, settings)
-        if settings.factor_heads:
+        aside = [(layer, reason) for layer in selection.dense if (reason := self._unjudged.get(layer.weight_key))]
+        if not settings.factor_heads:
+            aside += [(layer, HEAD_REASON) for layer in selection.dense
+                      if feeds_graph_output(layer.node) and layer.weight_key not in self._unjudged]
+        if not aside:
             return selection
-        heads = [layer for layer in selection.dense if feeds_graph_output(layer.node)]
-        return dataclasses.replace(selection, dense=[layer for layer in selection.dense if layer not in heads],
-                                   excluded=selection.excluded + [(layer, HEAD_REASON) for layer in heads])
+        kept = {id(layer) for layer, _ in aside}
+        return dataclasses.replace(selection, dense=[layer for layer in selection.dense if id(layer) not in kept],
+                                   excluded=selection.excluded + aside)
+
+    def _set_aside_unjudged(self, reached: set[WeightKey] | None, responses: Mapping[WeightKey, Response]) -> None:
+        """Keep dense the weights the calibration data cannot judge: those whose layers it never reached (a branch
+        not taken: no input Gram) and those whose factoring changed no output on it (a response of 0). Their
+        predicted loss would be 0 at any rank, so the allocation would factor them to the least rank for free,
+        and no end-to-end check on this data would see the damage."""
+        for c in self._curves:
+            if reached is not None and c.key not in reached:
+                self._unjudged[c.key] = UNREACHED_REASON
+            elif c.key in responses and responses[c.key].scale == 0:
+                self._unjudged[c.key] = SILENT_REASON
+        self._curves = [c for c in self._curves if c.key not in self._unjudged]
 
     def _options(self, settings: Settings, responses: Mapping[WeightKey, Response] | None) -> list[LayerOptions]:
         return weight_options(self._curves, responses=responses, multiple=self.budget.rank_multiple,

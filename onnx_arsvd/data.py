@@ -2,7 +2,10 @@
 
 Arrays are keyed by graph input name with samples on the first axis. Before any work each array
 is checked against the model's input: present, of a castable dtype, of the input's rank, with its
-fixed dims, at least one sample, all inputs with the same sample count, and finite. Labels are
+fixed dims, at least one sample, all inputs with the same sample count, and finite. An input of a fixed
+shape that takes one value per call (a flag, a threshold) may be given once, in that shape, beside inputs
+that hold samples: it is repeated for every sample (a broadcast view, no copy) so that every slice of the
+feed carries it, and :func:`one_call` gives the session that one value back. Labels are
 1-D integers, one per sample, and only for a first output that can be argmaxed into classes: one
 score vector per sample, (samples, classes) or with fixed extra axes. A data file's own ``labels``
 array that the first output cannot take (a sentence-embedding model's token states, batch x sequence
@@ -41,6 +44,7 @@ __all__ = [
     "load_data",
     "load_labelled",
     "load_labels",
+    "one_call",
     "sample_count",
     "split_batches",
 ]
@@ -157,21 +161,64 @@ def _check_array(array: np.ndarray, spec: InputSpec, where: str, samples: bool) 
     return array.astype(spec.dtype, copy=False)
 
 
+def _fixed(spec: InputSpec) -> bool:
+    return spec.shape is not None and None not in spec.shape
+
+
+def _once(array: np.ndarray, spec: InputSpec) -> bool:
+    """Whether ``array`` is one value of a fixed-shape input (its exact shape), not samples of it."""
+    return _fixed(spec) and array.shape == spec.shape
+
+
+def _repeated(array: np.ndarray, spec: InputSpec) -> bool:
+    """Whether ``array`` is one value of a fixed-shape input repeated for each sample (one axis more)."""
+    return _fixed(spec) and array.ndim == len(spec.shape or ()) + 1 and array.shape[1:] == spec.shape
+
+
 def check_feed(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], where: str, *, samples: bool = True) -> Feed:
-    """The arrays the model's inputs need, checked and cast; ``samples`` also demands one common count."""
-    feed: Feed = {}
+    """The arrays the model's inputs need, checked and cast; ``samples`` also demands one common count.
+
+    With ``samples``, a fixed-shape input given once beside inputs that hold samples is repeated for each
+    sample (see the module's docstring); given per sample, its values must be one value repeated.
+    """
+    given: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in arrays:
             raise InvalidInputError(f"{where}: no array for model input {spec.name!r} "
                                     f"(has: {', '.join(arrays) or 'nothing'})")
-        feed[spec.name] = _check_array(np.asarray(arrays[spec.name]), spec, where, samples)
+        given[spec.name] = np.asarray(arrays[spec.name])
+    once = {s.name for s in specs if samples and _once(given[s.name], s)}
+    repeated = {s.name for s in specs if samples and _repeated(given[s.name], s)}
+    if once | repeated == set(given):  # nothing else holds samples: every array is samples (a fixed batch dim)
+        once, repeated = set(), set()
+    feed: Feed = {}
+    for spec in specs:
+        array = given[spec.name]
+        if spec.name in repeated:
+            if len(array):  # the one value's dtype and finiteness; then that every sample repeats it
+                _check_array(array[0, ...], spec, where, samples=False)
+                if not np.all(array == array[:1]):
+                    raise InvalidInputError(f"{where}: input {spec.name!r} takes one value per call, "
+                                            f"{spec.describe()}; the data gives it different values per sample")
+            feed[spec.name] = array.astype(spec.dtype, copy=False)
+        else:
+            feed[spec.name] = _check_array(array, spec, where, samples and spec.name not in once)
     if samples and feed:
-        counts = {len(a) for a in feed.values()}
+        counts = {len(a) for name, a in feed.items() if name not in once}
         if len(counts) != 1:
             raise InvalidInputError(f"{where}: input arrays have different sample counts {sorted(counts)}")
         if counts == {0}:
             raise InvalidInputError(f"{where}: the arrays hold no sample")
+        for name in once:
+            feed[name] = np.broadcast_to(feed[name], (*counts, *feed[name].shape))
     return feed
+
+
+def one_call(feed: Mapping[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """The feed as one session call takes it: an input of a fixed shape repeated for each sample by
+    :func:`check_feed` (one axis more than its shape) back to its one value."""
+    repeated = {s.name for s in specs if s.name in feed and _repeated(np.asarray(feed[s.name]), s)}
+    return {name: (array[0, ...] if name in repeated else array) for name, array in feed.items()}
 
 
 def load_labels(labels: np.ndarray | str | os.PathLike) -> np.ndarray:
@@ -274,7 +321,8 @@ def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | Non
 def split_batches(feed: Feed, model: ir.Model | _Session | list[InputSpec], batch_size: int) -> Iterator[Feed]:
     """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
     specs = model if isinstance(model, list) else input_specs(model)
-    fixed = next((s.shape[0] for s in specs if s.shape and s.shape[0]), None)
+    fixed = next((s.shape[0] for s in specs if s.shape and s.shape[0] and s.name in feed
+                  and not _repeated(feed[s.name], s)), None)
     step = fixed or batch_size
     total = sample_count(feed)
     stop = total - total % step if fixed else total

@@ -24,7 +24,7 @@ from onnx_arsvd.curves import WeightCurve, allocation_plans
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.padding import real_positions, sequence_outputs, zero_padding
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.sessions import make_session, run_session
 from onnx_arsvd.verification import Feed, ModelLike, ReferenceOutputs
 
 __all__ = ["DEFAULT_PROBES", "Response", "layer_responses", "output_distortion"]
@@ -35,7 +35,7 @@ DEFAULT_PROBES = (0.01, 0.1)
 def _outputs(session, batches: Sequence[Feed]) -> list[list[np.ndarray]]:
     """Every output on each batch, zero at padded token positions (:mod:`onnx_arsvd.padding`)."""
     sequence = sequence_outputs(session.get_inputs(), session.get_outputs())
-    return [_real(session.run(None, feed), feed, sequence) for feed in batches]
+    return [_real(run_session(session, None, feed), feed, sequence) for feed in batches]
 
 
 def _real(outputs: Sequence[np.ndarray], feed: Feed, sequence: Sequence[bool]) -> list[np.ndarray]:

@@ -26,7 +26,7 @@ from onnx_arsvd.losscurve import loss_curve
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.padding import drop_padding, real_positions
 from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.sessions import make_session, run_session
 from onnx_arsvd.verification import Feed
 
 __all__ = ["sequential_factors"]
@@ -64,8 +64,8 @@ def _cross_grams(original: ir.Model, working: ir.Model, layers: Sequence[Layer],
     before, after = make_session(_exposing(original, names)), make_session(_exposing(working, names))
     grams: dict[WeightKey, tuple[np.ndarray, np.ndarray]] = {}
     for feed in batches:
-        xs = dict(zip(names, before.run(names, feed), strict=True))
-        shifted = dict(zip(names, after.run(names, feed), strict=True))
+        xs = dict(zip(names, run_session(before, names, feed), strict=True))
+        shifted = dict(zip(names, run_session(after, names, feed), strict=True))
         positions = real_positions(feed)
         for layer in layers:
             m = layer.shape[0]

@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_arsvd.data import input_specs, one_call
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 
 __all__ = ["ModelSource", "make_session", "model_session", "run_session", "session_options"]
@@ -109,9 +110,11 @@ def _open(model: str | bytes, options: ort.SessionOptions, providers: list[str])
 
 
 def run_session(session: ort.InferenceSession, names: list[str] | None, feed: dict) -> list:
-    """``session.run``, with onnxruntime's errors on the data (a shape, an index out of range) as one line."""
+    """``session.run`` on a slice of a checked feed (an input given once per call passed once,
+    :func:`~onnx_arsvd.data.one_call`), with onnxruntime's errors on the data (a shape, an index out of range)
+    as one line."""
     try:
-        return session.run(names, feed)
+        return session.run(names, one_call(feed, input_specs(session)))
     except Exception as error:  # onnxruntime raises Fail, InvalidArgument, RuntimeException, ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InvalidInputError(f"onnxruntime failed on the data: {first_line}") from error

@@ -10,6 +10,7 @@ stored factors (float32 storage: relative 1e-4).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress, format_report, inspect_model
+from onnx_arsvd.budget import Budget
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.factorize import spectrum
@@ -574,3 +576,21 @@ def test_calibration_in_a_loop_that_alternates_branches_on_a_visible_value() -> 
     h2 = np.tanh(-np.tanh(h0 @ w))  # iteration 0 (then), iteration 1 (else: tanh(-h))
     expected = h0.T @ h0 + h2.T @ h2
     np.testing.assert_allclose(grams[("W", False)], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_budget_on_the_real_if_model_keeps_the_branch_its_data_never_takes_dense(tmp_path: Path) -> None:
+    """``branch`` is one value per call, given once beside the 540 images. The data takes the ReLU branch only:
+    the Tanh branch's predicted loss would be 0 at any rank (no activations, no response), so the allocation
+    used to factor it to rank 2 for free, and the model lost 57 points when the other branch ran."""
+    with np.load(MODELS / "digits_test.npz") as data:
+        x, labels = data["input"], data["labels"]
+    out = tmp_path / "small.onnx"
+    _, report = compress(MODELS / "branch_mlp.onnx", out, budget=Budget(max_drop=1.0),
+                         data={"input": x, "branch": np.array([1.0], np.float32), "labels": labels})
+    decisions = {d.name: d for d in report.layers}
+    assert decisions["/If.then_branch::/relu_branch/Gemm"].factored
+    tanh = decisions["/If.else_branch::/tanh_branch/Gemm"]
+    assert not tanh.factored and "never reached it" in tanh.reason
+    before, _ = _digits_accuracy(str(MODELS / "branch_mlp.onnx"), -1.0)
+    after, _ = _digits_accuracy(str(out), -1.0)
+    assert after >= before - 0.01

@@ -218,3 +218,33 @@ def test_comparing_with_reference_outputs_computed_once_gives_the_same_report(tm
     assert once == each_time and once.accuracy_drop is not None and once.outputs[0].mean_cosine < 0.9999
     with pytest.raises(ValueError, match="4 batches for reference outputs of 5"):
         compare_with_reference(reference, small, batches[:4])
+
+
+def _flagged(weight: np.ndarray, flag_shape: list[int]) -> onnx.ModelProto:
+    """Y = (X @ W) * flag, ``flag`` one value per call of a fixed shape ([1], or [] for a scalar)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["H"]), helper.make_node("Mul", ["H", "flag"], ["Y"])], "flagged",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", weight.shape[0]]),
+         helper.make_tensor_value_info("flag", TensorProto.FLOAT, flag_shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        initializer=[numpy_helper.from_array(weight.astype(np.float32), "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("flag_shape", [[1], []])
+def test_an_input_of_one_value_per_call_is_given_once_beside_the_samples(tmp_path: Path, flag_shape: list[int]) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4))
+    onnx.save(_flagged(w, flag_shape), tmp_path / "a.onnx")
+    onnx.save(_flagged(2 * w, flag_shape), tmp_path / "b.onnx")  # twice the output: cosine 1, relative error 1
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    flag = np.full(flag_shape, 3.0, np.float32)
+    feed, _ = load_data({"X": x, "flag": flag}, ir.from_proto(_flagged(w, flag_shape)))
+    assert feed["flag"].shape == (10, *flag_shape)  # repeated for each sample, so a slice of samples carries it
+    for given in (flag, np.repeat(flag[None], 10, axis=0)):  # once, or the one value per sample
+        report = verify(tmp_path / "a.onnx", tmp_path / "b.onnx", data={"X": x, "flag": given}, batch_size=3)
+        assert report.samples == 10 and report.outputs[0].relative_error == pytest.approx(1.0, rel=1e-5)
+    differing = np.repeat(flag[None], 10, axis=0)
+    differing[4] = 1.0
+    with pytest.raises(InvalidInputError, match="'flag' takes one value per call.*different values per sample"):
+        verify(tmp_path / "a.onnx", tmp_path / "b.onnx", data={"X": x, "flag": differing})
