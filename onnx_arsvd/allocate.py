@@ -148,7 +148,8 @@ def frontier(options: Sequence[LayerOptions], cells: int = 8192) -> list[Allocat
     An exact multiple-choice knapsack by dynamic programming over ``cells`` cost cells, each cost
     rounded *up* to the grid (an allocation never looks cheaper than it is), merged with the
     Lagrangian :func:`allocation_path`: never worse than the path at any cost, and it closes the
-    gaps between the path's points up to one cell of rounding per layer.
+    gaps between the path's points up to one cell of rounding per layer. The last point is every weight
+    dense (the original), even where a cheaper point predicts no loss either.
     """
     top = sum(max(c[0] for c in o.choices) for o in options)
     unit = top / cells if top > 0 else 1.0
@@ -171,6 +172,10 @@ def frontier(options: Sequence[LayerOptions], cells: int = 8192) -> list[Allocat
     for a in sorted(allocations + allocation_path(options), key=lambda a: (a.cost, a.loss)):
         if not pareto or a.loss < pareto[-1].loss:
             pareto.append(a)
+    dense = Allocation({o.key: DENSE for o in options},
+                       sum(c for o in options for c, _, rank in o.choices if rank == DENSE), 0.0)
+    if pareto[-1].ranks != dense.ranks:  # a weight at zero loss below full rank (exactly low rank, pruned)
+        pareto.append(dense)  # the original ends the frontier all the same: it is what "alone" variants start from
     return pareto
 
 

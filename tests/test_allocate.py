@@ -48,6 +48,17 @@ def test_points_above_the_hull_are_dropped() -> None:
     assert np.all(np.diff(slopes) > 0)  # strictly flattening: a lower convex hull
 
 
+def test_the_frontier_ends_with_every_weight_dense_even_when_a_rank_predicts_no_loss() -> None:
+    """An exactly low-rank weight (a pruned one) loses nothing at rank 2, so its hull drops the dense option; the
+    frontier still ends at the original, which the report's "original" and "INT8 alone" rows are measured on."""
+    low_rank = layer_options("pruned", (40, 40), np.array([4.0, 1.0, 0.0, *([0.0] * 38)]), max_rank_fraction=1.0)
+    assert DENSE not in low_rank.ranks
+    other = layer_options("other", (40, 40), np.linspace(1.0, 0.0, 41) ** 2, max_rank_fraction=1.0)
+    points = frontier([low_rank, other])
+    assert points[-1].ranks == {"pruned": DENSE, "other": DENSE} and points[-1].cost == 2 * 40 * 40
+    assert points[-2].ranks["pruned"] == 2 and points[-2].loss == points[-1].loss == 0.0
+
+
 def _random_options(rng: np.random.Generator, count: int) -> list:
     layers = []
     for index in range(count):
