@@ -64,7 +64,8 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("verification inputs")
-    group.add_argument("--data", help=".npz of arrays keyed by input name (first axis = samples), optional 'labels'")
+    group.add_argument("--data", help=".npz of arrays keyed by input name (first axis = samples; an input of a fixed "
+                                      "shape that takes one value per call may be given once), optional 'labels'")
     group.add_argument("--labels", help=".npy of integer labels: adds top-1 accuracy and macro-F1")
     group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
                        help="value of a dynamic dimension for generated inputs (default 1; repeatable)")
