@@ -15,7 +15,7 @@ from onnx_arsvd.budget import Budget
 from onnx_arsvd.candidates import Layer, find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.curves import weight_curves, weight_options
-from onnx_arsvd.errors import InvalidInputError, OutputError
+from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows, timing_key
 from onnx_arsvd.latency_cost import latency_costs, rank_grid
 from onnx_arsvd.model_io import load_model
@@ -143,18 +143,29 @@ def test_cli_minimize_latency_turns_the_guard_on(tmp_path: Path, capsys: pytest.
 
 
 def test_a_latency_target_returns_the_most_accurate_point_timed_within_it(tmp_path: Path) -> None:
+    """The search's mechanics, whatever the machine's load: the point it keeps lies just under the target by its
+    own bound, so the final timing (a fresh median, 0.05 s here) may land either side, and both outcomes are
+    checked: met, the model is written; missed, nothing is and the error says by how much."""
     guard = LatencyGuard(batches=(1, 8), layer_seconds=0.02, model_seconds=0.05)
-    _, report = compress(MODELS / "fashion_mlp.onnx", tmp_path / "fast.onnx", budget=Budget(target_latency=0.9),
-                         data=MODELS / "fashion_test.npz", guard=guard)
+    out = tmp_path / "fast.onnx"
+    try:
+        _, report = compress(MODELS / "fashion_mlp.onnx", out, budget=Budget(target_latency=0.9),
+                             data=MODELS / "fashion_test.npz", guard=guard)
+    except BudgetMissedError as missed:
+        assert "is missed in the final timing" in str(missed) and not out.exists()
+        report = missed.report
+        assert any(c.ratio > 0.9 for c in report.latency_check)
+    else:
+        assert report.budget["met"] and out.is_file()
     budget = report.budget
-    assert budget["met"] and budget["timed"] and "cost: measured latency on CPU at batch 1, 8" in budget["allocation"]
+    assert budget["timed"] and "cost: measured latency on CPU at batch 1, 8" in budget["allocation"]
     steps = budget["steps"]
     assert steps[0]["point"] == 0 and all(s["value"] is not None for s in steps)  # the fastest end, tried first
     assert all(s["feasible"] == (s["value"] <= 0.9) for s in steps)
     chosen = max((s for s in steps if s["feasible"]), key=lambda s: s["point"])
     assert 0.0 < chosen["params_kept"] < 1.0 and report.factored >= 1
     assert report.verification is not None and report.verification.samples == 4000
-    assert [c.batch for c in report.latency_check] == [1, 8] and (tmp_path / "fast.onnx").is_file()
+    assert [c.batch for c in report.latency_check] == [1, 8]
     assert "chosen by timing each candidate's whole model against the original" in format_report(report)
 
 
