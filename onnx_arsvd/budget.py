@@ -62,6 +62,7 @@ from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
 from onnx_arsvd.model_io import to_model
 from onnx_arsvd.model_plan import (
     HEAD_REASON,
+    UNREACHED_REASON,
     LayerSelection,
     ModelPlan,
     PlanMemo,
@@ -91,7 +92,6 @@ __all__ = ["ALLOCATIONS", "COSTS", "Budget", "BudgetSearch", "SearchOutcome", "S
            "bisect_tau", "first_samples", "response_batches", "split_data"]
 
 ALLOCATIONS = ("global", "threshold")
-UNREACHED_REASON = "the calibration data never reached it (a branch not taken): kept dense, nothing could judge it"
 SILENT_REASON = "factoring it changed no output on the calibration data: kept dense, nothing could judge it"
 COSTS = ("params", "latency")
 Z_95 = 1.645
@@ -750,7 +750,9 @@ class BudgetSearch:
     # -- one global threshold ----------------------------------------------------------------------------------
 
     def _run_threshold(self, loaded: ir.Model, settings: Settings, progress: bool) -> SearchOutcome:
-        """Decompose every weight once, then bisect the threshold, each step checked in onnxruntime."""
+        """Decompose every weight once, then bisect the threshold, each step checked in onnxruntime; a weight the
+        calibration data never reached stays dense (as in the global allocation)."""
+        settings = dataclasses.replace(settings, unreached_dense=True)
         memo = PlanMemo()
         plan_model(loaded, settings, with_factors=False, progress=progress, memo=memo)
         bar = tqdm(total=self.budget.steps + 1, desc="budget search", unit="step", disable=None if progress else True)

@@ -26,10 +26,11 @@ from onnx_arsvd.settings import Settings
 if TYPE_CHECKING:
     from onnx_arsvd.spill import Spill
 
-__all__ = ["HEAD_REASON", "LayerSelection", "ModelPlan", "PlanMemo", "feeds_graph_output", "plan_model",
-           "select_layers"]
+__all__ = ["HEAD_REASON", "UNREACHED_REASON", "LayerSelection", "ModelPlan", "PlanMemo", "feeds_graph_output",
+           "plan_model", "select_layers"]
 
 HEAD_REASON = "feeds a graph output (a head): kept dense without real data to check it (pass --data, or --factor-heads)"
+UNREACHED_REASON = "the calibration data never reached it (a branch not taken): kept dense, nothing could judge it"
 
 _PASS_THROUGH = frozenset({"Add", "Identity", "Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Squeeze"})
 """Ops between a head's product and the graph output that leave it the model's answer (bias, normalisation)."""
@@ -77,6 +78,14 @@ class ModelPlan:
         firsts = [(plan.layers[0], plan.decisions[0]) for plan in self.plans] + self.excluded
         decisions = [decision for layer, decision in firsts if not layer.is_embedding]
         return sum(d.params_after for d in decisions) / sum(d.params for d in decisions) if decisions else 1.0
+
+
+def _keep_dense(plans: list[WeightPlan], keys: set[WeightKey], reason: str) -> None:
+    """Leave dense every weight of ``keys`` that would be factored, for ``reason``."""
+    for plan in plans:
+        if plan.factored and plan.layers[0].weight_key in keys:
+            plan.decisions = [dataclasses.replace(d, factored=False, reason=reason) for d in plan.decisions]
+            plan.factors = None
 
 
 def _keep_heads_dense(plans: list[WeightPlan]) -> None:
@@ -157,8 +166,11 @@ def plan_model(
     notes = []
     if (settings.method == "whitened" and grams is not None
             and (unseen := {layer.weight_key for layer in dense} - set(grams))):
+        if settings.unreached_dense:
+            _keep_dense(plans, unseen, UNREACHED_REASON)
         notes.append(f"note: no activations were captured for {len(unseen)} weight(s) (an If branch the data never "
-                     "takes, or a loop body whose activations change shape between iterations); they got plain SVD "
-                     f"factors: {', '.join(sorted(key[0] for key in unseen))}")
+                     "takes, or a loop body whose activations change shape between iterations); they "
+                     f"{'stay dense' if settings.unreached_dense else 'got plain SVD factors'}: "
+                     f"{', '.join(sorted(key[0] for key in unseen))}")
     return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], selection.skipped,
                      selection.order, notes)

@@ -40,6 +40,9 @@ class Settings:
     """Factor layers that feed a graph output (classifier heads); without real data to check them, don't."""
     jobs: int = 1
     """Weights factored at once (threads, one BLAS thread each, capped at the cores); results do not depend on it."""
+    unreached_dense: bool = False
+    """With whitened factors, keep dense a weight the calibration data never reached (else it gets plain factors):
+    a budget judged on that data could not see what factoring it does."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

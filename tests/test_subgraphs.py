@@ -23,6 +23,8 @@ from onnx_arsvd.budget import Budget
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.factorize import spectrum
+from onnx_arsvd.model_plan import plan_model
+from onnx_arsvd.settings import Settings
 from tests.conftest import MODELS, random_weight, run
 
 F = TensorProto.FLOAT
@@ -578,19 +580,39 @@ def test_calibration_in_a_loop_that_alternates_branches_on_a_visible_value() -> 
     np.testing.assert_allclose(grams[("W", False)], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_a_budget_on_the_real_if_model_keeps_the_branch_its_data_never_takes_dense(tmp_path: Path) -> None:
+@pytest.mark.parametrize("allocation", ["global", "threshold"])
+def test_a_budget_on_the_real_if_model_keeps_the_branch_its_data_never_takes_dense(tmp_path: Path,
+                                                                                   allocation: str) -> None:
     """``branch`` is one value per call, given once beside the 540 images. The data takes the ReLU branch only:
-    the Tanh branch's predicted loss would be 0 at any rank (no activations, no response), so the allocation
-    used to factor it to rank 2 for free, and the model lost 57 points when the other branch ran."""
+    the Tanh branch's predicted loss would be 0 at any rank (no activations, no response), so the global allocation
+    used to factor it to rank 2 for free, and the model lost 57 points when the other branch ran; one threshold gave
+    it plain factors that nothing judged."""
     with np.load(MODELS / "digits_test.npz") as data:
         x, labels = data["input"], data["labels"]
     out = tmp_path / "small.onnx"
-    _, report = compress(MODELS / "branch_mlp.onnx", out, budget=Budget(max_drop=1.0),
+    _, report = compress(MODELS / "branch_mlp.onnx", out, budget=Budget(max_drop=1.0, allocation=allocation),
                          data={"input": x, "branch": np.array([1.0], np.float32), "labels": labels})
     decisions = {d.name: d for d in report.layers}
-    assert decisions["/If.then_branch::/relu_branch/Gemm"].factored
+    assert decisions["/trunk/Gemm"].factored
     tanh = decisions["/If.else_branch::/tanh_branch/Gemm"]
-    assert not tanh.factored and "never reached it" in tanh.reason
+    assert not tanh.factored
+    if allocation == "global":
+        assert "never reached it" in tanh.reason
+    else:  # the threshold plans every weight, then keeps the unreached one dense, and the report notes it
+        assert any("stay dense: tanh_branch.weight" in note for note in report.notes), report.notes
     before, _ = _digits_accuracy(str(MODELS / "branch_mlp.onnx"), -1.0)
     after, _ = _digits_accuracy(str(out), -1.0)
     assert after >= before - 0.01
+
+
+@pytest.mark.parametrize("unreached_dense", [False, True])
+def test_a_weight_the_calibration_never_reaches_gets_plain_factors_or_stays_dense(unreached_dense: bool) -> None:
+    with np.load(MODELS / "digits_test.npz") as data:
+        calibration = {"input": data["input"], "branch": np.array([1.0], np.float32)}  # the ReLU branch only
+    settings = Settings(policy=EnergyPolicy(0.5), method="whitened", calibration=calibration,
+                        unreached_dense=unreached_dense)
+    planned = plan_model(ir.load(MODELS / "branch_mlp.onnx"), settings, with_factors=False)
+    tanh = next(d for plan in planned.plans for d in plan.decisions if d.weight == "tanh_branch.weight")
+    assert tanh.factored != unreached_dense
+    assert ("never reached it" in tanh.reason) == unreached_dense
+    assert any(("stay dense" if unreached_dense else "got plain SVD factors") in note for note in planned.notes)
