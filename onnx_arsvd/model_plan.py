@@ -90,11 +90,9 @@ def _keep_dense(plans: list[WeightPlan], keys: set[WeightKey], reason: str) -> N
 
 def _keep_heads_dense(plans: list[WeightPlan]) -> None:
     """Leave dense every weight that would be factored but feeds a graph output (a classifier head)."""
-    for plan in plans:
-        if (plan.factored and not plan.layers[0].is_embedding
-                and any(feeds_graph_output(layer.node) for layer in plan.layers)):
-            plan.decisions = [dataclasses.replace(d, factored=False, reason=HEAD_REASON) for d in plan.decisions]
-            plan.factors = None
+    heads = {plan.layers[0].weight_key for plan in plans
+             if not plan.layers[0].is_embedding and any(feeds_graph_output(layer.node) for layer in plan.layers)}
+    _keep_dense(plans, heads, HEAD_REASON)
 
 
 def no_layer_message(skipped: Sequence[Skipped]) -> str:
