@@ -531,17 +531,14 @@ class BudgetSearch:
         del grams
         if self.budget.prices_latency:
             self._costs = self._latency_costs(loaded, settings, progress)
-        options = self._options(settings, None)
+        responses: Mapping[WeightKey, Response] = {}
         if self._response_reference is not None:
-            choosing = [c for c, o in zip(self._curves, options, strict=True) if len(o.choices) > 1]
+            choosing = [c for c, o in zip(self._curves, self._options(settings, None), strict=True)
+                        if len(o.choices) > 1]
             responses = layer_responses(loaded, choosing, self._response_batches, progress=progress,
                                         reference=self._response_reference)
-            self._set_aside_unjudged(reached, responses)
-            options = self._options(settings, responses)
-        elif reached is not None:
-            self._set_aside_unjudged(reached, {})
-            options = self._options(settings, None)
-        self._points = frontier(options)
+        self._set_aside_unjudged(reached, responses)
+        self._points = frontier(self._options(settings, responses))
         self._total = sum(d.params for d in self._dense_decisions(self._points[-1], loaded))
         self._fixed = sum(d.params_after for d in self._dense_decisions(self._points[0], loaded, outside=True))
         if self.budget.target_params is not None:
