@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,15 +26,25 @@ from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows
 from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
-from onnx_arsvd.output import Staged, check_paths, stage_model
+from onnx_arsvd.output import (
+    StagedFile,
+    StagingFolder,
+    check_paths,
+    check_written,
+    clean_stale,
+    output_path,
+    place_all,
+    stage_file,
+    stage_model,
+)
 from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
-from onnx_arsvd.quantize import Quantization
+from onnx_arsvd.quantize import Quantization, check_quantizable
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
-from onnx_arsvd.spill import spill_beside
+from onnx_arsvd.spill import spill_into
 from onnx_arsvd.verification import (
     DEFAULT_BATCH_SIZE,
     ModelLike,
@@ -44,11 +56,46 @@ from onnx_arsvd.verification import (
     verify,
 )
 
-__all__ = ["METHODS", "compress", "inspect_model", "verify"]
+__all__ = ["METHODS", "PendingOutput", "compress", "inspect_model", "verify"]
 
 DataSource = str | os.PathLike | Mapping[str, np.ndarray]
 
 logger = logging.getLogger("onnx_arsvd")
+
+
+class PendingOutput:
+    """The compressed model written and checked in its staging folder, not yet placed (see ``before_placing`` in
+    :func:`compress`): :attr:`path` is the staged model file (None without an output path), :attr:`report` the
+    run's report; :meth:`stage` adds a file to place with the model."""
+
+    def __init__(self, path: Path | None, report: Report, run: ExitStack) -> None:
+        self.path, self.report = path, report
+        self._run = run
+        self.staged: list[StagedFile] = []
+
+    def stage(self, path: str | os.PathLike, write: Callable[[Path], object], what: str = "output") -> None:
+        """Call ``write(temporary)`` in a staging folder beside ``path``; the file is placed with the model."""
+        self.staged.append(self._run.enter_context(stage_file(path, write, what)))
+
+
+@contextmanager
+def _scratch_folder(output: str | os.PathLike | None, inputs: Sequence[Path]) -> Iterator[StagingFolder]:
+    """A staging folder for the run's scratch files: beside the output, else in the system's temporary folder
+    (after removing, there, the staging that killed runs left)."""
+    if output is not None:
+        parent, doing = output_path(output).parent, "write the output"
+    else:
+        parent, doing = Path(tempfile.gettempdir()), "write scratch files in the temporary folder"
+    clean_stale(parent, inputs)
+    with StagingFolder(parent, doing) as folder:
+        yield folder
+
+
+def _listed(paths: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[Path]:
+    """The paths of one entry of :func:`_input_files`."""
+    if paths is None:
+        return []
+    return [Path(os.path.abspath(p)) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
 
 
 def _describe(model: ModelLike) -> str:
@@ -161,17 +208,6 @@ def _checked_data(loaded: ir.Model, data: DataSource | None, labels: np.ndarray 
     return labels
 
 
-@contextmanager
-def _staged(model: ir.Model, output: str | os.PathLike | None, external_data: bool | None,
-            keep: set) -> Iterator[Staged | None]:
-    """The model written into its staging folder beside ``output``, or None when there is no output."""
-    if output is None:
-        yield None
-        return
-    with stage_model(model, output, external_data=external_data, keep=keep) as staged:
-        yield staged
-
-
 def _check_result(verification: VerificationReport | None, search: BudgetSearch | None) -> None:
     """A compressed model whose outputs turn NaN/Inf, or a budget the search could not meet, is a failed run."""
     if search is not None and not search.summary()["met"]:
@@ -188,6 +224,10 @@ def _check_result(verification: VerificationReport | None, search: BudgetSearch 
         if output.newly_nonfinite:
             raise OutputError(f"output {output.name!r} of the compressed model is NaN or Inf on "
                               f"{output.newly_nonfinite} samples where the original's is finite; nothing written")
+        if output.unrelated:
+            raise OutputError(f"output {output.name!r} of the compressed model is unrelated to the original's "
+                              f"(relative error {output.relative_error:.3g}, mean cosine {output.mean_cosine:.3f}: "
+                              "no closer than an all-zero output); nothing written")
 
 
 def _held_out_miss(verification: VerificationReport | None, search: BudgetSearch | None,
@@ -238,6 +278,7 @@ def compress(
     jobs: int = 1,
     quantize: Quantization | str | None = None,
     one_at_a_time: bool | None = None,
+    before_placing: Callable[[PendingOutput], None] | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Factor the dense layers of ``model``; write ``output`` when given; verify unless ``check=False``.
 
@@ -263,6 +304,11 @@ def compress(
     the factors of the weights in progress only. With ``quantize`` ("int8", "int4" or a
     :class:`~onnx_arsvd.quantize.Quantization`) the factored model is quantized by onnxruntime's quantizers; under a
     budget every candidate is, so the budget judges the model that ships.
+
+    The output is written into a staging folder beside ``output``, checked (``onnx.checker`` with ``full_check``,
+    and the verification) and only then moved into place. ``before_placing``, when given, is called with a
+    :class:`PendingOutput` once the written model passed its checks and before anything is placed: it may run the
+    staged model and stage more files (a report, a plot) that are placed with it; if it raises, nothing is placed.
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
@@ -270,27 +316,34 @@ def compress(
         method = "whitened" if budget is not None and data is not None else "svd"
     check_files(data=data, labels=labels)
     loaded = to_model(model)
-    check_paths({"-o": output}, _input_files(model, loaded, data, labels, calibration))
+    inputs = _input_files(model, loaded, data, labels, calibration)
+    check_paths({"-o": output}, inputs)
+    if isinstance(quantize, str):
+        quantize = Quantization(quantize)
+    if quantize is not None:
+        check_quantizable(loaded)
     labels = _checked_data(loaded, data, labels, calibration if method == "whitened" else None,
                            verified_on_data=check and budget is None)
     source_files = external_data_files(loaded)
     if external_data is None and source_files:  # a model that had external data keeps it, whatever is factored
         external_data = True
-    if isinstance(quantize, str):
-        quantize = Quantization(quantize)
-    search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size,
-                           latency=guard if budget.prices_latency else None, dims=dims, loaded=loaded)
-              if budget is not None else None)
-    if search is not None and method == "whitened":
-        calibration = search.calibration
-    settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
-                         embedding_policy, factor_heads, jobs)
-    provider = guard.provider() if guard is not None else None
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
+    read = [path for paths in inputs.values() for path in _listed(paths)]
 
-    spills = bool(source_files) and external_data is not False and search is None and quantize is None
-    with ExitStack() as scratch:  # a big model with external data: factors go to disk as they are made
-        spill = scratch.enter_context(spill_beside(output)) if spills and output is not None else None
+    with ExitStack() as run:  # the run's scratch (spilled factors, the quantizer's copies) lives in a staging folder
+        scratch = run.enter_context(_scratch_folder(output, read))
+        search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size,
+                               latency=guard if budget.prices_latency else None, dims=dims, loaded=loaded,
+                               scratch=scratch.path)
+                  if budget is not None else None)
+        if search is not None and method == "whitened":
+            calibration = search.calibration
+        settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
+                             embedding_policy, factor_heads, jobs)
+        provider = guard.provider() if guard is not None else None
+        spills = (bool(source_files) and external_data is not False and search is None and quantize is None
+                  and output is not None)  # a big model with external data: factors go to disk as they are made
+        spill = run.enter_context(spill_into(scratch.path)) if spills else None
         memo: PlanMemo | None = None
         planned: ModelPlan | None = None
         if search is not None:
@@ -313,7 +366,7 @@ def compress(
         quantized_with = None  # what this run quantized with (an input written by this tool may carry the tag)
         if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
             quantized_with = quantize.describe()
-            quantized = ir.from_proto(quantize.apply(loaded))
+            quantized = ir.from_proto(quantize.apply(loaded, scratch.path))
             quantized.meta.update(loaded.meta)
             quantized.metadata_props["onnx_arsvd.quantize"] = quantized_with
             loaded = quantized
@@ -332,32 +385,37 @@ def compress(
                 report.notes.append(f"note: quantized with onnxruntime: {quantized_with}")
             return report
 
-        with _staged(loaded, output, external_data, source_files) as written_model:  # placed only once checked
-            compressed = written_model.path if written_model is not None else loaded
-            timed = factored or (search is not None and search.budget.target_latency is not None)
-            if guard is not None and provider is not None and timed:
-                compressed_source = (os.fspath(written_model.path) if written_model is not None
-                                     else model_source(loaded)[0])
-                latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
-                                                  loaded, progress)
-            if check:
-                verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
-                                      batch_size=batch_size, progress=progress, one_at_a_time=one_at_a_time)
-            _check_result(verification, search)
-            if missed := _held_out_miss(verification, search, latency_check):
-                raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()), loaded)
-            written = _Written()
-            if written_model is not None:
-                assert output is not None  # _staged writes a model only when there is an output path
-                written_model.place()
-                before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
-                written = _Written(os.fspath(output), before, model_file_bytes(output))
+        written_model = (run.enter_context(stage_model(loaded, output, external_data=external_data, keep=read))
+                         if output is not None else None)
+        if written_model is not None:  # every output passes the checker, verified or not
+            check_written(written_model.path, model)
+        compressed = written_model.path if written_model is not None else loaded
+        timed = factored or (search is not None and search.budget.target_latency is not None)
+        if guard is not None and provider is not None and timed:
+            compressed_source = os.fspath(written_model.path) if written_model is not None else model_source(loaded)[0]
+            latency_check = guard.check_model(model_source(model)[0], compressed_source, provider, dims or {},
+                                              loaded, progress)
+        if check:
+            verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
+                                  batch_size=batch_size, progress=progress, one_at_a_time=one_at_a_time)
+        _check_result(verification, search)
+        if missed := _held_out_miss(verification, search, latency_check):
+            raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()), loaded)
+        written = _Written()
+        if written_model is not None:
+            assert output is not None  # a model is staged only when there is an output path
+            before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
+            written = _Written(os.fspath(output), before, model_file_bytes(written_model.path))
+        report = make_report(written)
+        pending = PendingOutput(written_model.path if written_model is not None else None, report, run)
+        if before_placing is not None:
+            before_placing(pending)
+        place_all([*([written_model] if written_model is not None else []), *pending.staged])
     for warning in LatencyGuard.regressions(latency_check):
         logger.warning(warning)
     if verification is not None and data is None:
         logger.warning("verified on generated inputs only: that checks the rewrite, not accuracy on real data "
                        "(pass --data with real inputs)")
-    report = make_report(written)
     if spill is not None and output is not None:  # the factors' scratch file is gone: return the model written
         loaded = to_model(output)
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded

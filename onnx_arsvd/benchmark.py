@@ -27,7 +27,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.errors import InvalidInputError, OutputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, model_file_bytes, weight_stats
 from onnx_arsvd.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
 from onnx_arsvd.sessions import ModelSource, make_session
@@ -251,7 +251,11 @@ def measure_memory(model_path: str | os.PathLike, provider: str, feed: Feed,
     """
     with tempfile.TemporaryDirectory(prefix="onnx-arsvd-memory-") as folder:
         feed_path = Path(folder) / "feed.npz"
-        np.savez(feed_path, **feed)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
+        try:
+            np.savez(feed_path, **feed)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
+        except OSError as error:
+            raise OutputError(f"{folder}: cannot write the memory probe's input in the temporary folder "
+                              f"({error.strerror or error}); free space there or set TMPDIR") from error
         command = [sys.executable, "-m", "onnx_arsvd.memory_probe", os.fspath(model_path), provider, str(feed_path),
                    str(threads)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)

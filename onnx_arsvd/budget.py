@@ -45,6 +45,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -166,6 +167,8 @@ class Budget:
                                     "not a parameter target")
         if self.minimize == "latency" and self.allocation != "global":
             raise InvalidInputError("minimizing latency needs the global allocation")
+        if self.sequential and self.allocation != "global":
+            raise InvalidInputError("sequential refits need the global allocation")
 
     @property
     def needs_data(self) -> bool:
@@ -375,8 +378,11 @@ class BudgetSearch:
         latency: LatencyGuard | None = None,
         dims: Mapping[str, int] | None = None,
         loaded: ir.Model | None = None,
+        scratch: Path | None = None,
     ) -> None:
-        """``loaded`` is ``model`` already opened, when the caller has it (else it is opened to read its inputs)."""
+        """``loaded`` is ``model`` already opened, when the caller has it (else it is opened to read its inputs);
+        ``scratch`` is the run's staging folder, where the quantizer keeps its copies of each candidate."""
+        self.scratch = scratch
         self.model, self.budget, self.quantize, self.batch_size = model, budget, quantize, batch_size
         self.latency, self.dims = latency, dict(dims or {})
         what = "a latency target" if budget.target_latency is not None else "minimizing latency"
@@ -490,7 +496,7 @@ class BudgetSearch:
         part = self.held_out if held_out else self.calibration_part
         labels = part.get("labels") if part is not None else None
         if quantized and self.quantize is not None:
-            serialized = self.quantize.apply(candidate).SerializeToString()
+            serialized = self.quantize.apply(candidate, self.scratch).SerializeToString()
             session, nbytes = make_session(serialized), len(serialized)
             del serialized  # onnxruntime holds its own copy: not this one too while the candidate runs
         else:
@@ -677,7 +683,8 @@ class BudgetSearch:
         assert self.latency is not None and self._loaded is not None  # __init__ and run() made sure
         candidate = self._candidate()
         apply_plans(candidate, self._plan(self._points[index], candidate).plans)
-        source = self.quantize.apply(candidate).SerializeToString() if quantized and self.quantize else candidate
+        source = (self.quantize.apply(candidate, self.scratch).SerializeToString() if quantized and self.quantize
+                  else candidate)
         comparisons = self.latency.check_model(model_source(self.model)[0], source, self.latency.provider(),
                                                self.dims, self._loaded)
         return max(c.ratio_bound(Z_95) for c in comparisons)

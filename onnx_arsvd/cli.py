@@ -10,11 +10,13 @@ input path before any work. Heavy imports (onnx, onnxruntime) happen inside the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from onnx_arsvd.errors import ArsvdError, BudgetMissedError, InvalidInputError
 
@@ -266,6 +268,9 @@ def _budget(args: argparse.Namespace):
                                                                                        "output_tau"))
         labelled = None if args.data is None or chosen else bool(args.labels) or _labelled(args.data, args.model)
         if labelled is None:
+            if args.sequential:
+                raise InvalidInputError("--sequential refits under a budget (--max-drop, --min-cosine, "
+                                        "--target-params or --target-latency, or --data with no rank policy)")
             return None
         budget = Budget(max_drop=1.0, **search) if labelled else Budget(min_cosine=0.99, **search)
         logging.getLogger("onnx_arsvd").warning(
@@ -326,7 +331,7 @@ def _providers(args: argparse.Namespace) -> list[str] | None:
     return args.providers.split(",") if args.providers else None
 
 
-def _bench(args: argparse.Namespace, original: str, compressed: str):
+def _bench(args: argparse.Namespace, original: str, compressed: str | Path):
     from onnx_arsvd.benchmark import benchmark_models
 
     return benchmark_models(
@@ -337,12 +342,39 @@ def _bench(args: argparse.Namespace, original: str, compressed: str):
     )
 
 
-def _emit(args: argparse.Namespace, human: str, markdown: str, machine: str) -> None:
-    if args.report:
-        from onnx_arsvd.output import write_text
+def _report_text(args: argparse.Namespace, markdown: str, machine: str) -> str:
+    """What ``--report`` holds: Markdown for a ``.md`` path, else JSON."""
+    return _text(markdown if args.report.endswith(".md") else machine) + "\n"
 
-        write_text(args.report, markdown if args.report.endswith(".md") else machine)
-    print(machine if args.json else markdown if args.markdown else human)
+
+Stage = Callable[[str, Callable[[Path], object], str], object]
+"""Writes a file through a temporary one: :func:`onnx_arsvd.output.write_file`, or staged to place later."""
+
+
+def _stage_report(args: argparse.Namespace, markdown: str, machine: str, stage: Stage) -> None:
+    if args.report:
+        text = _report_text(args, markdown, machine)
+        stage(args.report, lambda temporary: temporary.write_text(text), "report")
+
+
+def _text(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (surrogate escapes) shown as U+FFFD, so it can be
+    printed and written as UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _print(args: argparse.Namespace, human: str, markdown: str, machine: str) -> None:
+    print(_text(machine if args.json else markdown if args.markdown else human))
+
+
+def _emit(args: argparse.Namespace, human: str, markdown: str, machine: str) -> None:
+    """Write ``--report`` (for commands that write nothing else), then print."""
+    if args.report:
+        from onnx_arsvd.output import write_file
+
+        text = _report_text(args, markdown, machine)
+        write_file(args.report, lambda temporary: temporary.write_text(text), "report")
+    _print(args, human, markdown, machine)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -381,8 +413,27 @@ def _run(args: argparse.Namespace) -> int:
             guard = LatencyGuard(target=args.target, batches=tuple(batches), threads=args.threads,
                                  margin=args.guard_margin, layer_seconds=args.guard_seconds,
                                  model_seconds=args.seconds)
+        outputs: dict[str, str] = {}
+
+        def before_placing(pending: api.PendingOutput) -> None:
+            """Benchmark the staged model, and stage the report and plot to be placed with it."""
+            human, markdown = format_report(pending.report), format_report(pending.report, True)
+            machine = report_to_json(pending.report)
+            if args.bench:
+                from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
+
+                staged = pending.path if pending.path is not None else args.output
+                result = dataclasses.replace(_bench(args, args.model, staged), models=(args.model, args.output))
+                human += "\n\n" + format_benchmark(result)
+                markdown += "\n\n" + format_benchmark(result, True)
+                machine = json.dumps(json.loads(machine) | {"benchmark": json.loads(benchmark_to_json(result))},
+                                     indent=2)
+                _plot(args, result, pending.stage)
+            _stage_report(args, markdown, machine, pending.stage)
+            outputs.update(human=human, markdown=markdown, machine=machine)
+
         try:
-            _, report = api.compress(
+            api.compress(
                 args.model, args.output, policy=_policy(args), budget=args.budget, include=args.include,
                 exclude=args.exclude,
                 max_rank_fraction=args.max_rank_fraction, min_params=args.min_params, method=args.method,
@@ -392,22 +443,13 @@ def _run(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 data=args.data, labels=args.labels, dims=_dims(args.dim), samples=args.samples,
                 batch_size=args.batch_size, guard=guard, jobs=args.jobs, quantize=args.quantize,
-                one_at_a_time=args.one_at_a_time,
+                one_at_a_time=args.one_at_a_time, before_placing=before_placing,
             )
         except BudgetMissedError as error:  # show what the run measured; nothing was written
             report = error.report
-            print(report_to_json(report) if args.json else format_report(report, args.markdown))
+            print(_text(report_to_json(report) if args.json else format_report(report, args.markdown)))
             raise
-        human, markdown, machine = format_report(report), format_report(report, True), report_to_json(report)
-        if args.bench:
-            from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark
-
-            result = _bench(args, args.model, args.output)
-            human += "\n\n" + format_benchmark(result)
-            markdown += "\n\n" + format_benchmark(result, True)
-            machine = json.dumps(json.loads(machine) | {"benchmark": json.loads(benchmark_to_json(result))}, indent=2)
-            _plot(args, result)
-        _emit(args, human, markdown, machine)
+        _print(args, outputs["human"], outputs["markdown"], outputs["machine"])
     elif args.command == "verify":
         from onnx_arsvd.benchmark import discover_providers
 
@@ -431,19 +473,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(args: argparse.Namespace, result) -> None:
+def _plot(args: argparse.Namespace, result, stage: Stage | None = None) -> None:
+    """Write ``--plot`` now, or stage it to be placed with the model (``stage``)."""
     if args.plot:
         from onnx_arsvd.bench_report import plot_benchmark
         from onnx_arsvd.output import write_file
 
-        write_file(args.plot, lambda temporary: plot_benchmark(result, temporary), "plot")
+        (stage or write_file)(args.plot, lambda temporary: plot_benchmark(result, temporary), "plot")
 
 
 class _StderrHandler(logging.Handler):
     """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr)
+        print(_text(self.format(record)), file=sys.stderr)
 
 
 def _log_to_stderr() -> None:
@@ -459,7 +502,7 @@ def _log_to_stderr() -> None:
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    print(f"onnx-arsvd: error: {message}", file=sys.stderr)
+    print(_text(f"onnx-arsvd: error: {message}"), file=sys.stderr)
     return code
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.padding import check_positions, real_positions
 
 logger = logging.getLogger("onnx_arsvd")
 
@@ -39,12 +42,13 @@ __all__ = [
     "check_feed",
     "check_labels",
     "input_specs",
+    "available_memory",
     "label_problem",
-    "load_arrays",
     "load_data",
     "load_labelled",
     "load_labels",
     "one_call",
+    "open_arrays",
     "sample_count",
     "split_batches",
 ]
@@ -123,20 +127,88 @@ def input_specs(model: ir.Model | _Session) -> list[InputSpec]:
     return specs
 
 
-def load_arrays(data: DataSource, what: str = "data") -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` path or a mapping, without pickles."""
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux, else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Archive(Mapping[str, np.ndarray]):
+    """The arrays of an open ``.npz``, each read only when asked for, after its declared size is checked.
+
+    A member's ``.npy`` header declares its dtype and shape: a member whose declared size disagrees with what
+    the archive says it holds, or exceeds the memory available, is refused before anything is allocated, so
+    neither a member the model does not use nor a lying header can inflate into memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._zip = zipfile.ZipFile(path)
+        self._members = {info.filename.removesuffix(".npy"): info for info in self._zip.infolist()
+                         if not info.is_dir()}
+        self._read: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._read:
+            self._read[name] = self._load(self._members[name])
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def _load(self, info: zipfile.ZipInfo) -> np.ndarray:
+        name = info.filename.removesuffix(".npy")
+        with self._zip.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(member)
+            if dtype.hasobject:
+                raise ValueError(f"array {name!r} holds Python objects")
+            declared = math.prod(shape) * dtype.itemsize
+            stored = info.file_size - member.tell()
+        if declared != stored:
+            raise ValueError(f"array {name!r} declares shape {shape} of {dtype} ({declared} bytes) but holds "
+                             f"{stored} bytes")
+        if declared > available_memory() // 2:
+            raise ValueError(f"array {name!r} declares {declared / 2**30:.1f} GiB ({shape} of {dtype}), more than "
+                             "half the memory available")
+        with self._zip.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+@contextmanager
+def open_arrays(data: DataSource, what: str = "data") -> Iterator[Mapping[str, np.ndarray]]:
+    """The arrays of an ``.npz`` path (each read when first asked for, see :class:`_Archive`; no pickles) or a
+    mapping; a member that cannot be read is a one-line error naming the file."""
     if isinstance(data, Mapping):
-        return {str(key): np.asarray(value) for key, value in data.items()}
+        yield {str(key): np.asarray(value) for key, value in data.items()}
+        return
     path = Path(data)
     if not path.is_file():
         raise InvalidInputError(f"{os.fspath(data)}: no such {what} file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("a single array, not an archive of arrays keyed by input name")
-            return {key: archive[key] for key in archive.files}
-    except Exception as error:
+        archive = _Archive(path)
+    except (OSError, zipfile.BadZipFile, ValueError) as error:
+        raise InvalidInputError(f"{path}: not a readable .npz file ({error or type(error).__name__}: an archive of "
+                                "arrays keyed by input name)") from error
+    try:
+        yield archive
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as error:
         raise InvalidInputError(f"{path}: not a readable .npz file ({error})") from error
+    finally:
+        archive.close()
 
 
 def _check_array(array: np.ndarray, spec: InputSpec, where: str, samples: bool) -> np.ndarray:
@@ -211,6 +283,8 @@ def check_feed(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], where: 
             raise InvalidInputError(f"{where}: the arrays hold no sample")
         for name in once:
             feed[name] = np.broadcast_to(feed[name], (*counts, *feed[name].shape))
+    if (positions := real_positions(feed)) is not None:
+        check_positions(positions, where)
     return feed
 
 
@@ -295,10 +369,11 @@ def check_labels(labels: np.ndarray, samples: int, model: ir.Model | _Session, w
 
 
 def load_data(data: DataSource, model: ir.Model | _Session) -> tuple[Feed, np.ndarray | None]:
-    """The checked feed for ``model``'s inputs and the optional ``labels`` array (not yet checked)."""
+    """The checked feed for ``model``'s inputs and the optional ``labels`` array (not yet checked); no other
+    array of the data is read."""
     where = "data" if isinstance(data, Mapping) else os.fspath(data)
-    arrays = load_arrays(data)
-    return check_feed(arrays, input_specs(model), where), arrays.get("labels")
+    with open_arrays(data) as arrays:
+        return check_feed(arrays, input_specs(model), where), arrays.get("labels")
 
 
 def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | None,
@@ -337,7 +412,8 @@ class ArrayReader:
                  what: str = "calibration") -> None:
         where = "calibration arrays" if isinstance(data, Mapping) else os.fspath(data)
         specs = model if isinstance(model, list) else input_specs(model)
-        feed = check_feed(load_arrays(data, what), specs, where)
+        with open_arrays(data, what) as arrays:
+            feed = check_feed(arrays, specs, where)
         self._batches: Iterator[Feed] = split_batches(feed, specs, batch_size)
 
     def get_next(self) -> Feed | None:

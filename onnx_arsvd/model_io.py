@@ -31,6 +31,7 @@ __all__ = [
     "model_file_bytes",
     "proto_tensors",
     "to_model",
+    "utf8",
     "weight_stats",
 ]
 
@@ -139,7 +140,7 @@ def _check_external(tensor: onnx.TensorProto, folder: Path, where: str) -> None:
 
 
 def _check_inline(tensor: onnx.TensorProto, where: str) -> None:
-    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+    if tensor.data_type == onnx.TensorProto.STRING:
         return
     if tensor.HasField("raw_data"):
         actual, expected, unit = len(tensor.raw_data), _data_bytes(tensor), "bytes"
@@ -174,12 +175,30 @@ def _check_tensors(proto: onnx.ModelProto, folder: Path, where: str) -> None:
         raise UnsupportedModelError(f"{where}: node {node!r} has a sparse tensor attribute, which is not supported; "
                                     "store it dense")
     for tensor in proto_tensors(proto):
+        if tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise UnsupportedModelError(f"{where}: tensor {tensor.name!r} has no data type (0)")
         if any(d < 0 for d in tensor.dims):
             raise UnsupportedModelError(f"{where}: tensor {tensor.name!r} has negative dims {list(tensor.dims)}")
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _check_external(tensor, folder, where)
         else:
             _check_inline(tensor, where)
+
+
+def _check_names(graph: onnx.GraphProto, where: str, scope: str = "the main graph") -> None:
+    """Refuse a graph (or body) that defines one name twice: two initializers, or an initializer and a node output,
+    or two node outputs. onnxruntime loads some such models and would run one definition while this tool changed
+    the other (the checker rejects them)."""
+    defined: set[str] = set()
+    for name in [t.name for t in graph.initializer] + [o for node in graph.node for o in node.output if o]:
+        if name in defined:
+            raise UnsupportedModelError(f"{where}: {name!r} is defined twice in {scope} (initializers and node "
+                                        "outputs must have unique names); fix the model")
+        defined.add(name)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                _check_names(body, where, f"the {attribute.name} body of node {node.name or node.op_type!r}")
 
 
 def _dropped_fields(proto: onnx.ModelProto) -> list[str]:
@@ -206,6 +225,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if proto.ir_version < 1 or (not proto.graph.node and not proto.graph.output):
         raise UnsupportedModelError(f"{path}: not an ONNX model (no graph found)")
     _check_tensors(proto, path.parent, os.fspath(path))
+    _check_names(proto.graph, os.fspath(path))
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as error:
@@ -221,6 +241,7 @@ def to_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
         return model.clone()
     if isinstance(model, onnx.ModelProto):
         _check_tensors(model, Path.cwd(), "<in-memory model>")
+        _check_names(model.graph, "<in-memory model>")
         loaded = ir.from_proto(model)
         loaded.meta[DROPPED_FIELDS_KEY] = _dropped_fields(model)
         return loaded
@@ -271,6 +292,16 @@ def weight_stats(model: ir.Model) -> tuple[int, int]:
 def external_data_files(model: ir.Model) -> set[Path]:
     """Resolved paths of the external data files any tensor of the model points to."""
     return {Path(tensor.path).resolve() for tensor in ir_tensors(model.graph) if isinstance(tensor, ir.ExternalTensor)}
+
+
+def utf8(path: str) -> bool:
+    """Whether ``path`` is valid UTF-8 (a name of other bytes reaches Python with surrogate escapes; onnxruntime and
+    the checker take UTF-8 paths only)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:

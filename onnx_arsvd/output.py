@@ -1,20 +1,42 @@
 """The one place that writes: path checks before any work, staging beside the target, placement last.
 
 Every path a run writes is checked against every path it reads, and against each other, before any
-work: same resolved path or same inode (hard links) is a clash. A model is written into a hidden
-``.onnx-arsvd-<pid>-*`` folder beside its target, checked there by the caller, and only then moved
-into place. Its external data gets a fresh name each write (``<name>.<8 hex>.data``) and is moved
-first, so an interruption between the two renames leaves the old model with its old data. Reports
-and plots go through a temporary file the same way. Staging left behind by a killed run (its pid
-is gone) is removed by the next run that writes into the same folder.
+work: same resolved path or same inode (hard links) is a clash. Whatever a run writes (the model and its
+external data, a report, a plot, scratch factors, the quantizer's temporary copy) is first written into a
+hidden staging folder beside its target, and placed (renamed into the target's folder) only when the
+whole run succeeded.
+
+What is removed, and why it is safe:
+
+- A staging folder (``.onnx-arsvd-staging-*``) holds a lock file that its run locks (``flock``) for as long
+  as it lives and in which it writes a marker once it holds the lock. A run removes its own folder when
+  it ends. A folder left by a killed run is removed by a later ``compress`` writing into the same folder,
+  and only when the folder is a real directory (not a symlink) owned by the same user, its lock file is a
+  regular file holding the marker, the lock is free (so its writer is gone, whatever PID namespace or host
+  it ran in), and it holds none of the run's inputs. Read-only commands remove nothing.
+- A model placed with external data records its data file's name and a random token in its metadata
+  (:data:`DATA_KEY`) and ends the data file with the same token. Writing over that model later removes the
+  old data file only when that record, the token at the file's end, the file's name
+  (``<model name>.<8 hex>.data`` in the same folder) and its kind (a regular file, not a symlink, owned by
+  the same user, not an input of the run) all agree.
+- The data file of a placement that a kill interrupted (the data moved, the model not yet) is named in a
+  journal inside the staging folder, and removed with that folder under the same checks, unless the model
+  in place names it.
+
+Placements into one folder take a lock on that folder (``flock`` on the directory), so two runs writing
+the same output cannot orphan each other's data files.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,22 +47,35 @@ import onnx
 import onnx_ir as ir
 
 from onnx_arsvd.errors import InvalidInputError, OutputError
-from onnx_arsvd.model_io import EXTERNAL_DATA_THRESHOLD, external_data_files, proto_tensors, weight_stats
+from onnx_arsvd.model_io import EXTERNAL_DATA_THRESHOLD, external_data_files, utf8, weight_stats
 
 __all__ = [
+    "DATA_KEY",
     "STAGING_PREFIX",
     "Staged",
+    "StagingFolder",
     "check_paths",
+    "check_written",
     "clean_stale",
     "output_path",
+    "place_all",
     "save_model",
+    "stage_file",
     "stage_model",
     "write_file",
     "write_text",
 ]
 
-STAGING_PREFIX = ".onnx-arsvd-"
+STAGING_PREFIX = ".onnx-arsvd-staging-"
+LOCK_NAME = "lock"
+"""The lock file inside each staging folder, locked by its run while the run lives."""
+_LOCK_MARKER = b"onnx-arsvd staging folder\n"
+_JOURNAL_NAME = "placing.json"
+DATA_KEY = "onnx_arsvd.external_data"
+"""Model metadata key: ``<data file name> <token>`` of the external data file this tool wrote for the model."""
+_DATA_MARK = b"\nonnx-arsvd external data "
 PathLike = str | os.PathLike
+logger = logging.getLogger("onnx_arsvd")
 
 
 def output_path(path: PathLike, what: str = "output") -> Path:
@@ -69,6 +104,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _paths(paths: PathLike | Iterable[PathLike] | None) -> list[Path]:
+    if paths is None:
+        return []
+    return [Path(os.path.abspath(p)) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+
+
 def check_paths(outputs: Mapping[str, PathLike | None],
                 inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> None:
     """Fail before any work when an output is not writable or is an input or another output.
@@ -77,12 +118,7 @@ def check_paths(outputs: Mapping[str, PathLike | None],
     map to several paths (a model's external data files).
     """
     written = [(what, output_path(path, what)) for what, path in outputs.items() if path is not None]
-    read: list[tuple[str, Path]] = []
-    for what, paths in inputs.items():
-        if paths is None:
-            continue
-        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-            read.append((what, Path(os.path.abspath(path))))
+    read = [(what, path) for what, paths in inputs.items() for path in _paths(paths)]
     for index, (what, path) in enumerate(written):
         for other, source in read:
             if _same_file(path, source):
@@ -93,62 +129,249 @@ def check_paths(outputs: Mapping[str, PathLike | None],
                 raise InvalidInputError(f"{os.fspath(path)}: {what} and {other} name the same file")
 
 
-def _writer_gone(name: str) -> bool:
-    match = re.match(re.escape(STAGING_PREFIX) + r"(\d+)-", name)
-    if match is None or int(match.group(1)) == os.getpid():
-        return False
-    try:
-        os.kill(int(match.group(1)), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
+# --- staging folders ----------------------------------------------------------------------------------------------
+
+def _os_error(where: Path, doing: str, error: OSError) -> OutputError:
+    return OutputError(f"{where}: cannot {doing} ({error.strerror or error})")
 
 
-def clean_stale(folder: Path) -> None:
-    """Remove staging folders and temporary files in ``folder`` whose writing process is gone."""
+class StagingFolder:
+    """A hidden folder in ``parent``, locked while this run lives; :meth:`close` removes it.
+
+    Everything a run writes into ``parent`` is written here first.
+    """
+
+    def __init__(self, parent: Path, doing: str = "write the output") -> None:
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
+        except OSError as error:
+            raise _os_error(parent, doing, error) from error
+        try:
+            self._lock = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            os.write(self._lock, _LOCK_MARKER)  # only now may a later run, finding the lock free, remove the folder
+        except OSError as error:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise _os_error(parent, doing, error) from error
+
+    def close(self) -> None:
+        """Remove the folder, then release the lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
+
+    def __enter__(self) -> StagingFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _owned_regular(path: Path, kind: int) -> os.stat_result | None:
+    """``lstat`` of ``path`` when it is of ``kind`` (``stat.S_IFDIR``/``S_IFREG``), not a symlink, and this user's."""
     try:
-        entries = list(folder.iterdir())
+        info = path.lstat()
+    except OSError:
+        return None
+    return info if stat.S_IFMT(info.st_mode) == kind and info.st_uid == os.geteuid() else None
+
+
+def _holds(folder: Path, paths: Iterable[Path]) -> bool:
+    """Whether any of ``paths`` (resolved) lies in ``folder``."""
+    real = Path(os.path.realpath(folder))
+    return any(Path(os.path.realpath(p)).is_relative_to(real) for p in paths)
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether ``folder`` is a staging folder of this tool whose run is gone (see the module's docstring)."""
+    if _owned_regular(folder, stat.S_IFDIR) is None or _owned_regular(folder / LOCK_NAME, stat.S_IFREG) is None:
+        return False
+    try:
+        lock = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its run is alive
+            return False
+        return os.read(lock, len(_LOCK_MARKER) + 1) == _LOCK_MARKER
+    finally:
+        os.close(lock)
+
+
+def clean_stale(folder: Path, inputs: Iterable[PathLike] = ()) -> None:
+    """Remove the staging folders in ``folder`` left by runs that were killed, and the data file each was placing.
+
+    A folder that holds any of ``inputs`` is left alone.
+    """
+    keep = _paths(inputs)
+    try:
+        entries = [entry for entry in folder.iterdir() if entry.name.startswith(STAGING_PREFIX)]
     except OSError:
         return
     for entry in entries:
-        if entry.name.startswith(STAGING_PREFIX) and _writer_gone(entry.name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        if _holds(entry, keep) or not _abandoned(entry):
+            continue
+        _remove_orphan(entry, keep)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
-def _temporary_name(target: Path) -> Path:
-    return target.parent / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
-
-
-def write_file(path: PathLike, write: Callable[[Path], object], what: str = "output") -> Path:
-    """Call ``write(temporary)`` beside ``path``, then rename it into place; no file is left on failure.
-
-    The file is created with the user's umask, as ``open`` does.
-    """
-    target = output_path(path, what)
-    clean_stale(target.parent)
-    temporary = _temporary_name(target)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    except OSError as error:
-        raise OutputError(f"{os.fspath(path)}: cannot write the {what} ({error.strerror or error})") from error
-    finally:
-        temporary.unlink(missing_ok=True)
-    return target
-
-
-def write_text(path: PathLike, text: str, what: str = "report") -> Path:
-    """Write ``text`` and a newline to ``path`` through :func:`write_file`."""
-    return write_file(path, lambda temporary: temporary.write_text(text + "\n"), what)
-
+# --- external data files this tool wrote ------------------------------------------------------------------------
 
 def _data_pattern(name: str) -> re.Pattern[str]:
     return re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.data")
+
+
+def _ends_with_token(path: Path, token: str) -> bool:
+    mark = _DATA_MARK + token.encode()
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as file:
+            file.seek(0, os.SEEK_END)
+            if file.tell() < len(mark):
+                return False
+            file.seek(-len(mark), os.SEEK_END)
+            return file.read() == mark
+    except OSError:
+        return False
+
+
+def _ours(folder: Path, model_name: str, data_name: str, token: str, keep: Iterable[Path]) -> Path | None:
+    """``folder/data_name`` when it is a data file this tool wrote for ``model_name`` with ``token`` and no input."""
+    if not _data_pattern(model_name).fullmatch(data_name) or not re.fullmatch(r"[0-9a-f]{32}", token):
+        return None
+    path = folder / data_name
+    info = _owned_regular(path, stat.S_IFREG)
+    if info is None or any(_same_file(path, other) for other in keep) or not _ends_with_token(path, token):
+        return None
+    return path
+
+
+def _recorded_data(model_path: Path) -> tuple[str, str] | None:
+    """(data file name, token) that the model at ``model_path`` records (:data:`DATA_KEY`), if any."""
+    if _owned_regular(model_path, stat.S_IFREG) is None:
+        return None
+    try:
+        proto = onnx.load(model_path, load_external_data=False)
+    except Exception:  # not a model: nothing of it is ours to remove
+        return None
+    record = next((entry.value for entry in proto.metadata_props if entry.key == DATA_KEY), "")
+    name, _, token = record.partition(" ")
+    return (name, token) if name and token else None
+
+
+def _remove_orphan(staging: Path, keep: list[Path]) -> None:
+    """The data file an abandoned placement (journal in ``staging``) moved into place before it was killed."""
+    try:
+        journal = json.loads((staging / _JOURNAL_NAME).read_text())
+        model_name, data_name, token = journal["model"], journal["data"], journal["token"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not all(isinstance(part, str) and os.sep not in part for part in (model_name, data_name, token)):
+        return
+    if _recorded_data(staging.parent / model_name) == (data_name, token):
+        return  # the model was placed too: the data is in use
+    if (orphan := _ours(staging.parent, model_name, data_name, token, keep)) is not None:
+        orphan.unlink(missing_ok=True)
+
+
+@contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock on the directory) while placing into it."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise _os_error(folder, "move the output into place", error) from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+# --- writing and placing ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file written into its staging folder (:attr:`path`), to be renamed to :attr:`target`."""
+
+    path: Path
+    target: Path
+
+    def place(self) -> Path:
+        try:
+            os.replace(self.path, self.target)
+        except OSError as error:
+            raise _os_error(self.target, "move the output into place", error) from error
+        return self.target
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A model written into its staging folder: check :attr:`path`, then :meth:`place` it.
+
+    With external data, :attr:`data_name` is its file (beside :attr:`path`) and :attr:`token` the random token
+    that the model's metadata and the file's last bytes share.
+    """
+
+    path: Path
+    target: Path
+    data_name: str | None
+    token: str | None
+    keep: frozenset[Path]
+    """The run's inputs: never removed as an old output's data."""
+
+    def place(self) -> Path:
+        """Move the data, then the model into place; then remove the data file the replaced output used."""
+        folder = self.target.parent
+        with _folder_locked(folder):
+            previous = _recorded_data(self.target)
+            old = _ours(folder, self.target.name, *previous, self.keep) if previous else None
+            try:
+                if self.data_name is not None:
+                    destination = folder / self.data_name
+                    if os.path.lexists(destination):
+                        raise OutputError(f"{destination}: exists; run again")
+                    journal = {"model": self.target.name, "data": self.data_name, "token": self.token}
+                    (self.path.parent / _JOURNAL_NAME).write_text(json.dumps(journal))
+                    os.replace(self.path.parent / self.data_name, destination)
+                os.replace(self.path, self.target)
+            except OSError as error:
+                raise _os_error(self.target, "move the output into place", error) from error
+            if old is not None and old.name != self.data_name:
+                old.unlink(missing_ok=True)
+        return self.target
+
+
+def _checker_problem(model: PathLike | onnx.ModelProto) -> str:
+    """What ``onnx.checker`` (``full_check``: with strict shape inference) finds wrong with ``model``, or ""."""
+    if not isinstance(model, onnx.ModelProto) and not utf8(os.fspath(model)):
+        model = onnx.load(model)  # the checker takes UTF-8 paths only
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model), full_check=True)
+    except Exception as error:  # ValidationError, InferenceError, ...: any finding
+        lines = str(error).strip().splitlines()
+        return lines[0] if lines else type(error).__name__
+    return ""
+
+
+def check_written(path: Path, source: PathLike | onnx.ModelProto | ir.Model) -> None:
+    """Fail when the model written at ``path`` does not pass ``onnx.checker`` and the ``source`` model does.
+
+    A finding the source model has too is the source's: the output keeps it, with a warning.
+    """
+    problem = _checker_problem(path)
+    if not problem:
+        return
+    original = _checker_problem(ir.to_proto(source) if isinstance(source, ir.Model) else source)
+    if not original:
+        raise OutputError(f"the written model fails onnx.checker ({problem}); nothing written")
+    logger.warning(f"the input model fails onnx.checker ({original}), and so does the output ({problem})")
+
+
+def place_all(staged: Iterable[Staged | StagedFile]) -> None:
+    """Place each staged output in turn (a model's data before the model)."""
+    for item in staged:
+        item.place()
 
 
 def _inline_attribute_data(model: ir.Model) -> None:
@@ -172,47 +395,23 @@ def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
 
 
-@dataclass
-class Staged:
-    """A model written into its staging folder: check :attr:`path`, then :meth:`place` it."""
-
-    path: Path
-    target: Path
-    data_name: str | None
-    keep: frozenset[Path]
-    """Files never removed as an old output's data (the run's inputs)."""
-
-    def place(self) -> Path:
-        """Move the data, then the model into place; then remove the data file the replaced output used."""
-        previous = _own_data_files(self.target)
-        try:
-            if self.data_name is not None:
-                destination = self.target.parent / self.data_name
-                if destination.exists():
-                    raise OutputError(f"{destination}: exists; run again")
-                os.replace(self.path.parent / self.data_name, destination)
-            os.replace(self.path, self.target)
-        except OSError as error:
-            raise OutputError(f"{self.target}: cannot move the output into place "
-                              f"({error.strerror or error})") from error
-        for path in previous - self.keep:
-            if path.name != self.data_name:
-                path.unlink(missing_ok=True)
-        return self.target
-
-
-def _own_data_files(model_path: Path) -> set[Path]:
-    """The data files an earlier output at ``model_path`` refers to that this tool named (``<name>.<hex>.data``)."""
-    if not model_path.is_file():
-        return set()
+def _save(model: ir.Model, path: Path, data_name: str | None, token: str) -> str | None:
+    """Write ``model`` to ``path`` (external data in ``data_name`` beside it, recorded and marked); the data file's
+    name, or None when no tensor went to it."""
+    if data_name is None:
+        ir.save(model, path)
+        return None
+    model.metadata_props[DATA_KEY] = f"{data_name} {token}"
     try:
-        proto = onnx.load(model_path, load_external_data=False)
-    except Exception:  # not a model we wrote: nothing of it is ours to remove
-        return set()
-    pattern = _data_pattern(model_path.name)
-    locations = {entry.value for tensor in proto_tensors(proto) for entry in tensor.external_data
-                 if entry.key == "location"}
-    return {(model_path.parent / name).resolve() for name in locations if pattern.fullmatch(name)}
+        ir.save(model, path, external_data=data_name)
+    finally:
+        del model.metadata_props[DATA_KEY]
+    data = path.parent / data_name
+    if not data.exists():
+        data.touch()  # every tensor stayed inline: an empty data file keeps the record true
+    with open(data, "ab") as file:
+        file.write(_DATA_MARK + token.encode())
+    return data_name
 
 
 @contextmanager
@@ -222,31 +421,53 @@ def stage_model(model: ir.Model, output: PathLike, *, external_data: bool | None
 
     ``external_data=None`` chooses: external when the weights exceed :data:`EXTERNAL_DATA_THRESHOLD`
     or the model already had external data. Tensors in attributes (``Constant`` nodes) are written
-    inline, so the output never points back at the input's files.
+    inline, so the output never points back at the input's files. Abandoned staging in the output's folder
+    is removed first (:func:`clean_stale`), never a folder holding one of ``keep``.
     """
     target = output_path(output)
+    keep_paths = _paths(keep)
     if external_data is None:
         external_data = bool(external_data_files(model)) or weight_stats(model)[1] > EXTERNAL_DATA_THRESHOLD
-    clean_stale(target.parent)
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=target.parent))
-    except OSError as error:
-        raise OutputError(f"{target.parent}: cannot write the output ({error.strerror or error})") from error
-    try:
-        data_name = f"{target.name}.{secrets.token_hex(4)}.data" if external_data else None
+    clean_stale(target.parent, keep_paths)
+    with StagingFolder(target.parent) as staging:
+        token = secrets.token_hex(16)
         _inline_attribute_data(model)
-        staged = folder / target.name
+        staged = staging.path / target.name
         try:
-            ir.save(model, staged, external_data=data_name)
+            data_name = _save(model, staged, f"{target.name}.{secrets.token_hex(4)}.data" if external_data else None,
+                              token)
         except OSError as error:
-            raise OutputError(f"{target}: cannot write the output ({error.strerror or error})") from error
-        yield Staged(staged, target, data_name, frozenset(Path(p).resolve() for p in keep))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+            raise _os_error(target, "write the output", error) from error
+        yield Staged(staged, target, data_name, token if data_name else None, frozenset(keep_paths))
 
+
+@contextmanager
+def stage_file(path: PathLike, write: Callable[[Path], object], what: str = "output") -> Iterator[StagedFile]:
+    """Call ``write(temporary)`` in a staging folder beside ``path``; the staged file, to place, or nothing on
+    failure. The file is created with the user's umask, as ``open`` does."""
+    target = output_path(path, what)
+    with StagingFolder(target.parent) as staging:
+        temporary = staging.path / target.name
+        try:
+            write(temporary)
+        except OSError as error:
+            raise OutputError(f"{os.fspath(path)}: cannot write the {what} ({error.strerror or error})") from error
+        yield StagedFile(temporary, target)
+
+
+def write_file(path: PathLike, write: Callable[[Path], object], what: str = "output") -> Path:
+    """Call ``write(temporary)`` beside ``path``, then rename it into place; no file is left on failure."""
+    with stage_file(path, write, what) as staged:
+        return staged.place()
+
+
+def write_text(path: PathLike, text: str, what: str = "report") -> Path:
+    """Write ``text`` and a newline to ``path`` through :func:`write_file`."""
+    return write_file(path, lambda temporary: temporary.write_text(text + "\n"), what)
 
 
 def save_model(model: ir.Model, output: PathLike, *, external_data: bool | None = None) -> Path:
     """Stage ``model`` beside ``output`` and move it into place (no check in between)."""
     with stage_model(model, output, external_data=external_data) as staged:
         return staged.place()
+

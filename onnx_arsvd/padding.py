@@ -22,7 +22,10 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["MASK_NAMES", "drop_padding", "masks", "real_positions", "sequence_outputs", "zero_padding"]
+from onnx_arsvd.errors import InvalidInputError
+
+__all__ = ["MASK_NAMES", "check_positions", "drop_padding", "masks", "real_positions", "sequence_outputs",
+           "zero_padding"]
 
 MASK_NAMES = ("attention_mask", "input_mask")
 
@@ -39,6 +42,16 @@ def real_positions(feed: Mapping[str, np.ndarray]) -> np.ndarray | None:
             return None  # not a padding mask (an additive float mask, a 4-D one): no guessing
         return None if mask.all() else mask.astype(bool)
     return None
+
+
+def check_positions(positions: np.ndarray, where: str) -> None:
+    """Refuse a sample with no real position (an all-zero mask): nothing of it could be compared or fitted, and a
+    comparison over nothing would read as perfect."""
+    empty = np.flatnonzero(~positions.any(axis=1))
+    if empty.size:
+        raise InvalidInputError(f"{where}: sample {int(empty[0])} has an attention mask of all zeros "
+                                f"({empty.size} such sample{'s' if empty.size > 1 else ''}): it has no token to "
+                                "compare; leave it out of the data")
 
 
 class _Declared(Protocol):

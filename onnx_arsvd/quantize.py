@@ -35,9 +35,9 @@ import onnx
 import onnx_ir as ir
 
 from onnx_arsvd.candidates import find_layers, node_label, read_array
-from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["QUANTIZE_MODES", "Quantization", "cpu_has_vnni"]
+__all__ = ["QUANTIZE_MODES", "Quantization", "check_quantizable", "cpu_has_vnni"]
 
 QUANTIZE_MODES = ("int8", "int4", "int8+int4-tables")
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -130,6 +130,15 @@ def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def check_quantizable(model: ir.Model) -> None:
+    """onnxruntime's quantizers take layers that compute in float32 only: refuse an fp16, bf16 or fp64 layer in one
+    line, before any work (onnxruntime's own error comes late, from a session on a staging path)."""
+    for layer in find_layers(model)[0]:
+        if layer.dtype != ir.DataType.FLOAT:
+            raise UnsupportedModelError(f"quantization takes layers that compute in float32; {layer.name!r} computes "
+                                        f"in {layer.dtype.name.lower()}: convert the model to float32 first")
+
+
 @dataclass(frozen=True)
 class Quantization:
     """How to quantize: ``mode`` "int8", "int4" or "int8+int4-tables"; ``reduce_range`` None = on CPUs without
@@ -158,16 +167,24 @@ class Quantization:
             return f"{int8}, embedding tables int4 (block {self.block_size}, symmetric)"
         return f"int4 weight-only (MatMulNBits, block {self.block_size}, symmetric)"
 
-    def apply(self, model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
-        """The quantized model (the input is not modified)."""
+    def apply(self, model: ir.Model | onnx.ModelProto, scratch: Path | None = None) -> onnx.ModelProto:
+        """The quantized model (the input is not modified).
+
+        onnxruntime's int8 quantizer works on a copy of the model on disk (and writes a second, shape-inferred
+        one beside it): in a temporary folder inside ``scratch`` (the run's staging folder, which a later run
+        removes if this one is killed), else in the system's temporary folder.
+        """
+        if isinstance(model, ir.Model):
+            check_quantizable(model)
         proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
         if self.mode == "int4":
             return self._int4(proto)
         if self.mode == "int8+int4-tables":  # the budget search passes each candidate as IR: no second conversion
             graph = model if isinstance(model, ir.Model) else ir.from_proto(proto)
             has_tables = any(layer.is_embedding for layer in find_layers(graph)[0])
-            return self._int8(self._int4_tables(proto), skip={"Gather"}) if has_tables else self._int8(proto)
-        return self._int8(proto)
+            if has_tables:
+                return self._int8(self._int4_tables(proto), scratch, skip={"Gather"})
+        return self._int8(proto, scratch)
 
     def _int4_tables(self, proto: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.ModelProto()
@@ -184,14 +201,16 @@ class Quantization:
             nbits_logger.setLevel(level)
         return quantizer.model.model
 
-    def _int8(self, proto: onnx.ModelProto, skip: frozenset[str] | set[str] = frozenset()) -> onnx.ModelProto:
+    def _int8(self, proto: onnx.ModelProto, scratch: Path | None,
+              skip: frozenset[str] | set[str] = frozenset()) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        with _root_logger_kept(), tempfile.TemporaryDirectory(prefix="onnx_arsvd_int8_") as folder:
-            target = Path(folder) / "model.onnx"
+        with _root_logger_kept(), tempfile.TemporaryDirectory(prefix="int8-", dir=scratch) as folder:
+            source, target = Path(folder) / "input.onnx", Path(folder) / "model.onnx"
             large = proto.ByteSize() > 1_800_000_000
-            quantize_dynamic(proto, target, per_channel=True, reduce_range=self.uses_reduce_range,
+            onnx.save_model(proto, source, save_as_external_data=large)  # the quantizer's copies go beside it
+            quantize_dynamic(source, target, per_channel=True, reduce_range=self.uses_reduce_range,
                              weight_type=QuantType.QInt8, use_external_data_format=large,
                              op_types_to_quantize=sorted(set(IntegerOpsRegistry) - {"Conv", *skip}),
                              # after the 4-bit tables, shape inference cannot type the contrib op's output

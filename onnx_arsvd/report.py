@@ -167,6 +167,15 @@ def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     return rows
 
 
+def _positions_line(verification: VerificationReport) -> str:
+    """How many real token positions were compared, per sample, when the mask's padding was left out."""
+    if verification.compared_positions is None:
+        return ""
+    total, fewest, most = verification.compared_positions
+    return (f"\ncompared at {total} real token positions ({fewest} to {most} per sample); "
+            f"{verification.padded_positions} padded positions (attention mask 0) left out")
+
+
 def format_verification(verification: VerificationReport, markdown: bool = False) -> str:
     """Per-output errors and, with labels, accuracy and macro-F1 of both models."""
     style = "github" if markdown else "simple"
@@ -176,8 +185,7 @@ def format_verification(verification: VerificationReport, markdown: bool = False
         f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})"
         + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (pass --data)"
            if verification.inputs.startswith("generated") else "")
-        + (f"\n{verification.padded_positions} padded token positions (attention mask 0) left out of the comparison"
-           if verification.padded_positions else ""),
+        + _positions_line(verification),
         tabulate(rows, ["output", "max abs err", "rel err", "cosine (mean)", "cosine (min)"], tablefmt=style),
     ]
     if verification.original is not None and verification.compressed is not None:

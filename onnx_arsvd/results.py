@@ -40,6 +40,12 @@ class OutputComparison:
         """One-sided lower confidence bound on the mean cosine (z = 1.645: 95%)."""
         return self.mean_cosine - z * self.cosine_stderr
 
+    @property
+    def unrelated(self) -> bool:
+        """Whether the compressed model's output is no closer to the original's than an all-zero output would be
+        (relative error 1 or more): a different model, whatever was asked for."""
+        return not self.relative_error < 1.0
+
 
 @dataclass(frozen=True)
 class TaskScores:
@@ -64,6 +70,8 @@ class VerificationReport:
     padded_positions: int = 0
     """Token positions the attention mask marks as padding, left out of every comparison (see
     :mod:`onnx_arsvd.padding`)."""
+    compared_positions: tuple[int, int, int] | None = None
+    """With padding left out: (real positions compared in all, fewest in one sample, most in one sample)."""
 
     @property
     def accuracy_drop(self) -> float | None:

@@ -73,9 +73,16 @@ class _Rewriter:
         self.spill = spill
 
     def initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+        """A constant in ``graph``: an initializer, or in an IR 3 body (which may hold none) a ``Constant`` node."""
         name = self.name(base)
         tensor = self.spill.tensor(array, name) if self.spill is not None else ir.tensor(array, name=name)
         value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape))
+        if self.initializers_are_inputs and graph is not self.main:
+            value.const_value = None
+            constant = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], outputs=[value],
+                               name=self.name(f"{base}/constant"))
+            graph.insert_before(graph[0], constant)  # no input: first in the graph is always in order
+            return value
         graph.register_initializer(value)
         if self.initializers_are_inputs and graph is self.main:
             graph.inputs.append(value)

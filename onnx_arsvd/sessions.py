@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from onnx_arsvd.data import input_specs, one_call
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.model_io import load_model, utf8
 
 __all__ = ["ModelSource", "make_session", "model_session", "run_session", "session_options"]
 
@@ -40,6 +41,8 @@ def make_session(
     file as it does for a path (:func:`_serialized`); ``model`` is left as it was.
     """
     options = session_options(threads)
+    if isinstance(source, (str, os.PathLike)) and not utf8(os.fspath(source)):
+        source = load_model(source)  # onnxruntime takes UTF-8 paths only: open it as an in-memory model
     if isinstance(source, ir.Model):
         model: str | bytes = _serialized(source, options)[0]
     else:

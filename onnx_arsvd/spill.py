@@ -1,7 +1,7 @@
 """Scratch storage on disk for factors, so compressing a big model holds about one layer's factors in memory.
 
-A :class:`Spill` is one append-only file in a hidden ``.onnx-arsvd-<pid>-*`` folder beside the output
-(the writer's staging rules apply: removed on leaving, and by the next run if this one was killed).
+A :class:`Spill` is one append-only file in the run's staging folder beside the output (see
+:mod:`onnx_arsvd.output`: removed when the run ends, and by a later run if this one was killed).
 Factors are spilled as soon as a weight is planned (:meth:`Spill.array`: a read-only memory map whose
 pages are read back only when used), and the rewritten model's factor initializers point into the file
 (:meth:`Spill.tensor`: an ``onnx_ir.ExternalTensor``), which ``ir.save`` copies into the output's
@@ -11,8 +11,6 @@ external data file in the kernel (``copy_file_range``) without reading it into t
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.errors import OutputError
-from onnx_arsvd.output import STAGING_PREFIX, clean_stale, output_path
 
-__all__ = ["Spill", "spill_beside"]
+__all__ = ["Spill", "spill_into"]
 
 _ALIGNMENT = 64
 """Byte alignment of every array in the file (a memory map's view must be aligned to its dtype)."""
@@ -36,7 +33,10 @@ class Spill:
         self.folder = folder
         self.name = name
         self.path = folder / name
-        self._file = self.path.open("wb")
+        try:
+            self._file = self.path.open("xb")
+        except OSError as error:
+            raise OutputError(f"{folder.parent}: cannot write scratch data ({error.strerror or error})") from error
         self.bytes_written = 0
 
     def _append(self, array: np.ndarray) -> int:
@@ -71,18 +71,12 @@ class Spill:
 
 
 @contextmanager
-def spill_beside(output: str | os.PathLike) -> Iterator[Spill]:
-    """A :class:`Spill` in a hidden folder beside ``output`` (same file system: the output's data is copied from it
-    in the kernel); the folder is removed on leaving."""
-    target = output_path(output)
-    clean_stale(target.parent)
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=target.parent))
-    except OSError as error:
-        raise OutputError(f"{target.parent}: cannot write scratch data ({error.strerror or error})") from error
+def spill_into(folder: Path) -> Iterator[Spill]:
+    """A :class:`Spill` in ``folder`` (the run's staging folder beside the output: the same file system, so the
+    output's data is copied from it in the kernel); its file is removed on leaving."""
     spill = Spill(folder)
     try:
         yield spill
     finally:
         spill.close()
-        shutil.rmtree(folder, ignore_errors=True)
+        spill.path.unlink(missing_ok=True)

@@ -14,10 +14,10 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.candidates import constant_tensor
-from onnx_arsvd.data import Feed, load_labelled, load_labels, split_batches
+from onnx_arsvd.data import Feed, available_memory, load_labelled, load_labels, split_batches
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.model_io import load_model, to_model, weight_stats
-from onnx_arsvd.padding import masks, real_positions, sequence_outputs, zero_padding
+from onnx_arsvd.padding import check_positions, masks, real_positions, sequence_outputs, zero_padding
 from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
 from onnx_arsvd.sessions import make_session, run_session
 
@@ -256,6 +256,7 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
     agreements = {name: OutputAgreement(name) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = padded = 0
+    per_sample: list[np.ndarray] = []  # real positions compared in each sample, where padding was left out
     bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
     for feed, expected, actual in runs:
         positions = real_positions(feed)
@@ -263,7 +264,9 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
             agreements[name].add(*(zero_padding(np.asarray(x), positions, seq) for x in (e, a)))
         if positions is not None and any(masks(np.asarray(e), positions, seq)
                                          for e, seq in zip(expected, sequence, strict=True)):
+            check_positions(positions, f"verification batch {len(per_sample) + 1}")
             padded += int(positions.size - positions.sum())
+            per_sample.append(positions.sum(axis=1))
         if labels is not None:
             for kept, first in zip(predictions, (expected[0], actual[0]), strict=True):
                 kept.append(_rows(np.asarray(first)).argmax(axis=1))
@@ -271,9 +274,12 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
         samples += count
         bar.update(count)
     bar.close()
+    counts = np.concatenate(per_sample) if per_sample else None
     report = VerificationReport(provider=provider, inputs=inputs, samples=samples,
                                 outputs=[agreement.result() for agreement in agreements.values()],
-                                padded_positions=padded)
+                                padded_positions=padded,
+                                compared_positions=None if counts is None else
+                                (int(counts.sum()), int(counts.min()), int(counts.max())))
     if labels is not None:
         predicted_e, predicted_a = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in predictions)
         labels = np.asarray(labels).reshape(-1)[: len(predicted_e)]
@@ -286,19 +292,7 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
 
 def too_big_together(*weight_bytes: int) -> bool:
     """Whether the models' weights together exceed half the memory available: then hold one session at a time."""
-    return sum(weight_bytes) > _available_memory() // 2
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable on Linux, else free pages)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return sum(weight_bytes) > available_memory() // 2
 
 
 def _weight_bytes(source: ModelLike, model: ir.Model | None) -> int:

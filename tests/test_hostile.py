@@ -291,23 +291,6 @@ def test_bench_plot_into_missing_folder_fails_before_benchmarking(mlp_path: Path
 
 # --- staging, cleanup and modes ---------------------------------------------------------------------------------
 
-def _dead_pid() -> int:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                           check=True)
-    return int(child.stdout)
-
-
-def test_stale_staging_of_a_dead_writer_is_removed_and_a_live_ones_kept(mlp_path: Path, tmp_path: Path) -> None:
-    stale = tmp_path / f".onnx-arsvd-{_dead_pid()}-abcd"
-    stale.mkdir()
-    (stale / "out.onnx").write_bytes(b"half")
-    live = tmp_path / f".onnx-arsvd-{os.getppid()}-efgh"
-    live.mkdir()
-    assert main(["compress", str(mlp_path), "-o", str(tmp_path / "out.onnx"), "--min-params", "0", "--policy", "rank",
-                 "--rank", "4", "--no-verify", "-q"]) == 0
-    assert not stale.exists() and live.exists()
-
-
 def test_report_keeps_the_users_umask(mlp_path: Path, tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:

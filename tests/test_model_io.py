@@ -60,16 +60,17 @@ def test_factors_of_an_external_data_model_go_through_scratch_and_match_the_in_m
     spills: list[spill.Spill] = []
 
     @contextlib.contextmanager
-    def recording(path: Path) -> Iterator[spill.Spill]:
-        with spill.spill_beside(path) as scratch:
+    def recording(folder: Path) -> Iterator[spill.Spill]:
+        with spill.spill_into(folder) as scratch:
             spills.append(scratch)
             yield scratch
 
-    monkeypatch.setattr(api, "spill_beside", recording)
+    monkeypatch.setattr(api, "spill_into", recording)
     _save_external(make_mlp((96, 80, 64, 10)), tmp_path / "m.onnx")
     (tmp_path / "out").mkdir()
     returned, _ = compress(tmp_path / "m.onnx", tmp_path / "out" / "a.onnx", policy=FixedRankPolicy(8), samples=2)
     assert len(spills) == 1 and spills[0].bytes_written > 0 and not spills[0].folder.exists()
+    assert spills[0].folder.parent == tmp_path / "out"  # the staging folder beside the output
     assert _files(tmp_path / "out")[0] == "a.onnx" and len(_files(tmp_path / "out")) == 2
     compress(make_mlp((96, 80, 64, 10)), tmp_path / "b.onnx", policy=FixedRankPolicy(8), samples=2)
     assert len(spills) == 1  # a model held in memory gets no scratch file
@@ -89,11 +90,11 @@ def test_spilled_factors_read_back_unchanged_and_the_rewrite_points_into_the_spi
     from onnx_arsvd.plan import plan_layers
     from onnx_arsvd.rank import RatioPolicy
     from onnx_arsvd.rewrite import apply_plans
-    from onnx_arsvd.spill import spill_beside
+    from onnx_arsvd.spill import spill_into
 
     model = ir.from_proto(make_mlp((96, 80, 64, 10)))
     expected = [plan.factors for plan in plan_layers(find_layers(model)[0], RatioPolicy(0.25), min_params=0)]
-    with spill_beside(tmp_path / "out.onnx") as scratch:
+    with output.StagingFolder(tmp_path) as staging, spill_into(staging.path) as scratch:
         plans = plan_layers(find_layers(model)[0], RatioPolicy(0.25), min_params=0, spill=scratch)
         factored = [plan for plan in plans if plan.factors is not None]
         assert factored and all(isinstance(f, np.memmap) for plan in factored for f in plan.factors)
@@ -106,7 +107,7 @@ def test_spilled_factors_read_back_unchanged_and_the_rewrite_points_into_the_spi
         new = [v.const_value for v in model.graph.initializers.values() if ".arsvd_" in (v.name or "")]
         assert new and all(isinstance(t, ir.ExternalTensor) and Path(t.path) == scratch.path for t in new)
         output.save_model(model, tmp_path / "out.onnx", external_data=True)
-    assert not scratch.folder.exists()
+    assert not scratch.path.exists() and not staging.path.exists()
     x = {"X": np.ones((2, 96), np.float32)}
     assert run(tmp_path / "out.onnx", x)[0].shape == (2, 10)
 

@@ -96,7 +96,7 @@ def test_verification_compares_real_positions_only(tmp_path: Path) -> None:
     assert output.mean_cosine == pytest.approx(np.mean(cosines), rel=1e-5)
     assert output.relative_error == pytest.approx(np.linalg.norm(y2 - y) / np.linalg.norm(y), rel=1e-4)
     assert report.padded_positions == mask.size - mask.sum() > 0
-    assert f"{report.padded_positions} padded token positions" in format_verification(report)
+    assert f"{report.padded_positions} padded positions (attention mask 0) left out" in format_verification(report)
     unpadded = verify(tmp_path / "a.onnx", tmp_path / "b.onnx",
                       data={"X": data["X"], "attention_mask": np.ones_like(data["attention_mask"])})
     assert unpadded.padded_positions == 0 and unpadded.outputs[0].max_abs_error > 10 * output.max_abs_error

@@ -184,7 +184,7 @@ def test_one_model_at_a_time_gives_the_same_report_with_one_session_alive(monkey
     monkeypatch.setattr(verification, "make_session", counting)
     side_by_side = verify(original, changed, data=data, labels=labels, batch_size=7, one_at_a_time=False)
     assert alive_at_open == [0, 1]
-    monkeypatch.setattr(verification, "_available_memory", lambda: 1000)  # less than twice the weights
+    monkeypatch.setattr(verification, "available_memory", lambda: 1000)  # less than twice the weights
     one_by_one = verify(original, changed, data=data, labels=labels, batch_size=7)
     assert alive_at_open[2:] == [0, 0] and one_by_one.inputs.endswith("one model at a time")
     assert one_by_one.samples == side_by_side.samples == 50
