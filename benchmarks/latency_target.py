@@ -42,9 +42,9 @@ from benchmarks.results_io import (
 )
 from benchmarks.text_eval import MINILM, minilm_built
 from onnx_arsvd import Report
-from onnx_arsvd.budget import Budget
 from onnx_arsvd.errors import OutputError
 from onnx_arsvd.guard import LatencyGuard
+from onnx_arsvd.search import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -28,12 +28,12 @@ import numpy as np
 
 from benchmarks.results_io import package_versions, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
-from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import weight_curves
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.rank import break_even_rank
+from onnx_arsvd.search.parts import split_data
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_curves.md"
 KINDS = (("query", "attention/self/query"), ("key", "attention/self/key"), ("value", "attention/self/value"),

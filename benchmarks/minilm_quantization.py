@@ -49,9 +49,9 @@ from benchmarks.text_eval import (
     sentence_embeddings,
 )
 from onnx_arsvd.benchmark import compare_latency, timed_rounds
-from onnx_arsvd.budget import Budget
 from onnx_arsvd.model_io import model_file_bytes
 from onnx_arsvd.quantize import Quantization
+from onnx_arsvd.search import Budget
 from onnx_arsvd.sessions import make_session
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_quantization.md"

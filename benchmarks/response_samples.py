@@ -1,7 +1,7 @@
 """Layer responses measured on a few calibration samples against all of them (MiniLM, and the Fashion MLP's count).
 
 The budget search measures each layer's end-to-end response (``onnx_arsvd.sensitivity``) on the first
-calibration samples whose outputs hold ``RESPONSE_VALUES`` values (``onnx_arsvd.budget.response_batches``).
+calibration samples whose outputs hold ``RESPONSE_VALUES`` values (``onnx_arsvd.search.parts.response_batches``).
 This script takes the budget's own split of the 200 polarity sentences (120 calibration), computes every
 fifth MiniLM weight's response on all 120 and on the search's subset, and reports the model-level
 distortion D each predicts at layer errors e = 0.01 and 0.1, their ratio and the time each took. It also
@@ -26,12 +26,13 @@ import onnxruntime as ort
 
 from benchmarks.results_io import MINILM_PACKAGES, header, markdown_table, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
-from onnx_arsvd.budget import Budget, response_batches, split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import weight_curves
 from onnx_arsvd.data import Feed, load_data, sample_count, split_batches
 from onnx_arsvd.model_io import to_model
+from onnx_arsvd.search import Budget
+from onnx_arsvd.search.parts import response_batches, split_data
 from onnx_arsvd.sensitivity import layer_responses
 from onnx_arsvd.sessions import make_session
 

@@ -28,13 +28,13 @@ import onnx_ir as ir
 
 from benchmarks.results_io import package_versions, write_result
 from onnx_arsvd.allocate import best_within, frontier
-from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
 from onnx_arsvd.data import load_data, split_batches
 from onnx_arsvd.model_io import load_model, to_model
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.search.parts import split_data
 from onnx_arsvd.sensitivity import layer_responses
 from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from onnx_arsvd.api import compress, inspect_model
-    from onnx_arsvd.budget import Budget
     from onnx_arsvd.calibration import CalibrationDataReader
     from onnx_arsvd.errors import ArsvdError, InvalidInputError, UnsupportedModelError
     from onnx_arsvd.guard import LatencyGuard
     from onnx_arsvd.rank import POLICIES, EnergyPolicy, EntropyPolicy, FixedRankPolicy, RatioPolicy, make_policy
     from onnx_arsvd.report import Report, format_report, report_to_json
     from onnx_arsvd.results import VerificationReport
+    from onnx_arsvd.search import Budget
     from onnx_arsvd.settings import METHODS
     from onnx_arsvd.verification import verify
 
@@ -26,7 +26,7 @@ _HOMES = {
     "POLICIES": "rank",
     "CalibrationDataReader": "calibration",
     "ArsvdError": "errors",
-    "Budget": "budget",
+    "Budget": "search",
     "EnergyPolicy": "rank",
     "EntropyPolicy": "rank",
     "FixedRankPolicy": "rank",

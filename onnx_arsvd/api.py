@@ -7,6 +7,7 @@ built once at the end from what the stages returned.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -20,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_arsvd.benchmark import LatencyComparison
-from onnx_arsvd.budget import Budget, BudgetSearch
+from onnx_arsvd.calibration import output_errors
 from onnx_arsvd.data import ArrayReader, Feed, load_data, load_labelled, load_labels
 from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
 from onnx_arsvd.guard import LatencyGuard, observed_rows
@@ -42,6 +43,7 @@ from onnx_arsvd.quantize import Quantization, check_quantizable
 from onnx_arsvd.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.report import Report, nothing_factored_note
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.search import Budget, SearchResult, prepare_search, run_search
 from onnx_arsvd.sessions import make_session
 from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
 from onnx_arsvd.spill import spill_into
@@ -119,17 +121,19 @@ def _build_report(
     weights_after: tuple[int, int],
     *,
     written: _Written = _Written(),
-    search: BudgetSearch | None = None,
+    search: SearchResult | None = None,
     latency_check: Sequence[LatencyComparison] = (),
-    regressions: Sequence[str] = (),
     verification: VerificationReport | None = None,
     dropped: Sequence[str] = (),
+    quantized_with: str | None = None,
 ) -> Report:
     """The report, from every stage's result."""
     layers = planned.decisions()
+    global_search = search is not None and search.allocation != "threshold"  # ranks from the search, not a policy
     return Report(
         model=_describe(source),
-        policy=settings.describe_policy(),
+        policy=f"budget search: {search.allocation}" if search is not None and global_search
+        else settings.describe_policy(),
         method=settings.describe(),
         max_rank_fraction=settings.max_rank_fraction,
         min_params=settings.min_params,
@@ -146,8 +150,9 @@ def _build_report(
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
         notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *planned.notes,
-               *regressions,
-               *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped)],
+               *(f"WARNING: {text}" for text in LatencyGuard.regressions(latency_check)),
+               *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped),
+               *([f"note: quantized with onnxruntime: {quantized_with}"] if quantized_with is not None else [])],
     )
 
 
@@ -208,9 +213,9 @@ def _checked_data(loaded: ir.Model, data: DataSource | None, labels: np.ndarray 
     return labels
 
 
-def _check_result(verification: VerificationReport | None, search: BudgetSearch | None) -> None:
+def _check_result(verification: VerificationReport | None, search: SearchResult | None) -> None:
     """A compressed model whose outputs turn NaN/Inf, or a budget the search could not meet, is a failed run."""
-    if search is not None and not search.summary()["met"]:
+    if search is not None and not search.met:
         if search.latency_bound is not None:
             raise OutputError(f"the budget ({search.budget.describe()}) is not met: the fastest model within the "
                               f"accuracy budget times at up to {search.latency_bound:.3f}x (95% bound); "
@@ -230,7 +235,7 @@ def _check_result(verification: VerificationReport | None, search: BudgetSearch 
                               "no closer than an all-zero output); nothing written")
 
 
-def _held_out_miss(verification: VerificationReport | None, search: BudgetSearch | None,
+def _held_out_miss(verification: VerificationReport | None, search: SearchResult | None, held_out: bool,
                    latency_check: Sequence[LatencyComparison] = ()) -> str:
     """How the verified model misses its budget on the held-out part (or, for a latency target, in the final
     whole-model timing), or "" when it meets it (or none applies)."""
@@ -239,7 +244,7 @@ def _held_out_miss(verification: VerificationReport | None, search: BudgetSearch
         if slowest.ratio > search.budget.target_latency:
             return (f"the budget ({search.budget.describe()}) is missed in the final timing: {slowest.ratio:.3f}x "
                     f"at batch {slowest.batch}")
-    if search is None or search.held_out is None or verification is None:
+    if search is None or not held_out or verification is None:
         return ""
     budget = search.budget
     drop = verification.accuracy_drop
@@ -293,7 +298,7 @@ def compress(
     the default is ``"whitened"`` under an accuracy budget (its data calibrates) and ``"svd"`` otherwise.
     ``data``, ``labels``, ``dims``, ``samples``, ``batch_size`` and ``one_at_a_time`` are as in :func:`verify`. With
     a ``budget``, ``data`` is split into a calibration part (Gram matrices, and the end-to-end checks that choose
-    one global output-energy threshold, see :mod:`onnx_arsvd.budget`) and a held-out part that the final
+    one global output-energy threshold, see :mod:`onnx_arsvd.search`) and a held-out part that the final
     verification reports on; ``policy`` must then be left out. With a ``guard``, each layer is kept dense where
     factoring it is not faster on the guard's provider, and the whole model is timed against the original at the end
     (``report.latency_check``); a budget with ``minimize="latency"`` or a ``target_latency`` prices every rank on the
@@ -332,39 +337,41 @@ def compress(
 
     with ExitStack() as run:  # the run's scratch (spilled factors, the quantizer's copies) lives in a staging folder
         scratch = run.enter_context(_scratch_folder(output, read))
-        search = (BudgetSearch(model, budget, data, labels, method, calibration, quantize, batch_size,
-                               latency=guard if budget.prices_latency else None, dims=dims, loaded=loaded,
-                               scratch=scratch.path)
-                  if budget is not None else None)
-        if search is not None and method == "whitened":
-            calibration = search.calibration
+        prepared = (prepare_search(budget, loaded, data, labels, method, calibration,
+                                   guard if budget.prices_latency else None) if budget is not None else None)
+        if prepared is not None and method == "whitened":
+            calibration = prepared.parts.calibration
         settings = _settings(policy, include, exclude, max_rank_fraction, min_params, method, calibration, lp_power,
                              embedding_policy, factor_heads, jobs)
         provider = guard.provider() if guard is not None else None
-        spills = (bool(source_files) and external_data is not False and search is None and quantize is None
+        spills = (bool(source_files) and external_data is not False and prepared is None and quantize is None
                   and output is not None)  # a big model with external data: factors go to disk as they are made
         spill = run.enter_context(spill_into(scratch.path)) if spills else None
         memo: PlanMemo | None = None
         planned: ModelPlan | None = None
-        if search is not None:
-            outcome = search.run(loaded, settings, progress)
-            settings, memo, planned = outcome.settings, outcome.memo, outcome.planned
-            if search.held_out is not None:  # report on data the search never saw
-                data, labels = search.held_out, None
+        search: SearchResult | None = None
+        held_out = prepared is not None and prepared.parts.held_out is not None
+        if prepared is not None:
+            outcome = run_search(prepared, model, loaded, settings, quantize=quantize, batch_size=batch_size,
+                                 latency=guard if prepared.budget.prices_latency else None, dims=dims,
+                                 scratch=scratch.path, progress=progress)
+            settings, memo, planned, search = outcome.settings, outcome.memo, outcome.planned, outcome.result
+            if prepared.parts.held_out is not None:  # report on data the search never saw
+                data, labels = prepared.parts.held_out, None
         if planned is None:
             planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo, spill=spill)
         if guard is not None and provider is not None:
             layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
             rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
             guard.apply(planned.plans, provider, dims or {}, progress, rows)
-        if search is not None:
-            search.measure_errors(loaded, planned.plans, progress)
+        if prepared is not None and prepared.parts.held_out is not None:
+            planned = _with_held_out_errors(loaded, planned, prepared.parts.held_out, progress)
         reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
         weights_before = weight_stats(loaded)
         if apply_plans(loaded, planned.plans, spill):
             loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
         quantized_with = None  # what this run quantized with (an input written by this tool may carry the tag)
-        if quantize is not None and (search is None or search.chosen is None or search.chosen.quantized):
+        if quantize is not None and (search is None or search.chosen.quantized):
             quantized_with = quantize.describe()
             quantized = ir.from_proto(quantize.apply(loaded, scratch.path))
             quantized.meta.update(loaded.meta)
@@ -375,15 +382,9 @@ def compress(
         verification: VerificationReport | None = None
 
         def make_report(written: _Written) -> Report:
-            report = _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
-                                   search=search, latency_check=latency_check,
-                                   regressions=[f"WARNING: {text}" for text in LatencyGuard.regressions(latency_check)],
-                                   verification=verification, dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
-            if search is not None and search.allocation == "global":  # ranks from the search, not from a policy
-                report.policy = f"budget search: {search.summary()['allocation']}"
-            if quantized_with is not None:
-                report.notes.append(f"note: quantized with onnxruntime: {quantized_with}")
-            return report
+            return _build_report(model, settings, planned, weights_before, weight_stats(loaded), written=written,
+                                 search=search, latency_check=latency_check, verification=verification,
+                                 dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()), quantized_with=quantized_with)
 
         written_model = (run.enter_context(stage_model(loaded, output, external_data=external_data, keep=read))
                          if output is not None else None)
@@ -399,7 +400,7 @@ def compress(
             verification = verify(reference, compressed, data=data, labels=labels, dims=dims, samples=samples,
                                   batch_size=batch_size, progress=progress, one_at_a_time=one_at_a_time)
         _check_result(verification, search)
-        if missed := _held_out_miss(verification, search, latency_check):
+        if missed := _held_out_miss(verification, search, held_out, latency_check):
             raise BudgetMissedError(f"{missed}; nothing written", make_report(_Written()), loaded)
         written = _Written()
         if written_model is not None:
@@ -420,6 +421,26 @@ def compress(
         loaded = to_model(output)
     result = ir.to_proto(loaded) if isinstance(model, onnx.ModelProto) else loaded
     return result, report
+
+
+def _with_held_out_errors(loaded: ir.Model, planned: ModelPlan, held_out: Mapping[str, np.ndarray],
+                          progress: bool) -> ModelPlan:
+    """The plan with each factored layer's relative output error on the held-out part's activations."""
+    factored = [plan for plan in planned.plans
+                if plan.factored and plan.factors is not None and not plan.layers[0].is_embedding]
+    if not factored:
+        return planned
+    inputs = {k: v for k, v in held_out.items() if k != "labels"}
+    factors = {plan.layers[0].weight_key: plan.factors for plan in factored if plan.factors is not None}
+    errors = output_errors(loaded, [layer for plan in factored for layer in plan.layers], factors, inputs,
+                           progress=progress)
+    measured = {id(plan) for plan in factored}
+    plans = []
+    for plan in planned.plans:  # a weight used in a body the data never ran has no activations to measure on
+        error = errors.get(plan.layers[0].weight_key) if id(plan) in measured else None
+        plans.append(plan if error is None else dataclasses.replace(
+            plan, decisions=[dataclasses.replace(d, measured_error=error) for d in plan.decisions]))
+    return dataclasses.replace(planned, plans=plans)
 
 
 def _shape_feed(source: ModelLike, model: ir.Model, data: DataSource | None, dims: Mapping[str, int]) -> Feed:

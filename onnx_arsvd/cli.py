@@ -259,7 +259,7 @@ def _labelled(path: str, model: str) -> bool | None:
 
 
 def _budget(args: argparse.Namespace):
-    from onnx_arsvd.budget import Budget
+    from onnx_arsvd.search import Budget
 
     search = {"holdout": args.holdout, "fit_share": args.fit_share, "allocation": args.allocation,
               "rank_multiple": args.rank_multiple, "sequential": args.sequential, "minimize": args.minimize}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, compress, format_report
-from onnx_arsvd.budget import Budget, BudgetSearch, SearchStep, bisect_index, bisect_tau, split_data
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import BudgetMissedError, InvalidInputError
+from onnx_arsvd.model_io import load_model
+from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.search import Budget
+from onnx_arsvd.search.judge import prediction_z, verdict
+from onnx_arsvd.search.parts import split_data, split_parts
+from onnx_arsvd.search.steps import SearchStep, bisect_index, bisect_tau
 from tests.conftest import MODELS, external_copy_elsewhere, random_weight
 
 
@@ -63,17 +69,52 @@ def test_factors_are_never_judged_on_the_samples_they_were_fitted_to(method: str
     with np.load(MODELS / "digits_test.npz") as archive:
         arrays = {name: archive[name] for name in archive.files}
     budget = Budget(max_drop=1.0, sequential=sequential)
-    search = BudgetSearch(MODELS / "digits_mlp.onnx", budget, arrays, arrays["labels"], method, None)
+    parts = split_parts(budget, load_model(MODELS / "digits_mlp.onnx"), arrays, arrays["labels"], method, None)
     calibration, held_out = split_data(arrays, budget.holdout, budget.seed)
-    judged = {row.tobytes() for row in search.calibration_part["input"]}
-    assert "labels" in search.calibration_part and len(search.held_out["input"]) == len(held_out["input"])
+    judged = {row.tobytes() for row in parts.calibration_part["input"]}
+    assert "labels" in parts.calibration_part and len(parts.held_out["input"]) == len(held_out["input"])
     if not fitted:
-        assert search.fit_part == {} and len(judged) == len(calibration["input"])
+        assert parts.fit_part == {} and len(judged) == len(calibration["input"])
         return
-    assert set(search.fit_part) == {"input"} and search.calibration is search.fit_part
-    fit = {row.tobytes() for row in search.fit_part["input"]}
+    assert set(parts.fit_part) == {"input"} and parts.calibration is parts.fit_part
+    fit = {row.tobytes() for row in parts.fit_part["input"]}
     assert not fit & judged and fit | judged == {row.tobytes() for row in calibration["input"]}
     assert len(fit) == len(judged) == len(calibration["input"]) // 2
+
+
+def _report(samples: int, drop_points: float = 0.0, flipped: int = 0, cosine: float = 1.0,
+            stderr: float = 0.0) -> VerificationReport:
+    """A hand-made verification: accuracy 90% against 90% - drop, ``flipped`` discordant samples, one output."""
+    return VerificationReport("CPUExecutionProvider", "hand-made", samples,
+                              [OutputComparison("y", 0.0, 0.0, cosine, cosine, cosine_stderr=stderr)],
+                              TaskScores(0.9, 0.0), TaskScores(0.9 - drop_points / 100, 0.0), flipped)
+
+
+def test_the_prediction_bound_widens_the_quantile_for_the_held_out_parts_own_noise() -> None:
+    assert prediction_z(300, 0) == pytest.approx(1.645)  # no held-out part: a plain confidence bound
+    assert prediction_z(300, 300) == pytest.approx(1.645 * np.sqrt(2))
+    assert prediction_z(3000, 4000) == pytest.approx(1.645 * np.sqrt(1.75))
+
+
+def test_an_accuracy_budget_is_judged_by_the_drops_upper_prediction_bound() -> None:
+    """0.3 points lost on 3,000 judged images with 36 flips, 4,000 held out: bound 0.3 + 1.645 sqrt(1.75) x
+    100 sqrt(36) / 3000 = 0.735 points. Within 0.8, not within 0.7: the point estimate alone would pass both."""
+    result = _report(3000, drop_points=0.3, flipped=36)
+    bound = 0.3 + 1.645 * np.sqrt(1.75) * 100 * 6 / 3000
+    assert verdict(Budget(max_drop=0.8), result, 4000) == (pytest.approx(bound), True)
+    assert verdict(Budget(max_drop=0.7), result, 4000) == (pytest.approx(bound), False)
+    assert verdict(Budget(max_drop=0.5), _report(3000, 0.3, 0), 4000)[1]  # no flip: no noise
+
+
+def test_a_cosine_budget_is_judged_by_the_lowest_outputs_lower_prediction_bound() -> None:
+    """Mean cosine 0.995 with standard error 0.002 on 200 judged samples, 200 held out: bound 0.995 - 1.645 sqrt(2)
+    x 0.002 = 0.99035. Within 0.99, not within 0.991."""
+    result = _report(200, cosine=0.995, stderr=0.002)
+    bound = 0.995 - 1.645 * np.sqrt(2) * 0.002
+    assert verdict(Budget(min_cosine=0.99), result, 200) == (pytest.approx(bound), True)
+    assert verdict(Budget(min_cosine=0.991), result, 200) == (pytest.approx(bound), False)
+    worse = dataclasses.replace(result, outputs=[*result.outputs, OutputComparison("z", 0.0, 0.0, 0.98, 0.98)])
+    assert verdict(Budget(min_cosine=0.99), worse, 200) == (pytest.approx(0.98), False)  # the worst output decides
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -7,7 +7,6 @@ import onnx_ir as ir
 import pytest
 
 from onnx_arsvd.allocate import DENSE, Allocation
-from onnx_arsvd.budget import split_data
 from onnx_arsvd.calibration import capture_grams, output_errors
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
@@ -15,6 +14,7 @@ from onnx_arsvd.data import load_data, split_batches
 from onnx_arsvd.model_io import load_model, to_model
 from onnx_arsvd.rank import break_even_rank
 from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.search.parts import split_data
 from onnx_arsvd.sensitivity import Response, layer_responses, output_distortion
 from onnx_arsvd.sequential import sequential_factors
 from onnx_arsvd.sessions import make_session
@@ -116,7 +116,7 @@ def test_curves_are_the_same_whatever_the_jobs_and_release_their_grams(fashion) 
 def test_responses_take_the_first_samples_holding_enough_output_values(fashion) -> None:
     """10 logits per image: 2**20 values need every calibration image here; a small value count keeps the
     32-sample floor, cut inside a batch; the cut batches are the first rows, in order."""
-    from onnx_arsvd.budget import first_samples, response_batches
+    from onnx_arsvd.search.parts import first_samples, response_batches
 
     _, batches, _ = fashion
     session = make_session(FASHION)

@@ -11,7 +11,6 @@ import pytest
 
 from onnx_arsvd import compress
 from onnx_arsvd.allocate import DENSE, layer_options, option_ranks
-from onnx_arsvd.budget import Budget
 from onnx_arsvd.candidates import Layer, find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.curves import weight_curves, weight_options
@@ -21,6 +20,7 @@ from onnx_arsvd.latency_cost import latency_costs, rank_grid
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.report import format_report
 from onnx_arsvd.results import LatencyComparison, LatencyStats, LayerTiming
+from onnx_arsvd.search import Budget
 from tests.conftest import MODELS
 
 CPU = "CPUExecutionProvider"

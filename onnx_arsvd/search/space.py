@@ -1,0 +1,212 @@
+"""The global allocation's frontier over one model, built once: every candidate of a search is a point on it.
+
+Every weight is decomposed once into its loss curve (output error at every rank,
+:mod:`onnx_arsvd.losscurve`); each layer's end-to-end gain is measured once (:mod:`onnx_arsvd.sensitivity`);
+the knapsack frontier of (cost, predicted loss) over every layer's ranks and "dense"
+(:mod:`onnx_arsvd.allocate`) is then what the strategies (:mod:`onnx_arsvd.search.strategies`) search. The
+weights the calibration data cannot judge are kept dense and out of the frontier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_arsvd.allocate import DENSE, Allocation, LayerOptions, frontier, param_cost
+from onnx_arsvd.calibration import curve_grams
+from onnx_arsvd.candidates import WeightKey
+from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
+from onnx_arsvd.guard import LatencyGuard, observed_rows
+from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
+from onnx_arsvd.model_plan import (
+    HEAD_REASON,
+    UNREACHED_REASON,
+    LayerSelection,
+    ModelPlan,
+    PlanMemo,
+    feeds_graph_output,
+    select_layers,
+)
+from onnx_arsvd.plan import LayerDecision, dense_decision, plan_layers
+from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.search.budget import Budget
+from onnx_arsvd.search.parts import Feeds, first_samples
+from onnx_arsvd.search.steps import SearchStep
+from onnx_arsvd.sensitivity import DEFAULT_PROBES, Response, layer_responses
+from onnx_arsvd.sequential import sequential_factors
+from onnx_arsvd.settings import Settings
+
+__all__ = ["SILENT_REASON", "AllocationSpace", "allocation_space"]
+
+SILENT_REASON = "factoring it changed no output on the calibration data: kept dense, nothing could judge it"
+
+Factors = Mapping[WeightKey, tuple[np.ndarray, np.ndarray]]
+
+
+def _select(model: ir.Model, settings: Settings, unjudged: Mapping[WeightKey, str]) -> LayerSelection:
+    """The model's layers; set aside, dense: the weights the data cannot judge, and without ``factor_heads`` the
+    layers feeding a graph output."""
+    selection = select_layers(model, settings)
+    aside = [(layer, reason) for layer in selection.dense if (reason := unjudged.get(layer.weight_key))]
+    if not settings.factor_heads:
+        aside += [(layer, HEAD_REASON) for layer in selection.dense
+                  if feeds_graph_output(layer.node) and layer.weight_key not in unjudged]
+    if not aside:
+        return selection
+    kept = {id(layer) for layer, _ in aside}
+    return dataclasses.replace(selection, dense=[layer for layer in selection.dense if id(layer) not in kept],
+                               excluded=selection.excluded + aside)
+
+
+@dataclass(frozen=True)
+class AllocationSpace:
+    """The frontier (``points``, cheapest first, all-dense last) and what turns a point into a model.
+
+    ``total`` is the dense layers' parameters (as the report counts them), ``fixed`` those of the layers the
+    allocation does not choose (kept at their decision whatever the point). ``refits`` memoizes, per point,
+    the factors refitted layer by layer when the budget asks for sequential refits.
+    """
+
+    model: ir.Model
+    settings: Settings
+    budget: Budget
+    curves: tuple[WeightCurve, ...]
+    unjudged: Mapping[WeightKey, str]
+    points: tuple[Allocation, ...]
+    total: float
+    fixed: float
+    costs: LatencyCosts | None
+    responses_measured: bool
+    memo: PlanMemo
+    fit_batches: list = field(default_factory=list)
+    refits: dict[int, Factors] = field(default_factory=dict)
+
+    @property
+    def dense_point(self) -> int:
+        return len(self.points) - 1
+
+    def plan(self, index: int, model: ir.Model, *, refitted: bool = True) -> ModelPlan:
+        """The plan of ``model`` (the original or a fresh copy: weights are matched by key) at a point; embedding
+        tables by their policy; with ``refitted``, the point's sequential refits when the budget asks for them."""
+        selection = _select(model, self.settings, self.unjudged)
+        factors = self.refitted(index) if refitted else None
+        plans = allocation_plans(selection.dense, self.curves, self.points[index], min_params=self.settings.min_params,
+                                 factors=factors)
+        if selection.embeddings and self.settings.embedding_policy is not None:
+            plans += plan_layers(selection.embeddings, self.settings.embedding_policy,
+                                 max_rank_fraction=self.settings.max_rank_fraction,
+                                 min_params=self.settings.min_params, cache=self.memo.spectra)
+        excluded = [(layer, dense_decision(layer, reason)) for layer, reason in selection.excluded]
+        return ModelPlan(plans, excluded, selection.skipped, selection.order)
+
+    def candidate(self, index: int, *, refitted: bool = True) -> ir.Model:
+        """A clone of the model rewritten at a point: it shares the original's weights, so no candidate reloads
+        or copies them."""
+        candidate = self.model.clone()
+        apply_plans(candidate, self.plan(index, candidate, refitted=refitted).plans)
+        return candidate
+
+    def refitted(self, index: int) -> Factors | None:
+        """With ``sequential``, the point's factors refitted layer by layer (once per point)."""
+        if not self.budget.sequential or not self.fit_batches:
+            return None
+        if index not in self.refits:
+            self.refits[index] = sequential_factors(self.model.clone(), list(self.curves), self.points[index],
+                                                    self.fit_batches)
+        return self.refits[index]
+
+    def kept(self, index: int) -> float:
+        """Share of the dense parameters a point keeps."""
+        ranks = self.points[index].ranks
+        allocated = sum(param_cost(c.curve.shape, ranks.get(c.key, DENSE)) for c in self.curves)
+        return (allocated + self.fixed) / self.total
+
+    def step(self, index: int, measured: tuple[float | None, bool, int | None] | None, quantized: bool) -> SearchStep:
+        """The search step of a point: its share kept, predicted loss and latency share, and what was measured."""
+        value, feasible, nbytes = measured if measured is not None else (None, True, None)
+        point, dense = self.points[index], self.points[-1]
+        latency = point.cost / dense.cost if self.costs is not None and dense.cost > 0 else None
+        return SearchStep(None, self.kept(index), value, feasible, index, point.loss, nbytes, quantized, latency)
+
+    def describe(self) -> str:
+        """The allocation, as the report names it."""
+        weighting = "measured end-to-end responses" if self.responses_measured else "relative output errors"
+        cost = f", cost: {self.costs.description}" if self.costs is not None else ""
+        refits = ", refitted sequentially" if self.refits else ""
+        return (f"global (knapsack over every layer's loss curve, {weighting}, ranks in multiples of "
+                f"{self.budget.rank_multiple}{cost}{refits})")
+
+
+def _options(curves: list[WeightCurve], settings: Settings, budget: Budget, costs: LatencyCosts | None,
+             responses: Mapping[WeightKey, Response] | None) -> list[LayerOptions]:
+    return weight_options(curves, responses=responses, multiple=budget.rank_multiple,
+                          max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params,
+                          costs=costs.costs if costs is not None else None)
+
+
+def _unjudged(curves: list[WeightCurve], reached: set[WeightKey] | None,
+              responses: Mapping[WeightKey, Response]) -> dict[WeightKey, str]:
+    """The weights the calibration data cannot judge: those whose layers it never reached (a branch not taken: no
+    input Gram) and those whose factoring changed no output on it (a response of 0). Their predicted loss would be 0
+    at any rank, so the allocation would factor them to the least rank for free, and no end-to-end check on this
+    data would see the damage."""
+    unjudged = {}
+    for c in curves:
+        if reached is not None and c.key not in reached:
+            unjudged[c.key] = UNREACHED_REASON
+        elif c.key in responses and responses[c.key].scale == 0:
+            unjudged[c.key] = SILENT_REASON
+    return unjudged
+
+
+def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: Feeds | None, *,
+                     latency: LatencyGuard | None, dims: Mapping[str, int], progress: bool) -> AllocationSpace:
+    """Decompose every weight of ``model`` once, measure the layers' responses (with ``data``'s response
+    references) and, when the budget prices latency, every rank's latency; the frontier over what remains."""
+    selection = _select(model, settings, {})
+    grams = None
+    if settings.method == "whitened" and selection.dense:
+        if settings.calibration is None:  # Settings refuses the whitened method without calibration inputs
+            raise ValueError("whitened settings without calibration inputs")
+        grams = curve_grams(model, selection.dense, settings.calibration, progress=progress)
+    reached = set(grams) if grams is not None else None
+    # the curves hold all the search needs: each Gram (float64, m x m) is dropped once its curve is made
+    curves = weight_curves(selection.dense, grams, progress=progress, jobs=settings.jobs, release=True,
+                           max_rank_fraction=settings.max_rank_fraction, probes=DEFAULT_PROBES)
+    del grams
+    costs = None
+    if budget.prices_latency:
+        assert latency is not None and data is not None  # the search checked both
+        layers = [layer for c in curves for layer in c.layers]
+        rows = observed_rows(model, layers, first_samples(data.judge, 8)[0])
+        costs = latency_costs(curves, latency, latency.provider(), rows, dims, multiple=budget.rank_multiple,
+                              max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params,
+                              progress=progress)
+    responses: Mapping[WeightKey, Response] = {}
+    if data is not None and data.response_reference is not None and data.response is not None:
+        choosing = [c for c, o in zip(curves, _options(curves, settings, budget, costs, None), strict=True)
+                    if len(o.choices) > 1]
+        responses = layer_responses(model, choosing, data.response, progress=progress,
+                                    reference=data.response_reference)
+    unjudged = _unjudged(curves, reached, responses)
+    curves = [c for c in curves if c.key not in unjudged]
+    points = tuple(frontier(_options(curves, settings, budget, costs, responses)))
+    space = AllocationSpace(model, settings, budget, tuple(curves), unjudged, points, total=1.0, fixed=0.0,
+                            costs=costs, responses_measured=data is not None and data.response_reference is not None,
+                            memo=PlanMemo(), fit_batches=data.fit if data is not None else [])
+    total = sum(d.params for d in _dense_decisions(space, space.dense_point))
+    fixed = sum(d.params_after for d in _dense_decisions(space, 0, outside=True))
+    return dataclasses.replace(space, total=total, fixed=fixed)
+
+
+def _dense_decisions(space: AllocationSpace, index: int, outside: bool = False) -> list[LayerDecision]:
+    """Each dense layer's decision at a point, a shared weight once, embedding tables apart (as the report and
+    :meth:`ModelPlan.params_kept` count); with ``outside``, only the layers the allocation does not choose."""
+    chosen = {c.key for c in space.curves} if outside else set()
+    planned = space.plan(index, space.model, refitted=False)
+    firsts = [(plan.layers[0], plan.decisions[0]) for plan in planned.plans] + planned.excluded
+    return [d for layer, d in firsts if not layer.is_embedding and layer.weight_key not in chosen]
