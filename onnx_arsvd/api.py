@@ -7,7 +7,6 @@ built once at the end from what the stages returned.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -24,7 +23,7 @@ from onnx_arsvd.benchmark import LatencyComparison
 from onnx_arsvd.calibration import output_errors
 from onnx_arsvd.data import ArrayReader, Feed, load_data, load_labelled, load_labels
 from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
-from onnx_arsvd.guard import LatencyGuard, observed_rows
+from onnx_arsvd.guard import LatencyGuard, LatencyTable, guarded_plans, observed_rows
 from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.output import (
@@ -278,7 +277,7 @@ def compress(
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    guard: LatencyGuard | None = None,
+    guard: LatencyGuard | LatencyTable | None = None,
     budget: Budget | None = None,
     jobs: int = 1,
     quantize: Quantization | str | None = None,
@@ -303,6 +302,8 @@ def compress(
     factoring it is not faster on the guard's provider, and the whole model is timed against the original at the end
     (``report.latency_check``); a budget with ``minimize="latency"`` or a ``target_latency`` prices every rank on the
     guard's provider and batch sizes, and needs it; a latency target is missed when that final timing exceeds it.
+    Layers are timed once per shape, rank and rows in a run; pass a :class:`~onnx_arsvd.guard.LatencyTable` as
+    ``guard`` to reuse its timings across runs.
     ``jobs`` weights are factored at once (threads, one BLAS thread each); the output is
     the same whatever ``jobs`` is. A model with external data written to ``output`` (no budget, no ``quantize``)
     has each weight's factors moved to a scratch file beside the output as soon as they are made, so memory holds
@@ -317,6 +318,8 @@ def compress(
     """
     if budget is not None and policy is not None:
         raise InvalidInputError("a budget chooses the ranks itself: leave out the policy")
+    table = guard if isinstance(guard, LatencyTable) else LatencyTable(guard) if guard is not None else None
+    guard = table.guard if table is not None else None  # the timings are shared by the search and the guard
     if method is None:  # data-driven factors when the data is there for a budget anyway
         method = "whitened" if budget is not None and data is not None else "svd"
     check_files(data=data, labels=labels)
@@ -353,7 +356,7 @@ def compress(
         held_out = prepared is not None and prepared.parts.held_out is not None
         if prepared is not None:
             outcome = run_search(prepared, model, loaded, settings, quantize=quantize, batch_size=batch_size,
-                                 latency=guard if prepared.budget.prices_latency else None, dims=dims,
+                                 latency=table if prepared.budget.prices_latency else None, dims=dims,
                                  scratch=scratch.path, progress=progress)
             settings, memo, planned, search = outcome.settings, outcome.memo, outcome.planned, outcome.result
             if prepared.parts.held_out is not None:  # report on data the search never saw
@@ -363,13 +366,15 @@ def compress(
         if guard is not None and provider is not None:
             layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
             rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims or {}))
-            guard.apply(planned.plans, provider, dims or {}, progress, rows)
+            assert table is not None  # made with the guard
+            planned = planned.with_plans(guarded_plans(planned.plans, table, provider, dims or {}, progress, rows))
         if prepared is not None and prepared.parts.held_out is not None:
             planned = _with_held_out_errors(loaded, planned, prepared.parts.held_out, progress)
         reference = model if isinstance(model, (str, os.PathLike)) or not check else to_model(model)
         weights_before = weight_stats(loaded)
         if apply_plans(loaded, planned.plans, spill):
             loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
+        planned = planned.without_factors()  # they are in the graph now: the report reads the decisions only
         quantized_with = None  # what this run quantized with (an input written by this tool may carry the tag)
         if quantize is not None and (search is None or search.chosen.quantized):
             quantized_with = quantize.describe()
@@ -435,12 +440,10 @@ def _with_held_out_errors(loaded: ir.Model, planned: ModelPlan, held_out: Mappin
     errors = output_errors(loaded, [layer for plan in factored for layer in plan.layers], factors, inputs,
                            progress=progress)
     measured = {id(plan) for plan in factored}
-    plans = []
-    for plan in planned.plans:  # a weight used in a body the data never ran has no activations to measure on
-        error = errors.get(plan.layers[0].weight_key) if id(plan) in measured else None
-        plans.append(plan if error is None else dataclasses.replace(
-            plan, decisions=[dataclasses.replace(d, measured_error=error) for d in plan.decisions]))
-    return dataclasses.replace(planned, plans=plans)
+    errors_of = [errors.get(plan.layers[0].weight_key) if id(plan) in measured else None for plan in planned.plans]
+    # a weight used in a body the data never ran has no activations to measure on
+    return planned.with_plans([plan if error is None else plan.revised(measured_error=error)
+                               for plan, error in zip(planned.plans, errors_of, strict=True)])
 
 
 def _shape_feed(source: ModelLike, model: ir.Model, data: DataSource | None, dims: Mapping[str, int]) -> Feed:

@@ -134,5 +134,5 @@ def allocation_plans(layers: Sequence[Layer], curves: Sequence[WeightCurve], all
         chosen = None
         if factored and with_factors:
             chosen = factors[c.key] if factors is not None and c.key in factors else c.curve.factors(rank)
-        plans.append(WeightPlan(layers=group, rank=shown, decisions=decisions, factors=chosen))
+        plans.append(WeightPlan(layers=tuple(group), rank=shown, decisions=tuple(decisions), factors=chosen))
     return plans

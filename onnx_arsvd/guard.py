@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -33,8 +33,8 @@ from onnx_arsvd.results import LatencyComparison, LayerTiming
 from onnx_arsvd.rewrite import apply_plans
 from onnx_arsvd.sessions import ModelSource, make_session, run_session
 
-__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "activation_rows", "guard_verdict", "observed_rows", "time_layer",
-           "timing_key"]
+__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LatencyTable", "activation_rows", "guard_verdict", "guarded_plans",
+           "observed_rows", "time_layer", "timing_key"]
 
 DEFAULT_MARGIN = 0.0
 
@@ -97,7 +97,7 @@ def _layer_models(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[bytes, by
     dense = ir.to_proto(model).SerializeToString()
     (twin,), _ = find_layers(model)
     decision = dataclasses.replace(dense_decision(twin, ""), rank=a.shape[1], factored=True)
-    apply_plans(model, [WeightPlan(layers=[twin], rank=a.shape[1], decisions=[decision], factors=(a, b))])
+    apply_plans(model, [WeightPlan(layers=(twin,), rank=a.shape[1], decisions=(decision,), factors=(a, b))])
     return dense, ir.to_proto(model).SerializeToString()
 
 
@@ -155,8 +155,6 @@ class LatencyGuard:
     margin: float = DEFAULT_MARGIN
     layer_seconds: float = 0.3
     model_seconds: float = 1.0
-    table: dict[tuple, tuple[LayerTiming, ...]] = field(default_factory=dict, compare=False, repr=False)
-    """The latency table: timings by :func:`timing_key`, filled as layers are timed."""
 
     def __post_init__(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -172,45 +170,6 @@ class LatencyGuard:
             return discover_providers([self.target])[0][0]
         except InvalidInputError as error:
             raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
-
-    def apply(self, plans: Sequence[WeightPlan], provider: str, dims: Mapping[str, int], progress: bool = False,
-              rows: Mapping[int, float] | None = None) -> None:
-        """Time every factored plan's layer, or look it up in the table; keep it dense where factoring is not faster.
-
-        ``rows`` (from :func:`observed_rows`) gives each layer's real activation rows per sample.
-        """
-        # only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
-        # weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all)
-        factored = [plan for plan in plans if plan.factored and plan.factors is not None
-                    and all(layer.is_plain for layer in plan.layers)]
-        for plan in tqdm(factored, desc="latency guard", unit="layer", disable=None if progress else True):
-            layer = plan.layers[0]
-            timings = self.timings(layer, plan.rank, provider, dims, (rows or {}).get(id(layer.node)), plan.factors)
-            reason = guard_verdict(timings, provider, self.margin)
-            plan.decisions = [dataclasses.replace(d, factored=not reason, reason=reason, timings=timings)
-                              for d in plan.decisions]
-            if reason:
-                plan.factors = None
-
-    def timings(self, layer: Layer, rank: int, provider: str, dims: Mapping[str, int],
-                rows_per_sample: float | None = None,
-                factors: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[LayerTiming, ...]:
-        """The plain layer's timings at ``rank``, from the table or timed once for it.
-
-        Latency does not depend on the factors' values: without ``factors``, seeded random ones of the
-        rank are timed (a search prices ranks it has not factored).
-        """
-        key = timing_key(layer, rank, provider, self.batches, dims, rows_per_sample)
-        if key not in self.table:
-            if factors is None:
-                rng = np.random.default_rng(rank)
-                dtype = layer.dtype.numpy()
-                m, n = layer.shape
-                factors = (rng.standard_normal((m, rank)).astype(dtype), rng.standard_normal((rank, n)).astype(dtype))
-            self.table[key] = tuple(time_layer(layer, factors, provider=provider, batches=self.batches, dims=dims,
-                                               threads=self.threads, min_seconds=self.layer_seconds,
-                                               rows_per_sample=rows_per_sample))
-        return self.table[key]
 
     def check_model(
         self, original: ModelSource, compressed: ModelSource, provider: str, dims: Mapping[str, int], model: ir.Model,
@@ -242,3 +201,59 @@ class LatencyGuard:
                 f"{', '.join(f'{r:.3f}' for r in c.round_ratios)}); the layers' gains did not survive in the "
                 "whole graph: do not ship it for this target"
                 for c in comparisons if c.consistently_slower]
+
+
+class LatencyTable:
+    """The latency table of one run: each plain layer's timings by :func:`timing_key`, measured once and shared
+    by the search's pricing (:mod:`onnx_arsvd.latency_cost`) and the guard (:func:`guarded_plans`)."""
+
+    def __init__(self, guard: LatencyGuard) -> None:
+        self.guard = guard
+        self._timings: dict[tuple, tuple[LayerTiming, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._timings)
+
+    def record(self, key: tuple, timings: Sequence[LayerTiming]) -> None:
+        """Enter timings measured elsewhere (a table kept from an earlier run)."""
+        self._timings[key] = tuple(timings)
+
+    def timings(self, layer: Layer, rank: int, provider: str, dims: Mapping[str, int],
+                rows_per_sample: float | None = None,
+                factors: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[LayerTiming, ...]:
+        """The plain layer's timings at ``rank``, from the table or timed once for it.
+
+        Latency does not depend on the factors' values: without ``factors``, seeded random ones of the
+        rank are timed (a search prices ranks it has not factored).
+        """
+        guard = self.guard
+        key = timing_key(layer, rank, provider, guard.batches, dims, rows_per_sample)
+        if key not in self._timings:
+            if factors is None:
+                rng = np.random.default_rng(rank)
+                dtype = layer.dtype.numpy()
+                m, n = layer.shape
+                factors = (rng.standard_normal((m, rank)).astype(dtype), rng.standard_normal((rank, n)).astype(dtype))
+            self._timings[key] = tuple(time_layer(layer, factors, provider=provider, batches=guard.batches, dims=dims,
+                                                  threads=guard.threads, min_seconds=guard.layer_seconds,
+                                                  rows_per_sample=rows_per_sample))
+        return self._timings[key]
+
+
+def guarded_plans(plans: Sequence[WeightPlan], table: LatencyTable, provider: str, dims: Mapping[str, int],
+                  progress: bool = False, rows: Mapping[int, float] | None = None) -> list[WeightPlan]:
+    """The plans with every factored layer timed (or looked up in ``table``) and kept dense where factoring is not
+    faster; ``rows`` (from :func:`observed_rows`) gives each layer's real activation rows per sample.
+
+    Only plain X @ W layers are timed: a lookup costs no multiply-adds, and W @ X, transposed activations and
+    weights behind a Transpose/Cast chain have no one-node model here (the whole-model check sees them all).
+    """
+    timed = [plan for plan in plans if plan.factored and plan.factors is not None
+             and all(layer.is_plain for layer in plan.layers)]
+    verdicts: dict[int, WeightPlan] = {}
+    for plan in tqdm(timed, desc="latency guard", unit="layer", disable=None if progress else True):
+        layer = plan.layers[0]
+        timings = table.timings(layer, plan.rank, provider, dims, (rows or {}).get(id(layer.node)), plan.factors)
+        reason = guard_verdict(timings, provider, table.guard.margin)
+        verdicts[id(plan)] = plan.kept_dense(reason, timings=timings) if reason else plan.revised(timings=timings)
+    return [verdicts.get(id(plan), plan) for plan in plans]

@@ -1,6 +1,6 @@
 """Measured latency as the global allocation's cost, from the latency guard's per-shape table.
 
-Each weight's layers are timed as one-node models (:meth:`onnx_arsvd.guard.LatencyGuard.timings`),
+Each weight's layers are timed as one-node models (:meth:`onnx_arsvd.guard.LatencyTable.timings`),
 dense and factored at a grid of ranks, on the guard's provider, at each of its batch sizes, with
 the rows per call each layer really sees. Each timing pairs dense and factored runs interleaved,
 so their ratio is what a timing measures best (a machine that speeds up or slows down during the
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from onnx_arsvd.allocate import DENSE, Cost, option_ranks
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve
-from onnx_arsvd.guard import LatencyGuard
+from onnx_arsvd.guard import LatencyTable
 
 __all__ = ["LatencyCosts", "latency_costs", "rank_grid"]
 
@@ -70,7 +70,7 @@ class LatencyCosts:
 
 def latency_costs(
     curves: Sequence[WeightCurve],
-    guard: LatencyGuard,
+    table: LatencyTable,
     provider: str,
     rows: Mapping[int, float],
     dims: Mapping[str, int],
@@ -87,6 +87,7 @@ def latency_costs(
     ``multiple``, ``max_rank_fraction`` and ``min_params`` are the allocation's, so the grid spans
     exactly the ranks it offers.
     """
+    guard = table.guard
     priced: dict[WeightKey, _Priced] = {}
     unpriced = []
     offered = {c.key: option_ranks(c.curve.shape, multiple=multiple, max_rank_fraction=max_rank_fraction,
@@ -104,7 +105,7 @@ def latency_costs(
             for layer in c.layers:
                 runs = []
                 for rank in grid:
-                    runs.append([(t.dense_ms, t.factored_ms) for t in guard.timings(layer, rank, provider, dims,
+                    runs.append([(t.dense_ms, t.factored_ms) for t in table.timings(layer, rank, provider, dims,
                                                                                      rows.get(id(layer.node)))])
                     bar.update()
                 times = np.array(runs)  # grid ranks x batch sizes x (dense, factored)
@@ -119,7 +120,7 @@ def latency_costs(
                                     else _dense_only for c in curves}
     where = provider.removesuffix("ExecutionProvider")
     batches = ", ".join(str(b) for b in guard.batches)
-    description = (f"measured latency on {where} at batch {batches} ({len(guard.table)} timings in the table; "
+    description = (f"measured latency on {where} at batch {batches} ({len(table)} timings in the table; "
                    f"{len(priced)} weights priced" + (f", {len(unpriced)} not timed alone, kept dense" if unpriced
                                                        else "") + ")")
     return LatencyCosts(costs, description, unpriced)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,13 +57,21 @@ class PlanMemo:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """Plans of the layers considered, the layers excluded by name, nodes skipped, and the graph order."""
+    """Plans of the layers considered, the layers excluded by name, nodes skipped, and the graph order (a node's
+    position by ``id``). A later stage that changes the plans makes a new value (:meth:`with_plans`)."""
 
-    plans: list[WeightPlan]
-    excluded: list[tuple[Layer, LayerDecision]]
-    skipped: list[Skipped]
-    order: dict[int, int]
-    notes: list[str] = field(default_factory=list)
+    plans: tuple[WeightPlan, ...]
+    excluded: tuple[tuple[Layer, LayerDecision], ...]
+    skipped: tuple[Skipped, ...]
+    order: Mapping[int, int]
+    notes: tuple[str, ...] = ()
+
+    def with_plans(self, plans: Sequence[WeightPlan]) -> ModelPlan:
+        return dataclasses.replace(self, plans=tuple(plans))
+
+    def without_factors(self) -> ModelPlan:
+        """The plan without factors (once they are in the graph: the report reads only the decisions)."""
+        return self.with_plans([plan.without_factors() for plan in self.plans])
 
     def decisions(self) -> list[LayerDecision]:
         """Every layer's decision, in graph order."""
@@ -75,24 +83,22 @@ class ModelPlan:
 
     def params_kept(self) -> float:
         """Share of the dense layers' parameters the plan keeps, each weight once (embedding tables apart)."""
-        firsts = [(plan.layers[0], plan.decisions[0]) for plan in self.plans] + self.excluded
+        firsts = [(plan.layers[0], plan.decisions[0]) for plan in self.plans] + list(self.excluded)
         decisions = [decision for layer, decision in firsts if not layer.is_embedding]
         return sum(d.params_after for d in decisions) / sum(d.params for d in decisions) if decisions else 1.0
 
 
-def _keep_dense(plans: list[WeightPlan], keys: set[WeightKey], reason: str) -> None:
-    """Leave dense every weight of ``keys`` that would be factored, for ``reason``."""
-    for plan in plans:
-        if plan.factored and plan.layers[0].weight_key in keys:
-            plan.decisions = [dataclasses.replace(d, factored=False, reason=reason) for d in plan.decisions]
-            plan.factors = None
+def _keep_dense(plans: Sequence[WeightPlan], keys: set[WeightKey], reason: str) -> list[WeightPlan]:
+    """The plans with every weight of ``keys`` that would be factored left dense, for ``reason``."""
+    return [plan.kept_dense(reason) if plan.factored and plan.layers[0].weight_key in keys else plan
+            for plan in plans]
 
 
-def _keep_heads_dense(plans: list[WeightPlan]) -> None:
-    """Leave dense every weight that would be factored but feeds a graph output (a classifier head)."""
+def _keep_heads_dense(plans: Sequence[WeightPlan]) -> list[WeightPlan]:
+    """The plans with every weight that would be factored but feeds a graph output (a classifier head) left dense."""
     heads = {plan.layers[0].weight_key for plan in plans
              if not plan.layers[0].is_embedding and any(feeds_graph_output(layer.node) for layer in plan.layers)}
-    _keep_dense(plans, heads, HEAD_REASON)
+    return _keep_dense(plans, heads, HEAD_REASON)
 
 
 def no_layer_message(skipped: Sequence[Skipped]) -> str:
@@ -160,15 +166,15 @@ def plan_model(
     if embeddings and settings.embedding_policy is not None:  # a lookup has no activations to whiten
         plans += plan(embeddings, settings.embedding_policy)
     if not settings.factor_heads:
-        _keep_heads_dense(plans)
+        plans = _keep_heads_dense(plans)
     notes = []
     if (settings.method == "whitened" and grams is not None
             and (unseen := {layer.weight_key for layer in dense} - set(grams))):
         if settings.unreached_dense:
-            _keep_dense(plans, unseen, UNREACHED_REASON)
+            plans = _keep_dense(plans, unseen, UNREACHED_REASON)
         notes.append(f"note: no activations were captured for {len(unseen)} weight(s) (an If branch the data never "
                      "takes, or a loop body whose activations change shape between iterations); they "
                      f"{'stay dense' if settings.unreached_dense else 'got plain SVD factors'}: "
                      f"{', '.join(sorted(key[0] for key in unseen))}")
-    return ModelPlan(plans, [(layer, dense_decision(layer, reason)) for layer, reason in excluded], selection.skipped,
-                     selection.order, notes)
+    return ModelPlan(tuple(plans), tuple((layer, dense_decision(layer, reason)) for layer, reason in excluded),
+                     tuple(selection.skipped), selection.order, tuple(notes))

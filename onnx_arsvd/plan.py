@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -98,19 +97,31 @@ class LayerDecision:
         return 1.0 - self.rank * sum(self.shape) / self.params
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightPlan:
     """One weight matrix, the nodes that use it, its rank and (when factored) its factors (float32, or float64
-    for a float64 weight)."""
+    for a float64 weight). A later stage that changes a plan makes a new one (:meth:`revised`, :meth:`kept_dense`)."""
 
-    layers: list[Layer]
+    layers: tuple[Layer, ...]
     rank: int
-    decisions: list[LayerDecision]
+    decisions: tuple[LayerDecision, ...]
     factors: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def factored(self) -> bool:
         return self.decisions[0].factored
+
+    def revised(self, **changes: object) -> WeightPlan:
+        """The plan with every layer's decision changed as given (e.g. ``measured_error=...``)."""
+        return replace(self, decisions=tuple(replace(d, **changes) for d in self.decisions))  # type: ignore[arg-type]
+
+    def kept_dense(self, reason: str, **changes: object) -> WeightPlan:
+        """The plan with the weight left dense, for ``reason``, and without factors."""
+        return replace(self.revised(factored=False, reason=reason, **changes), factors=None)
+
+    def without_factors(self) -> WeightPlan:
+        """The plan without its factors (once they are in the graph: only the decisions are still read)."""
+        return replace(self, factors=None)
 
 
 LP_MAX_ITER = 50
@@ -251,11 +262,10 @@ def _plan_weight(group: list[Layer], settings: _Settings) -> WeightPlan:
         )
         for layer in group
     ]
+    plan = WeightPlan(layers=tuple(group), rank=rank, decisions=tuple(decisions), factors=factors)
     problem = next((p for layer in group if factors is not None and (p := storage_problem(layer, *factors))), "")
-    if problem:  # e.g. a large Gemm alpha folded into float16 factors
-        decisions, factors = [replace(d, factored=False, reason=problem) for d in decisions], None
     _release(first)
-    return WeightPlan(layers=list(group), rank=rank, decisions=decisions, factors=factors)
+    return plan.kept_dense(problem) if problem else plan  # e.g. a large Gemm alpha folded into float16 factors
 
 
 def plan_layers(
@@ -299,10 +309,11 @@ def plan_layers(
     bar = tqdm(total=sum(group[0].shape[0] * group[0].shape[1] for group in groups), unit="param", unit_scale=True,
                desc="factoring" if with_factors else "spectra", disable=None if progress else True)
 
-    def planned(plan: WeightPlan) -> None:
-        if spill is not None and plan.factors is not None:
-            plan.factors = (spill.array(plan.factors[0]), spill.array(plan.factors[1]))
-        bar.update(plan.decisions[0].params)
+    def planned(group: list[Layer]) -> WeightPlan:
+        plan = _plan_weight(group, settings)
+        if spill is None or plan.factors is None:
+            return plan
+        return replace(plan, factors=(spill.array(plan.factors[0]), spill.array(plan.factors[1])))
 
     with bar:
-        return in_jobs(functools.partial(_plan_weight, settings=settings), groups, jobs, planned)
+        return in_jobs(planned, groups, jobs, lambda plan: bar.update(plan.decisions[0].params))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
@@ -46,7 +47,7 @@ class Report:
     max_rank_fraction: float
     min_params: int
     layers: list[LayerDecision]
-    skipped: list[Skipped]
+    skipped: Sequence[Skipped]
     params_before: int
     params_after: int
     weight_bytes_before: int

@@ -55,7 +55,7 @@ class TaskScores:
     macro_f1: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class VerificationReport:
     """Original vs compressed on one execution provider."""
 

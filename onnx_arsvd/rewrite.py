@@ -214,8 +214,8 @@ class FactorLayersPass(ir.passes.InPlacePass):
 def apply_plans(model: ir.Model, plans: Sequence[WeightPlan], spill: Spill | None = None) -> int:
     """Rewrite, in place, every node of every factored plan; returns how many nodes were rewritten.
 
-    With a ``spill`` the factor initializers are written to it as they are made and point into it, and each
-    plan's factors are dropped once its layers are rewritten: the model then holds no factor in memory.
+    With a ``spill`` the factor initializers are written to it as they are made and point into it: the model then
+    holds no factor in memory. The plans are not changed.
     """
     factor_pass = FactorLayersPass(plans, spill)
     factor_pass(model)
@@ -243,7 +243,5 @@ def _rewrite(model: ir.Model, plans: Sequence[WeightPlan], spill: Spill | None) 
             rewriter.replace(layer, *factors[form], rewriter.bias(layer, dtype), plan.rank)
             touched.append(layer.weight)
             rewritten += 1
-        if spill is not None:
-            plan.factors = None
     _drop_orphans(touched, rewriter.initializers_are_inputs)
     return rewritten

@@ -11,6 +11,7 @@ external data file in the kernel (``copy_file_range``) without reading it into t
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,20 +39,23 @@ class Spill:
         except OSError as error:
             raise OutputError(f"{folder.parent}: cannot write scratch data ({error.strerror or error})") from error
         self.bytes_written = 0
+        self._lock = threading.Lock()
 
     def _append(self, array: np.ndarray) -> int:
-        """Write ``array`` (C order) at the next aligned offset; return that offset."""
-        padding = -self._file.tell() % _ALIGNMENT
-        if padding:
-            self._file.write(b"\0" * padding)
-        offset = self._file.tell()
-        try:
-            np.ascontiguousarray(array).tofile(self._file)
-            self._file.flush()
-        except OSError as error:
-            raise OutputError(f"{self.folder.parent}: cannot write scratch data ({error.strerror or error})") from error
-        self.bytes_written += array.nbytes
-        return offset
+        """Write ``array`` (C order) at the next aligned offset; return that offset. Safe from several threads."""
+        with self._lock:
+            padding = -self._file.tell() % _ALIGNMENT
+            if padding:
+                self._file.write(b"\0" * padding)
+            offset = self._file.tell()
+            try:
+                np.ascontiguousarray(array).tofile(self._file)
+                self._file.flush()
+            except OSError as error:
+                raise OutputError(f"{self.folder.parent}: cannot write scratch data "
+                                  f"({error.strerror or error})") from error
+            self.bytes_written += array.nbytes
+            return offset
 
     def array(self, array: np.ndarray) -> np.ndarray:
         """``array`` moved to the file: a read-only memory map of the same dtype, shape and values."""

@@ -275,19 +275,20 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
         bar.update(count)
     bar.close()
     counts = np.concatenate(per_sample) if per_sample else None
-    report = VerificationReport(provider=provider, inputs=inputs, samples=samples,
-                                outputs=[agreement.result() for agreement in agreements.values()],
-                                padded_positions=padded,
-                                compared_positions=None if counts is None else
-                                (int(counts.sum()), int(counts.min()), int(counts.max())))
+    original = compressed = None
+    flipped = None
     if labels is not None:
         predicted_e, predicted_a = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in predictions)
         labels = np.asarray(labels).reshape(-1)[: len(predicted_e)]
         if len(labels) != len(predicted_e):
             raise InvalidInputError(f"{len(labels)} labels for {len(predicted_e)} samples")
-        report.original, report.compressed = _scores(predicted_e, labels), _scores(predicted_a, labels)
-        report.flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
-    return report
+        original, compressed = _scores(predicted_e, labels), _scores(predicted_a, labels)
+        flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
+    return VerificationReport(provider=provider, inputs=inputs, samples=samples,
+                              outputs=[agreement.result() for agreement in agreements.values()],
+                              original=original, compressed=compressed, flipped=flipped, padded_positions=padded,
+                              compared_positions=None if counts is None else
+                              (int(counts.sum()), int(counts.min()), int(counts.max())))
 
 
 def too_big_together(*weight_bytes: int) -> bool:

@@ -31,7 +31,7 @@ from onnx_arsvd.benchmark import (
 from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, _layer_models, activation_rows, guard_verdict, observed_rows
+from onnx_arsvd.guard import LatencyGuard, LatencyTable, _layer_models, activation_rows, guard_verdict, observed_rows
 from onnx_arsvd.results import LayerTiming
 from onnx_arsvd.verification import make_session
 from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
@@ -365,7 +365,7 @@ def test_guard_observes_the_rows_a_layer_really_multiplies() -> None:
 
 def test_guard_times_each_shape_and_rank_once_and_shares_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The latency table: layers with the same shape, rank and rows share one measurement; a new shape or rank
-    is timed; a second run with the same guard looks everything up."""
+    is timed; a second run given the same table looks everything up."""
     from onnx_arsvd import guard as guard_module
 
     calls: list[tuple[int, int]] = []
@@ -377,7 +377,7 @@ def test_guard_times_each_shape_and_rank_once_and_shares_it(monkeypatch: pytest.
 
     monkeypatch.setattr(guard_module, "time_layer", counting)
     model = make_mlp((256, 256, 256, 256, 128))  # three 256 x 256 layers, then 256 x 128
-    guard = LatencyGuard(batches=(1,), layer_seconds=0.01, model_seconds=0.01)
+    guard = LatencyTable(LatencyGuard(batches=(1,), layer_seconds=0.01, model_seconds=0.01))  # kept across runs
     _, report = compress(model, policy=FixedRankPolicy(16), guard=guard, check=False, min_params=0)
     assert sorted(calls) == [(256, 16), (256, 16)]  # one per distinct shape (256x256 and 256x128)
     timed = [d for d in report.layers if d.timings]

@@ -15,7 +15,7 @@ from onnx_arsvd.candidates import Layer, find_layers
 from onnx_arsvd.cli import main
 from onnx_arsvd.curves import weight_curves, weight_options
 from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
-from onnx_arsvd.guard import LatencyGuard, observed_rows, timing_key
+from onnx_arsvd.guard import LatencyGuard, LatencyTable, observed_rows, timing_key
 from onnx_arsvd.latency_cost import latency_costs, rank_grid
 from onnx_arsvd.model_io import load_model
 from onnx_arsvd.report import format_report
@@ -55,11 +55,11 @@ def test_latency_costs_price_each_offered_rank_from_real_timings() -> None:
     costs never fall as the rank grows, and the 256 x 10 head (no rank offered) costs nothing."""
     model, layers, feed = _fashion()
     curves = weight_curves(layers)
-    guard = LatencyGuard(batches=(1, 8), layer_seconds=0.02)
+    table = LatencyTable(LatencyGuard(batches=(1, 8), layer_seconds=0.02))
     rows = observed_rows(model, layers, feed)
-    priced = latency_costs(curves, guard, CPU, rows, {}, multiple=8, max_rank_fraction=0.8, min_params=4096)
+    priced = latency_costs(curves, table, CPU, rows, {}, multiple=8, max_rank_fraction=0.8, min_params=4096)
     offered = {c.key: option_ranks(c.curve.shape, multiple=8, min_params=4096) for c in curves}
-    assert len(guard.table) == sum(len(rank_grid(ranks)) for ranks in offered.values()) == 12
+    assert len(table) == sum(len(rank_grid(ranks)) for ranks in offered.values()) == 12
     assert sum(priced.costs[c.key](c.curve.shape, DENSE) for c in curves) == pytest.approx(2.0)
     head = curves[-1]
     assert head.curve.shape == (256, 10) and priced.costs[head.key](head.curve.shape, DENSE) == 0.0
@@ -85,15 +85,16 @@ def test_ranks_are_priced_by_their_summed_share_of_the_layers_latency() -> None:
     model, layers, _ = _fashion()
     curves = weight_curves(layers)
     guard = LatencyGuard(batches=(1, 8))
+    table = LatencyTable(guard)
     fc1, fc2 = curves[0], curves[1]
     for rank in rank_grid(option_ranks(fc1.curve.shape, multiple=8, min_params=4096)):
         slow = 0.02 if rank == 8 else 0.001 * rank  # rank 8 timed slower than rank 16 (0.016)
-        guard.table[timing_key(fc1.layers[0], rank, CPU, guard.batches, {})] = (
-            LayerTiming(1, 1, 1.0, 0.02 * rank), LayerTiming(8, 8, 1.0, slow))
+        table.record(timing_key(fc1.layers[0], rank, CPU, guard.batches, {}),
+                     (LayerTiming(1, 1, 1.0, 0.02 * rank), LayerTiming(8, 8, 1.0, slow)))
     for rank in rank_grid(option_ranks(fc2.curve.shape, multiple=8, min_params=4096)):
-        guard.table[timing_key(fc2.layers[0], rank, CPU, guard.batches, {})] = (
-            LayerTiming(1, 1, 1.0, 0.5), LayerTiming(8, 8, 1.0, 0.5))
-    priced = latency_costs(curves, guard, CPU, {}, {}, multiple=8, max_rank_fraction=0.8, min_params=4096)
+        table.record(timing_key(fc2.layers[0], rank, CPU, guard.batches, {}),
+                     (LayerTiming(1, 1, 1.0, 0.5), LayerTiming(8, 8, 1.0, 0.5)))
+    priced = latency_costs(curves, table, CPU, {}, {}, multiple=8, max_rank_fraction=0.8, min_params=4096)
     options = weight_options(curves, costs=priced.costs, min_params=4096)
     assert {rank for _, _, rank in options[0].choices} == {*range(8, 89, 8), DENSE}
     assert options[0].costs[-1] == pytest.approx(1.0) and options[1].costs[-1] == pytest.approx(1.0)

@@ -103,7 +103,7 @@ def test_spilled_factors_read_back_unchanged_and_the_rewrite_points_into_the_spi
             if pair is not None and plan.factors is not None:
                 assert all(np.array_equal(a, b) for a, b in zip(plan.factors, pair, strict=True))
         apply_plans(model, plans, scratch)
-        assert all(plan.factors is None for plan in plans)
+        assert all(isinstance(f, np.memmap) for plan in factored for f in plan.factors)  # the plans are unchanged
         new = [v.const_value for v in model.graph.initializers.values() if ".arsvd_" in (v.name or "")]
         assert new and all(isinstance(t, ir.ExternalTensor) and Path(t.path) == scratch.path for t in new)
         output.save_model(model, tmp_path / "out.onnx", external_data=True)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard
+from onnx_arsvd.guard import LatencyGuard, LatencyTable
 from onnx_arsvd.model_plan import ModelPlan, PlanMemo
 from onnx_arsvd.quantize import Quantization
 from onnx_arsvd.search.budget import Budget
@@ -114,7 +114,7 @@ def _judge(prepared: PreparedSearch, data: Feeds, quantize: Quantization | None,
 
 
 def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, settings: Settings, *,
-               quantize: Quantization | None = None, batch_size: int, latency: LatencyGuard | None = None,
+               quantize: Quantization | None = None, batch_size: int, latency: LatencyTable | None = None,
                dims: Mapping[str, int] | None = None, scratch: Path | None = None,
                progress: bool = False) -> SearchOutcome:
     """Search under the budget; each candidate (unless the budget is on parameters alone) checked in onnxruntime.
@@ -147,13 +147,14 @@ def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, set
 
 
 def _choose(space: AllocationSpace, budget: Budget, judge: Judge | None, model: ModelLike,
-            latency: LatencyGuard | None, quantize: Quantization | None, scratch: Path | None, dims: dict[str, int],
+            latency: LatencyTable | None, quantize: Quantization | None, scratch: Path | None, dims: dict[str, int],
             progress: bool) -> Choice:
     """The strategy the budget asks for, run on the frontier."""
     def timed(quantized: bool) -> Callable[[int], float]:
         """A point's whole-model latency bound, quantized or not."""
         assert latency is not None  # prepare_search made sure
-        return lambda index: timed_bound(space, index, model, latency, quantize if quantized else None, scratch, dims)
+        guard = latency.guard
+        return lambda index: timed_bound(space, index, model, guard, quantize if quantized else None, scratch, dims)
 
     if budget.target_params is not None:
         return by_params(space, budget.target_params)

@@ -20,7 +20,7 @@ from onnx_arsvd.allocate import DENSE, Allocation, LayerOptions, frontier, param
 from onnx_arsvd.calibration import curve_grams
 from onnx_arsvd.candidates import WeightKey
 from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
-from onnx_arsvd.guard import LatencyGuard, observed_rows
+from onnx_arsvd.guard import LatencyTable, observed_rows
 from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
 from onnx_arsvd.model_plan import (
     HEAD_REASON,
@@ -100,8 +100,8 @@ class AllocationSpace:
             plans += plan_layers(selection.embeddings, self.settings.embedding_policy,
                                  max_rank_fraction=self.settings.max_rank_fraction,
                                  min_params=self.settings.min_params, cache=self.memo.spectra)
-        excluded = [(layer, dense_decision(layer, reason)) for layer, reason in selection.excluded]
-        return ModelPlan(plans, excluded, selection.skipped, selection.order)
+        excluded = tuple((layer, dense_decision(layer, reason)) for layer, reason in selection.excluded)
+        return ModelPlan(tuple(plans), excluded, tuple(selection.skipped), selection.order)
 
     def candidate(self, index: int, *, refitted: bool = True) -> ir.Model:
         """A clone of the model rewritten at a point: it shares the original's weights, so no candidate reloads
@@ -164,7 +164,7 @@ def _unjudged(curves: list[WeightCurve], reached: set[WeightKey] | None,
 
 
 def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: Feeds | None, *,
-                     latency: LatencyGuard | None, dims: Mapping[str, int], progress: bool) -> AllocationSpace:
+                     latency: LatencyTable | None, dims: Mapping[str, int], progress: bool) -> AllocationSpace:
     """Decompose every weight of ``model`` once, measure the layers' responses (with ``data``'s response
     references) and, when the budget prices latency, every rank's latency; the frontier over what remains."""
     selection = _select(model, settings, {})
@@ -183,7 +183,7 @@ def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: 
         assert latency is not None and data is not None  # the search checked both
         layers = [layer for c in curves for layer in c.layers]
         rows = observed_rows(model, layers, first_samples(data.judge, 8)[0])
-        costs = latency_costs(curves, latency, latency.provider(), rows, dims, multiple=budget.rank_multiple,
+        costs = latency_costs(curves, latency, latency.guard.provider(), rows, dims, multiple=budget.rank_multiple,
                               max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params,
                               progress=progress)
     responses: Mapping[WeightKey, Response] = {}
@@ -208,5 +208,5 @@ def _dense_decisions(space: AllocationSpace, index: int, outside: bool = False) 
     :meth:`ModelPlan.params_kept` count); with ``outside``, only the layers the allocation does not choose."""
     chosen = {c.key for c in space.curves} if outside else set()
     planned = space.plan(index, space.model, refitted=False)
-    firsts = [(plan.layers[0], plan.decisions[0]) for plan in planned.plans] + planned.excluded
+    firsts = [(plan.layers[0], plan.decisions[0]) for plan in planned.plans] + list(planned.excluded)
     return [d for layer, d in firsts if not layer.is_embedding and layer.weight_key not in chosen]
