@@ -104,7 +104,7 @@ RUNS = (
 )
 """Label and compress options of each run of this checkout's package."""
 
-IMPORTS_ONLY = ["-c", "import onnx_arsvd.api, onnx_arsvd.factorize, threadpoolctl"]
+IMPORTS_ONLY = ["-c", "import onnx_arsvd.api, onnx_arsvd.numerics.factorize, threadpoolctl"]
 
 
 def build_in_child(folder: Path, blocks: int, hidden: int) -> Path:

@@ -28,8 +28,8 @@ import numpy as np
 
 from benchmarks.results_io import compress_studied, header, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress, inspect_model
-from onnx_arsvd.rank import RankPolicy
-from onnx_arsvd.search import Budget
+from onnx_arsvd.numerics.rank import RankPolicy
+from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.parts import split_data
 
 ROOT = Path(__file__).resolve().parents[1]

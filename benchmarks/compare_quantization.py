@@ -52,12 +52,12 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from benchmarks.results_io import PACKAGES, write_result
 from benchmarks.results_io import header as common_header
 from onnx_arsvd import EnergyPolicy, compress
-from onnx_arsvd.benchmark import compare_latency, latency_stats, timed_rounds
-from onnx_arsvd.data import load_data, split_batches
-from onnx_arsvd.model_io import model_file_bytes
-from onnx_arsvd.results import LatencyComparison
-from onnx_arsvd.sessions import make_session
-from onnx_arsvd.verification import compare_models
+from onnx_arsvd.io.data import load_data, split_batches
+from onnx_arsvd.io.models import model_file_bytes
+from onnx_arsvd.measure.benchmark import compare_latency, latency_stats, timed_rounds
+from onnx_arsvd.measure.results import LatencyComparison
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.measure.verification import compare_models
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks.results_io import compress_studied, package_versions, write_result
 from benchmarks.text_eval import MINILM, load_text_set
 from onnx_arsvd import verify
-from onnx_arsvd.search import Budget
+from onnx_arsvd.search.budget import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "models" / "build"

@@ -3,7 +3,7 @@
 For each shape, a float32 weight with a slowly decaying power-law spectrum (s_i ~ i^-0.5, mixed by
 Gaussian matrices, plus noise: as flat as trained transformer weights, where randomized solvers do worst)
 is factored at each rank k by: scipy gesdd in float64 (the old path), scipy gesdd in float32, and
-``onnx_arsvd.factorize.decompose`` with the rank known (``--ratio``/``--rank``: randomized when k is well
+``onnx_arsvd.numerics.factorize.decompose`` with the rank known (``--ratio``/``--rank``: randomized when k is well
 below min(m, n)) and with an energy share (``--tau``: the adaptive range finder). Runs are interleaved
 (gesdd64, gesdd32, ours, ... per repeat); the table has CPU-second medians (robust on a loaded machine)
 and wall medians, and each result's relative Frobenius error ||W - A B|| / ||W|| against the optimal
@@ -35,9 +35,9 @@ import scipy.linalg
 from onnx import numpy_helper
 
 from benchmarks.results_io import package_versions, write_result
-from onnx_arsvd.factorize import Need, decompose, factors_at_rank, seed_for
-from onnx_arsvd.rank import EnergyPolicy
-from onnx_arsvd.threads import single_threaded_blas
+from onnx_arsvd.numerics.factorize import decompose, factors_at_rank, seed_for
+from onnx_arsvd.numerics.rank import EnergyPolicy, Need
+from onnx_arsvd.numerics.threads import single_threaded_blas
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "factor_throughput.md"

@@ -37,19 +37,19 @@ import numpy as np
 import onnx_ir as ir
 
 from benchmarks.results_io import compress_studied, package_versions, write_result
-from onnx_arsvd.allocate import best_within, frontier
-from onnx_arsvd.benchmark import compare_latency, timed_rounds
-from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
-from onnx_arsvd.data import load_data, split_batches
-from onnx_arsvd.model_io import load_model, to_model
-from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.search import Budget
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.io.data import load_data, split_batches
+from onnx_arsvd.io.models import load_model, to_model
+from onnx_arsvd.measure.benchmark import compare_latency, timed_rounds
+from onnx_arsvd.measure.calibration import capture_grams
+from onnx_arsvd.measure.sensitivity import layer_responses, output_distortion
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.measure.verification import DEFAULT_BATCH_SIZE
+from onnx_arsvd.methods.lowrank.curves import allocation_plans, weight_curves, weight_options
+from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.numerics.allocate import best_within, frontier
+from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.parts import split_data
-from onnx_arsvd.sensitivity import layer_responses, output_distortion
-from onnx_arsvd.sessions import make_session
-from onnx_arsvd.verification import DEFAULT_BATCH_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -56,10 +56,10 @@ from onnx import numpy_helper
 from benchmarks.results_io import header as common_header
 from benchmarks.results_io import write_result
 from onnx_arsvd import EnergyPolicy, compress
-from onnx_arsvd.benchmark import batch_feed, compare_latency, timed_rounds
-from onnx_arsvd.model_io import load_model
-from onnx_arsvd.results import LatencyComparison
-from onnx_arsvd.verification import make_session
+from onnx_arsvd.io.models import load_model
+from onnx_arsvd.measure.benchmark import batch_feed, compare_latency, timed_rounds
+from onnx_arsvd.measure.results import LatencyComparison
+from onnx_arsvd.measure.verification import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "models" / "fashion_mlp.onnx"

@@ -2,7 +2,7 @@
 
 For each case (a real model and a policy), compress twice, without and with ``--guard latency`` on
 the CPU at batch 1 and 32, then benchmark each result against the original with
-``onnx_arsvd.benchmark.benchmark_models``: interleaved runs, medians, per-pair ratios (p10-p90),
+``onnx_arsvd.measure.benchmark.benchmark_models``: interleaved runs, medians, per-pair ratios (p10-p90),
 a fresh process per model for memory. One case sits deliberately near break-even (ranks ~0.9-1.0 x
 m*n/(m+n)), where factoring is expected to be slower: the guard must not ship that.
 
@@ -22,10 +22,10 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
-from onnx_arsvd.benchmark import benchmark_models
-from onnx_arsvd.guard import LatencyGuard
-from onnx_arsvd.rank import RankPolicy
-from onnx_arsvd.results import BenchmarkResult
+from onnx_arsvd.measure.benchmark import benchmark_models
+from onnx_arsvd.measure.guard import LatencyGuard
+from onnx_arsvd.measure.results import BenchmarkResult
+from onnx_arsvd.numerics.rank import RankPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

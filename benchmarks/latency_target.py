@@ -43,8 +43,8 @@ from benchmarks.results_io import (
 from benchmarks.text_eval import MINILM, minilm_built
 from onnx_arsvd import Report
 from onnx_arsvd.errors import OutputError
-from onnx_arsvd.guard import LatencyGuard
-from onnx_arsvd.search import Budget
+from onnx_arsvd.measure.guard import LatencyGuard
+from onnx_arsvd.search.budget import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -31,8 +31,8 @@ if not __package__:  # run as a file: import from the repository root, as python
 from benchmarks.results_io import compress_studied, package_versions, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
 from onnx_arsvd import format_report
-from onnx_arsvd.quantize import QUANTIZE_MODES
-from onnx_arsvd.search import Budget
+from onnx_arsvd.methods.quantize.quantizers import QUANTIZE_MODES
+from onnx_arsvd.search.budget import Budget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_budget.md"
 

@@ -1,6 +1,6 @@
 """Why all-MiniLM-L6-v2 barely factors without fine-tuning: its layers' loss curves, at the rank limit.
 
-The loss curve of every MatMul weight (``onnx_arsvd.losscurve``) from the Gram matrices of 120
+The loss curve of every MatMul weight (``onnx_arsvd.numerics.losscurve``) from the Gram matrices of 120
 polarity sentences (the calibration part ``--min-cosine`` uses: 40% of the 200 held out, seed 0):
 for each kind of projection (6 blocks each), the relative output error ||X W - X A B||^2 / ||X W||^2
 at the largest rank a factored layer may have (0.8 x break-even) and at half of it, and the rank
@@ -28,11 +28,11 @@ import numpy as np
 
 from benchmarks.results_io import package_versions, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
-from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.curves import weight_curves
-from onnx_arsvd.model_io import load_model
-from onnx_arsvd.rank import break_even_rank
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.io.models import load_model
+from onnx_arsvd.measure.calibration import capture_grams
+from onnx_arsvd.methods.lowrank.curves import weight_curves
+from onnx_arsvd.numerics.rank import break_even_rank
 from onnx_arsvd.search.parts import split_data
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_curves.md"

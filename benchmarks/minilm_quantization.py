@@ -48,11 +48,11 @@ from benchmarks.text_eval import (
     probe_accuracy,
     sentence_embeddings,
 )
-from onnx_arsvd.benchmark import compare_latency, timed_rounds
-from onnx_arsvd.model_io import model_file_bytes
-from onnx_arsvd.quantize import Quantization
-from onnx_arsvd.search import Budget
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.io.models import model_file_bytes
+from onnx_arsvd.measure.benchmark import compare_latency, timed_rounds
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.methods.quantize.quantizers import Quantization
+from onnx_arsvd.search.budget import Budget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_quantization.md"
 SEQ = 128

@@ -23,8 +23,8 @@ import numpy as np
 from benchmarks.results_io import MINILM_PACKAGES, compress_studied, header, write_result
 from benchmarks.text_eval import BUILD, MINILM, cosine_rows, minilm_reference, probe_accuracy, sentence_embeddings
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, compress
-from onnx_arsvd.rank import RankPolicy
-from onnx_arsvd.search import Budget
+from onnx_arsvd.numerics.rank import RankPolicy
+from onnx_arsvd.search.budget import Budget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_table.md"
 SETS = ("polarity", "newsgroups")

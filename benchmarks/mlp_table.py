@@ -26,8 +26,8 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 from benchmarks.results_io import header, markdown_table, write_result
 from onnx_arsvd import EnergyPolicy, EntropyPolicy, RatioPolicy, Report, compress
-from onnx_arsvd.plan import DEFAULT_MIN_PARAMS
-from onnx_arsvd.rank import RankPolicy
+from onnx_arsvd.methods.lowrank.decision import DEFAULT_MIN_PARAMS
+from onnx_arsvd.numerics.rank import RankPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -44,9 +44,9 @@ import onnx
 
 from benchmarks.results_io import PACKAGES, compress_studied, package_versions, write_result
 from onnx_arsvd import Budget
-from onnx_arsvd.benchmark import compare_latency, timed_rounds
-from onnx_arsvd.model_io import model_file_bytes
-from onnx_arsvd.sessions import make_session
+from onnx_arsvd.io.models import model_file_bytes
+from onnx_arsvd.measure.benchmark import compare_latency, timed_rounds
+from onnx_arsvd.measure.sessions import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "models" / "build"

@@ -1,6 +1,6 @@
 """Layer responses measured on a few calibration samples against all of them (MiniLM, and the Fashion MLP's count).
 
-The budget search measures each layer's end-to-end response (``onnx_arsvd.sensitivity``) on the first
+The budget search measures each layer's end-to-end response (``onnx_arsvd.measure.sensitivity``) on the first
 calibration samples whose outputs hold ``RESPONSE_VALUES`` values (``onnx_arsvd.search.parts.response_batches``).
 This script takes the budget's own split of the 200 polarity sentences (120 calibration), computes every
 fifth MiniLM weight's response on all 120 and on the search's subset, and reports the model-level
@@ -26,15 +26,15 @@ import onnxruntime as ort
 
 from benchmarks.results_io import MINILM_PACKAGES, header, markdown_table, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
-from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.curves import weight_curves
-from onnx_arsvd.data import Feed, load_data, sample_count, split_batches
-from onnx_arsvd.model_io import to_model
-from onnx_arsvd.search import Budget
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.io.data import Feed, load_data, sample_count, split_batches
+from onnx_arsvd.io.models import to_model
+from onnx_arsvd.measure.calibration import capture_grams
+from onnx_arsvd.measure.sensitivity import layer_responses
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.methods.lowrank.curves import weight_curves
+from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.parts import response_batches, split_data
-from onnx_arsvd.sensitivity import layer_responses
-from onnx_arsvd.sessions import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "response_samples.md"

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from onnx_arsvd import Report, compress
-from onnx_arsvd.errors import BudgetMissedError
-from onnx_arsvd.output import save_model
+from onnx_arsvd.api import BudgetMissedError
+from onnx_arsvd.io.output import save_model
 
 __all__ = ["CONSTRAINTS", "MINILM_PACKAGES", "PACKAGES", "command", "compress_studied", "header", "markdown_table",
            "normalized", "package_versions", "pinned_versions", "write_result"]

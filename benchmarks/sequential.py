@@ -2,7 +2,7 @@
 
 For each target share of the dense parameters, the global allocation's ranks (loss curves from
 one-shot Grams, measured layer responses) are built twice: with the one-shot factors, and with the
-factors refitted layer by layer on the partially compressed model (``onnx_arsvd.sequential``). Both
+factors refitted layer by layer on the partially compressed model (``onnx_arsvd.methods.lowrank.sequential``). Both
 are fitted on the calibration part (60%, seed 0) and scored on the held-out part: output relative
 error and accuracy drop; and on the calibration part itself, where the refit was fitted.
 
@@ -27,18 +27,18 @@ import numpy as np
 import onnx_ir as ir
 
 from benchmarks.results_io import package_versions, write_result
-from onnx_arsvd.allocate import best_within, frontier
-from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
-from onnx_arsvd.data import load_data, split_batches
-from onnx_arsvd.model_io import load_model, to_model
-from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.io.data import load_data, split_batches
+from onnx_arsvd.io.models import load_model, to_model
+from onnx_arsvd.measure.calibration import capture_grams
+from onnx_arsvd.measure.sensitivity import layer_responses
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.measure.verification import DEFAULT_BATCH_SIZE, compare_models
+from onnx_arsvd.methods.lowrank.curves import allocation_plans, weight_curves, weight_options
+from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.methods.lowrank.sequential import sequential_factors
+from onnx_arsvd.numerics.allocate import best_within, frontier
 from onnx_arsvd.search.parts import split_data
-from onnx_arsvd.sensitivity import layer_responses
-from onnx_arsvd.sequential import sequential_factors
-from onnx_arsvd.sessions import make_session
-from onnx_arsvd.verification import DEFAULT_BATCH_SIZE, compare_models
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

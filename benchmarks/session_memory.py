@@ -52,8 +52,8 @@ def child(mode: str, path: Path) -> None:
     """One measurement, printed as a Markdown row (run in its own process)."""
     import onnx_ir as ir
 
-    from onnx_arsvd.model_io import load_model
-    from onnx_arsvd.sessions import make_session, model_session
+    from onnx_arsvd.io.models import load_model
+    from onnx_arsvd.measure.sessions import make_session, model_session
 
     model = load_model(path)
     loaded = _resident_mib()

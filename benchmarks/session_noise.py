@@ -20,9 +20,9 @@ if not __package__:  # run as a file: import from the repository root, as python
 import numpy as np
 
 from benchmarks.results_io import header, write_result
-from onnx_arsvd.benchmark import batch_feed, interleaved_times
-from onnx_arsvd.model_io import load_model
-from onnx_arsvd.verification import make_session
+from onnx_arsvd.io.models import load_model
+from onnx_arsvd.measure.benchmark import batch_feed, interleaved_times
+from onnx_arsvd.measure.verification import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "session_noise.md"

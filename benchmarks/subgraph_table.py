@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
-from onnx_arsvd.rank import RankPolicy
+from onnx_arsvd.numerics.rank import RankPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "branch_mlp.onnx"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_arsvd.verification import make_session
+from onnx_arsvd.measure.verification import make_session
 
 __all__ = ["BUILD", "MINILM", "cosine_rows", "load_text_set", "minilm_built", "minilm_reference", "probe_accuracy",
            "sentence_embeddings"]

@@ -10,42 +10,51 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from onnx_arsvd.api import compress, inspect_model
-    from onnx_arsvd.calibration import CalibrationDataReader
+    from onnx_arsvd.api import BudgetMissedError, compress, inspect_model
     from onnx_arsvd.errors import ArsvdError, InvalidInputError, UnsupportedModelError
-    from onnx_arsvd.guard import LatencyGuard
-    from onnx_arsvd.rank import POLICIES, EnergyPolicy, EntropyPolicy, FixedRankPolicy, RatioPolicy, make_policy
-    from onnx_arsvd.report import Report, format_report, report_to_json
-    from onnx_arsvd.results import VerificationReport
-    from onnx_arsvd.search import Budget
-    from onnx_arsvd.settings import METHODS
-    from onnx_arsvd.verification import verify
+    from onnx_arsvd.io.data import CalibrationDataReader
+    from onnx_arsvd.measure.guard import LatencyGuard
+    from onnx_arsvd.measure.results import VerificationReport
+    from onnx_arsvd.measure.verification import verify
+    from onnx_arsvd.methods.lowrank.settings import METHODS
+    from onnx_arsvd.numerics.rank import (
+        POLICIES,
+        EnergyPolicy,
+        EntropyPolicy,
+        FixedRankPolicy,
+        RatioPolicy,
+        make_policy,
+    )
+    from onnx_arsvd.report.model_report import Report, format_report, report_to_json
+    from onnx_arsvd.search.budget import Budget
 
 _HOMES = {
-    "METHODS": "settings",
-    "POLICIES": "rank",
-    "CalibrationDataReader": "calibration",
+    "METHODS": "methods.lowrank.settings",
+    "POLICIES": "numerics.rank",
+    "CalibrationDataReader": "io.data",
     "ArsvdError": "errors",
-    "Budget": "search",
-    "EnergyPolicy": "rank",
-    "EntropyPolicy": "rank",
-    "FixedRankPolicy": "rank",
+    "BudgetMissedError": "api",
+    "Budget": "search.budget",
+    "EnergyPolicy": "numerics.rank",
+    "EntropyPolicy": "numerics.rank",
+    "FixedRankPolicy": "numerics.rank",
     "InvalidInputError": "errors",
-    "LatencyGuard": "guard",
-    "RatioPolicy": "rank",
-    "Report": "report",
+    "LatencyGuard": "measure.guard",
+    "RatioPolicy": "numerics.rank",
+    "Report": "report.model_report",
     "UnsupportedModelError": "errors",
-    "VerificationReport": "results",
+    "VerificationReport": "measure.results",
     "compress": "api",
-    "format_report": "report",
+    "format_report": "report.model_report",
     "inspect_model": "api",
-    "make_policy": "rank",
-    "report_to_json": "report",
-    "verify": "verification",
+    "make_policy": "numerics.rank",
+    "report_to_json": "report.model_report",
+    "verify": "measure.verification",
 }
 
 __all__ = [
     "ArsvdError",
+    "BudgetMissedError",
     "Budget",
     "CalibrationDataReader",
     "EnergyPolicy",

@@ -3,7 +3,7 @@
 import sys
 
 try:
-    from onnx_arsvd.cli import main
+    from onnx_arsvd.cli.main import main
 except KeyboardInterrupt:  # Ctrl-C before main() could catch it
     print("onnx-arsvd: interrupted", file=sys.stderr)
     sys.exit(130)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,49 +19,60 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_arsvd.benchmark import LatencyComparison
-from onnx_arsvd.calibration import output_errors
-from onnx_arsvd.data import ArrayReader, Feed, load_data, load_labelled, load_labels
-from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
-from onnx_arsvd.guard import LatencyGuard, LatencyTable, guarded_plans, observed_rows
-from onnx_arsvd.model_io import DROPPED_FIELDS_KEY, external_data_files, model_file_bytes, to_model, weight_stats
-from onnx_arsvd.model_plan import ModelPlan, PlanMemo, plan_model
-from onnx_arsvd.output import (
-    StagedFile,
-    StagingFolder,
-    check_paths,
+from onnx_arsvd.errors import InvalidInputError, OutputError
+from onnx_arsvd.io.data import ArrayReader, Feed, load_data, load_labelled, load_labels
+from onnx_arsvd.io.models import (
+    DROPPED_FIELDS_KEY,
     check_written,
-    clean_stale,
-    output_path,
-    place_all,
-    stage_file,
-    stage_model,
+    external_data_files,
+    model_file_bytes,
+    to_model,
+    weight_stats,
 )
-from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
-from onnx_arsvd.quantize import Quantization, check_quantizable
-from onnx_arsvd.rank import EnergyPolicy, RankPolicy
-from onnx_arsvd.report import Report, nothing_factored_note
-from onnx_arsvd.rewrite import apply_plans
-from onnx_arsvd.search import Budget, SearchResult, prepare_search, run_search
-from onnx_arsvd.sessions import make_session
-from onnx_arsvd.settings import METHODS, CalibrationSource, Settings
-from onnx_arsvd.spill import spill_into
-from onnx_arsvd.verification import (
+from onnx_arsvd.io.output import StagedFile, StagingFolder, clean_stale, place_all, stage_file, stage_model
+from onnx_arsvd.io.paths import check_paths, listed, output_path
+from onnx_arsvd.io.spill import spill_into
+from onnx_arsvd.measure.benchmark import LatencyComparison
+from onnx_arsvd.measure.calibration import output_errors
+from onnx_arsvd.measure.guard import LatencyGuard, LatencyTable, guarded_plans, observed_rows
+from onnx_arsvd.measure.inputs import check_dims, generated_batches
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.measure.verification import (
     DEFAULT_BATCH_SIZE,
     ModelLike,
     VerificationReport,
-    check_dims,
     check_files,
-    generated_batches,
     model_source,
     verify,
 )
+from onnx_arsvd.methods.lowrank.decision import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
+from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo, plan_model
+from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.methods.lowrank.settings import METHODS, CalibrationSource, Settings
+from onnx_arsvd.methods.quantize.quantizers import Quantization, check_quantizable
+from onnx_arsvd.numerics.rank import EnergyPolicy, RankPolicy
+from onnx_arsvd.report.model_report import Report, nothing_factored_note
+from onnx_arsvd.search.budget import Budget
+from onnx_arsvd.search.run import SearchResult, prepare_search, run_search
 
-__all__ = ["METHODS", "PendingOutput", "compress", "inspect_model", "verify"]
+__all__ = ["METHODS", "BudgetMissedError", "PendingOutput", "compress", "inspect_model", "verify"]
 
 DataSource = str | os.PathLike | Mapping[str, np.ndarray]
 
 logger = logging.getLogger("onnx_arsvd")
+
+
+class BudgetMissedError(OutputError):
+    """The compressed model misses its budget on the held-out data (or in the final timing): nothing was placed.
+
+    ``report`` shows the search and the held-out verification; ``model`` is the compressed model that missed, for a
+    caller who wants to study it.
+    """
+
+    def __init__(self, message: str, report: Report, model: ir.Model) -> None:
+        super().__init__(message)
+        self.report = report
+        self.model = model
 
 
 class PendingOutput:
@@ -90,13 +101,6 @@ def _scratch_folder(output: str | os.PathLike | None, inputs: Sequence[Path]) ->
     clean_stale(parent, inputs)
     with StagingFolder(parent, doing) as folder:
         yield folder
-
-
-def _listed(paths: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[Path]:
-    """The paths of one entry of :func:`_input_files`."""
-    if paths is None:
-        return []
-    return [Path(os.path.abspath(p)) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
 
 
 def _describe(model: ModelLike) -> str:
@@ -302,14 +306,14 @@ def compress(
     factoring it is not faster on the guard's provider, and the whole model is timed against the original at the end
     (``report.latency_check``); a budget with ``minimize="latency"`` or a ``target_latency`` prices every rank on the
     guard's provider and batch sizes, and needs it; a latency target is missed when that final timing exceeds it.
-    Layers are timed once per shape, rank and rows in a run; pass a :class:`~onnx_arsvd.guard.LatencyTable` as
+    Layers are timed once per shape, rank and rows in a run; pass a :class:`~onnx_arsvd.measure.guard.LatencyTable` as
     ``guard`` to reuse its timings across runs.
     ``jobs`` weights are factored at once (threads, one BLAS thread each); the output is
     the same whatever ``jobs`` is. A model with external data written to ``output`` (no budget, no ``quantize``)
     has each weight's factors moved to a scratch file beside the output as soon as they are made, so memory holds
     the factors of the weights in progress only. With ``quantize`` ("int8", "int4" or a
-    :class:`~onnx_arsvd.quantize.Quantization`) the factored model is quantized by onnxruntime's quantizers; under a
-    budget every candidate is, so the budget judges the model that ships.
+    :class:`~onnx_arsvd.methods.quantize.quantizers.Quantization`) the factored model is quantized by
+    onnxruntime's quantizers; under a budget every candidate is, so the budget judges the model that ships.
 
     The output is written into a staging folder beside ``output``, checked (``onnx.checker`` with ``full_check``,
     and the verification) and only then moved into place. ``before_placing``, when given, is called with a
@@ -336,7 +340,7 @@ def compress(
     if external_data is None and source_files:  # a model that had external data keeps it, whatever is factored
         external_data = True
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims or {})
-    read = [path for paths in inputs.values() for path in _listed(paths)]
+    read = [path for paths in inputs.values() for path in listed(paths)]
 
     with ExitStack() as run:  # the run's scratch (spilled factors, the quantizer's copies) lives in a staging folder
         scratch = run.enter_context(_scratch_folder(output, read))

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from onnx_arsvd.report import Report
-
-__all__ = ["ArsvdError", "BudgetMissedError", "InvalidInputError", "OutputError", "UnsupportedModelError"]
+__all__ = ["ArsvdError", "InvalidInputError", "OutputError", "UnsupportedModelError"]
 
 
 class ArsvdError(Exception):
@@ -24,16 +19,3 @@ class UnsupportedModelError(ArsvdError):
 
 class OutputError(ArsvdError):
     """The output could not be written, or the written model failed its checks: nothing was placed."""
-
-
-class BudgetMissedError(OutputError):
-    """The compressed model misses its budget on the held-out data: nothing was placed.
-
-    ``report`` (an :class:`onnx_arsvd.report.Report`) shows the search and the held-out verification;
-    ``model`` is the compressed model that missed, for a caller who wants to study it.
-    """
-
-    def __init__(self, message: str, report: Report, model: object = None) -> None:
-        super().__init__(message)
-        self.report = report
-        self.model = model

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, Report, compress
-from onnx_arsvd.plan import DEFAULT_MAX_RANK_FRACTION
+from onnx_arsvd.methods.lowrank.decision import DEFAULT_MAX_RANK_FRACTION
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"

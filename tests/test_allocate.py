@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from onnx_arsvd.allocate import (
+from onnx_arsvd.numerics.allocate import (
     DENSE,
     allocation_path,
     best_within,
@@ -15,8 +15,8 @@ from onnx_arsvd.allocate import (
     layer_options,
     param_cost,
 )
-from onnx_arsvd.losscurve import loss_curve
-from onnx_arsvd.rank import break_even_rank
+from onnx_arsvd.numerics.losscurve import loss_curve
+from onnx_arsvd.numerics.rank import break_even_rank
 from tests.test_losscurve import real_layer
 
 

@@ -16,8 +16,10 @@ import onnxruntime as ort
 import pytest
 
 from onnx_arsvd import FixedRankPolicy, compress
-from onnx_arsvd.bench_report import benchmark_to_json, format_benchmark, plot_benchmark
-from onnx_arsvd.benchmark import (
+from onnx_arsvd.cli.main import main
+from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.measure.benchmark import (
     LatencyComparison,
     benchmark_models,
     compare_latency,
@@ -28,12 +30,17 @@ from onnx_arsvd.benchmark import (
     measure_memory,
     timed_rounds,
 )
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.cli import main
-from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, LatencyTable, _layer_models, activation_rows, guard_verdict, observed_rows
-from onnx_arsvd.results import LayerTiming
-from onnx_arsvd.verification import make_session
+from onnx_arsvd.measure.guard import (
+    LatencyGuard,
+    LatencyTable,
+    _layer_models,
+    activation_rows,
+    guard_verdict,
+    observed_rows,
+)
+from onnx_arsvd.measure.results import LayerTiming
+from onnx_arsvd.measure.verification import make_session
+from onnx_arsvd.report.bench_report import benchmark_to_json, format_benchmark, plot_benchmark
 from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -137,7 +144,7 @@ def test_one_at_a_time_rounds_hold_one_session_and_alternate_the_order(tmp_path:
     and the order alternates between rounds; ``bench`` says how it timed."""
     import weakref
 
-    import onnx_arsvd.benchmark as benchmark
+    import onnx_arsvd.measure.benchmark as benchmark
 
     original, compressed = make_mlp(seed=0).SerializeToString(), make_mlp(seed=1).SerializeToString()
     opened: list[tuple[object, int]] = []
@@ -366,7 +373,7 @@ def test_guard_observes_the_rows_a_layer_really_multiplies() -> None:
 def test_guard_times_each_shape_and_rank_once_and_shares_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The latency table: layers with the same shape, rank and rows share one measurement; a new shape or rank
     is timed; a second run given the same table looks everything up."""
-    from onnx_arsvd import guard as guard_module
+    from onnx_arsvd.measure import guard as guard_module
 
     calls: list[tuple[int, int]] = []
     real = guard_module.time_layer

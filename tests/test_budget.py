@@ -11,11 +11,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, compress, format_report
-from onnx_arsvd.cli import main
-from onnx_arsvd.errors import BudgetMissedError, InvalidInputError
-from onnx_arsvd.model_io import load_model
-from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
-from onnx_arsvd.search import Budget
+from onnx_arsvd.api import BudgetMissedError
+from onnx_arsvd.cli.main import main
+from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.io.models import load_model
+from onnx_arsvd.measure.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.judge import prediction_z, verdict
 from onnx_arsvd.search.parts import split_data, split_parts
 from onnx_arsvd.search.steps import SearchStep, bisect_index, bisect_tau

@@ -9,11 +9,11 @@ import onnx_ir as ir
 import pytest
 
 from onnx_arsvd import FixedRankPolicy, compress
-from onnx_arsvd.calibration import capture_grams, curve_grams
-from onnx_arsvd.candidates import find_layers, read_array
-from onnx_arsvd.cli import main
+from onnx_arsvd.cli.main import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.factorize import factors_at_rank, spectrum, whitened_spectrum
+from onnx_arsvd.graph.layers import find_layers, read_array
+from onnx_arsvd.measure.calibration import capture_grams, curve_grams
+from onnx_arsvd.numerics.factorize import factors_at_rank, spectrum, whitened_spectrum
 from tests.conftest import MODELS, make_embedding_model, make_linear_model, make_mlp
 
 

@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import compress, inspect_model
-from onnx_arsvd.candidates import Skipped, filter_layers, find_layers
-from onnx_arsvd.cli import main
+from onnx_arsvd.cli.main import main
 from onnx_arsvd.errors import UnsupportedModelError
+from onnx_arsvd.graph.layers import Skipped, filter_layers, find_layers
 from tests.conftest import make_linear_model
 
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_arsvd.cli import main
+from onnx_arsvd.cli.main import main
 from tests.conftest import make_linear_model, make_mlp, run
 
 

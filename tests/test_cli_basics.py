@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from onnx_arsvd import __version__
-from onnx_arsvd.cli import main
+from onnx_arsvd.cli.main import main
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -57,9 +57,9 @@ def test_cli_choices_are_the_librarys() -> None:
     stay those the library accepts."""
     import argparse
 
-    from onnx_arsvd.cli import build_parser
-    from onnx_arsvd.quantize import QUANTIZE_MODES
-    from onnx_arsvd.settings import METHODS
+    from onnx_arsvd.cli.main import build_parser
+    from onnx_arsvd.methods.lowrank.settings import METHODS
+    from onnx_arsvd.methods.quantize.quantizers import QUANTIZE_MODES
 
     compress = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["compress"]
     choices = {a.dest: a.choices for a in compress._actions}

@@ -6,18 +6,18 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnx_arsvd.allocate import DENSE, Allocation
-from onnx_arsvd.calibration import capture_grams, output_errors
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.curves import allocation_plans, weight_curves, weight_options
-from onnx_arsvd.data import load_data, split_batches
-from onnx_arsvd.model_io import load_model, to_model
-from onnx_arsvd.rank import break_even_rank
-from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.io.data import load_data, split_batches
+from onnx_arsvd.io.models import load_model, to_model
+from onnx_arsvd.measure.calibration import capture_grams, output_errors
+from onnx_arsvd.measure.sensitivity import Response, layer_responses, output_distortion
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.methods.lowrank.curves import allocation_plans, weight_curves, weight_options
+from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.methods.lowrank.sequential import sequential_factors
+from onnx_arsvd.numerics.allocate import DENSE, Allocation
+from onnx_arsvd.numerics.rank import break_even_rank
 from onnx_arsvd.search.parts import split_data
-from onnx_arsvd.sensitivity import Response, layer_responses, output_distortion
-from onnx_arsvd.sequential import sequential_factors
-from onnx_arsvd.sessions import make_session
 from tests.conftest import MODELS
 
 FASHION = MODELS / "fashion_mlp.onnx"

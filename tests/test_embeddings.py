@@ -8,8 +8,8 @@ import onnx_ir as ir
 import pytest
 
 from onnx_arsvd import FixedRankPolicy, compress, inspect_model
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.factorize import factors_at_rank, lp_factors, spectrum
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.numerics.factorize import factors_at_rank, lp_factors, spectrum
 from tests.conftest import make_embedding_model, make_mlp, run
 
 

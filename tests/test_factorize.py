@@ -10,16 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnx_arsvd.factorize import (
-    Need,
-    decompose,
-    factors_at_rank,
-    lp_factors,
-    seed_for,
-    spectrum,
-    whitened_spectrum,
-)
-from onnx_arsvd.rank import EnergyPolicy, energy_rank_bounds
+from onnx_arsvd.numerics.factorize import decompose, factors_at_rank, lp_factors, seed_for, spectrum, whitened_spectrum
+from onnx_arsvd.numerics.rank import EnergyPolicy, Need, energy_rank_bounds
 from tests.conftest import MODELS, random_weight
 
 MINILM = MODELS / "build" / "minilm.onnx"

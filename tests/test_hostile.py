@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 from onnx_arsvd import FixedRankPolicy, compress
-from onnx_arsvd.cli import main
+from onnx_arsvd.cli.main import main
 from tests.conftest import REPO, make_linear_model, make_mlp, run
 
 SECRET = np.random.default_rng(7).standard_normal((32, 24)).astype(np.float32).tobytes()
@@ -302,7 +302,7 @@ def test_report_keeps_the_users_umask(mlp_path: Path, tmp_path: Path) -> None:
 
 def test_failed_report_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     from onnx_arsvd.errors import OutputError
-    from onnx_arsvd.output import write_file
+    from onnx_arsvd.io.output import write_file
 
     def half_then_fail(temporary: Path) -> None:
         temporary.write_text("half")
@@ -328,8 +328,8 @@ def test_ctrl_c_during_start_up_exits_130(mlp_path: Path) -> None:
     import signal
     import time
 
-    code = ("import sys, onnx_arsvd.cli\nprint('ready', flush=True)\n"
-            f"sys.exit(onnx_arsvd.cli.main(['inspect', {os.fspath(mlp_path)!r}, '-q']))")
+    code = ("import sys, onnx_arsvd.cli.main\nprint('ready', flush=True)\n"
+            f"sys.exit(onnx_arsvd.cli.main.main(['inspect', {os.fspath(mlp_path)!r}, '-q']))")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": os.fspath(REPO)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline().strip() == "ready"

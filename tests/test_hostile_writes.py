@@ -24,9 +24,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import FixedRankPolicy, compress
-from onnx_arsvd.cli import main
+from onnx_arsvd.cli.main import main
 from onnx_arsvd.errors import OutputError
-from onnx_arsvd.output import DATA_KEY, STAGING_PREFIX, save_model
+from onnx_arsvd.io.output import DATA_KEY, STAGING_PREFIX, save_model
 from tests.conftest import REPO, make_linear_model, make_mlp, run
 
 ENV = {**os.environ, "PYTHONPATH": os.fspath(REPO)}
@@ -106,7 +106,7 @@ def test_an_old_output_written_by_this_tool_loses_its_data_file_only(tmp_path: P
 def test_placement_moves_the_data_before_the_model_and_removes_the_old_data_last(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The order that keeps a reader safe: the new data under a fresh name, then the model, then the old data."""
-    from onnx_arsvd import output
+    from onnx_arsvd.io import output
 
     save_model(ir.from_proto(make_mlp(seed=1)), tmp_path / "out.onnx", external_data=True)
     old = next(tmp_path.glob("out.onnx.*.data"))
@@ -130,7 +130,7 @@ def test_placement_moves_the_data_before_the_model_and_removes_the_old_data_last
 
 
 def test_a_placement_killed_between_its_renames_leaves_an_orphan_that_the_next_run_removes(tmp_path: Path) -> None:
-    code = ("import os, sys, onnx_ir as ir\nfrom pathlib import Path\nfrom onnx_arsvd import output\n"
+    code = ("import os, sys, onnx_ir as ir\nfrom pathlib import Path\nfrom onnx_arsvd.io import output\n"
             "from tests.conftest import make_mlp\n"
             "real = os.replace\n"
             "def replace(a, b):\n"
@@ -151,7 +151,7 @@ def test_a_placement_killed_between_its_renames_leaves_an_orphan_that_the_next_r
 
 # --- staging folders: removed only when abandoned by a run of this tool ----------------------------------------
 
-_HOLD = ("import sys\nfrom pathlib import Path\nfrom onnx_arsvd.output import StagingFolder\n"
+_HOLD = ("import sys\nfrom pathlib import Path\nfrom onnx_arsvd.io.output import StagingFolder\n"
          "folder = StagingFolder(Path(sys.argv[1]))\nprint(folder.path, flush=True)\n")
 
 
@@ -413,7 +413,7 @@ def test_sigkill_during_quantization_leaves_nothing_in_tmpdir_and_the_next_run_c
     out.mkdir()
     code = ("import os, sys\nimport onnxruntime.quantization as q\nreal = q.quantize_dynamic\n"
             "def killed(*args, **kwargs):\n    real(*args, **kwargs)\n    os.kill(os.getpid(), 9)\n"
-            "q.quantize_dynamic = killed\nfrom onnx_arsvd.cli import main\n"
+            "q.quantize_dynamic = killed\nfrom onnx_arsvd.cli.main import main\n"
             f"main(['compress', {os.fspath(mlp_path)!r}, '-o', {os.fspath(out / 'c.onnx')!r}, '--quantize', 'int8', "
             "'--no-verify', '-q'])\n")
     child = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**ENV, "TMPDIR": os.fspath(temporary)},

@@ -10,17 +10,18 @@ import onnx_ir as ir
 import pytest
 
 from onnx_arsvd import compress
-from onnx_arsvd.allocate import DENSE, layer_options, option_ranks
-from onnx_arsvd.candidates import Layer, find_layers
-from onnx_arsvd.cli import main
-from onnx_arsvd.curves import weight_curves, weight_options
-from onnx_arsvd.errors import BudgetMissedError, InvalidInputError, OutputError
-from onnx_arsvd.guard import LatencyGuard, LatencyTable, observed_rows, timing_key
-from onnx_arsvd.latency_cost import latency_costs, rank_grid
-from onnx_arsvd.model_io import load_model
-from onnx_arsvd.report import format_report
-from onnx_arsvd.results import LatencyComparison, LatencyStats, LayerTiming
-from onnx_arsvd.search import Budget
+from onnx_arsvd.api import BudgetMissedError
+from onnx_arsvd.cli.main import main
+from onnx_arsvd.errors import InvalidInputError, OutputError
+from onnx_arsvd.graph.layers import Layer, find_layers
+from onnx_arsvd.io.models import load_model
+from onnx_arsvd.measure.guard import LatencyGuard, LatencyTable, observed_rows, timing_key
+from onnx_arsvd.measure.latency_cost import latency_costs, rank_grid
+from onnx_arsvd.measure.results import LatencyComparison, LatencyStats, LayerTiming
+from onnx_arsvd.methods.lowrank.curves import weight_curves, weight_options
+from onnx_arsvd.numerics.allocate import DENSE, layer_options, option_ranks
+from onnx_arsvd.report.model_report import format_report
+from onnx_arsvd.search.budget import Budget
 from tests.conftest import MODELS
 
 CPU = "CPUExecutionProvider"

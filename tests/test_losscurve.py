@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_arsvd.calibration import capture_grams, curve_grams
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.factorize import factors_at_rank, spectrum
-from onnx_arsvd.losscurve import OutputGram, loss_curve
-from onnx_arsvd.model_io import load_model
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.io.models import load_model
+from onnx_arsvd.measure.calibration import capture_grams, curve_grams
+from onnx_arsvd.numerics.factorize import factors_at_rank, spectrum
+from onnx_arsvd.numerics.losscurve import OutputGram, loss_curve
 from tests.conftest import MODELS, random_weight, run
 
 

@@ -14,8 +14,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_arsvd import FixedRankPolicy, compress, model_io, output
+from onnx_arsvd import FixedRankPolicy, compress
 from onnx_arsvd.errors import InvalidInputError, OutputError
+from onnx_arsvd.io import models as model_io
+from onnx_arsvd.io import output
 from tests.conftest import make_mlp, run
 
 
@@ -55,7 +57,8 @@ def test_factors_of_an_external_data_model_go_through_scratch_and_match_the_in_m
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model with external data: factors are spilled to disk as made (memory maps, then tensors pointing into the
     scratch file), the output has the very weights an in-memory run gives, and no scratch file is left behind."""
-    from onnx_arsvd import api, spill
+    from onnx_arsvd import api
+    from onnx_arsvd.io import spill
 
     spills: list[spill.Spill] = []
 
@@ -86,11 +89,11 @@ def test_factors_of_an_external_data_model_go_through_scratch_and_match_the_in_m
 
 
 def test_spilled_factors_read_back_unchanged_and_the_rewrite_points_into_the_spill(tmp_path: Path) -> None:
-    from onnx_arsvd.candidates import find_layers
-    from onnx_arsvd.plan import plan_layers
-    from onnx_arsvd.rank import RatioPolicy
-    from onnx_arsvd.rewrite import apply_plans
-    from onnx_arsvd.spill import spill_into
+    from onnx_arsvd.graph.layers import find_layers
+    from onnx_arsvd.io.spill import spill_into
+    from onnx_arsvd.methods.lowrank.plan import plan_layers
+    from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+    from onnx_arsvd.numerics.rank import RatioPolicy
 
     model = ir.from_proto(make_mlp((96, 80, 64, 10)))
     expected = [plan.factors for plan in plan_layers(find_layers(model)[0], RatioPolicy(0.25), min_params=0)]

@@ -12,14 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import verify
-from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.cli import main
-from onnx_arsvd.curves import weight_curves
+from onnx_arsvd.cli.main import main
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.padding import drop_padding, real_positions, sequence_outputs, zero_padding
-from onnx_arsvd.report import format_verification
-from onnx_arsvd.sensitivity import layer_responses
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.measure.calibration import capture_grams
+from onnx_arsvd.measure.sensitivity import layer_responses
+from onnx_arsvd.methods.lowrank.curves import weight_curves
+from onnx_arsvd.numerics.padding import drop_padding, real_positions, sequence_outputs, zero_padding
+from onnx_arsvd.report.model_report import format_verification
 from tests.conftest import random_weight
 
 M, N, SEQ = 16, 12, 6

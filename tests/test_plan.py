@@ -6,12 +6,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnx_arsvd import plan
-from onnx_arsvd.candidates import find_layers
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.plan import plan_layers
-from onnx_arsvd.rank import EnergyPolicy, RatioPolicy
-from onnx_arsvd.threads import available_cores, job_count
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.methods.lowrank import plan
+from onnx_arsvd.methods.lowrank.plan import plan_layers
+from onnx_arsvd.numerics.rank import EnergyPolicy, RatioPolicy
+from onnx_arsvd.numerics.threads import available_cores, job_count
 from tests.conftest import make_mlp
 
 
@@ -71,7 +71,7 @@ def test_jobs_are_checked_and_capped_at_the_cores() -> None:
 
 def test_weights_from_external_data_are_unmapped_once_planned(tmp_path) -> None:
     """Each weight's memory map is closed after its plan, so a big model's pages do not pile up."""
-    from onnx_arsvd.model_io import load_model
+    from onnx_arsvd.io.models import load_model
 
     path = tmp_path / "mlp.onnx"
     ir.save(ir.from_proto(make_mlp((96, 80, 64, 10))), path, external_data="mlp.onnx.data")
@@ -102,7 +102,7 @@ def test_compress_writes_the_same_bytes_whatever_the_jobs(tmp_path, capsys: pyte
     """Through the CLI: --jobs 1 and --jobs 2 write byte-identical models (randomized solvers included)."""
     import onnx
 
-    from onnx_arsvd.cli import main
+    from onnx_arsvd.cli.main import main
 
     source = tmp_path / "mlp.onnx"
     onnx.save(make_mlp((1024, 768, 640, 10), decay=0.004), source)

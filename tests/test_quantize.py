@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.quantize import Quantization, _gemm_as_matmul, cpu_has_vnni
+from onnx_arsvd.methods.quantize.quantizers import Quantization, _gemm_as_matmul, cpu_has_vnni
 from tests.conftest import MODELS, make_linear_model, run
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.factorize import Need
-from onnx_arsvd.rank import (
+from onnx_arsvd.numerics.rank import (
     EnergyPolicy,
     EntropyPolicy,
     FixedRankPolicy,
+    Need,
     RatioPolicy,
     break_even_rank,
     energy_kept,

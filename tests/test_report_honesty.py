@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import Budget, FixedRankPolicy, compress, format_report, inspect_model
-from onnx_arsvd.cli import main
+from onnx_arsvd.cli.main import main
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

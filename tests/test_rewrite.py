@@ -14,10 +14,10 @@ import onnx_ir.passes.common
 import pytest
 
 from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress
-from onnx_arsvd.factorize import spectrum
-from onnx_arsvd.model_plan import plan_model
-from onnx_arsvd.rewrite import FactorLayersPass
-from onnx_arsvd.settings import Settings
+from onnx_arsvd.methods.lowrank.model_plan import plan_model
+from onnx_arsvd.methods.lowrank.rewrite import FactorLayersPass
+from onnx_arsvd.methods.lowrank.settings import Settings
+from onnx_arsvd.numerics.factorize import spectrum
 from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
 
 GEMM_FORMS = [

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, compress, verify
-from onnx_arsvd.model_io import to_model
-from onnx_arsvd.sessions import make_session, model_session
+from onnx_arsvd.io.models import to_model
+from onnx_arsvd.measure.sessions import make_session, model_session
 from tests.conftest import MODELS, external_copy_elsewhere, make_mlp
 
 

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import FixedRankPolicy, compress
-from onnx_arsvd.candidates import find_layers
+from onnx_arsvd.graph.layers import find_layers
 from tests.conftest import initializer_names, make_linear_model, random_weight, run
 
 Case = tuple[onnx.ModelProto, dict[str, np.ndarray], tuple[str, str, str]]

@@ -19,12 +19,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, FixedRankPolicy, compress, format_report, inspect_model
-from onnx_arsvd.calibration import capture_grams
-from onnx_arsvd.candidates import find_layers
-from onnx_arsvd.factorize import spectrum
-from onnx_arsvd.model_plan import plan_model
-from onnx_arsvd.search import Budget
-from onnx_arsvd.settings import Settings
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.measure.calibration import capture_grams
+from onnx_arsvd.methods.lowrank.model_plan import plan_model
+from onnx_arsvd.methods.lowrank.settings import Settings
+from onnx_arsvd.numerics.factorize import spectrum
+from onnx_arsvd.search.budget import Budget
 from tests.conftest import MODELS, random_weight, run
 
 F = TensorProto.FLOAT

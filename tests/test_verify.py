@@ -11,19 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import EnergyPolicy, compress, verify
-from onnx_arsvd.data import load_data
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.results import OutputComparison, TaskScores, VerificationReport
-from onnx_arsvd.verification import (
-    OutputAgreement,
-    compare_models,
-    compare_with_reference,
-    generated_batches,
-    macro_f1,
-    make_session,
-    reference_outputs,
-    split_batches,
-)
+from onnx_arsvd.io.data import load_data, split_batches
+from onnx_arsvd.measure.agreement import OutputAgreement, macro_f1
+from onnx_arsvd.measure.inputs import generated_batches
+from onnx_arsvd.measure.results import OutputComparison, TaskScores, VerificationReport
+from onnx_arsvd.measure.sessions import make_session
+from onnx_arsvd.measure.verification import compare_models, compare_with_reference, reference_outputs
 from tests.conftest import MODELS, make_mlp
 
 
@@ -162,7 +156,7 @@ def test_one_model_at_a_time_gives_the_same_report_with_one_session_alive(monkey
     import gc
     import weakref
 
-    from onnx_arsvd import verification
+    from onnx_arsvd.measure import verification
 
     original, changed = make_mlp(), make_mlp()
     changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(

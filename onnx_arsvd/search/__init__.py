@@ -7,10 +7,3 @@ candidate against the original and gives the budget's verdict with its predictio
 and the held-out frontier for the report (:mod:`~onnx_arsvd.search.frontier`); :func:`run_search` returns a
 frozen :class:`SearchResult`.
 """
-
-from onnx_arsvd.search.budget import ALLOCATIONS, COSTS, Budget
-from onnx_arsvd.search.run import PreparedSearch, SearchOutcome, SearchResult, prepare_search, run_search
-from onnx_arsvd.search.steps import FrontierRow, SearchStep
-
-__all__ = ["ALLOCATIONS", "COSTS", "Budget", "FrontierRow", "PreparedSearch", "SearchOutcome", "SearchResult",
-           "SearchStep", "prepare_search", "run_search"]

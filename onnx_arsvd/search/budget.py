@@ -36,7 +36,7 @@ class Budget:
     """Share of the calibration part that fits factors (Grams, refits) when the search fits to data; the rest judges."""
     minimize: str = "params"
     """What the search makes least within an accuracy budget: parameters, or the dense layers' measured latency
-    (:mod:`onnx_arsvd.latency_cost`; global allocation only)."""
+    (:mod:`onnx_arsvd.measure.latency_cost`; global allocation only)."""
 
     def __post_init__(self) -> None:
         given = sum(v is not None for v in (self.max_drop, self.min_cosine, self.target_params))

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnx_arsvd.data import Feed
-from onnx_arsvd.quantize import Quantization
-from onnx_arsvd.results import VerificationReport
+from onnx_arsvd.io.data import Feed
+from onnx_arsvd.measure.results import VerificationReport
+from onnx_arsvd.measure.sessions import make_session, model_session
+from onnx_arsvd.measure.verification import ReferenceOutputs, compare_with_reference
+from onnx_arsvd.methods.quantize.quantizers import Quantization
 from onnx_arsvd.search.budget import Budget
-from onnx_arsvd.sessions import make_session, model_session
-from onnx_arsvd.verification import ReferenceOutputs, compare_with_reference
 
 __all__ = ["Z_95", "Judge", "prediction_z", "verdict"]
 

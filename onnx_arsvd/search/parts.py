@@ -19,12 +19,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnx_arsvd.data import Feed, load_data, load_labels, sample_count, split_batches
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.io.data import Feed, load_data, load_labels, sample_count, split_batches
+from onnx_arsvd.measure.sessions import make_session, run_session
+from onnx_arsvd.measure.verification import ModelLike, ReferenceOutputs, model_source, reference_outputs
+from onnx_arsvd.methods.lowrank.settings import CalibrationSource
 from onnx_arsvd.search.budget import Budget
-from onnx_arsvd.sessions import make_session, run_session
-from onnx_arsvd.settings import CalibrationSource
-from onnx_arsvd.verification import ModelLike, ReferenceOutputs, model_source, reference_outputs
 
 __all__ = ["RESPONSE_VALUES", "DataParts", "Feeds", "feeds", "first_samples", "response_batches", "split_data",
            "split_parts"]

@@ -12,9 +12,11 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.guard import LatencyGuard, LatencyTable
-from onnx_arsvd.model_plan import ModelPlan, PlanMemo
-from onnx_arsvd.quantize import Quantization
+from onnx_arsvd.measure.guard import LatencyGuard, LatencyTable
+from onnx_arsvd.measure.verification import ModelLike
+from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo
+from onnx_arsvd.methods.lowrank.settings import CalibrationSource, Settings
+from onnx_arsvd.methods.quantize.quantizers import Quantization
 from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.frontier import held_out_frontier
 from onnx_arsvd.search.judge import Judge
@@ -30,8 +32,6 @@ from onnx_arsvd.search.strategies import (
     check_latency_target,
     timed_bound,
 )
-from onnx_arsvd.settings import CalibrationSource, Settings
-from onnx_arsvd.verification import ModelLike
 
 __all__ = ["PreparedSearch", "SearchOutcome", "SearchResult", "prepare_search", "run_search"]
 

@@ -1,9 +1,10 @@
 """The global allocation's frontier over one model, built once: every candidate of a search is a point on it.
 
 Every weight is decomposed once into its loss curve (output error at every rank,
-:mod:`onnx_arsvd.losscurve`); each layer's end-to-end gain is measured once (:mod:`onnx_arsvd.sensitivity`);
-the knapsack frontier of (cost, predicted loss) over every layer's ranks and "dense"
-(:mod:`onnx_arsvd.allocate`) is then what the strategies (:mod:`onnx_arsvd.search.strategies`) search. The
+:mod:`onnx_arsvd.numerics.losscurve`); each layer's end-to-end gain is measured once
+(:mod:`onnx_arsvd.measure.sensitivity`); the knapsack frontier of (cost, predicted loss) over every layer's ranks
+and "dense" (:mod:`onnx_arsvd.numerics.allocate`) is then what the strategies (:mod:`onnx_arsvd.search.strategies`)
+search. The
 weights the calibration data cannot judge are kept dense and out of the frontier.
 """
 
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnx_arsvd.allocate import DENSE, Allocation, LayerOptions, frontier, param_cost
-from onnx_arsvd.calibration import curve_grams
-from onnx_arsvd.candidates import WeightKey
-from onnx_arsvd.curves import WeightCurve, allocation_plans, weight_curves, weight_options
-from onnx_arsvd.guard import LatencyTable, observed_rows
-from onnx_arsvd.latency_cost import LatencyCosts, latency_costs
-from onnx_arsvd.model_plan import (
+from onnx_arsvd.graph.layers import WeightKey
+from onnx_arsvd.measure.calibration import curve_grams
+from onnx_arsvd.measure.guard import LatencyTable, observed_rows
+from onnx_arsvd.measure.latency_cost import LatencyCosts, latency_costs
+from onnx_arsvd.measure.sensitivity import DEFAULT_PROBES, Response, layer_responses
+from onnx_arsvd.methods.lowrank.curves import WeightCurve, allocation_plans, weight_curves, weight_options
+from onnx_arsvd.methods.lowrank.decision import LayerDecision, dense_decision
+from onnx_arsvd.methods.lowrank.model_plan import (
     HEAD_REASON,
     UNREACHED_REASON,
     LayerSelection,
@@ -31,14 +33,14 @@ from onnx_arsvd.model_plan import (
     feeds_graph_output,
     select_layers,
 )
-from onnx_arsvd.plan import LayerDecision, dense_decision, plan_layers
-from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.methods.lowrank.plan import plan_layers
+from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.methods.lowrank.sequential import sequential_factors
+from onnx_arsvd.methods.lowrank.settings import Settings
+from onnx_arsvd.numerics.allocate import DENSE, Allocation, LayerOptions, frontier, param_cost
 from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.parts import Feeds, first_samples
 from onnx_arsvd.search.steps import SearchStep
-from onnx_arsvd.sensitivity import DEFAULT_PROBES, Response, layer_responses
-from onnx_arsvd.sequential import sequential_factors
-from onnx_arsvd.settings import Settings
 
 __all__ = ["SILENT_REASON", "AllocationSpace", "allocation_space"]
 

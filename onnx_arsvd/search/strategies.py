@@ -23,17 +23,17 @@ from pathlib import Path
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.allocate import best_within
-from onnx_arsvd.guard import LatencyGuard
-from onnx_arsvd.model_plan import PlanMemo, plan_model
-from onnx_arsvd.quantize import Quantization
-from onnx_arsvd.rank import EnergyPolicy
-from onnx_arsvd.rewrite import apply_plans
+from onnx_arsvd.measure.guard import LatencyGuard
+from onnx_arsvd.measure.verification import ModelLike, model_source
+from onnx_arsvd.methods.lowrank.model_plan import PlanMemo, plan_model
+from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.methods.lowrank.settings import Settings
+from onnx_arsvd.methods.quantize.quantizers import Quantization
+from onnx_arsvd.numerics.allocate import best_within
+from onnx_arsvd.numerics.rank import EnergyPolicy
 from onnx_arsvd.search.judge import Z_95, Judge
 from onnx_arsvd.search.space import AllocationSpace
 from onnx_arsvd.search.steps import SearchStep, bisect_index, bisect_tau
-from onnx_arsvd.settings import Settings
-from onnx_arsvd.verification import ModelLike, model_source
 
 __all__ = ["Choice", "by_accuracy", "by_latency", "by_params", "by_threshold", "check_latency_target", "timed_bound"]
 
@@ -96,7 +96,7 @@ def timed_bound(space: AllocationSpace, index: int, original: ModelLike, latency
                 quantize: Quantization | None, scratch: Path | None, dims: Mapping[str, int]) -> float:
     """A point's whole model (quantized with ``quantize``: what ships) timed against the original at every guard
     batch size: the largest 95% upper prediction bound of the ratio over the batch sizes (see
-    :meth:`~onnx_arsvd.results.LatencyComparison.ratio_bound`), so a point the search keeps is within the target
+    :meth:`~onnx_arsvd.measure.results.LatencyComparison.ratio_bound`), so a point the search keeps is within the target
     in the final timing too, not only in the one that chose it."""
     candidate = space.candidate(index, refitted=False)
     source = quantize.apply(candidate, scratch).SerializeToString() if quantize is not None else candidate

@@ -1,0 +1,1 @@
+"""The ``onnx-arsvd`` command line: options, commands, and errors as one line."""

@@ -1,0 +1,1 @@
+"""The graph, with onnx_ir only: finding layers, exposing activations. Runs nothing."""

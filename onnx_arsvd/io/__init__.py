@@ -1,0 +1,1 @@
+"""Reading models (checked) and data, and every write (staged, placed last)."""

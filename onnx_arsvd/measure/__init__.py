@@ -1,0 +1,1 @@
+"""Everything that runs onnxruntime: sessions, calibration, verification, sensitivity, timing, the guard."""

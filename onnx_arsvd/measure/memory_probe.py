@@ -1,0 +1,54 @@
+"""Peak resident memory of a fresh process that loads one model and runs it.
+
+Run as ``python -m onnx_arsvd.measure.memory_probe MODEL PROVIDER FEED.npz THREADS``: it prints one JSON
+line with the resident set size before the session is created (after importing onnxruntime and
+reading the feed) and the peak while creating it and running the feed three times. The kernel's
+high-water mark is reset first (``/proc/self/clear_refs``), because importing onnxruntime alone
+peaks higher than a small model adds. Each model gets its own process, so two models never share a
+heap and the high-water mark belongs to one model alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_bytes(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"{field} missing from {_STATUS}")
+
+
+def reset_peak() -> bool:
+    """Reset the peak resident set size to the current one; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    model, provider, feed_path, threads = argv
+    import numpy as np
+
+    from onnx_arsvd.measure.sessions import make_session  # imports onnxruntime: before the baseline is read
+
+    with np.load(feed_path) as archive:
+        feed = {name: archive[name] for name in archive.files}
+    exact = reset_peak()
+    baseline = _status_bytes("VmRSS")
+    session = make_session(model, provider, int(threads), cpu_fallback=True)
+    for _ in range(3):
+        session.run(None, feed)
+    print(json.dumps({"baseline": baseline, "peak": _status_bytes("VmHWM"), "peak_reset": exact}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Compression methods, one folder each."""

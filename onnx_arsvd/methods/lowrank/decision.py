@@ -1,0 +1,81 @@
+"""One layer's fate as the report shows it (:class:`LayerDecision`), and the gates that decide it by default.
+
+Light on purpose: the report reads these rows, and must not load the numerics (scipy) or the runtime to do so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnx_arsvd.graph.layers import Layer
+from onnx_arsvd.measure.results import LayerTiming
+from onnx_arsvd.numerics.rank import break_even_rank
+
+__all__ = ["DEFAULT_MAX_RANK_FRACTION", "DEFAULT_MIN_PARAMS", "LayerDecision", "dense_decision"]
+
+DEFAULT_MAX_RANK_FRACTION = 0.8
+"""Factor only at k <= 0.8 m*n/(m+n): ranks near break-even ran 1.15x slower at batch 1
+(benchmarks/latency_table.py)."""
+
+DEFAULT_MIN_PARAMS = 4096
+"""Leave weights under 64 x 64 dense: they save a few KiB, add an operator's fixed cost, and are most
+often a classifier head (n = classes), whose truncation costs far more accuracy than any other layer's
+(benchmarks/mlp_table.py)."""
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What happens to one node: one row of the inspect/compress table."""
+
+    name: str
+    op_type: str
+    weight: str
+    shape: tuple[int, int]
+    dtype: str
+    break_even: float
+    full_rank: int
+    rank: int
+    energy_kept: float
+    factored: bool
+    reason: str
+    shared_by: int
+    timings: tuple[LayerTiming, ...] = field(default=())
+    """Latency-guard measurements, when the guard ran."""
+    measured_error: float | None = None
+    """Relative output error ||X(W - AB)|| / ||XW|| on held-out activations, when a budget measured it."""
+    solver: str = ""
+    """How the spectrum was computed (LAPACK driver or randomized basis size, and the dtype)."""
+    note: str = ""
+    """What the reader should know of this row: a rank chosen on a randomized spectrum that may differ
+    from the exact one (and by how much at most), an l_p fit stopped at its iteration cap."""
+
+    @property
+    def predicted_error(self) -> float:
+        """Relative error the spectrum predicts at ``rank``: sqrt(1 - energy kept) (output energy when whitened)."""
+        return float(np.sqrt(max(0.0, 1.0 - self.energy_kept)))
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def params_after(self) -> int:
+        return self.rank * sum(self.shape) if self.factored else self.params
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the weight's parameters that factors at ``rank`` remove (whether or not factored;
+        negative when they would be larger)."""
+        return 1.0 - self.rank * sum(self.shape) / self.params
+
+
+def dense_decision(layer: Layer, reason: str) -> LayerDecision:
+    """The row of a layer left dense without looking at its spectrum (e.g. excluded by name)."""
+    shape = layer.shape
+    return LayerDecision(
+        name=layer.name, op_type=layer.op_type, weight=layer.weight_key[0], shape=shape,
+        dtype=layer.dtype.name.lower(), break_even=break_even_rank(shape), full_rank=min(shape),
+        rank=min(shape), energy_kept=1.0, factored=False, reason=reason, shared_by=1,
+    )

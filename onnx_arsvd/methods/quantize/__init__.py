@@ -1,0 +1,1 @@
+"""Quantization by onnxruntime's own quantizers."""

@@ -1,0 +1,1 @@
+"""Results as tables, JSON, Markdown and plots. Runs nothing."""
