@@ -50,7 +50,7 @@ def _matched(model: Path, make: Callable[[float], RankPolicy], target: float, **
     low, high, best = 1e-4, 1.0, make(1e-4)
     for _ in range(14):
         middle = (low + high) / 2
-        report = inspect_model(model, policy=make(middle), **settings)
+        report = inspect_model(model, policy=make(middle), factor_heads=True, **settings)
         if report.dense_params_after <= target * report.dense_params_before:
             low, best = middle, make(middle)
         else:

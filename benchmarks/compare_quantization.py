@@ -164,7 +164,7 @@ def build_variants(source: Path, variants: Sequence[Variant], workdir: Path) -> 
         if variant.tau is not None:
             if variant.tau not in svd:
                 path = workdir / f"{source.stem}_svd{variant.tau:g}.onnx"
-                _, report = compress(source, path, policy=EnergyPolicy(variant.tau), check=False)
+                _, report = compress(source, path, policy=EnergyPolicy(variant.tau), check=False, factor_heads=True)
                 svd[variant.tau] = (path, ranks(report))
             base, weights = svd[variant.tau]
         if variant.quant is not None:

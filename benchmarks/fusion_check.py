@@ -382,7 +382,8 @@ def compress_variants(source: Path, folder: Path, stem: str,
     for tau in TAUS:
         label = f"tau {tau}"
         paths[label] = folder / f"{stem}_{tau}.onnx"
-        _, reports[label] = compress(source, paths[label], policy=EnergyPolicy(tau), exclude=exclude, check=False)
+        _, reports[label] = compress(source, paths[label], policy=EnergyPolicy(tau), exclude=exclude, check=False,
+                                      factor_heads=True)
     return paths, reports
 
 
@@ -493,7 +494,8 @@ def minilm_section(args, folder: Path) -> Section:
         fusable_export(shipped[k], p)
     f_reports = shipped_reports
     excl_path = folder / "minilm_fusable_qkv_dense_0.8.onnx"
-    _, excl_report = compress(fusable, excl_path, policy=EnergyPolicy(0.8), exclude=[ATTENTION_GLOB], check=False)
+    _, excl_report = compress(fusable, excl_path, policy=EnergyPolicy(0.8), exclude=[ATTENTION_GLOB], check=False,
+                              factor_heads=True)
     excl_ranks = [r for d, r in zip(excl_report.layers, ranks(excl_report), strict=True)
                   if not is_attention_proj(d.name)]
     ref_report = shipped_reports["tau 0.8"]
@@ -527,7 +529,8 @@ def minilm_section(args, folder: Path) -> Section:
     for tau in TAUS:
         label = f"MHA-opt then tau {tau}"
         paths[label] = folder / f"bert_mha_fusable_then_{tau}.onnx"
-        _, mha_reports[tau] = compress(mha_original, paths[label], policy=EnergyPolicy(tau), check=False)
+        _, mha_reports[tau] = compress(mha_original, paths[label], policy=EnergyPolicy(tau), check=False,
+                                      factor_heads=True)
         model = onnx.load(os.fspath(paths[label]))
         stats = {op: n for op, n in op_counts(model).items()
                  if op in ("EmbedLayerNormalization", "MultiHeadAttention", "BiasGelu", "SkipLayerNormalization",

@@ -40,8 +40,8 @@ from benchmarks.results_io import (
 )
 from benchmarks.text_eval import MINILM, minilm_built
 from onnx_arsvd import Report
+from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.measure.benchmark import batch_feed, compare_latency, timed_rounds
-from onnx_arsvd.measure.guard import LatencyGuard
 from onnx_arsvd.measure.sessions import make_session
 from onnx_arsvd.search.budget import Budget
 

@@ -22,8 +22,9 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 from benchmarks.results_io import header, write_result
 from onnx_arsvd import EnergyPolicy, RatioPolicy, compress
+from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.measure.benchmark import benchmark_models
-from onnx_arsvd.measure.guard import LatencyGuard
+from onnx_arsvd.measure.guard import LatencyTable
 from onnx_arsvd.measure.results import BenchmarkResult
 from onnx_arsvd.numerics.rank import RankPolicy
 
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     seconds = 0.1 if args.quick else args.seconds
-    guard = LatencyGuard(target="cpu", batches=BATCHES, threads=args.threads,
-                         layer_seconds=0.05 if args.quick else 0.3, model_seconds=seconds)
+    table = LatencyTable(LatencyGuard(target="cpu", batches=BATCHES, threads=args.threads,
+                                      layer_seconds=0.05 if args.quick else 0.3, model_seconds=seconds))
     headers = ["model", "policy", "guard", "factored", "limit (MAC ratio)", "latency ratio b1 [p10, p90]",
                "latency ratio b32 [p10, p90]", "file ratio", "RSS increase MiB", "accuracy / output cosine"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6) + "|"]
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             for guarded in (False, True):
                 out = Path(tmp) / f"case{index}_{guarded}.onnx"
                 _, report = compress(case.model, out, policy=case.policy, max_rank_fraction=case.max_rank_fraction,
-                                     guard=guard if guarded else None, dims=case.dims, check=False)
+                                     latency_table=table if guarded else None, dims=case.dims, check=False,
+                                     factor_heads=True)
                 result = benchmark_models(case.model, out, batches=BATCHES, providers=["cpu"], threads=args.threads,
                                           dims=case.dims, min_seconds=seconds, accuracy_data=case.data)
                 lines.append(row(case, guarded, report, result))

@@ -42,8 +42,8 @@ from benchmarks.results_io import (
 )
 from benchmarks.text_eval import MINILM, minilm_built
 from onnx_arsvd import Report
+from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.errors import OutputError
-from onnx_arsvd.measure.guard import LatencyGuard
 from onnx_arsvd.search.budget import Budget
 
 ROOT = Path(__file__).resolve().parents[1]

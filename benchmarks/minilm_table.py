@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="minilm_table_") as tmp:
         for policy in POLICIES:
             out = Path(tmp) / "compressed.onnx"
-            _, report = compress(model, out, policy=policy, check=False)
+            _, report = compress(model, out, policy=policy, check=False, factor_heads=True)
             cosines, probes = [], []
             for name, (feed, labels) in data.items():
                 embeddings = sentence_embeddings(out, feed)

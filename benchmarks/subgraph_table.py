@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, policy in enumerate(POLICIES):
             out = Path(tmp) / f"branch_{i}.onnx"
-            _, report = compress(MODEL, out, policy=policy, check=False)
+            _, report = compress(MODEL, out, policy=policy, check=False, factor_heads=True)
             ranks = " / ".join(f"{d.name.split('::')[-1]} {d.rank}{'' if d.factored else '*'}" for d in report.layers)
             compressed = accuracies(out)
             rows.append([policy.describe(), f"`{ranks}`",

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from onnx_arsvd.api import BudgetMissedError, compress, inspect_model
+    from onnx_arsvd.config import LatencyGuard
     from onnx_arsvd.errors import ArsvdError, InvalidInputError, UnsupportedModelError
     from onnx_arsvd.io.data import CalibrationDataReader
-    from onnx_arsvd.measure.guard import LatencyGuard
     from onnx_arsvd.measure.results import VerificationReport
     from onnx_arsvd.measure.verification import verify
     from onnx_arsvd.methods.lowrank.settings import METHODS
@@ -39,7 +39,7 @@ _HOMES = {
     "EntropyPolicy": "numerics.rank",
     "FixedRankPolicy": "numerics.rank",
     "InvalidInputError": "errors",
-    "LatencyGuard": "measure.guard",
+    "LatencyGuard": "config",
     "RatioPolicy": "numerics.rank",
     "Report": "report.model_report",
     "UnsupportedModelError": "errors",

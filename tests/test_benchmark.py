@@ -17,6 +17,7 @@ import pytest
 
 from onnx_arsvd import FixedRankPolicy, compress
 from onnx_arsvd.cli.main import main
+from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.benchmark import (
@@ -31,12 +32,12 @@ from onnx_arsvd.measure.benchmark import (
     timed_rounds,
 )
 from onnx_arsvd.measure.guard import (
-    LatencyGuard,
     LatencyTable,
     _layer_models,
     activation_rows,
     guard_verdict,
     observed_rows,
+    regressions,
 )
 from onnx_arsvd.measure.results import LayerTiming
 from onnx_arsvd.measure.verification import make_session
@@ -93,10 +94,10 @@ def test_whole_model_check_warns_only_where_every_round_is_slower() -> None:
         _comparison(128, (1.2, 1.0, 1.1)),  # a round with no difference is not a slower round
     ]
     assert [c.consistently_slower for c in comparisons] == [True, False, False, False, False]
-    (warning,) = LatencyGuard.regressions(comparisons)
+    (warning,) = regressions(comparisons)
     assert warning.startswith("the compressed model is SLOWER than the original at batch 1 on CPU: ")
     assert "median 1.1 ms vs 1 ms (ratio 1.100; per round 1.200, 1.050, 1.100)" in warning
-    assert LatencyGuard.regressions(comparisons[1:]) == []
+    assert regressions(comparisons[1:]) == []
 
 
 class _SessionLog:
@@ -231,7 +232,7 @@ def test_memory_probe_sees_the_weights(tmp_path: Path) -> None:
 def _pair(tmp_path: Path) -> tuple[Path, Path]:
     original, small = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
     onnx.save(make_mlp(), original)
-    compress(original, small, policy=FixedRankPolicy(4), min_params=0, check=False)
+    compress(original, small, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     return original, small
 
 
@@ -262,13 +263,13 @@ def test_guard_verdict_logic() -> None:
     faster = [LayerTiming(1, 1, 1.0, 0.5), LayerTiming(32, 32, 2.0, 1.0)]
     slower_at_one = [LayerTiming(1, 1, 1.0, 1.16), LayerTiming(32, 32, 2.0, 1.0)]
     within_noise = [LayerTiming(1, 1, 1.0, 0.97)]
-    assert guard_verdict(faster, "CPUExecutionProvider") == ""
-    assert guard_verdict(slower_at_one, "CPUExecutionProvider") == (
+    assert guard_verdict(faster, "CPUExecutionProvider", 0.0) == ""
+    assert guard_verdict(slower_at_one, "CPUExecutionProvider", 0.0) == (
         "latency guard: factored slower at batch 1 on CPU (1.16 vs 1 ms)")
-    assert guard_verdict(within_noise, "CPUExecutionProvider") == ""
+    assert guard_verdict(within_noise, "CPUExecutionProvider", 0.0) == ""
     assert guard_verdict(within_noise, "CPUExecutionProvider", margin=0.05) == (
         "latency guard: factored not 5% faster at batch 1 on CPU (0.97 vs 1 ms)")
-    assert guard_verdict([LayerTiming(1, 1, 1.0, 1.0)], "CPUExecutionProvider") == (
+    assert guard_verdict([LayerTiming(1, 1, 1.0, 1.0)], "CPUExecutionProvider", 0.0) == (
         "latency guard: factored not 0% faster at batch 1 on CPU (1 vs 1 ms)")
 
 
@@ -306,7 +307,8 @@ def test_guard_keeps_dense_a_layer_not_faster_by_its_margin(tmp_path: Path) -> N
     path = tmp_path / "layer.onnx"
     onnx.save(model, path)
     guard = LatencyGuard(batches=(1, 8), margin=0.99, layer_seconds=0.05, model_seconds=0.05)
-    _, report = compress(path, tmp_path / "out.onnx", policy=FixedRankPolicy(16), guard=guard, check=False)
+    _, report = compress(path, tmp_path / "out.onnx", policy=FixedRankPolicy(16), guard=guard, check=False,
+                         factor_heads=True)
     (decision,) = report.layers
     assert not decision.factored and report.factored == 0
     assert [(t.batch, t.rows) for t in decision.timings] == [(1, 1), (8, 8)]
@@ -385,13 +387,16 @@ def test_guard_times_each_shape_and_rank_once_and_shares_it(monkeypatch: pytest.
     monkeypatch.setattr(guard_module, "time_layer", counting)
     model = make_mlp((256, 256, 256, 256, 128))  # three 256 x 256 layers, then 256 x 128
     guard = LatencyTable(LatencyGuard(batches=(1,), layer_seconds=0.01, model_seconds=0.01))  # kept across runs
-    _, report = compress(model, policy=FixedRankPolicy(16), guard=guard, check=False, min_params=0)
+    _, report = compress(model, policy=FixedRankPolicy(16), latency_table=guard, check=False, min_params=0,
+                         factor_heads=True)
     assert sorted(calls) == [(256, 16), (256, 16)]  # one per distinct shape (256x256 and 256x128)
     timed = [d for d in report.layers if d.timings]
     assert len(timed) == 4
     same_shape = [d.timings for d in timed if d.shape == (256, 256)]
     assert len(same_shape) == 3 and same_shape[0] == same_shape[1] == same_shape[2]
-    compress(model, policy=FixedRankPolicy(16), guard=guard, check=False, min_params=0)
+    compress(model, policy=FixedRankPolicy(16), latency_table=guard, check=False, min_params=0,
+             factor_heads=True)
     assert len(calls) == 2  # all looked up
-    compress(model, policy=FixedRankPolicy(8), guard=guard, check=False, min_params=0)
+    compress(model, policy=FixedRankPolicy(8), latency_table=guard, check=False, min_params=0,
+             factor_heads=True)
     assert len(calls) == 4  # another rank: timed again

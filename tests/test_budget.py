@@ -119,7 +119,6 @@ def test_a_cosine_budget_is_judged_by_the_lowest_outputs_lower_prediction_bound(
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({}, "give one budget"),
     ({"max_drop": 0.5, "min_cosine": 0.9}, "give one budget"),
     ({"max_drop": -1.0}, "max_drop must be a non-negative"),
     ({"target_params": 1.5}, "target_params must be in (0, 1]"),
@@ -208,7 +207,8 @@ def test_target_params_counts_the_dense_layers_as_the_report_does() -> None:
     (["--max-drop", "0.5"], "an accuracy budget needs data"),
     (["--max-drop", "0.5", "--tau", "0.9"], "a budget chooses the ranks itself"),
     (["--max-drop", "0.5", "--min-cosine", "0.9"], "give one budget"),
-    (["--minimize", "latency"], "--minimize latency needs an accuracy budget (--max-drop or --min-cosine)"),
+    (["--minimize", "latency"], "search settings apply under a budget: give one (--max-drop, --min-cosine, "
+                                "--target-params or --target-latency), or --data to choose one for"),
     (["--minimize", "latency", "--target-params", "0.5"], "minimizing latency needs an accuracy budget"),
 ])
 def test_cli_budget_errors(options: list[str], message: str, mlp_path: Path, tmp_path: Path,

@@ -154,9 +154,9 @@ def test_shared_weight_gives_one_key() -> None:
 def test_include_and_exclude_patterns() -> None:
     layers, _ = _find(make_linear_model(op="MatMul"))
     kept, excluded = filter_layers(layers, include=["nothing*"])
-    assert kept == [] and excluded == [(layers[0], "not matched by --include")]
+    assert kept == [] and excluded == [(layers[0], "not matched by `include`")]
     kept, excluded = filter_layers(layers, exclude=["dens*"])
-    assert kept == [] and excluded == [(layers[0], "matched by --exclude")]
+    assert kept == [] and excluded == [(layers[0], "matched by `exclude`")]
     kept, _ = filter_layers(layers, include=["W"])  # weight names match too
     assert len(kept) == 1
 
@@ -181,7 +181,7 @@ def _int8_model(layers: int = 5) -> onnx.ModelProto:
 
 def test_no_layer_error_lists_every_reason() -> None:
     with pytest.raises(UnsupportedModelError) as error:
-        compress(_int8_model(), check=False)
+        compress(_int8_model(), check=False, factor_heads=True)
     assert str(error.value) == (
         "no factorable layer (MatMul/Gemm/Gather with a 2-D float constant weight); passed over: "
         "MatMulInteger: quantized layer (MatMulInteger); factor the float model before quantizing "
@@ -220,7 +220,7 @@ def test_weight_reshaped_to_three_dimensions_is_listed() -> None:
 def test_inspect_lists_what_an_int8_model_passes_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "int8.onnx"
     onnx.save(_int8_model(), path)
-    report = inspect_model(path)
+    report = inspect_model(path, factor_heads=True)
     assert (report.layers == []
             and [s.name for s in report.skipped] == ["qmm0", "qmm1", "qmm2", "qmm3", "qmm4", "scores"])
     assert main(["inspect", str(path), "-q"]) == 0

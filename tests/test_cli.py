@@ -59,7 +59,7 @@ def test_small_and_excluded_layers_stay_in_the_table(mlp_path: Path, capsys: pyt
     decisions = {row["name"]: (row["factored"], row["reason"]) for row in data["layers"]}
     assert decisions == {
         "fc0": (True, ""),  # 48 x 40 = 1920 parameters
-        "fc1": (False, "matched by --exclude"),
+        "fc1": (False, "matched by `exclude`"),
         "fc2": (False, "too small to pay off (< 1500 parameters)"),  # 32 x 10 = 320
     }
     assert data["dense_params_before"] == 48 * 40 + 40 * 32 + 32 * 10

@@ -28,15 +28,16 @@ def test_lookup_is_found_and_other_gathers_are_not() -> None:
 
 
 def test_tables_stay_dense_without_an_embedding_policy() -> None:
-    report = inspect_model(make_embedding_model(50, 16), min_params=0)
+    report = inspect_model(make_embedding_model(50, 16), min_params=0, factor_heads=True)
     (decision,) = report.layers
-    assert not decision.factored and decision.reason == "embedding table: factored only with --embedding-tau"
+    assert not decision.factored and decision.reason == "embedding table: factored only with an `embedding_policy`"
 
 
 @pytest.mark.parametrize("ids_shape", [("batch", "seq"), ("batch",), ()], ids=["b-s", "b", "scalar"])
 def test_low_rank_table_is_reproduced_for_any_ids_shape(ids_shape: tuple) -> None:
     model = make_embedding_model(60, 24, true_rank=5, ids_shape=ids_shape)
-    compressed, report = compress(model, embedding_policy=FixedRankPolicy(5), min_params=0, check=False)
+    compressed, report = compress(model, embedding_policy=FixedRankPolicy(5), min_params=0, check=False,
+                                  factor_heads=True)
     assert report.factored == 1
     onnx.checker.check_model(compressed, full_check=True)
     assert [n.op_type for n in compressed.graph.node] == ["Gather", "MatMul"]
@@ -61,7 +62,7 @@ def test_lp_method_writes_the_lp_factors_into_the_graph() -> None:
     svd = np.matmul(*factors_at_rank(spectrum(table), 3))
     for power in (1.0, 2.0):
         compressed, report = compress(model, embedding_policy=FixedRankPolicy(3), min_params=0, method="lp",
-                                      lp_power=power, check=False)
+                                      lp_power=power, check=False, factor_heads=True)
         assert report.factored == 1
         (looked_up,) = run(compressed, ids)
         fit = lp_factors(table, 3, power)

@@ -397,7 +397,7 @@ def test_ctrl_c_with_factors_spilled_to_disk_leaves_nothing(stage: str, external
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """An external-data model spills its factors beside the output: Ctrl-C in the rewrite or in verification
     removes the scratch folder and writes no output, and the inputs are unchanged."""
-    from onnx_arsvd import api
+    from onnx_arsvd.pipeline import compress as pipeline
 
     folder = external_model.parent
     before = _snapshot(folder)
@@ -406,7 +406,8 @@ def test_ctrl_c_with_factors_spilled_to_disk_leaves_nothing(stage: str, external
         assert any(p.name.startswith(".onnx-arsvd-") for p in folder.iterdir())  # the spill is live
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "apply_plans" if stage == "rewrite" else "verify", interrupt)
+    monkeypatch.setattr(pipeline, "apply_plans" if stage == "rewrite" else "verify", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        compress(external_model, folder / "out.onnx", policy=FixedRankPolicy(4), min_params=0, samples=1)
+        compress(external_model, folder / "out.onnx", policy=FixedRankPolicy(4), min_params=0, samples=1,
+                 factor_heads=True)
     assert _snapshot(folder) == before

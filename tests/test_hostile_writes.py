@@ -254,9 +254,9 @@ def test_duplicate_initializer_names_are_refused(tmp_path: Path, capsys: pytest.
 def test_a_compressed_model_unrelated_to_the_original_fails_the_run_whatever_the_policy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rewrite gone wrong (here: one factor negated after the pass) must not pass because no budget was asked."""
-    from onnx_arsvd import api
+    from onnx_arsvd.pipeline import compress as pipeline
 
-    real = api.apply_plans
+    real = pipeline.apply_plans
 
     def wrong(model, plans, spill=None):  # type: ignore[no-untyped-def]
         changed = real(model, plans, spill)
@@ -264,10 +264,10 @@ def test_a_compressed_model_unrelated_to_the_original_fails_the_run_whatever_the
         value.const_value = ir.tensor(-value.const_value.numpy(), name=value.name)
         return changed
 
-    monkeypatch.setattr(api, "apply_plans", wrong)
+    monkeypatch.setattr(pipeline, "apply_plans", wrong)
     onnx.save(make_linear_model(64, 48, op="MatMul"), tmp_path / "m.onnx")
     with pytest.raises(OutputError, match="unrelated to the original's"):
-        compress(tmp_path / "m.onnx", tmp_path / "out.onnx", policy=FixedRankPolicy(8), min_params=0)
+        compress(tmp_path / "m.onnx", tmp_path / "out.onnx", policy=FixedRankPolicy(8), min_params=0, factor_heads=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
@@ -316,9 +316,9 @@ def test_ir3_layers_in_bodies_give_a_model_that_passes_the_checker(tmp_path: Pat
 def test_a_written_model_that_fails_the_checker_is_not_placed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Verified or not: here the pass leaves a second definition of a value, which the checker rejects."""
-    from onnx_arsvd import api
+    from onnx_arsvd.pipeline import compress as pipeline
 
-    real = api.apply_plans
+    real = pipeline.apply_plans
 
     def invalid(model, plans, spill=None):  # type: ignore[no-untyped-def]
         changed = real(model, plans, spill)
@@ -326,7 +326,7 @@ def test_a_written_model_that_fails_the_checker_is_not_placed(tmp_path: Path, mo
         model.graph.append(ir.Node("", "Identity", [first.inputs[0]], outputs=[ir.Value(name=first.outputs[0].name)]))
         return changed
 
-    monkeypatch.setattr(api, "apply_plans", invalid)
+    monkeypatch.setattr(pipeline, "apply_plans", invalid)
     onnx.save(make_mlp(), tmp_path / "m.onnx")
     assert main(["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), *RANK4, "--no-verify"]) == 1
     assert "the written model fails onnx.checker" in _one_line_error(capsys)

@@ -12,15 +12,17 @@ import pytest
 from onnx_arsvd import compress
 from onnx_arsvd.api import BudgetMissedError
 from onnx_arsvd.cli.main import main
+from onnx_arsvd.config import CompressOptions, DataOptions, LatencyGuard
 from onnx_arsvd.errors import InvalidInputError, OutputError
 from onnx_arsvd.graph.layers import Layer, find_layers
 from onnx_arsvd.io.models import load_model
-from onnx_arsvd.measure.guard import LatencyGuard, LatencyTable, observed_rows, timing_key
+from onnx_arsvd.measure.guard import LatencyTable, observed_rows, timing_key
 from onnx_arsvd.measure.latency_cost import latency_costs, rank_grid
 from onnx_arsvd.measure.results import LatencyComparison, LatencyStats, LayerTiming
 from onnx_arsvd.methods.lowrank.curves import weight_curves, weight_options
 from onnx_arsvd.numerics.allocate import DENSE, layer_options, option_ranks
 from onnx_arsvd.report.model_report import format_report
+from onnx_arsvd.rules import decide
 from onnx_arsvd.search.budget import Budget
 from tests.conftest import MODELS
 
@@ -122,10 +124,13 @@ def test_minimizing_latency_under_a_budget_ships_only_faster_layers(tmp_path: Pa
     assert report.verification.accuracy_drop <= 1.0 and (tmp_path / "fast.onnx").is_file()
 
 
-def test_minimizing_latency_needs_the_guard_and_an_accuracy_budget(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match="minimizing latency needs the latency guard"):
-        compress(MODELS / "fashion_mlp.onnx", budget=Budget(max_drop=1.0, minimize="latency"),
-                 data=MODELS / "fashion_test.npz")
+def test_a_budget_that_prices_latency_gets_the_default_guard_and_needs_an_accuracy_budget() -> None:
+    model = load_model(MODELS / "fashion_mlp.onnx")
+    for budget in (Budget(max_drop=1.0, minimize="latency"), Budget(target_latency=0.5)):
+        decided = decide(CompressOptions(budget=budget, data=DataOptions(data=MODELS / "fashion_test.npz")), model)
+        assert decided.guard == LatencyGuard() and decided.budget == budget
+    mine = LatencyGuard(batches=(8,))
+    assert decide(CompressOptions(budget=Budget(target_latency=0.5), guard=mine), model).guard is mine
     with pytest.raises(InvalidInputError, match="needs an accuracy budget"):
         Budget(target_params=0.3, minimize="latency")
     with pytest.raises(InvalidInputError, match="needs the global allocation"):
@@ -186,8 +191,6 @@ def test_an_unreachable_latency_target_writes_nothing(tmp_path: Path, capsys: py
                  "--guard-seconds", "0.02", "--seconds", "0.05", "-q"])
     assert code == 1 and not out.exists()
     assert "not met even by the fastest allocation searched; nothing written" in capsys.readouterr().err
-    with pytest.raises(InvalidInputError, match="a latency target needs the latency guard"):
-        compress(MODELS / "fashion_mlp.onnx", budget=Budget(target_latency=0.5), data=MODELS / "fashion_test.npz")
     with pytest.raises(InvalidInputError, match="target_latency must be in"):
         Budget(target_latency=1.5)
     with pytest.raises(InvalidInputError, match="a latency target needs the global allocation"):

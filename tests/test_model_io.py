@@ -43,7 +43,8 @@ def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> No
     digest = hashlib.sha256((tmp_path / "weights.bin").read_bytes()).hexdigest()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    _, report = compress(source, out_dir / "small.onnx", policy=FixedRankPolicy(4), min_params=0, samples=2)
+    _, report = compress(source, out_dir / "small.onnx", policy=FixedRankPolicy(4), min_params=0, samples=2,
+                         factor_heads=True)
     names = _files(out_dir)
     assert names[0] == "small.onnx" and len(names) == 2 and re.fullmatch(r"small\.onnx\.[0-9a-f]{8}\.data", names[1])
     assert hashlib.sha256((tmp_path / "weights.bin").read_bytes()).hexdigest() == digest
@@ -57,8 +58,8 @@ def test_factors_of_an_external_data_model_go_through_scratch_and_match_the_in_m
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model with external data: factors are spilled to disk as made (memory maps, then tensors pointing into the
     scratch file), the output has the very weights an in-memory run gives, and no scratch file is left behind."""
-    from onnx_arsvd import api
     from onnx_arsvd.io import spill
+    from onnx_arsvd.pipeline import compress as pipeline
 
     spills: list[spill.Spill] = []
 
@@ -68,14 +69,15 @@ def test_factors_of_an_external_data_model_go_through_scratch_and_match_the_in_m
             spills.append(scratch)
             yield scratch
 
-    monkeypatch.setattr(api, "spill_into", recording)
+    monkeypatch.setattr(pipeline, "spill_into", recording)
     _save_external(make_mlp((96, 80, 64, 10)), tmp_path / "m.onnx")
     (tmp_path / "out").mkdir()
-    returned, _ = compress(tmp_path / "m.onnx", tmp_path / "out" / "a.onnx", policy=FixedRankPolicy(8), samples=2)
+    returned, _ = compress(tmp_path / "m.onnx", tmp_path / "out" / "a.onnx", policy=FixedRankPolicy(8), samples=2,
+                           factor_heads=True)
     assert len(spills) == 1 and spills[0].bytes_written > 0 and not spills[0].folder.exists()
     assert spills[0].folder.parent == tmp_path / "out"  # the staging folder beside the output
     assert _files(tmp_path / "out")[0] == "a.onnx" and len(_files(tmp_path / "out")) == 2
-    compress(make_mlp((96, 80, 64, 10)), tmp_path / "b.onnx", policy=FixedRankPolicy(8), samples=2)
+    compress(make_mlp((96, 80, 64, 10)), tmp_path / "b.onnx", policy=FixedRankPolicy(8), samples=2, factor_heads=True)
     assert len(spills) == 1  # a model held in memory gets no scratch file
     spilled, in_memory = onnx.load(tmp_path / "out" / "a.onnx"), onnx.load(tmp_path / "b.onnx")
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in in_memory.graph.initializer}

@@ -39,7 +39,7 @@ def test_mlp_keeps_two_thirds_or_less_within_one_point(name: str, tau: float, tm
 def test_mlp_at_tau_one_reproduces_outputs(name: str, tmp_path: Path) -> None:
     out = tmp_path / "full.onnx"
     _, report = compress(MODELS / MLPS[name], out, policy=EnergyPolicy(1.0), max_rank_fraction=1e9, min_params=0,
-                         check=False)
+                         check=False, factor_heads=True)
     assert report.factored == 3
     feed, _ = _test_split(name)
     (expected,), (actual,) = run(MODELS / MLPS[name], feed), run(out, feed)

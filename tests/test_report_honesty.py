@@ -16,14 +16,14 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def test_nothing_factored_names_the_include_filter(mlp_path: Path) -> None:
-    report = inspect_model(mlp_path, include=["no-such-layer*"])
+    report = inspect_model(mlp_path, include=["no-such-layer*"], factor_heads=True)
     assert report.factored == 0
-    assert "3 of 3 not selected by --include/--exclude" in report.notes[0]
+    assert "3 of 3 not selected by `include`/`exclude`" in report.notes[0]
     assert "energy thresholds" not in report.notes[0]  # the threshold advice only when ranks were the cause
 
 
 def test_nothing_factored_names_the_rank_and_size_gates(mlp_path: Path) -> None:
-    report = inspect_model(mlp_path, policy=FixedRankPolicy(40), min_params=1000)
+    report = inspect_model(mlp_path, policy=FixedRankPolicy(40), min_params=1000, factor_heads=True)
     causes = report.notes[0]
     assert "saves too little" in causes and "too small to pay off" in causes
 
@@ -60,7 +60,7 @@ def test_embedding_tables_are_counted_apart_from_dense_layers() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    report = inspect_model(model, policy=FixedRankPolicy(8), embedding_policy=FixedRankPolicy(8))
+    report = inspect_model(model, policy=FixedRankPolicy(8), embedding_policy=FixedRankPolicy(8), factor_heads=True)
     assert (report.dense_params_before, report.dense_params_after) == (64 * 64, 8 * 128)
     assert (report.embedding_params_before, report.embedding_params_after) == (200 * 64, 8 * 264)
     text = format_report(report)
@@ -79,7 +79,7 @@ def test_weights_in_constant_nodes_count() -> None:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 80])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    _, report = compress(model, policy=FixedRankPolicy(8), check=False)
+    _, report = compress(model, policy=FixedRankPolicy(8), check=False, factor_heads=True)
     assert report.params_before == 96 * 80 and report.weight_bytes_before == 96 * 80 * 4
     assert report.params_after == 8 * (96 + 80)
 

@@ -48,7 +48,7 @@ def _feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _compressed(model: onnx.ModelProto, rank: int) -> onnx.ModelProto:
-    result, report = compress(model, policy=FixedRankPolicy(rank), min_params=0, check=False)
+    result, report = compress(model, policy=FixedRankPolicy(rank), min_params=0, check=False, factor_heads=True)
     assert report.factored == 1
     return result
 
@@ -116,7 +116,7 @@ def test_shared_weight_is_factored_once() -> None:
     model = make_linear_model(op="MatMul", x_shape=("batch", 32), true_rank=4)
     model.graph.node.append(onnx.helper.make_node("MatMul", ["X", "W"], ["Y2"], name="dense2"))
     model.graph.output.append(onnx.helper.make_tensor_value_info("Y2", onnx.TensorProto.FLOAT, ["batch", 24]))
-    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     assert report.factored == 2 and report.dense_params_before == 32 * 24
     assert len(compressed.graph.initializer) == 2  # one A and one B for both nodes
     feed = _feed(model)
@@ -127,7 +127,8 @@ def test_shared_weight_is_factored_once() -> None:
 def test_tau_one_reproduces_the_original_mlp() -> None:
     """tau = 1.0 keeps every singular value; forcing every layer to be factored must change nothing."""
     model = make_mlp()
-    compressed, report = compress(model, policy=EnergyPolicy(1.0), max_rank_fraction=1e9, min_params=0, check=False)
+    compressed, report = compress(model, policy=EnergyPolicy(1.0), max_rank_fraction=1e9, min_params=0, check=False,
+                                  factor_heads=True)
     assert report.factored == 3 and all(d.rank == d.full_rank for d in report.layers)
     feed = {"X": np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)}
     (expected,), (actual,) = run(model, feed), run(compressed, feed)
@@ -137,7 +138,7 @@ def test_tau_one_reproduces_the_original_mlp() -> None:
 def test_in_memory_model_is_not_modified() -> None:
     model = make_mlp()
     before = model.SerializeToString()
-    compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    compress(model, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     assert model.SerializeToString() == before
 
 
@@ -147,7 +148,7 @@ def test_lp_method_at_p_two_matches_svd_and_reproduces_low_rank() -> None:
     outputs = {}
     for method, power in (("svd", 1.0), ("lp", 2.0), ("lp", 1.0)):
         compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, method=method, lp_power=power,
-                                      check=False)
+                                      check=False, factor_heads=True)
         onnx.checker.check_model(compressed, full_check=True)
         outputs[(method, power)] = run(compressed, feed)[0]
     (expected,) = run(model, feed)
@@ -159,7 +160,7 @@ def test_lp_method_at_p_two_matches_svd_and_reproduces_low_rank() -> None:
 def test_gemm_bias_with_beta_zero_is_dropped_with_the_node() -> None:
     """beta = 0 ignores C: once the Gemm is factored, nothing uses C and it must not stay in the file."""
     model = make_linear_model(64, 48, op="Gemm", beta=0.0)
-    compressed, report = compress(model, policy=FixedRankPolicy(8), min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(8), min_params=0, check=False, factor_heads=True)
     assert report.factored == 1
     assert initializer_names(compressed) == {"W.arsvd_a", "W.arsvd_b"}
 

@@ -94,7 +94,7 @@ def test_node_is_passed_over_with_its_reason(case: Callable[[], Case]) -> None:
     assert [layer.name for layer in layers] == ["dense"]
     assert [(s.name, s.op_type, s.reason) for s in skipped] == [(name, op_type, reason)]
     compressed, report = compress(model, policy=FixedRankPolicy(2), min_params=0,
-                                  embedding_policy=FixedRankPolicy(2), check=False)
+                                  embedding_policy=FixedRankPolicy(2), check=False, factor_heads=True)
     assert report.factored == 1 and [s.reason for s in report.skipped] == [reason]
     onnx.checker.check_model(compressed, full_check=True)
     kept = [n for n in compressed.graph.node if n.name == name]
@@ -116,7 +116,7 @@ def test_new_names_step_around_names_already_taken() -> None:
     ])
     model.graph.output.extend([helper.make_tensor_value_info("W.arsvd_a_1", TensorProto.FLOAT, ["batch", 32]),
                                helper.make_tensor_value_info("taken_b", TensorProto.FLOAT, [24, 5])])
-    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     assert report.factored == 1
     onnx.checker.check_model(compressed, full_check=True)  # names are still unique
     assert initializer_names(compressed) == {"W.arsvd_b", "W.arsvd_a_2", "W.arsvd_b_1"}

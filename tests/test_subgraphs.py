@@ -69,7 +69,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 def _full_rank(model: onnx.ModelProto, expected_factored: int) -> onnx.ModelProto:
     """Every layer factored at full rank (a fixed rank is capped at min(m, n))."""
     compressed, report = compress(model, policy=FixedRankPolicy(10**6), max_rank_fraction=1e9, min_params=0,
-                                  check=False)
+                                  check=False, factor_heads=True)
     assert report.factored == expected_factored, [(d.name, d.reason) for d in report.layers]
     assert all(d.rank == d.full_rank for d in report.layers)
     onnx.checker.check_model(compressed, full_check=True)
@@ -127,7 +127,7 @@ def test_if_with_a_gemm_in_each_branch() -> None:
 
 def test_if_truncated_meets_eckart_young_per_layer() -> None:
     model, w_then, w_else = _if_model()
-    compressed, report = compress(model, policy=FixedRankPolicy(3), min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(3), min_params=0, check=False, factor_heads=True)
     assert report.factored == 2
     onnx.checker.check_model(compressed, full_check=True)
     _eckart_young(compressed, "Wt", w_then, 3)
@@ -182,7 +182,7 @@ def test_loop_body_matmul_on_captured_weight() -> None:
     compressed = _full_rank(model, 1)
     assert "W" not in _initializers(compressed)
     _same_outputs(model, compressed, {"H0": _x(1, 16)})
-    truncated, _ = compress(model, policy=FixedRankPolicy(5), min_params=0, check=False)
+    truncated, _ = compress(model, policy=FixedRankPolicy(5), min_params=0, check=False, factor_heads=True)
     _eckart_young(truncated, "W", w, 5)
 
 
@@ -192,7 +192,7 @@ def test_nested_subgraphs() -> None:
     assert "Constant" not in _ops(compressed)  # the inner branch's Constant weight is replaced by its factors
     for flag in (True, False):
         _same_outputs(model, compressed, {"H0": _x(1, 16), "flag": np.array(flag)})
-    names = {d.name for d in inspect_model(model, min_params=0).layers}
+    names = {d.name for d in inspect_model(model, min_params=0, factor_heads=True).layers}
     assert names == {"loop.body::inner_if.then_branch::inner_then", "loop.body::inner_if.else_branch::inner_else"}
 
 
@@ -213,7 +213,7 @@ def test_scan_body() -> None:
     model, w = _scan_model()
     compressed = _full_rank(model, 1)
     _same_outputs(model, compressed, {"S0": _x(8), "Xs": _x(6, 16, seed=2)})
-    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     _eckart_young(truncated, "Wb", w, 4)
 
 
@@ -230,7 +230,7 @@ def test_weight_shared_between_main_graph_and_branches_is_factored_once() -> Non
         [_vi("Y1", ["batch", 12]), _vi("Y2", ["batch", 12])],
         [_init("W", w)])
     compressed = _full_rank(model, 3)
-    report = inspect_model(model, min_params=0)
+    report = inspect_model(model, min_params=0, factor_heads=True)
     assert {d.shared_by for d in report.layers} == {3}
     # one factorization: alpha 1 (main, then) shares one pair, alpha 2 gets its scaled pair; all in the main graph
     assert {t.name for t in compressed.graph.initializer} == {"W.arsvd_a", "W.arsvd_b", "W.arsvd_a_1", "W.arsvd_b_1"}
@@ -250,7 +250,7 @@ def test_matmul_with_constant_first_operand(x_dims: list[int]) -> None:
                    [_init("W", w)])
     compressed = _full_rank(model, 1)
     _same_outputs(model, compressed, {"X": _x(*x_dims)})
-    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     _eckart_young(truncated, "W", w.T, 4, left=True)
 
 
@@ -314,7 +314,7 @@ def test_weight_behind_a_chain_is_factored_and_the_chain_dropped(kind: str) -> N
     # 1e-4 of the output scale (measured 2e-4), so 1e-3
     tolerance = 1e-3 if kind.startswith("cast") else 1e-4
     np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
-    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    truncated, _ = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     _eckart_young(truncated, "Weff", matrix, 4)
 
 
@@ -341,7 +341,7 @@ def _fp16_gemm(alpha: float) -> onnx.ModelProto:
 def test_float16_gemm_with_large_alpha_stays_finite() -> None:
     """alpha = 1e6 folded into A alone gave entries of 1e5 (inf in float16); split, each factor holds 1e3 x 0.1."""
     model = _fp16_gemm(1e6)
-    compressed, report = compress(model, policy=FixedRankPolicy(1), min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(1), min_params=0, check=False, factor_heads=True)
     assert report.factored == 1
     feed = {"X": np.full((1, 256), 1e-4, np.float16)}
     (expected,), (actual,) = run(model, feed), run(compressed, feed)
@@ -352,7 +352,7 @@ def test_float16_gemm_with_large_alpha_stays_finite() -> None:
 def test_float16_factors_beyond_range_keep_the_layer_dense() -> None:
     """alpha = 1e12: even split, each factor entry is 1e6 x 0.1 > 65504, so the layer is left as it is."""
     model = _fp16_gemm(1e12)
-    compressed, report = compress(model, policy=FixedRankPolicy(1), min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(1), min_params=0, check=False, factor_heads=True)
     (decision,) = report.layers
     assert not decision.factored
     assert decision.reason == "factor A with alpha=1e+12 folded in exceeds the FLOAT16 range; kept dense"
@@ -364,7 +364,7 @@ def test_float16_gemm_with_moderate_alpha_is_split_between_factors() -> None:
     w = (random_weight(64, 48, true_rank=4, seed=11) * 3).astype(np.float16)
     model = _model([helper.make_node("Gemm", ["X", "W"], ["Y"], name="alpha300", alpha=300.0)],
                    [_vi("X", [3, 64], TensorProto.FLOAT16)], [_vi("Y", [3, 48], TensorProto.FLOAT16)], [_init("W", w)])
-    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False)
+    compressed, report = compress(model, policy=FixedRankPolicy(4), min_params=0, check=False, factor_heads=True)
     assert report.factored == 1
     feed = {"X": (_x(3, 64) * 0.01).astype(np.float16)}
     (expected,), (actual,) = run(model, feed), run(compressed, feed)
@@ -487,7 +487,7 @@ def test_real_exported_if_model_is_compressed_and_verified() -> None:
         _, expected = _digits_accuracy(model, flag)
         _, actual = _digits_accuracy(full, flag)
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    compressed, report = compress(path, policy=EnergyPolicy(0.9), check=False)
+    compressed, report = compress(path, policy=EnergyPolicy(0.9), check=False, factor_heads=True)
     factored = {d.name for d in report.layers if d.factored}
     assert {"/If.then_branch::/relu_branch/Gemm", "/If.else_branch::/tanh_branch/Gemm"} <= factored
     proto = ir.to_proto(compressed)
@@ -507,7 +507,7 @@ def test_inspect_says_what_share_of_the_parameters_is_factorable() -> None:
                 for a in n.attribute if a.name == "value"]
     total = sum(t.size for t in tensors)
     dense = sum(t.size for t in tensors if t.ndim == 2)  # the four Linear weights; biases and scalars are 0-/1-D
-    report = inspect_model(MODELS / "branch_mlp.onnx")
+    report = inspect_model(MODELS / "branch_mlp.onnx", factor_heads=True)
     assert report.params_before == total and report.dense_params_before == dense
     assert (f"factorable layers hold {dense / 1e3:.1f}k of the model's {total / 1e3:.1f}k parameters "
             f"({dense / total:.1%})") in format_report(report)

@@ -387,9 +387,9 @@ def filter_layers(
     excluded: list[tuple[Layer, str]] = []
     for layer in layers:
         if include and not _matches(layer, include):
-            excluded.append((layer, "not matched by --include"))
+            excluded.append((layer, "not matched by `include`"))
         elif exclude and _matches(layer, exclude):
-            excluded.append((layer, "matched by --exclude"))
+            excluded.append((layer, "matched by `exclude`"))
         else:
             kept.append(layer)
     return kept, excluded

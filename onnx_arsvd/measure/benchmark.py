@@ -305,7 +305,7 @@ def benchmark_models(
     inner = {str(d) for arg in make_session(paths["original"]).get_inputs() for d in arg.shape[1:]
              if not isinstance(d, int)}
     if unset := sorted(inner - set(dims)):
-        result.notes.append(f"dynamic dims {', '.join(unset)} set to 1: pass --dim NAME=VALUE for the shapes "
+        result.notes.append(f"dynamic dims {', '.join(unset)} set to 1: give `dims` (NAME=VALUE) for the shapes "
                             "the model really sees (a sequence length of 1 times a different model)")
     steps = [(p, b) for p in usable for b in batches]
     for provider, batch in tqdm(steps, desc="latency", unit="case", disable=None if progress else True):

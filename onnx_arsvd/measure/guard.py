@@ -17,30 +17,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.graph.capture import exposed_model
 from onnx_arsvd.graph.layers import Layer, find_layers, read_array
 from onnx_arsvd.io.data import Feed, sample_count
-from onnx_arsvd.measure.benchmark import batch_feed, compare_latency, discover_providers, timed_rounds
+from onnx_arsvd.measure.benchmark import batch_feed, compare_latency, timed_rounds
 from onnx_arsvd.measure.results import LatencyComparison, LayerTiming
 from onnx_arsvd.measure.sessions import ModelSource, make_session, run_session
 from onnx_arsvd.methods.lowrank.decision import dense_decision
 from onnx_arsvd.methods.lowrank.plan import WeightPlan
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 
-__all__ = ["DEFAULT_MARGIN", "LatencyGuard", "LatencyTable", "activation_rows", "guard_verdict", "guarded_plans",
-           "observed_rows", "time_layer", "timing_key"]
+__all__ = ["LatencyTable", "activation_rows", "check_model", "guard_verdict", "guarded_plans",
+           "observed_rows", "regressions", "time_layer", "timing_key"]
 
-DEFAULT_MARGIN = 0.0
-
-
-def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float = DEFAULT_MARGIN) -> str:
+def guard_verdict(timings: Sequence[LayerTiming], provider: str, margin: float) -> str:
     """"" when factoring is faster (by ``margin``) at every batch size, else why the layer stays dense."""
     slow = [t for t in timings if t.factored_ms >= (1.0 - margin) * t.dense_ms]
     if not slow:
@@ -146,64 +142,6 @@ def time_layer(
     return timings
 
 
-@dataclass(frozen=True)
-class LatencyGuard:
-    """Settings of the latency guard: where to time, at which batch sizes, and how strictly."""
-
-    target: str = "cpu"
-    batches: tuple[int, ...] = (1, 32)
-    threads: int = 0
-    margin: float = DEFAULT_MARGIN
-    layer_seconds: float = 0.3
-    model_seconds: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.batches or min(self.batches) < 1:
-            raise InvalidInputError(f"guard batch sizes must be positive, got {list(self.batches)}")
-        if not 0.0 <= self.margin < 1.0:
-            raise InvalidInputError(f"guard margin must be in [0, 1), got {self.margin}")
-        if self.layer_seconds <= 0 or self.model_seconds <= 0:
-            raise InvalidInputError("guard measuring times must be positive")
-
-    def provider(self) -> str:
-        """The target's execution provider, or a clear error when it cannot run here."""
-        try:
-            return discover_providers([self.target])[0][0]
-        except InvalidInputError as error:
-            raise InvalidInputError(f"guard target {self.target!r}: {error}") from None
-
-    def check_model(
-        self, original: ModelSource, compressed: ModelSource, provider: str, dims: Mapping[str, int], model: ir.Model,
-        progress: bool = False,
-    ) -> list[LatencyComparison]:
-        """The whole models timed against each other at the guard's batch sizes, in bounded time.
-
-        Each batch size takes at least ``model_seconds`` and about 10x that at most: a slow model gets
-        fewer pairs (never under 3 per round) instead of minutes per batch size.
-        """
-        comparisons = []
-        for batch in tqdm(self.batches, desc="whole-model timing", unit="batch", disable=None if progress else True):
-            feed = batch_feed(make_session(original, provider, self.threads), model, batch, dims)
-            rounds = timed_rounds(original, compressed, feed, provider=provider, threads=self.threads,
-                                  min_seconds=self.model_seconds, min_runs=10, max_seconds=10 * self.model_seconds)
-            comparisons.append(compare_latency(provider, batch, rounds))
-        return comparisons
-
-    @staticmethod
-    def regressions(comparisons: Sequence[LatencyComparison]) -> list[str]:
-        """A loud warning for each batch size where the compressed model is slower in every round.
-
-        Fresh sessions of one unchanged file already differ by a few percent, so a single round (or a
-        test that treats its pairs as independent) would raise the alarm on noise.
-        """
-        return [f"the compressed model is SLOWER than the original at batch {c.batch} on "
-                f"{c.provider.removesuffix('ExecutionProvider')}: median {c.compressed.median_ms:.4g} ms vs "
-                f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f}; per round "
-                f"{', '.join(f'{r:.3f}' for r in c.round_ratios)}); the layers' gains did not survive in the "
-                "whole graph: do not ship it for this target"
-                for c in comparisons if c.consistently_slower]
-
-
 class LatencyTable:
     """The latency table of one run: each plain layer's timings by :func:`timing_key`, measured once and shared
     by the search's pricing (:mod:`onnx_arsvd.measure.latency_cost`) and the guard (:func:`guarded_plans`)."""
@@ -258,3 +196,35 @@ def guarded_plans(plans: Sequence[WeightPlan], table: LatencyTable, provider: st
         reason = guard_verdict(timings, provider, table.guard.margin)
         verdicts[id(plan)] = plan.kept_dense(reason, timings=timings) if reason else plan.revised(timings=timings)
     return [verdicts.get(id(plan), plan) for plan in plans]
+
+
+def check_model(
+    guard: LatencyGuard, original: ModelSource, compressed: ModelSource, provider: str, dims: Mapping[str, int],
+    model: ir.Model, progress: bool = False,
+) -> list[LatencyComparison]:
+    """The whole models timed against each other at the guard's batch sizes, in bounded time.
+
+    Each batch size takes at least ``model_seconds`` and about 10x that at most: a slow model gets
+    fewer pairs (never under 3 per round) instead of minutes per batch size.
+    """
+    comparisons = []
+    for batch in tqdm(guard.batches, desc="whole-model timing", unit="batch", disable=None if progress else True):
+        feed = batch_feed(make_session(original, provider, guard.threads), model, batch, dims)
+        rounds = timed_rounds(original, compressed, feed, provider=provider, threads=guard.threads,
+                              min_seconds=guard.model_seconds, min_runs=10, max_seconds=10 * guard.model_seconds)
+        comparisons.append(compare_latency(provider, batch, rounds))
+    return comparisons
+
+
+def regressions(comparisons: Sequence[LatencyComparison]) -> list[str]:
+    """A loud warning for each batch size where the compressed model is slower in every round.
+
+    Fresh sessions of one unchanged file already differ by a few percent, so a single round (or a
+    test that treats its pairs as independent) would raise the alarm on noise.
+    """
+    return [f"the compressed model is SLOWER than the original at batch {c.batch} on "
+            f"{c.provider.removesuffix('ExecutionProvider')}: median {c.compressed.median_ms:.4g} ms vs "
+            f"{c.original.median_ms:.4g} ms (ratio {c.ratio:.3f}; per round "
+            f"{', '.join(f'{r:.3f}' for r in c.round_ratios)}); the layers' gains did not survive in the "
+            "whole graph: do not ship it for this target"
+            for c in comparisons if c.consistently_slower]

@@ -77,6 +77,6 @@ def generated_batches(
                 feed[node_arg.name] = rng.integers(0, bounds.get(node_arg.name, 2), shape).astype(dtype)
             else:
                 raise UnsupportedModelError(f"cannot generate inputs of type {dtype} for {node_arg.name!r}; "
-                                            "pass --data")
+                                            "give `data`")
         batches.append(feed)
     return batches

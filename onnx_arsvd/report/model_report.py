@@ -17,13 +17,13 @@ __all__ = ["Report", "format_report", "format_verification", "nothing_factored_n
            "verification_to_dict"]
 
 _CAUSES = (  # (what a keep reason starts with, what the note says of such layers)
-    (("not matched by --include", "matched by --exclude"), "not selected by --include/--exclude"),
+    (("not matched by `include`", "matched by `exclude`"), "not selected by `include`/`exclude`"),
     (("latency guard",), "kept dense by the latency guard: factored was not faster on the target"),
-    (("too small",), "too small to pay off (see --min-params)"),
-    (("embedding table",), "embedding tables, factored only with --embedding-tau"),
-    (("saves too little",), "at a rank that saves too little (see --max-rank-fraction). On ordinarily trained "
+    (("too small",), "too small to pay off (see `min_params`)"),
+    (("embedding table",), "embedding tables, factored only with an `embedding_policy`"),
+    (("saves too little",), "at a rank that saves too little (see `max_rank_fraction`). On ordinarily trained "
      "weights, energy thresholds of 0.95 and above (and the entropy rank at scale 1) often select ranks near or "
-     "above break-even; try a lower --tau or --scale, or --policy ratio, and check accuracy with --data"),
+     "above break-even; try a lower threshold or scale, or the ratio `policy`, and check accuracy with `data`"),
 )
 
 
@@ -184,7 +184,7 @@ def format_verification(verification: VerificationReport, markdown: bool = False
             for o in verification.outputs]
     lines = [
         f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})"
-        + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (pass --data)"
+        + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (give `data`)"
            if verification.inputs.startswith("generated") else "")
         + _positions_line(verification),
         tabulate(rows, ["output", "max abs err", "rel err", "cosine (mean)", "cosine (min)"], tablefmt=style),

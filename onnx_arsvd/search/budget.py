@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.fields import option
 
 __all__ = ["ALLOCATIONS", "COSTS", "Budget"]
 
@@ -18,31 +19,39 @@ class Budget:
     least ``min_cosine``, at most ``target_params`` of the dense parameters kept, or a whole-model latency of
     at most ``target_latency`` times the original's (measured on the latency guard's provider and batch sizes)."""
 
-    max_drop: float | None = None
-    min_cosine: float | None = None
-    target_params: float | None = None
-    target_latency: float | None = None
-    holdout: float = 0.4
-    seed: int = 0
-    steps: int = 12
-    allocation: str = "global"
-    rank_multiple: int = 8
-    """Ranks are multiples of this (finer for small layers): benchmarks/results/rank_multiple.md."""
-    sensitivity: bool = True
-    """Map each layer's loss through its measured end-to-end response (needs data); else relative losses."""
-    sequential: bool = False
-    """Refit every candidate's factors layer by layer on the partially compressed model (needs data)."""
-    fit_share: float = 0.5
-    """Share of the calibration part that fits factors (Grams, refits) when the search fits to data; the rest judges."""
-    minimize: str = "params"
-    """What the search makes least within an accuracy budget: parameters, or the dense layers' measured latency
-    (:mod:`onnx_arsvd.measure.latency_cost`; global allocation only)."""
+    max_drop: float | None = option(None, "at most this many accuracy points lost (needs labels: in `data`, or "
+                                    "`labels`)", metavar="POINTS", default_text="")
+    min_cosine: float | None = option(None, "the mean cosine of every output with the original's at least this",
+                                      default_text="")
+    target_params: float | None = option(None, "keep at most this fraction of the dense-layer parameters, as "
+                                         "accurately as possible", metavar="F", default_text="")
+    target_latency: float | None = option(None, "the whole model at most F times the original's latency on the "
+                                          "guard's `target` at every batch size (a 95% upper bound in the search, "
+                                          "the median in the final timing), as accurately as possible; with "
+                                          "`max_drop`/`min_cosine`, the fastest model within those, timed",
+                                          metavar="F", default_text="")
+    holdout: float = option(0.4, "share of `data` held out to report on, never used to choose ranks")
+    seed: int = option(0, "seed of the data split", cli=False)
+    steps: int = option(12, "bisection steps", cli=False)
+    allocation: str = option("global", "global: every layer's rank from one knapsack over the layers' loss curves; "
+                             "threshold: one output-energy threshold for all layers", choices=ALLOCATIONS)
+    rank_multiple: int = option(8, "ranks in multiples of Q, finer for small layers (8: CPU kernels' preference; "
+                                "benchmarks/results/rank_multiple.md)", metavar="Q")
+    sensitivity: bool = option(True, "map each layer's loss through its measured end-to-end response (needs data); "
+                               "else relative losses", cli=False)
+    sequential: bool = option(False, "refit each candidate's factors layer by layer on the partially compressed "
+                              "model (slower: one activation pass per layer input; global allocation only)",
+                              kind="switch")
+    fit_share: float = option(0.5, "share of the calibration part that fits whitened factors and refits; the others "
+                              "judge candidates", metavar="F")
+    minimize: str = option("params", "what the search makes least within `max_drop`/`min_cosine`: parameters, or "
+                           "the dense layers' latency measured by the latency guard", choices=COSTS)
 
     def __post_init__(self) -> None:
         given = sum(v is not None for v in (self.max_drop, self.min_cosine, self.target_params))
-        if given > 1 or (given == 0 and self.target_latency is None):
-            raise InvalidInputError("give one budget: max_drop, min_cosine or target_params, or target_latency "
-                                    "(alone or with max_drop or min_cosine)")
+        if given > 1:
+            raise InvalidInputError("give one budget: `max_drop`, `min_cosine` or `target_params`, or "
+                                    "`target_latency` (alone or with `max_drop` or `min_cosine`)")
         if self.target_params is not None and self.target_latency is not None:
             raise InvalidInputError("a parameter target and a latency target cannot both be met as accurately as "
                                     "possible: give one")
@@ -101,7 +110,14 @@ class Budget:
             return "whole-model latency (x the original's), 95% upper prediction bound, slowest batch size"
         return None
 
+    @property
+    def auto(self) -> bool:
+        """Whether no target was given: :func:`onnx_arsvd.rules.decide` chooses one from the data."""
+        return all(v is None for v in (self.max_drop, self.min_cosine, self.target_params, self.target_latency))
+
     def describe(self) -> str:
+        if self.auto:
+            return "a target chosen from the data"
         latency = (f"whole-model latency at most {self.target_latency:g}x the original's"
                    if self.target_latency is not None else "")
         if self.max_drop is not None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.measure.guard import LatencyGuard, LatencyTable
+from onnx_arsvd.measure.guard import LatencyTable
 from onnx_arsvd.measure.verification import ModelLike
 from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo
 from onnx_arsvd.methods.lowrank.settings import CalibrationSource, Settings

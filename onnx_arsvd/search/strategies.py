@@ -23,7 +23,8 @@ from pathlib import Path
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnx_arsvd.measure.guard import LatencyGuard
+from onnx_arsvd.config import LatencyGuard
+from onnx_arsvd.measure.guard import check_model
 from onnx_arsvd.measure.verification import ModelLike, model_source
 from onnx_arsvd.methods.lowrank.model_plan import PlanMemo, plan_model
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
@@ -100,7 +101,7 @@ def timed_bound(space: AllocationSpace, index: int, original: ModelLike, latency
     in the final timing too, not only in the one that chose it."""
     candidate = space.candidate(index, refitted=False)
     source = quantize.apply(candidate, scratch).SerializeToString() if quantize is not None else candidate
-    comparisons = latency.check_model(model_source(original)[0], source, latency.provider(), dims, space.model)
+    comparisons = check_model(latency, model_source(original)[0], source, latency.provider(), dims, space.model)
     return max(c.ratio_bound(Z_95) for c in comparisons)
 
 

@@ -11,19 +11,9 @@ import numpy as np
 
 from onnx_arsvd.graph.layers import Layer
 from onnx_arsvd.measure.results import LayerTiming
-from onnx_arsvd.numerics.rank import break_even_rank
+from onnx_arsvd.numerics.rank import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS, break_even_rank
 
 __all__ = ["DEFAULT_MAX_RANK_FRACTION", "DEFAULT_MIN_PARAMS", "LayerDecision", "dense_decision"]
-
-DEFAULT_MAX_RANK_FRACTION = 0.8
-"""Factor only at k <= 0.8 m*n/(m+n): ranks near break-even ran 1.15x slower at batch 1
-(benchmarks/latency_table.py)."""
-
-DEFAULT_MIN_PARAMS = 4096
-"""Leave weights under 64 x 64 dense: they save a few KiB, add an operator's fixed cost, and are most
-often a classifier head (n = classes), whose truncation costs far more accuracy than any other layer's
-(benchmarks/mlp_table.py)."""
-
 
 @dataclass(frozen=True)
 class LayerDecision:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["HEAD_REASON", "UNREACHED_REASON", "LayerSelection", "ModelPlan", "PlanMemo", "feeds_graph_output",
            "plan_model", "select_layers"]
 
-HEAD_REASON = "feeds a graph output (a head): kept dense without real data to check it (pass --data, or --factor-heads)"
+HEAD_REASON = "feeds a graph output (a head): kept dense without real data to check it (give `data`, or `factor_heads`)"
 UNREACHED_REASON = "the calibration data never reached it (a branch not taken): kept dense, nothing could judge it"
 
 _PASS_THROUGH = frozenset({"Add", "Identity", "Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Squeeze"})
@@ -135,7 +135,7 @@ def select_layers(model: ir.Model, settings: Settings, *, allow_empty: bool = Fa
     dense = [layer for layer in considered if not layer.is_embedding]
     embeddings = [layer for layer in considered if layer.is_embedding]
     if settings.embedding_policy is None:
-        excluded += [(layer, "embedding table: factored only with --embedding-tau") for layer in embeddings]
+        excluded += [(layer, "embedding table: factored only with an `embedding_policy`") for layer in embeddings]
         embeddings = []
     order = {id(layer.node): index for index, layer in enumerate(layers)}
     return LayerSelection(dense, embeddings, excluded, skipped, order)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.measure.calibration import CalibrationDataReader
+from onnx_arsvd.io.data import CalibrationDataReader
 from onnx_arsvd.methods.lowrank.decision import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
 from onnx_arsvd.numerics.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.numerics.threads import job_count
