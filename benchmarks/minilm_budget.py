@@ -31,7 +31,7 @@ if not __package__:  # run as a file: import from the repository root, as python
 from benchmarks.results_io import compress_studied, package_versions, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
 from onnx_arsvd import format_report
-from onnx_arsvd.methods.quantize.quantizers import QUANTIZE_MODES
+from onnx_arsvd.methods.quantize.configs import QUANTIZERS
 from onnx_arsvd.search.budget import Budget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_budget.md"
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cosine", type=float, default=0.985)
     parser.add_argument("--responses", action="store_true", help="measure each layer's end-to-end response")
-    parser.add_argument("--quantize", default="int8", choices=[*QUANTIZE_MODES, "none"],
+    parser.add_argument("--quantize", default="int8", choices=[*QUANTIZERS, "none"],
                         help="quantization inside the search (default int8; none: factoring alone)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)

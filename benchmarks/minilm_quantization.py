@@ -2,7 +2,7 @@
 
 Variants of ``models/build/minilm.onnx`` (all-MiniLM-L6-v2), each made by onnx-arsvd:
 
-* INT8 alone (``Quantization("int8")``: onnxruntime's ``quantize_dynamic``, what users already run);
+* INT8 alone (``quantization("int8")``: onnxruntime's ``quantize_dynamic``, what users already run);
 * INT4 alone (MatMulNBits on every MatMul; the embedding tables stay float);
 * INT8 with the embedding tables 4-bit (``--quantize int8+int4-tables``);
 * the tool's budgeted answer: ``compress --min-cosine C --quantize int8+int4-tables`` with the 200
@@ -51,7 +51,7 @@ from benchmarks.text_eval import (
 from onnx_arsvd.io.models import model_file_bytes
 from onnx_arsvd.measure.benchmark import compare_latency, timed_rounds
 from onnx_arsvd.measure.sessions import make_session
-from onnx_arsvd.methods.quantize.quantizers import Quantization
+from onnx_arsvd.methods.quantize.configs import quantization
 from onnx_arsvd.search.budget import Budget
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "minilm_quantization.md"
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         variants: dict[str, Path] = {"original": MINILM}
         makers: dict[str, Callable[[], onnx.ModelProto]] = {
-            "INT8 alone": lambda: Quantization("int8").apply(onnx.load(MINILM)),
-            "INT4 alone (MatMulNBits)": lambda: Quantization("int4").apply(onnx.load(MINILM)),
-            "INT8 + int4 embedding tables": lambda: Quantization("int8+int4-tables").apply(onnx.load(MINILM)),
+            "INT8 alone": lambda: quantization("int8").apply(onnx.load(MINILM)),
+            "INT4 alone (MatMulNBits)": lambda: quantization("int4").apply(onnx.load(MINILM)),
+            "INT8 + int4 embedding tables": lambda: quantization("int8+int4-tables").apply(onnx.load(MINILM)),
         }
         for label, make in makers.items():
             path = folder / f"{len(variants)}.onnx"

@@ -18,12 +18,12 @@ import numpy as np
 
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.fields import option
+from onnx_arsvd.methods.quantize.configs import Quantization, quantization
 from onnx_arsvd.numerics.rank import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS, RankPolicy
 from onnx_arsvd.search.budget import Budget
 
 if TYPE_CHECKING:
     from onnx_arsvd.io.data import CalibrationDataReader
-    from onnx_arsvd.methods.quantize.quantizers import Quantization
 
     CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader
 
@@ -163,13 +163,11 @@ class CompressOptions:
     budget: Budget | None = None
     guard: LatencyGuard | None = None
     quantize: Quantization | None = None
-    """A :class:`~onnx_arsvd.methods.quantize.quantizers.Quantization` (a mode name is made one)."""
+    """A quantization config (:mod:`onnx_arsvd.methods.quantize.configs`; a mode name is made one)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.quantize, str):  # a mode name: its config
-            from onnx_arsvd.methods.quantize.quantizers import Quantization
-
-            object.__setattr__(self, "quantize", Quantization(self.quantize))
+            object.__setattr__(self, "quantize", quantization(self.quantize))
 
     def replace(self, **overrides: Any) -> CompressOptions:
         """These options with fields changed by name, whatever their group (``policy=``, ``data=``, ``check=``,

@@ -59,8 +59,8 @@ def test_cli_choices_are_the_librarys() -> None:
 
     from onnx_arsvd.cli.main import build_parser
     from onnx_arsvd.methods.lowrank.settings import METHODS
-    from onnx_arsvd.methods.quantize.quantizers import QUANTIZE_MODES
+    from onnx_arsvd.methods.quantize.configs import QUANTIZERS
 
     compress = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["compress"]
     choices = {a.dest: a.choices for a in compress._actions}
-    assert list(choices["quantize"]) == list(QUANTIZE_MODES) and set(choices["method"]) == set(METHODS)
+    assert list(choices["quantize"]) == list(QUANTIZERS) and set(choices["method"]) == set(METHODS)

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.methods.quantize.quantizers import Quantization, _gemm_as_matmul, cpu_has_vnni
+from onnx_arsvd.methods.quantize.configs import Int4WeightOnly, cpu_has_vnni, quantization
+from onnx_arsvd.methods.quantize.quantizers import _gemm_as_matmul
 from tests.conftest import MODELS, make_linear_model, run
 
 
@@ -33,7 +34,7 @@ def _fashion(samples: int = 2000) -> tuple[onnx.ModelProto, dict[str, np.ndarray
 
 def test_int4_tables_on_a_model_without_tables_is_int8_alone() -> None:
     model = onnx.load(MODELS / "fashion_mlp.onnx")
-    mixed, int8 = Quantization("int8+int4-tables").apply(model), Quantization("int8").apply(model)
+    mixed, int8 = quantization("int8+int4-tables").apply(model), quantization("int8").apply(model)
     assert mixed.opset_import == int8.opset_import and mixed.ir_version == int8.ir_version == model.ir_version
     assert [n.op_type for n in mixed.graph.node] == [n.op_type for n in int8.graph.node]
 
@@ -44,7 +45,7 @@ def test_quantized_fashion_mlp_runs_is_smaller_and_close(mode: str, max_size: fl
     plus one scale per 32 weights (~0.16x). Accuracy on 2,000 test images within the noise of a
     weight quantization (benchmarks/results/quantization.md: INT8 changed Fashion accuracy by 0.06 points)."""
     model, feed, labels, logits = _fashion()
-    quantized = Quantization(mode).apply(model)
+    quantized = quantization(mode).apply(model)
     ops = {node.op_type for node in quantized.graph.node}
     assert ("MatMulNBits" if mode == "int4" else "MatMulInteger") in ops
     assert quantized.ByteSize() < max_size * model.ByteSize()
@@ -76,9 +77,9 @@ def test_gemm_becomes_an_equal_matmul_for_int4(kwargs: dict) -> None:
 
 def test_bad_settings_are_our_errors() -> None:
     with pytest.raises(InvalidInputError, match="unknown quantization 'int3'"):
-        Quantization("int3")
+        quantization("int3")
     with pytest.raises(InvalidInputError, match="block size"):
-        Quantization("int4", block_size=24)
+        Int4WeightOnly(block_size=24)
 
 
 def test_int8_leaves_convolutions_float() -> None:
@@ -95,7 +96,7 @@ def test_int8_leaves_convolutions_float() -> None:
                      numpy_helper.from_array(rng.standard_normal((256, 16)).astype(np.float32), "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    ops = {node.op_type for node in Quantization("int8").apply(model).graph.node}
+    ops = {node.op_type for node in quantization("int8").apply(model).graph.node}
     assert "Conv" in ops and "ConvInteger" not in ops and "MatMulInteger" in ops
 
 
@@ -117,7 +118,7 @@ def test_int4_tables_with_int8_layers_is_smaller_than_int8_and_close() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    mixed, int8 = Quantization("int8+int4-tables").apply(model), Quantization("int8").apply(model)
+    mixed, int8 = quantization("int8+int4-tables").apply(model), quantization("int8").apply(model)
     ops = {node.op_type for node in mixed.graph.node}
     assert "GatherBlockQuantized" in ops and "MatMulInteger" in ops and "Gather" not in ops
     assert mixed.ByteSize() < 0.7 * int8.ByteSize()  # the table: 0.5 + 4/32 bytes per value (scales) instead of 1
@@ -129,8 +130,8 @@ def test_int4_tables_with_int8_layers_is_smaller_than_int8_and_close() -> None:
     cosine = np.sum(y * expected, -1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(expected, axis=-1)
     assert cosine.mean() > 0.99
     assert [node.op_type for node in model.graph.node] == ["Gather", "MatMul"]  # the input is untouched
-    assert "int8 dynamic" in Quantization("int8+int4-tables").describe() and "tables int4" in \
-        Quantization("int8+int4-tables").describe()
+    assert "int8 dynamic" in quantization("int8+int4-tables").describe() and "tables int4" in \
+        quantization("int8+int4-tables").describe()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "int8+int4-tables"])
@@ -141,7 +142,7 @@ def test_quantizing_leaves_a_bare_root_logger_bare(mode: str, monkeypatch: pytes
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])  # as in the CLI: pytest's own capture handlers would hide it
-    Quantization(mode).apply(onnx.load(MODELS / "fashion_mlp.onnx"))
+    quantization(mode).apply(onnx.load(MODELS / "fashion_mlp.onnx"))
     assert root.handlers == []
 
 

@@ -23,11 +23,11 @@ from typing import Any
 from onnx_arsvd.cli.options import add_options, add_policy_options, as_flags, embedding_policy, given, policy
 from onnx_arsvd.config import CompressOptions, DataOptions, FactorOptions, LatencyGuard, OutputOptions
 from onnx_arsvd.errors import ArsvdError, InvalidInputError
+from onnx_arsvd.methods.quantize.configs import QUANTIZERS, quantization
 from onnx_arsvd.search.budget import Budget
 
 __all__ = ["build_parser", "main"]
 
-QUANTIZE_MODES = ("int8", "int4", "int8+int4-tables")
 _BENCH = ("batches", "threads", "model_seconds")
 """The latency guard's settings that ``bench`` shares (one flag, one default)."""
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("-o", "--output", required=True, help="where to write the compressed model")
     add_options(compress, OutputOptions)
     compress.add_argument("--bench", action="store_true", help="benchmark the original and the written model")
-    compress.add_argument("--quantize", choices=QUANTIZE_MODES,
+    compress.add_argument("--quantize", choices=list(QUANTIZERS),
                           help="quantize the factored model with onnxruntime: int8 dynamic (reduce_range without "
                                "VNNI), int4 weight-only MatMulNBits, or int8 with 4-bit embedding tables; under a "
                                "budget every candidate is quantized")
@@ -128,16 +128,7 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
     return CompressOptions(factor=factor, data=DataOptions(**given(args, DataOptions)),
                            output=OutputOptions(**given(args, OutputOptions), progress=not args.quiet),
                            budget=budget, guard=LatencyGuard(**given(args, LatencyGuard)) if timed else None,
-                           quantize=_quantization(args.quantize))
-
-
-def _quantization(mode: str | None) -> Any:
-    """The quantization config of a mode name (its module loads onnx: imported only when asked)."""
-    if mode is None:
-        return None
-    from onnx_arsvd.methods.quantize.quantizers import Quantization
-
-    return Quantization(mode)
+                           quantize=quantization(args.quantize) if args.quantize else None)
 
 
 def _check_paths(args: argparse.Namespace) -> None:

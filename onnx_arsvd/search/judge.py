@@ -19,7 +19,7 @@ from onnx_arsvd.io.data import Feed
 from onnx_arsvd.measure.results import VerificationReport
 from onnx_arsvd.measure.sessions import make_session, model_session
 from onnx_arsvd.measure.verification import ReferenceOutputs, compare_with_reference
-from onnx_arsvd.methods.quantize.quantizers import Quantization
+from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.search.budget import Budget
 
 __all__ = ["Z_95", "Judge", "prediction_z", "verdict"]

@@ -17,7 +17,7 @@ from onnx_arsvd.measure.guard import LatencyTable
 from onnx_arsvd.measure.verification import ModelLike
 from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo
 from onnx_arsvd.methods.lowrank.settings import CalibrationSource, Settings
-from onnx_arsvd.methods.quantize.quantizers import Quantization
+from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.frontier import held_out_frontier
 from onnx_arsvd.search.judge import Judge

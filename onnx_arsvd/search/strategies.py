@@ -29,7 +29,7 @@ from onnx_arsvd.measure.verification import ModelLike, model_source
 from onnx_arsvd.methods.lowrank.model_plan import PlanMemo, plan_model
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.methods.lowrank.settings import Settings
-from onnx_arsvd.methods.quantize.quantizers import Quantization
+from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.numerics.allocate import best_within
 from onnx_arsvd.numerics.rank import EnergyPolicy
 from onnx_arsvd.search.judge import Z_95, Judge

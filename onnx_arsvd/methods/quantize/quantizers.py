@@ -1,4 +1,5 @@
-"""Quantization of a (compressed or original) model with onnxruntime's own quantizers.
+"""Quantization of a (compressed or original) model with onnxruntime's own quantizers (the configs that choose
+them: :mod:`.configs`).
 
 - ``int8``: ``onnxruntime.quantization.quantize_dynamic``, signed per-channel weights; with
   ``reduce_range`` (7-bit weights) on CPUs without VNNI, where the u8 x s8 kernels can saturate (signed
@@ -23,11 +24,9 @@ out of the caller's logs.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,21 +36,9 @@ import onnx_ir as ir
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.graph.layers import find_layers, node_label, read_array
 
-__all__ = ["QUANTIZE_MODES", "Quantization", "check_quantizable", "cpu_has_vnni"]
+__all__ = ["check_quantizable", "int4_weight_only", "int8_dynamic", "int8_with_int4_tables"]
 
-QUANTIZE_MODES = ("int8", "int4", "int8+int4-tables")
-VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 _PREPROCESS_HINT = "Please consider to run pre-processing before quantization"
-
-
-def cpu_has_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX); False when unknown."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
-    return bool(flags & VNNI_FLAGS)
 
 
 class _ForwardToOurs(logging.Handler):
@@ -139,90 +126,69 @@ def check_quantizable(model: ir.Model) -> None:
                                         f"in {layer.dtype.name.lower()}: convert the model to float32 first")
 
 
-@dataclass(frozen=True)
-class Quantization:
-    """How to quantize: ``mode`` "int8", "int4" or "int8+int4-tables"; ``reduce_range`` None = on CPUs without
-    VNNI; ``block_size`` is that of the 4-bit blocks, ``accuracy_level`` MatMulNBits' (int4 only)."""
+def _proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, ir.Model):
+        check_quantizable(model)
+        return ir.to_proto(model)
+    return model
 
-    mode: str
-    reduce_range: bool | None = None
-    block_size: int = 32
-    accuracy_level: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.mode not in QUANTIZE_MODES:
-            raise InvalidInputError(f"unknown quantization {self.mode!r}; choose one of: {', '.join(QUANTIZE_MODES)}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise InvalidInputError(f"int4 block size must be a power of 2, at least 16, got {self.block_size}")
+def int8_dynamic(model: ir.Model | onnx.ModelProto, reduce_range: bool, scratch: Path | None = None,
+                 skip: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """``quantize_dynamic`` on every op type it supports but ``Conv`` (and ``skip``).
 
-    @property
-    def uses_reduce_range(self) -> bool:
-        return (not cpu_has_vnni()) if self.reduce_range is None else self.reduce_range
+    onnxruntime's int8 quantizer works on a copy of the model on disk (and writes a second, shape-inferred one
+    beside it): in a temporary folder inside ``scratch`` (the run's staging folder, which a later run removes if
+    this one is killed), else in the system's temporary folder.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-    def describe(self) -> str:
-        int8 = f"int8 dynamic (per-channel{', reduce_range' if self.uses_reduce_range else ''})"
-        if self.mode == "int8":
-            return int8
-        if self.mode == "int8+int4-tables":
-            return f"{int8}, embedding tables int4 (block {self.block_size}, symmetric)"
-        return f"int4 weight-only (MatMulNBits, block {self.block_size}, symmetric)"
+    proto = _proto(model)
+    with _root_logger_kept(), tempfile.TemporaryDirectory(prefix="int8-", dir=scratch) as folder:
+        source, target = Path(folder) / "input.onnx", Path(folder) / "model.onnx"
+        large = proto.ByteSize() > 1_800_000_000
+        onnx.save_model(proto, source, save_as_external_data=large)  # the quantizer's copies go beside it
+        quantize_dynamic(source, target, per_channel=True, reduce_range=reduce_range,
+                         weight_type=QuantType.QInt8, use_external_data_format=large,
+                         op_types_to_quantize=sorted(set(IntegerOpsRegistry) - {"Conv", *skip}),
+                         # after the 4-bit tables, shape inference cannot type the contrib op's output
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT} if skip else {})
+        return onnx.load(target)
 
-    def apply(self, model: ir.Model | onnx.ModelProto, scratch: Path | None = None) -> onnx.ModelProto:
-        """The quantized model (the input is not modified).
 
-        onnxruntime's int8 quantizer works on a copy of the model on disk (and writes a second, shape-inferred
-        one beside it): in a temporary folder inside ``scratch`` (the run's staging folder, which a later run
-        removes if this one is killed), else in the system's temporary folder.
-        """
-        if isinstance(model, ir.Model):
-            check_quantizable(model)
-        proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
-        if self.mode == "int4":
-            return self._int4(proto)
-        if self.mode == "int8+int4-tables":  # the budget search passes each candidate as IR: no second conversion
-            graph = model if isinstance(model, ir.Model) else ir.from_proto(proto)
-            has_tables = any(layer.is_embedding for layer in find_layers(graph)[0])
-            if has_tables:
-                return self._int8(self._int4_tables(proto), scratch, skip={"Gather"})
-        return self._int8(proto, scratch)
-
-    def _int4_tables(self, proto: onnx.ModelProto) -> onnx.ModelProto:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)  # the quantizer edits the model it is given
-        quantizer = _nbits_quantizer()(copy, bits=4, block_size=self.block_size, is_symmetric=True,
-                                       op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
-        nbits_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-        level = nbits_logger.level
-        nbits_logger.setLevel(logging.ERROR)  # the opset/IR raise for int4 is this mode's documented effect
-        try:
-            with _root_logger_kept():
-                quantizer.process()
-        finally:
-            nbits_logger.setLevel(level)
-        return quantizer.model.model
-
-    def _int8(self, proto: onnx.ModelProto, scratch: Path | None,
-              skip: frozenset[str] | set[str] = frozenset()) -> onnx.ModelProto:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.registry import IntegerOpsRegistry
-
-        with _root_logger_kept(), tempfile.TemporaryDirectory(prefix="int8-", dir=scratch) as folder:
-            source, target = Path(folder) / "input.onnx", Path(folder) / "model.onnx"
-            large = proto.ByteSize() > 1_800_000_000
-            onnx.save_model(proto, source, save_as_external_data=large)  # the quantizer's copies go beside it
-            quantize_dynamic(source, target, per_channel=True, reduce_range=self.uses_reduce_range,
-                             weight_type=QuantType.QInt8, use_external_data_format=large,
-                             op_types_to_quantize=sorted(set(IntegerOpsRegistry) - {"Conv", *skip}),
-                             # after the 4-bit tables, shape inference cannot type the contrib op's output
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT} if skip else {})
-            return onnx.load(target)
-
-    def _int4(self, proto: onnx.ModelProto) -> onnx.ModelProto:
-        model = ir.from_proto(proto)
-        if _gemm_as_matmul(model):
-            proto = ir.to_proto(model)
-        quantizer = _nbits_quantizer()(proto, bits=4, block_size=self.block_size, is_symmetric=True,
-                                       accuracy_level=self.accuracy_level)
+def int8_with_int4_tables(model: ir.Model | onnx.ModelProto, reduce_range: bool, block_size: int,
+                          scratch: Path | None = None) -> onnx.ModelProto:
+    """Embedding tables 4-bit blockwise (``GatherBlockQuantized``), then :func:`int8_dynamic` for the rest; a model
+    without tables is quantized by :func:`int8_dynamic` alone (and stays at its opset)."""
+    graph = model if isinstance(model, ir.Model) else ir.from_proto(model)  # a search's candidate: no conversion
+    proto = _proto(model)
+    if not any(layer.is_embedding for layer in find_layers(graph)[0]):
+        return int8_dynamic(proto, reduce_range, scratch)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # the quantizer edits the model it is given
+    quantizer = _nbits_quantizer()(copy, bits=4, block_size=block_size, is_symmetric=True,
+                                   op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+    nbits_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = nbits_logger.level
+    nbits_logger.setLevel(logging.ERROR)  # the opset/IR raise for int4 is this mode's documented effect
+    try:
         with _root_logger_kept():
             quantizer.process()
-        return quantizer.model.model
+    finally:
+        nbits_logger.setLevel(level)
+    return int8_dynamic(quantizer.model.model, reduce_range, scratch, skip=frozenset({"Gather"}))
+
+
+def int4_weight_only(model: ir.Model | onnx.ModelProto, block_size: int,
+                     accuracy_level: int | None) -> onnx.ModelProto:
+    """``MatMulNBits`` on every MatMul, dense Gemm layers first rewritten as MatMul (+ Add)."""
+    proto = _proto(model)
+    graph = ir.from_proto(proto)
+    if _gemm_as_matmul(graph):
+        proto = ir.to_proto(graph)
+    quantizer = _nbits_quantizer()(proto, bits=4, block_size=block_size, is_symmetric=True,
+                                   accuracy_level=accuracy_level)
+    with _root_logger_kept():
+        quantizer.process()
+    return quantizer.model.model
