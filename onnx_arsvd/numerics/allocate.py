@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from onnx_arsvd.numerics.rank import break_even_rank
 
-__all__ = ["DENSE", "Allocation", "LayerOptions", "allocation_path", "best_within", "frontier", "layer_options",
-           "option_ranks", "param_cost"]
+__all__ = ["DENSE", "Allocation", "LayerOptions", "allocation_path", "best_within", "frontier", "hull_options",
+           "layer_options", "option_ranks", "param_cost"]
 
 DENSE = 0
 """The rank that stands for "kept dense" in options and allocations."""
@@ -48,10 +49,11 @@ class LayerOptions:
     costs, losses; and every allowed choice, hull or not, as (cost, loss, rank) in ``choices``."""
 
     key: Hashable
-    ranks: tuple[int, ...]
+    ranks: tuple[Any, ...]
+    """The settings on the hull: ranks for low rank (a merged choice's are tuples, :mod:`.choices`)."""
     costs: tuple[float, ...]
     losses: tuple[float, ...]
-    choices: tuple[tuple[float, float, int], ...] = ()
+    choices: tuple[tuple[float, float, Any], ...] = ()
 
 
 def layer_options(
@@ -79,7 +81,12 @@ def layer_options(
     dense = cost(shape, DENSE)
     points = [(c, scale * float(losses[k]), k) for k in ranks if (c := cost(shape, k)) < dense]
     points.append((dense, 0.0, DENSE))
-    hull: list[tuple[float, float, int]] = []
+    return hull_options(key, points)
+
+
+def hull_options(key: Hashable, points: Sequence[tuple[float, float, Any]]) -> LayerOptions:
+    """The options of ``points`` (cost, loss, setting): all of them as choices, and their lower convex hull."""
+    hull: list[tuple[float, float, Any]] = []
     for point in sorted(points, key=lambda p: (p[0], p[1])):
         if hull and point[1] >= hull[-1][1]:
             continue  # costs more, saves nothing
@@ -105,15 +112,16 @@ def option_ranks(shape: tuple[int, int], *, multiple: int = 1, max_rank_fraction
     return [k for k in range(step, min(shape) + 1, step) if k <= limit]
 
 
-def _slope(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
+def _slope(a: tuple[float, float, Any], b: tuple[float, float, Any]) -> float:
     return (b[1] - a[1]) / (b[0] - a[0])
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """Every weight's rank (``DENSE`` for dense), with the summed cost and predicted loss."""
+    """Every weight's rank (``DENSE`` for dense; a unit's setting in general), with the summed cost and predicted
+    loss."""
 
-    ranks: dict[Hashable, int]
+    ranks: dict[Hashable, Any]
     cost: float
     loss: float
 

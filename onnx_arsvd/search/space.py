@@ -22,8 +22,9 @@ from onnx_arsvd.measure.calibration import curve_grams
 from onnx_arsvd.measure.guard import LatencyTable, observed_rows
 from onnx_arsvd.measure.latency_cost import LatencyCosts, latency_costs
 from onnx_arsvd.measure.sensitivity import DEFAULT_PROBES, Response, layer_responses
-from onnx_arsvd.methods.lowrank.curves import WeightCurve, allocation_plans, weight_curves, weight_options
+from onnx_arsvd.methods.lowrank.curves import WeightCurve, weight_curves
 from onnx_arsvd.methods.lowrank.decision import LayerDecision, dense_decision
+from onnx_arsvd.methods.lowrank.method import LowRank, LowRankStatistics
 from onnx_arsvd.methods.lowrank.model_plan import (
     HEAD_REASON,
     UNREACHED_REASON,
@@ -34,7 +35,6 @@ from onnx_arsvd.methods.lowrank.model_plan import (
     select_layers,
 )
 from onnx_arsvd.methods.lowrank.plan import plan_layers
-from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.methods.lowrank.sequential import sequential_factors
 from onnx_arsvd.methods.lowrank.settings import Settings
 from onnx_arsvd.numerics.allocate import DENSE, Allocation, LayerOptions, frontier, param_cost
@@ -91,13 +91,16 @@ class AllocationSpace:
     def dense_point(self) -> int:
         return len(self.points) - 1
 
+    @property
+    def method(self) -> LowRank:
+        return LowRank(self.settings, self.budget.rank_multiple)
+
     def plan(self, index: int, model: ir.Model, *, refitted: bool = True) -> ModelPlan:
         """The plan of ``model`` (the original or a fresh copy: weights are matched by key) at a point; embedding
         tables by their policy; with ``refitted``, the point's sequential refits when the budget asks for them."""
         selection = _select(model, self.settings, self.unjudged)
         factors = self.refitted(index) if refitted else None
-        plans = allocation_plans(selection.dense, self.curves, self.points[index], min_params=self.settings.min_params,
-                                 factors=factors)
+        plans = self.method.plan(model, self.points[index].ranks, self.curves, factors)
         if selection.embeddings and self.settings.embedding_policy is not None:
             plans += plan_layers(selection.embeddings, self.settings.embedding_policy,
                                  max_rank_fraction=self.settings.max_rank_fraction,
@@ -109,7 +112,7 @@ class AllocationSpace:
         """A clone of the model rewritten at a point: it shares the original's weights, so no candidate reloads
         or copies them."""
         candidate = self.model.clone()
-        apply_plans(candidate, self.plan(index, candidate, refitted=refitted).plans)
+        self.method.rewrite(self.plan(index, candidate, refitted=refitted).plans)(candidate)
         return candidate
 
     def refitted(self, index: int) -> Factors | None:
@@ -145,9 +148,8 @@ class AllocationSpace:
 
 def _options(curves: list[WeightCurve], settings: Settings, budget: Budget, costs: LatencyCosts | None,
              responses: Mapping[WeightKey, Response] | None) -> list[LayerOptions]:
-    return weight_options(curves, responses=responses, multiple=budget.rank_multiple,
-                          max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params,
-                          costs=costs.costs if costs is not None else None)
+    statistics = LowRankStatistics(curves, responses, costs.costs if costs is not None else None)
+    return LowRank(settings, budget.rank_multiple).options(curves, statistics)
 
 
 def _unjudged(curves: list[WeightCurve], reached: set[WeightKey] | None,
@@ -196,7 +198,9 @@ def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: 
                                     reference=data.response_reference)
     unjudged = _unjudged(curves, reached, responses)
     curves = [c for c in curves if c.key not in unjudged]
-    points = tuple(frontier(_options(curves, settings, budget, costs, responses)))
+    grouping = LowRank(settings, budget.rank_multiple).choices(curves, _options(curves, settings, budget, costs,
+                                                                             responses))
+    points = tuple(grouping.expand(point) for point in frontier(grouping.options))
     space = AllocationSpace(model, settings, budget, tuple(curves), unjudged, points, total=1.0, fixed=0.0,
                             costs=costs, responses_measured=data is not None and data.response_reference is not None,
                             memo=PlanMemo(), fit_batches=data.fit if data is not None else [])

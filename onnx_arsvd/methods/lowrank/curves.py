@@ -38,6 +38,11 @@ class WeightCurve:
     def key(self) -> WeightKey:
         return self.layers[0].weight_key
 
+    @property
+    def claims(self) -> frozenset[WeightKey]:
+        """The weights this unit changes: its own."""
+        return frozenset({self.key})
+
 
 def _matrix(layer: Layer) -> np.ndarray:
     array = layer.matrix()

@@ -50,6 +50,16 @@ class WeightPlan:
     def factored(self) -> bool:
         return self.decisions[0].factored
 
+    @property
+    def changed(self) -> bool:
+        """Whether the plan changes the model (a :class:`~onnx_arsvd.methods.base.UnitPlan`)."""
+        return self.factored
+
+    @property
+    def rows(self) -> tuple[LayerDecision, ...]:
+        """Its report rows, one per node using the weight."""
+        return self.decisions
+
     def revised(self, **changes: object) -> WeightPlan:
         """The plan with every layer's decision changed as given (e.g. ``measured_error=...``)."""
         return replace(self, decisions=tuple(replace(d, **changes) for d in self.decisions))  # type: ignore[arg-type]
