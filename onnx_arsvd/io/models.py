@@ -308,10 +308,11 @@ def utf8(path: str) -> bool:
     return True
 
 
-def model_file_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file and the external data files it references."""
+def model_file_bytes(path: str | os.PathLike, model: ir.Model | None = None) -> int:
+    """Bytes on disk of a model file and the external data files it references (``model``: the file already
+    loaded, so it is not read again)."""
     path = Path(path)
-    model = load_model(path)
+    model = model if model is not None else load_model(path)
     return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(model) if f.exists())
 
 

@@ -293,38 +293,40 @@ def benchmark_models(
     paths = {"original": Path(original), "compressed": Path(compressed)}
     models = {name: load_model(path) for name, path in paths.items()}
     usable, notes = discover_providers(providers)
-    result = BenchmarkResult(threads=threads, providers=usable, models=(os.fspath(original), os.fspath(compressed)),
-                             dense_flop_ratio=dense_flop_ratio(models["original"], models["compressed"]), notes=notes)
     if one_at_a_time is None:
         one_at_a_time = too_big_together(*(weight_stats(model)[1] for model in models.values()))
     interleaving = ("each model timed alone in turn (one session at a time), the order alternating between rounds"
                     if one_at_a_time else "runs interleaved pairwise")
-    result.notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off; "
-                        f"3 rounds of fresh sessions per batch size, {interleaving}, at least "
-                        f"{min_seconds:g} s in all")
+    notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off; "
+                 f"3 rounds of fresh sessions per batch size, {interleaving}, at least {min_seconds:g} s in all")
     inner = {str(d) for arg in make_session(paths["original"]).get_inputs() for d in arg.shape[1:]
              if not isinstance(d, int)}
     if unset := sorted(inner - set(dims)):
-        result.notes.append(f"dynamic dims {', '.join(unset)} set to 1: give `dims` (NAME=VALUE) for the shapes "
-                            "the model really sees (a sequence length of 1 times a different model)")
+        notes.append(f"dynamic dims {', '.join(unset)} set to 1: give `dims` (NAME=VALUE) for the shapes "
+                     "the model really sees (a sequence length of 1 times a different model)")
+    latency: list[LatencyComparison] = []
+    input_shapes: dict[int, dict[str, list[int]]] = {}
     steps = [(p, b) for p in usable for b in batches]
     for provider, batch in tqdm(steps, desc="latency", unit="case", disable=None if progress else True):
         feed = batch_feed(make_session(paths["original"], provider, threads), models["original"], batch, dims)
         actual = len(next(iter(feed.values()))) if feed else batch
-        result.input_shapes[actual] = {name: list(array.shape) for name, array in feed.items()}
+        input_shapes[actual] = {name: list(array.shape) for name, array in feed.items()}
         if actual != batch:
-            result.notes.append(f"batch {batch} asked, the model's fixed batch dim gives {actual}")
+            notes.append(f"batch {batch} asked, the model's fixed batch dim gives {actual}")
         rounds = timed_rounds(paths["original"], paths["compressed"], feed, provider=provider, threads=threads,
                               min_seconds=min_seconds, one_at_a_time=one_at_a_time)
-        result.latency.append(compare_latency(provider, actual, rounds))
-    for provider in usable:
-        result.accuracy[provider] = verify(paths["original"], paths["compressed"], data=accuracy_data, dims=dims,
-                                           samples=8, provider=provider, one_at_a_time=one_at_a_time)
+        latency.append(compare_latency(provider, actual, rounds))
+    accuracy = {provider: verify(paths["original"], paths["compressed"], data=accuracy_data, dims=dims, samples=8,
+                                 provider=provider, one_at_a_time=one_at_a_time) for provider in usable}
+    memory_stats = {}
     for name, path in paths.items():
         params, nbytes = weight_stats(models[name])
         peak = increase = None
         if memory:  # resident memory is a host-side measure: always probed on the CPU provider
             feed = batch_feed(make_session(path), models[name], max(batches), dims)
             peak, increase = measure_memory(path, "CPUExecutionProvider", feed, threads)
-        result.memory[name] = MemoryStats(model_file_bytes(path), params, nbytes, peak, increase)
-    return result
+        memory_stats[name] = MemoryStats(model_file_bytes(path), params, nbytes, peak, increase)
+    return BenchmarkResult(threads=threads, providers=usable, models=(os.fspath(original), os.fspath(compressed)),
+                           dense_flop_ratio=dense_flop_ratio(models["original"], models["compressed"]),
+                           latency=latency, memory=memory_stats, accuracy=accuracy, notes=notes,
+                           input_shapes=input_shapes)

@@ -165,7 +165,7 @@ class MemoryStats:
     rss_increase_bytes: int | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchmarkResult:
     """Everything ``bench`` measured."""
 

@@ -55,7 +55,7 @@ def inspect_run(model: ModelLike, options: CompressOptions) -> Report:
     options = decide(options, loaded)
     settings = settings_of(options.factor)
     planned = plan_model(loaded, settings, with_factors=False, progress=options.output.progress, allow_empty=True)
-    size = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
+    size = model_file_bytes(model, loaded) if isinstance(model, (str, os.PathLike)) else None
     weights = weight_stats(loaded)
     return build_report(model, settings, planned, weights, weights, written=Written(file_bytes_before=size),
                         dropped=loaded.meta.get(DROPPED_FIELDS_KEY, ()))
@@ -77,6 +77,7 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
     """See :func:`onnx_arsvd.api.compress`."""
     check_files(data=options.data.data, labels=options.data.labels)
     loaded = to_model(model)
+    size_before = model_file_bytes(model, loaded) if isinstance(model, (str, os.PathLike)) else None
     options = decide(options, loaded)
     factor, data_options, out = options.factor, options.data, options.output
     inputs = _input_files(model, loaded, options)
@@ -167,8 +168,7 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
         written = Written()
         if written_model is not None:
             assert output is not None  # a model is staged only when there is an output path
-            before = model_file_bytes(model) if isinstance(model, (str, os.PathLike)) else None
-            written = Written(os.fspath(output), before, model_file_bytes(written_model.path))
+            written = Written(os.fspath(output), size_before, model_file_bytes(written_model.path))
         report = make_report(written)
         pending = PendingOutput(written_model.path if written_model is not None else None, report, run)
         if before_placing is not None:
