@@ -33,19 +33,48 @@ __all__ = ["HEAD_REASON", "UNREACHED_REASON", "LayerSelection", "ModelPlan", "Pl
 HEAD_REASON = "feeds a graph output (a head): kept dense without real data to check it (give `data`, or `factor_heads`)"
 UNREACHED_REASON = "the calibration data never reached it (a branch not taken): kept dense, nothing could judge it"
 
-_PASS_THROUGH = frozenset({"Add", "Identity", "Softmax", "LogSoftmax", "Sigmoid", "Reshape", "Flatten", "Squeeze"})
-"""Ops between a head's product and the graph output that leave it the model's answer (bias, normalisation)."""
+_TOWARD_OUTPUT = frozenset({
+    # elementwise
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Tanh",
+    "Sigmoid", "HardSigmoid", "Relu", "LeakyRelu", "Clip", "Where", "Cast", "Identity",
+    # normalising (every spelling of a softmax among them: ReduceMax, Sub, Exp, ReduceSum, Div)
+    "Softmax", "LogSoftmax", "ReduceMax", "ReduceSum", "ReduceMean", "ReduceLogSumExp", "LayerNormalization",
+    "BatchNormalization", "InstanceNormalization", "LpNormalization",
+    # shape
+    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand",
+})
+"""Ops between a layer's product and a graph output that leave it the model's answer: elementwise, normalising and
+shape ops, but no other layer."""
 
 
-def feeds_graph_output(node: ir.Node, depth: int = 3) -> bool:
-    """Whether the node's output reaches a graph output directly or through a few pass-through ops."""
-    frontier = list(node.outputs)
-    for _ in range(depth + 1):
-        if any(value.is_graph_output() for value in frontier):
-            return True
-        frontier = [out for value in frontier for user, _ in value.uses() if user.op_type in _PASS_THROUGH
-                    for out in user.outputs]
-    return False
+def _constant(value: ir.Value | None) -> bool:
+    if value is None or value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def feeds_graph_output(node: ir.Node) -> bool:
+    """Whether the node's output is a graph output, or becomes one through elementwise, normalising or shape ops
+    that combine it only with itself and constants (a bias, a softmax in any spelling: ReduceMax, Sub, Exp,
+    ReduceSum, Div): a head, whose truncation shows in the answer directly. A residual ``Add`` that mixes in
+    another branch ends the path: a layer writing to a transformer's residual stream is no head."""
+    values = list(node.outputs)
+    derived = {id(value) for value in values}
+    done: set[int] = set()
+    changed = True
+    while changed:  # each op is taken once, when every input it has is derived or constant
+        changed = False
+        for value in list(values):
+            for user, _ in value.uses():
+                if (id(user) in done or user.op_type not in _TOWARD_OUTPUT
+                        or not all(id(v) in derived or _constant(v) for v in user.inputs)):
+                    continue
+                done.add(id(user))
+                derived.update(id(out) for out in user.outputs)
+                values.extend(user.outputs)
+                changed = True
+    return any(value.is_graph_output() for value in values)
 
 
 @dataclass
