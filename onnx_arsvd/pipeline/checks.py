@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -12,10 +13,13 @@ from onnx_arsvd.errors import OutputError
 from onnx_arsvd.io.data import ArrayReader, DataSource, load_labelled, load_labels
 from onnx_arsvd.measure.results import LatencyComparison, VerificationReport
 from onnx_arsvd.methods.lowrank.settings import CalibrationSource
+from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.report.model_report import Report
+from onnx_arsvd.rules import DEFAULT_COSINE, DEFAULT_DROP
+from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.run import SearchResult
 
-__all__ = ["BudgetMissedError", "check_result", "checked_data", "held_out_miss"]
+__all__ = ["BudgetMissedError", "advice", "check_result", "checked_data", "far_from_original", "held_out_miss"]
 
 
 class BudgetMissedError(OutputError):
@@ -86,3 +90,56 @@ def held_out_miss(verification: VerificationReport | None, search: SearchResult 
     if budget.min_cosine is not None and worst < budget.min_cosine:
         return f"the budget ({budget.describe()}) is missed on the held-out data: mean output cosine {worst:.4f}"
     return ""
+
+
+def far_from_original(verification: VerificationReport | None, budget: Budget | None, real_data: bool) -> str:
+    """How a run with a rank policy (no budget) misses, on real data, what the default budget keeps, or "".
+
+    The floor is the default budget's own target (:data:`~onnx_arsvd.rules.DEFAULT_DROP` accuracy points with
+    labels, else a mean cosine of :data:`~onnx_arsvd.rules.DEFAULT_COSINE` on every output): what this tool calls
+    close to the original when the user names nothing.
+    """
+    if budget is not None or verification is None or not real_data:
+        return ""
+    drop = verification.accuracy_drop
+    if drop is not None:
+        if drop <= DEFAULT_DROP:
+            return ""
+        return (f"the written model loses {drop:.2f} accuracy points on `data`, more than the default budget allows "
+                f"({DEFAULT_DROP:g}): give `max_drop` {DEFAULT_DROP:g} instead of a rank `policy` to choose ranks "
+                "that keep it")
+    worst = min(verification.outputs, key=lambda o: o.mean_cosine, default=None)
+    if worst is None or worst.mean_cosine >= DEFAULT_COSINE:
+        return ""
+    return (f"output {worst.name!r} of the written model has mean cosine {worst.mean_cosine:.4f} with the "
+            f"original's on `data`, below the default budget's {DEFAULT_COSINE:g}: give `min_cosine` "
+            f"{DEFAULT_COSINE:g} instead of a rank `policy` to choose ranks that keep it")
+
+
+def advice(report: Report, search: SearchResult | None, quantize: Quantization | None,
+           quantized_with: str | None) -> list[str]:
+    """What the user should know on stderr: nothing changed, a requested quantization dropped (and how to ship
+    quantization alone when the held-out part shows it nearly meets the budget)."""
+    lines = []
+    if report.factored == 0 and quantized_with is None:
+        lines.append("nothing was changed: no layer was factored and nothing quantized (the report's note says why); "
+                     "try a lower threshold, a `policy` ratio, or `data` for a budget")
+    if quantize is None or quantized_with is not None:
+        return lines
+    why = search.quantize_dropped if search is not None and search.quantize_dropped else "the search chose otherwise"
+    lines.append(f"`quantize` ({quantize.mode}) was not applied: {why}; the written model is float")
+    alone = next((row for row in search.frontier if row.variant.endswith(" alone")), None) if search else None
+    if search is not None and alone is not None:
+        budget = search.budget
+        if budget.min_cosine is not None:
+            looser = f"`min_cosine` {math.floor(alone.mean_cosine * 1e4) / 1e4:g}"
+            measured = f"mean output cosine {alone.mean_cosine:.5f}"
+        elif budget.max_drop is not None and alone.accuracy_drop is not None:
+            looser = f"`max_drop` {math.ceil(alone.accuracy_drop * 10) / 10:g}"
+            measured = f"{alone.accuracy_drop:.2f} points lost"
+        else:
+            return lines
+        lines.append(f"{alone.variant} measures {measured} on the held-out part at {alone.model_bytes} bytes (the "
+                     f"original: {search.frontier[0].model_bytes}): to ship it, give `quantize` {quantize.mode} with "
+                     f"about {looser}")
+    return lines

@@ -16,6 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_arsvd.config import CompressOptions
+from onnx_arsvd.errors import OutputError
 from onnx_arsvd.io.data import Feed, load_data
 from onnx_arsvd.io.models import (
     DROPPED_FIELDS_KEY,
@@ -37,7 +38,14 @@ from onnx_arsvd.measure.verification import ModelLike, check_files, model_source
 from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.methods.quantize.quantizers import check_quantizable
-from onnx_arsvd.pipeline.checks import BudgetMissedError, check_result, checked_data, held_out_miss
+from onnx_arsvd.pipeline.checks import (
+    BudgetMissedError,
+    advice,
+    check_result,
+    checked_data,
+    far_from_original,
+    held_out_miss,
+)
 from onnx_arsvd.pipeline.reporting import Written, build_report
 from onnx_arsvd.pipeline.staging import PendingOutput, scratch_folder
 from onnx_arsvd.report.model_report import Report
@@ -165,6 +173,9 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
         check_result(verification, search)
         if missed := held_out_miss(verification, search, held_out is not None, latency_check):
             raise BudgetMissedError(f"{missed}; nothing written", make_report(Written()), loaded)
+        far = far_from_original(verification, budget, data is not None)
+        if far and out.strict:
+            raise OutputError(f"{far}; nothing written (`strict`)")
         written = Written()
         if written_model is not None:
             assert output is not None  # a model is staged only when there is an output path
@@ -174,7 +185,8 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
         if before_placing is not None:
             before_placing(pending)
         place_all([*([written_model] if written_model is not None else []), *pending.staged])
-    for warning in regressions(latency_check):
+    for warning in [*regressions(latency_check), *([far] if far else []),
+                    *advice(report, search, quantize, quantized_with)]:
         logger.warning(warning)
     if verification is not None and data is None:
         logger.warning("verified on generated inputs only: that checks the rewrite, not accuracy on real data "

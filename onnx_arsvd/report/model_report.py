@@ -19,6 +19,9 @@ __all__ = ["Report", "format_report", "format_verification", "nothing_factored_n
 _CAUSES = (  # (what a keep reason starts with, what the note says of such layers)
     (("not matched by `include`", "matched by `exclude`"), "not selected by `include`/`exclude`"),
     (("latency guard",), "kept dense by the latency guard: factored was not faster on the target"),
+    (("feeds a graph output",), "heads (they feed a graph output), kept dense without real data to check them "
+     "(give `data`, or `factor_heads`)"),
+    (("dense in the global allocation",), "kept dense by the budget's allocation"),
     (("too small",), "too small to pay off (see `min_params`)"),
     (("embedding table",), "embedding tables, factored only with an `embedding_policy`"),
     (("saves too little",), "at a rank that saves too little (see `max_rank_fraction`). On ordinarily trained "
@@ -28,13 +31,23 @@ _CAUSES = (  # (what a keep reason starts with, what the note says of such layer
 
 
 def nothing_factored_note(layers: list[LayerDecision]) -> str:
-    """Why no layer was factored, counted by cause, from the layers' own keep reasons."""
-    parts = []
+    """Why no layer was factored, counted by cause, from the layers' own keep reasons (a reason of no known cause
+    counted under its own words)."""
+    if not layers:
+        return "note: no layer was factored: no candidate layer."
+    parts, counted = [], 0
     for prefixes, cause in _CAUSES:
         count = sum(layer.reason.startswith(prefixes) for layer in layers)
         if count:
             parts.append(f"{count} of {len(layers)} {cause}")
-    return "note: no layer was factored: " + ("; ".join(parts) if parts else "no candidate layer") + "."
+            counted += count
+    others: dict[str, int] = {}
+    for layer in layers:
+        if not any(layer.reason.startswith(prefixes) for prefixes, _ in _CAUSES):
+            key = layer.reason.split(":")[0] or "kept dense"
+            others[key] = others.get(key, 0) + 1
+    parts += [f"{count} of {len(layers)} {reason}" for reason, count in others.items()]
+    return "note: no layer was factored: " + "; ".join(parts) + "."
 
 
 @dataclass

@@ -76,6 +76,8 @@ class SearchResult:
     """With an accuracy budget and a latency target: the chosen point's whole-model latency, x the original's
     (95% upper prediction bound)."""
     quantize: str | None = None
+    quantize_dropped: str = ""
+    """Why the requested quantization was dropped, or ""."""
 
     @property
     def met(self) -> bool:
@@ -129,7 +131,8 @@ def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, set
     judge = _judge(prepared, data, quantize, scratch) if data is not None else None
     quantized_with = quantize.describe() if quantize is not None else None
     if not global_:
-        choice, settings, memo = by_threshold(loaded, settings, judge, budget.target_params, budget.steps, progress)
+        choice, settings, memo = by_threshold(loaded, settings, judge, budget.target_params, budget.steps, progress,
+                                              quantize is not None)
         result = SearchResult(budget, "threshold", parts.samples(), choice.chosen, choice.steps,
                               notes=(*parts.notes, *choice.notes), quantize=quantized_with)
         return SearchOutcome(settings, memo, None, result)
@@ -143,7 +146,7 @@ def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, set
     if held is not None:
         frontier, missed = held_out_frontier(space, choice.chosen, held)
     result = SearchResult(budget, space.describe(), parts.samples(), choice.chosen, choice.steps, tuple(frontier),
-                          (*parts.notes, *choice.notes, *missed), choice.latency_bound, quantized_with)
+                          (*parts.notes, *choice.notes, *missed), choice.latency_bound, quantized_with, choice.dropped)
     return SearchOutcome(settings, space.memo, planned, result)
 
 
@@ -158,7 +161,7 @@ def _choose(space: AllocationSpace, budget: Budget, judge: Judge | None, model: 
         return lambda index: timed_bound(space, index, model, guard, quantize if quantized else None, scratch, dims)
 
     if budget.target_params is not None:
-        return by_params(space, budget.target_params)
+        return by_params(space, budget.target_params, quantize is not None)
     if not budget.judges_outputs:
         assert budget.target_latency is not None  # a budget judges outputs, or has a parameter or latency target
         return by_latency(space, budget.target_latency, timed(quantize is not None), quantize is not None, progress)

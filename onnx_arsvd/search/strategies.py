@@ -48,17 +48,20 @@ class Choice:
     steps: tuple[SearchStep, ...]
     notes: tuple[str, ...] = ()
     latency_bound: float | None = None
+    dropped: str = ""
+    """Why a requested quantization was dropped (quantization alone missed the budget), or ""."""
 
 
 def _bar(progress: bool, steps: int, description: str) -> tqdm:
     return tqdm(total=steps + 1, desc=description, unit="step", disable=None if progress else True)
 
 
-def by_params(space: AllocationSpace, target: float) -> Choice:
-    """The most accurate point within ``target`` of the dense parameters (the frontier's predicted loss decides)."""
+def by_params(space: AllocationSpace, target: float, quantized: bool) -> Choice:
+    """The most accurate point within ``target`` of the dense parameters (the frontier's predicted loss decides),
+    ``quantized`` when a quantization was asked for (nothing is judged that could rule it out)."""
     chosen = best_within(list(space.points), target * space.total - space.fixed)
     index = space.points.index(chosen) if chosen is not None else 0
-    step = dataclasses.replace(space.step(index, None, False), feasible=chosen is not None)
+    step = dataclasses.replace(space.step(index, None, quantized), feasible=chosen is not None)
     return Choice(step, (step,))
 
 
@@ -67,6 +70,7 @@ def by_accuracy(space: AllocationSpace, judge: Judge, progress: bool) -> Choice:
     misses the budget."""
     steps: list[SearchStep] = []
     notes: list[str] = []
+    dropped = ""
     quantize = judge.quantize
     chosen: SearchStep | None = None
     for quantized in ([True, False] if quantize is not None else [False]):
@@ -84,13 +88,15 @@ def by_accuracy(space: AllocationSpace, judge: Judge, progress: bool) -> Choice:
         if chosen.feasible or not quantized:
             break
         assert quantize is not None  # only a quantizing search tries quantized first
-        notes.append(f"{quantize.describe()} alone misses the budget on the calibration part: "
-                     "searched again without quantization")
+        bound = f"its 95% bound {chosen.value:.6g}; " if chosen.value is not None else ""
+        dropped = (f"{quantize.describe()} alone misses the budget on the calibration part ({bound}"
+                   f"{space.budget.describe()})")
+        notes.append(f"{dropped}: searched again without quantization")
     assert chosen is not None
     if chosen.feasible and chosen.point == space.dense_point and chosen.quantized and quantize is not None:
         notes.append(f"the best model within the budget is {quantize.describe()} alone: "
                      "factoring any layer on top of it crossed the budget")
-    return Choice(chosen, tuple(steps), tuple(notes))
+    return Choice(chosen, tuple(steps), tuple(notes), dropped=dropped)
 
 
 def timed_bound(space: AllocationSpace, index: int, original: ModelLike, latency: LatencyGuard,
@@ -137,11 +143,11 @@ def check_latency_target(choice: Choice, target: float, timed: Callable[[int], f
 
 
 def by_threshold(loaded: ir.Model, settings: Settings, judge: Judge | None, target_params: float | None,
-                 steps: int, progress: bool) -> tuple[Choice, Settings, PlanMemo]:
+                 steps: int, progress: bool, quantizing: bool = False) -> tuple[Choice, Settings, PlanMemo]:
     """Decompose every weight once, then bisect one output-energy threshold: to ``target_params`` by the plan's
-    parameters alone, else each step's model checked by ``judge``. A weight the calibration data never reached stays
-    dense (as in the global allocation). The settings with the chosen threshold, and the memo that holds the
-    spectra."""
+    parameters alone (``quantizing``: a requested quantization applies), else each step's model checked by
+    ``judge``. A weight the calibration data never reached stays dense (as in the global allocation). The settings
+    with the chosen threshold, and the memo that holds the spectra."""
     settings = dataclasses.replace(settings, unreached_dense=True)
     memo = PlanMemo()
     plan_model(loaded, settings, with_factors=False, progress=progress, memo=memo)
@@ -152,8 +158,8 @@ def by_threshold(loaded: ir.Model, settings: Settings, judge: Judge | None, targ
         planned = plan_model(candidate, dataclasses.replace(settings, policy=EnergyPolicy(tau)), with_factors=True,
                              memo=memo)
         kept = planned.params_kept()
-        if target_params is not None:
-            step = SearchStep(tau, kept, None, kept <= target_params)
+        if target_params is not None:  # nothing judged that could rule a requested quantization out
+            step = SearchStep(tau, kept, None, kept <= target_params, quantized=quantizing)
         else:
             assert judge is not None  # an accuracy budget has its judge
             quantized = judge.quantize is not None
