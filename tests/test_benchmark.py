@@ -42,7 +42,7 @@ from onnx_arsvd.measure.guard import (
 from onnx_arsvd.measure.results import LayerTiming
 from onnx_arsvd.measure.verification import make_session
 from onnx_arsvd.report.bench_report import benchmark_to_json, format_benchmark, plot_benchmark
-from tests.conftest import initializer_names, make_linear_model, make_mlp, random_weight, run
+from tests.conftest import MODELS, initializer_names, make_linear_model, make_mlp, random_weight, run
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -400,3 +400,22 @@ def test_guard_times_each_shape_and_rank_once_and_shares_it(monkeypatch: pytest.
     compress(model, policy=FixedRankPolicy(8), latency_table=guard, check=False, min_params=0,
              factor_heads=True)
     assert len(calls) == 4  # another rank: timed again
+
+
+def test_a_ratio_whose_rounds_straddle_one_or_spread_past_the_effect_is_not_resolved() -> None:
+    assert _comparison(1, (0.5, 0.55, 0.52)).resolved  # faster in every round, tight
+    assert not _comparison(1, (0.6, 1.4, 0.83)).resolved  # the same file against itself: rounds straddle 1
+    assert not _comparison(1, (0.7, 0.98, 0.9)).resolved  # all faster, but spread 0.28 against an effect of 0.1
+    assert not _comparison(1, (0.8,)).resolved  # one round cannot tell
+
+
+def test_a_quantized_model_has_no_multiply_add_limit_and_compress_bench_verifies_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q.onnx"
+    assert main(["compress", str(MODELS / "digits_mlp.onnx"), "-o", str(out), "--tau", "0.9", "--quantize", "int8",
+                 "--bench", "--batch", "1", "--seconds", "0.05", "--no-memory", "--data",
+                 str(MODELS / "digits_test.npz"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("verification on CPUExecutionProvider") == 1
+    assert "limit: none, the compressed model has quantized layers" in printed
+    assert dense_flop_ratio(ir.load(MODELS / "digits_mlp.onnx"), ir.load(out)) is None

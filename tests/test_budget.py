@@ -204,7 +204,7 @@ def test_target_params_counts_the_dense_layers_as_the_report_does() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--max-drop", "0.5"], "an accuracy budget needs data"),
+    (["--max-drop", "0.5"], "this budget needs --data: inputs and labels to split and measure candidates on"),
     (["--max-drop", "0.5", "--tau", "0.9"], "a budget chooses the ranks itself"),
     (["--max-drop", "0.5", "--min-cosine", "0.9"], "give one budget"),
     (["--minimize", "latency"], "search settings apply under a budget: give one (--max-drop, --min-cosine, "
@@ -223,7 +223,7 @@ def test_cli_max_drop_needs_labels(mlp_path: Path, tmp_path: Path, capsys: pytes
     np.savez(tmp_path / "x.npz", X=np.zeros((10, 48), np.float32))
     assert main(["compress", str(mlp_path), "-o", str(tmp_path / "o.onnx"), "--max-drop", "1",
                  "--data", str(tmp_path / "x.npz"), "-q"]) == 2
-    assert "max_drop needs labels" in capsys.readouterr().err
+    assert "--max-drop needs labels: a 'labels' array in --data, or --labels" in capsys.readouterr().err
 
 
 def _ops(path: Path) -> set[str]:

@@ -192,4 +192,4 @@ def test_sentence_labels_are_left_out_for_token_outputs(tmp_path: Path, caplog: 
         assert capsys.readouterr().err.count("its 'labels' array is left out") == 1, extra
     assert main(["compress", str(tmp_path / "tokens.onnx"), "-o", str(out), "--data", str(tmp_path / "data.npz"),
                  "--max-drop", "1", "-q"]) == 2
-    assert "max_drop needs labels" in capsys.readouterr().err
+    assert "--max-drop needs labels" in capsys.readouterr().err

@@ -154,14 +154,15 @@ def _providers(args: argparse.Namespace) -> list[str] | None:
     return args.providers.split(",") if args.providers else None
 
 
-def _bench(args: argparse.Namespace, original: str, compressed: str | Path) -> Any:
+def _bench(args: argparse.Namespace, original: str, compressed: str | Path, verified_on: tuple[str, ...] = ()) -> Any:
     from onnx_arsvd.measure.benchmark import benchmark_models
 
     timing = LatencyGuard(**given(args, LatencyGuard, only=_BENCH))
     data = DataOptions(**given(args, DataOptions))
     return benchmark_models(original, compressed, batches=timing.batches, threads=timing.threads, dims=data.dims,
                             providers=_providers(args), min_seconds=timing.model_seconds, memory=not args.no_memory,
-                            accuracy_data=args.data, progress=not args.quiet, one_at_a_time=data.one_at_a_time)
+                            accuracy_data=args.data, progress=not args.quiet, one_at_a_time=data.one_at_a_time,
+                            verified_on=verified_on)
 
 
 def _report_text(args: argparse.Namespace, markdown: str, machine: str) -> str:
@@ -219,7 +220,8 @@ def _compress(args: argparse.Namespace) -> None:
             from onnx_arsvd.report.bench_report import benchmark_to_json, format_benchmark
 
             staged = pending.path if pending.path is not None else args.output
-            result = dataclasses.replace(_bench(args, args.model, staged), models=(args.model, args.output))
+            verified = (pending.report.verification.provider,) if pending.report.verification is not None else ()
+            result = dataclasses.replace(_bench(args, args.model, staged, verified), models=(args.model, args.output))
             human += "\n\n" + format_benchmark(result)
             markdown += "\n\n" + format_benchmark(result, True)
             machine = json.dumps(json.loads(machine) | {"benchmark": json.loads(benchmark_to_json(result))}, indent=2)

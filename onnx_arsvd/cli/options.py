@@ -140,7 +140,10 @@ def policy(args: argparse.Namespace) -> RankPolicy | None:
     values = {**{p: getattr(args, p) for p in POLICY_PARAMS.values()},
               **({"tau": args.output_tau} if args.output_tau is not None else {})}
     given_params = [name for name, param in POLICY_PARAMS.items() if values[param] is not None]
-    name = args.policy or (given_params[0] if len(given_params) == 1 else "energy")  # --ratio 0.3: --policy ratio
+    if args.policy is None and len(given_params) > 1:
+        flags = ", ".join(f"--{POLICY_PARAMS[name]}" for name in given_params)
+        raise InvalidInputError(f"{flags} set different rank policies: give one")
+    name = args.policy or (given_params[0] if given_params else "energy")  # --ratio 0.3 alone: --policy ratio
     for other, other_param in POLICY_PARAMS.items():
         if other != name and values[other_param] is not None:
             raise InvalidInputError(f"--{other_param} does not apply to --policy {name}")

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_arsvd.errors import UnsupportedModelError
 
 __all__ = [
+    "QUANTIZED_OPS",
     "Layer", "Skipped", "WeightKey", "constant_tensor", "filter_layers", "find_layers", "node_label", "read_array",
 ]
 
@@ -29,8 +30,9 @@ WeightKey = tuple[str, bool]
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _QUANTIZED_PRODUCERS = frozenset({"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"})
-_QUANTIZED_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
-                            "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized"})
+QUANTIZED_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+                           "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized"})
+"""Quantized layer ops: passed over, with the advice to factor the float model first."""
 _CHAIN_OPS = frozenset({"Transpose", "Cast", "Reshape", "Identity"})
 _SCOPE_SEPARATOR = "::"
 
@@ -325,7 +327,7 @@ class _Finder:
     def walk(self, graph: ir.Graph, scope: str) -> None:
         self.scopes[id(graph)] = scope
         for node in graph:
-            if node.op_type in _QUANTIZED_OPS:
+            if node.op_type in QUANTIZED_OPS:
                 self.skip(node, scope, f"quantized layer ({node.op_type}); factor the float model before quantizing")
             elif node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm", "Gather"):
                 getattr(self, node.op_type.lower())(node, scope)

@@ -63,7 +63,8 @@ class _Archive(Mapping[str, np.ndarray]):
             header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = header(member)
             if dtype.hasobject:
-                raise ValueError(f"array {name!r} holds Python objects")
+                raise ValueError(f"array {name!r} holds Python objects (samples of different lengths?): pad every "
+                                 "sample to one length")
             declared = math.prod(shape) * dtype.itemsize
             stored = info.file_size - member.tell()
         if declared != stored:
@@ -79,6 +80,18 @@ class _Archive(Mapping[str, np.ndarray]):
         self._zip.close()
 
 
+def _what_instead(path: Path) -> str:
+    """What a file that is not an ``.npz`` archive is, by its first bytes."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if head.startswith(b"\x93NUMPY"):
+        return "is one .npy array, not an .npz archive of arrays keyed by input name"
+    return "is not an .npz archive"
+
+
 @contextmanager
 def open_arrays(data: DataSource, what: str = "data") -> Iterator[Mapping[str, np.ndarray]]:
     """The arrays of an ``.npz`` path (each read when first asked for, see :class:`_Archive`; no pickles) or a
@@ -92,8 +105,9 @@ def open_arrays(data: DataSource, what: str = "data") -> Iterator[Mapping[str, n
     try:
         archive = _Archive(path)
     except (OSError, zipfile.BadZipFile, ValueError) as error:
-        raise InvalidInputError(f"{path}: not a readable .npz file ({error or type(error).__name__}: an archive of "
-                                "arrays keyed by input name)") from error
+        raise InvalidInputError(f"{path}: {_what_instead(path)}; save the inputs as an .npz of arrays keyed by "
+                                "the model's input names, e.g. np.savez(path, input_ids=..., attention_mask=...)"
+                                ) from error
     try:
         yield archive
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as error:

@@ -27,7 +27,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from onnx_arsvd.errors import InvalidInputError, OutputError, UnsupportedModelError
-from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.graph.layers import QUANTIZED_OPS, find_layers
 from onnx_arsvd.io.data import Feed
 from onnx_arsvd.io.models import load_model, model_file_bytes, weight_stats
 from onnx_arsvd.measure.inputs import generated_batches
@@ -223,12 +223,16 @@ def compare_latency(provider: str, batch: int, rounds: Sequence[tuple[np.ndarray
     )
 
 
-def dense_flop_ratio(original: ir.Model, compressed: ir.Model) -> float:
-    """Multiply-adds per row of all constant-weight MatMul/Gemm layers, compressed / original.
+def dense_flop_ratio(original: ir.Model, compressed: ir.Model) -> float | None:
+    """Multiply-adds per row of all constant-weight MatMul/Gemm layers, compressed / original; None when the
+    compressed model has quantized layers (integer and 4-bit multiply-adds are not float ones: no such limit).
 
     A factored layer contributes k(m+n) where it had m*n: this is the best latency ratio the dense
     layers alone can give, the limit that measured ratios are compared with.
     """
+    if any(node.op_type in QUANTIZED_OPS for node in compressed.graph.all_nodes()):
+        return None
+
     def macs(model: ir.Model) -> int:
         return sum(layer.shape[0] * layer.shape[1] for layer in find_layers(model)[0] if not layer.is_embedding)
 
@@ -281,8 +285,10 @@ def benchmark_models(
     accuracy_data: str | os.PathLike | None = None,
     progress: bool = False,
     one_at_a_time: bool | None = None,
+    verified_on: Sequence[str] = (),
 ) -> BenchmarkResult:
-    """Latency at each batch size and provider, memory of each model, and accuracy on each provider.
+    """Latency at each batch size and provider, memory of each model, and accuracy on each provider but those in
+    ``verified_on`` (a run that verified there already: one verification per provider and run).
 
     ``one_at_a_time`` (as in :func:`~onnx_arsvd.measure.verification.verify`; ``None`` chooses it when both models'
     weights exceed half the memory available) holds one session at a time, for the timing and the accuracy.
@@ -317,7 +323,8 @@ def benchmark_models(
                               min_seconds=min_seconds, one_at_a_time=one_at_a_time)
         latency.append(compare_latency(provider, actual, rounds))
     accuracy = {provider: verify(paths["original"], paths["compressed"], data=accuracy_data, dims=dims, samples=8,
-                                 provider=provider, one_at_a_time=one_at_a_time) for provider in usable}
+                                 provider=provider, one_at_a_time=one_at_a_time)
+                for provider in usable if provider not in verified_on}
     memory_stats = {}
     for name, path in paths.items():
         params, nbytes = weight_stats(models[name])

@@ -149,6 +149,15 @@ class LatencyComparison:
         return self.ratio + z * float(np.std(self.round_ratios, ddof=1)) * float(np.sqrt(1.0 + 1.0 / rounds))
 
     @property
+    def resolved(self) -> bool:
+        """Whether the measurement tells which model is faster: every round on one side of 1, and the rounds'
+        spread smaller than the effect (the same file against itself straddles 1, or spreads past its effect)."""
+        rounds = self.round_ratios
+        if len(rounds) < 2 or min(rounds) <= 1.0 <= max(rounds):
+            return False
+        return max(rounds) - min(rounds) < abs(1.0 - self.ratio)
+
+    @property
     def consistently_slower(self) -> bool:
         """Slower overall and in every round (with 3 rounds, pure session noise does this 1 time in 8)."""
         return self.ratio > 1.0 and len(self.round_ratios) > 1 and min(self.round_ratios) > 1.0
@@ -171,7 +180,8 @@ class BenchmarkResult:
 
     threads: int
     providers: list[str]
-    dense_flop_ratio: float
+    dense_flop_ratio: float | None
+    """The dense layers' multiply-add ratio, the latency limit; None with quantized layers."""
     latency: list[LatencyComparison] = field(default_factory=list)
     memory: dict[str, MemoryStats] = field(default_factory=dict)
     accuracy: dict[str, VerificationReport] = field(default_factory=dict)

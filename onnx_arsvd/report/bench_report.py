@@ -46,9 +46,11 @@ def format_benchmark(result: BenchmarkResult, markdown: bool = False) -> str:
     rows = [[_short(c.provider), c.batch, f"{c.original.median_ms:.4g}", f"{c.compressed.median_ms:.4g}",
              f"{c.original.p90_ms:.4g} / {c.original.p99_ms:.4g}",
              f"{c.compressed.p90_ms:.4g} / {c.compressed.p99_ms:.4g}",
-             f"{c.compressed.throughput:,.0f}", f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]",
+             f"{c.compressed.throughput:,.0f}",
+             f"{c.ratio:.3f} [{c.ratio_p10:.3f}, {c.ratio_p90:.3f}]" + ("" if c.resolved else " not resolved"),
              ", ".join(f"{r:.2f}" for r in c.round_ratios),
-             f"{limit:.3f}", f"{(1 - c.ratio) / (1 - limit):.0%}" if limit < 1 else "n/a"]
+             "n/a" if limit is None else f"{limit:.3f}",
+             f"{(1 - c.ratio) / (1 - limit):.0%}" if c.resolved and limit is not None and limit < 1 else "n/a"]
             for c in result.latency]
     headers = ["provider", "batch", "orig median ms", "comp median ms", "orig p90/p99", "comp p90/p99",
                "comp samples/s", "ratio comp/orig [p10, p90]", "per round", "limit", "of possible gain"]
@@ -59,8 +61,10 @@ def format_benchmark(result: BenchmarkResult, markdown: bool = False) -> str:
              f"machine: {machine['platform']}, {machine['cpus']} CPUs, onnxruntime {machine['onnxruntime']}",
              *([f"input shapes: {shapes}"] if shapes else []),
              tabulate(rows, headers, tablefmt=style, disable_numparse=True),
-             f"limit = dense-layer multiply-adds, compressed / original ({limit:.3f}); "
-             "'of possible gain' = (1 - ratio) / (1 - limit)"]
+             ("limit: none, the compressed model has quantized layers" if limit is None else
+              f"limit = dense-layer multiply-adds, compressed / original ({limit:.3f})")
+             + "; 'of possible gain' = (1 - ratio) / (1 - limit); 'not resolved': the rounds straddle 1 or spread "
+               "wider than the effect, so the measurement cannot tell which model is faster"]
     memory = [[name, f"{m.file_bytes:,}", f"{m.weight_params:,}", f"{m.weight_bytes:,}", _mib(m.peak_rss_bytes),
                _mib(m.rss_increase_bytes)] for name, m in result.memory.items()]
     parts.append(tabulate(memory, ["model", "file bytes", "weight params", "weight bytes", "peak RSS MiB",
@@ -85,8 +89,9 @@ def plot_benchmark(result: BenchmarkResult, path: str | os.PathLike) -> Path:
     bars = axes.bar(labels, ratios, color="tab:blue", label="latency ratio (median of interleaved pairs)")
     axes.bar_label(bars, labels=[f"{c.ratio:.2f}\n[{c.ratio_p10:.2f}, {c.ratio_p90:.2f}]" for c in result.latency],
                    fontsize="small", padding=2)
-    axes.axhline(result.dense_flop_ratio, color="tab:green", linestyle="--",
-                 label=f"dense multiply-add ratio, the limit ({result.dense_flop_ratio:.2f})")
+    if result.dense_flop_ratio is not None:
+        axes.axhline(result.dense_flop_ratio, color="tab:green", linestyle="--",
+                     label=f"dense multiply-add ratio, the limit ({result.dense_flop_ratio:.2f})")
     memory = result.memory
     if "original" in memory and "compressed" in memory:
         size = memory["compressed"].file_bytes / memory["original"].file_bytes

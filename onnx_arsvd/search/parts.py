@@ -104,7 +104,8 @@ def split_parts(budget: Budget, model: ir.Model, data: str | os.PathLike | Mappi
     """The data checked against ``model`` and split for ``budget``; ``labels`` are those to judge with, as the caller
     resolved them (a ``labels`` array in ``data`` is not read)."""
     if budget.needs_data and data is None:
-        raise InvalidInputError("an accuracy budget needs data: inputs (and labels) to split and measure")
+        what = "inputs and labels" if budget.max_drop is not None else "inputs"
+        raise InvalidInputError(f"this budget needs `data`: {what} to split and measure candidates on")
     calibration_part: Arrays = {}
     held_out: Arrays | None = None
     if data is not None:  # a parameter budget uses data too: to calibrate, and to verify on the held-out part
@@ -112,7 +113,7 @@ def split_parts(budget: Budget, model: ir.Model, data: str | os.PathLike | Mappi
         if labels is not None:  # is split alike
             arrays["labels"] = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
         if budget.max_drop is not None and "labels" not in arrays:
-            raise InvalidInputError("max_drop needs labels (a 'labels' array in the data, or labels given apart)")
+            raise InvalidInputError("`max_drop` needs labels: a 'labels' array in `data`, or `labels`")
         calibration_part, held_out = split_data(arrays, budget.holdout, budget.seed)
     if method == "whitened" and calibration is None and not calibration_part:
         raise InvalidInputError("the whitened method needs calibration inputs (calibration data, or the budget's data)")
