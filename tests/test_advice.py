@@ -60,3 +60,16 @@ def test_a_policy_far_from_the_original_on_real_data_warns_and_fails_with_strict
     err = capsys.readouterr().err
     assert err.startswith("onnx-arsvd: error: the written model loses") and "nothing written (--strict)" in err
     assert not out.exists()
+
+
+def test_each_phase_ends_with_a_line_when_stderr_is_not_a_terminal(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """tqdm switches itself off outside a terminal, which left a run in a log silent: now one line per phase."""
+    argv = ["compress", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--data", str(DATA), "--max-drop", "1"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().err.splitlines()
+    for phase in ("calibration: 1 batch in ", "loss curves: 3 weights in ", "budget search: ",
+                  "verification: 216 samples in "):
+        assert any(line.startswith(f"onnx-arsvd: {phase}") and line.endswith(" s") for line in lines), lines
+    assert main([*argv[:3], str(tmp_path / "q.onnx"), *argv[4:], "-q"]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if " in " in line and line.endswith(" s")]

@@ -37,7 +37,9 @@ def _add_printing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--report", metavar="PATH",
                         help="also write the report to PATH: Markdown if it ends in .md, else JSON")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no phase lines")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="a line per phase with its count and time (the default when stderr is not a terminal)")
 
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnx_arsvd import api
     from onnx_arsvd.report.model_report import format_report, format_verification, report_to_json, verification_to_dict
 
+    _verbosity(args)
     _check_paths(args)
     if args.command == "inspect":
         factor = FactorOptions(**given(args, FactorOptions), policy=policy(args),
@@ -283,20 +286,27 @@ def _plot(args: argparse.Namespace, result: Any, stage: Stage | None = None) -> 
 
 
 class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
+    """Writes to whatever ``sys.stderr`` is at the time (tests replace it): ``onnx-arsvd: warning: ...`` for a
+    warning, ``onnx-arsvd: ...`` for a phase's line."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(_text(self.format(record)), file=sys.stderr)
+        prefix = "onnx-arsvd: warning: " if record.levelno >= logging.WARNING else "onnx-arsvd: "
+        print(_text(prefix + record.getMessage()), file=sys.stderr)
 
 
 def _log_to_stderr() -> None:
-    """The library's warnings (logger ``onnx_arsvd``) as ``onnx-arsvd: warning: ...`` lines on stderr."""
+    """The library's messages (logger ``onnx_arsvd``) as lines on stderr; warnings only until the options say."""
     logger = logging.getLogger("onnx_arsvd")
     if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("onnx-arsvd: warning: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.WARNING)
+
+
+def _verbosity(args: argparse.Namespace) -> None:
+    """Each phase's line (count and time) with ``-v``, and by default when stderr is not a terminal (where no bar
+    shows); never with ``-q``."""
+    verbose = args.verbose or (not args.quiet and not sys.stderr.isatty())
+    logging.getLogger("onnx_arsvd").setLevel(logging.INFO if verbose and not args.quiet else logging.WARNING)
 
 
 def _fail(message: str, code: int, debug: bool) -> int:

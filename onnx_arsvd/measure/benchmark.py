@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-from tqdm.auto import tqdm
 
 from onnx_arsvd.errors import InvalidInputError, OutputError, UnsupportedModelError
 from onnx_arsvd.graph.layers import QUANTIZED_OPS, find_layers
@@ -34,6 +33,7 @@ from onnx_arsvd.measure.inputs import generated_batches
 from onnx_arsvd.measure.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
 from onnx_arsvd.measure.sessions import ModelSource, make_session
 from onnx_arsvd.measure.verification import too_big_together, verify
+from onnx_arsvd.progress import progress_bar
 
 __all__ = [
     "BenchmarkResult",
@@ -313,7 +313,7 @@ def benchmark_models(
     latency: list[LatencyComparison] = []
     input_shapes: dict[int, dict[str, list[int]]] = {}
     steps = [(p, b) for p in usable for b in batches]
-    for provider, batch in tqdm(steps, desc="latency", unit="case", disable=None if progress else True):
+    for provider, batch in progress_bar(steps, desc="latency", unit="case", progress=progress):
         feed = batch_feed(make_session(paths["original"], provider, threads), models["original"], batch, dims)
         actual = len(next(iter(feed.values()))) if feed else batch
         input_shapes[actual] = {name: list(array.shape) for name, array in feed.items()}

@@ -20,7 +20,6 @@ from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.graph.capture import exposed_model
@@ -29,6 +28,7 @@ from onnx_arsvd.io.data import ArrayReader, CalibrationDataReader, CheckedReader
 from onnx_arsvd.measure.sessions import make_session, run_session
 from onnx_arsvd.numerics.losscurve import OutputGram
 from onnx_arsvd.numerics.padding import drop_padding, real_positions
+from onnx_arsvd.progress import progress_bar
 
 __all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams", "output_errors"]
 
@@ -137,7 +137,7 @@ def _accumulate(model: ir.Model, layers: Sequence[Layer], data: Source, term: Ca
     capture = _Capture(model, layers)
     sums: dict[WeightKey, Term] = {}
     batches = 0
-    with tqdm(desc="calibration", unit="batch", disable=None if progress else True) as bar:
+    with progress_bar(desc="calibration", unit="batch", progress=progress) as bar:
         while (feed := reader.get_next()) is not None:
             try:
                 rows = capture.rows(feed)

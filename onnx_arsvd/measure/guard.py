@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.graph.capture import exposed_model
@@ -32,6 +31,7 @@ from onnx_arsvd.measure.sessions import ModelSource, make_session, run_session
 from onnx_arsvd.methods.lowrank.decision import dense_decision
 from onnx_arsvd.methods.lowrank.plan import WeightPlan
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.progress import progress_bar
 
 __all__ = ["LatencyTable", "activation_rows", "check_model", "guard_verdict", "guarded_plans",
            "observed_rows", "regressions", "time_layer", "timing_key"]
@@ -190,7 +190,7 @@ def guarded_plans(plans: Sequence[WeightPlan], table: LatencyTable, provider: st
     timed = [plan for plan in plans if plan.factored and plan.factors is not None
              and all(layer.is_plain for layer in plan.layers)]
     verdicts: dict[int, WeightPlan] = {}
-    for plan in tqdm(timed, desc="latency guard", unit="layer", disable=None if progress else True):
+    for plan in progress_bar(timed, desc="latency guard", unit="layer", progress=progress):
         layer = plan.layers[0]
         timings = table.timings(layer, plan.rank, provider, dims, (rows or {}).get(id(layer.node)), plan.factors)
         reason = guard_verdict(timings, provider, table.guard.margin)
@@ -208,7 +208,7 @@ def check_model(
     fewer pairs (never under 3 per round) instead of minutes per batch size.
     """
     comparisons = []
-    for batch in tqdm(guard.batches, desc="whole-model timing", unit="batch", disable=None if progress else True):
+    for batch in progress_bar(guard.batches, desc="whole-model timing", unit="batch", progress=progress):
         feed = batch_feed(make_session(original, provider, guard.threads), model, batch, dims)
         rounds = timed_rounds(original, compressed, feed, provider=provider, threads=guard.threads,
                               min_seconds=guard.model_seconds, min_runs=10, max_seconds=10 * guard.model_seconds)

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import isotonic_regression
-from tqdm.auto import tqdm
 
 from onnx_arsvd.graph.layers import WeightKey
 from onnx_arsvd.measure.guard import LatencyTable
 from onnx_arsvd.methods.lowrank.curves import WeightCurve
 from onnx_arsvd.numerics.allocate import DENSE, Cost, option_ranks
+from onnx_arsvd.progress import progress_bar
 
 __all__ = ["LatencyCosts", "latency_costs", "rank_grid"]
 
@@ -94,7 +94,7 @@ def latency_costs(
                                    min_params=min_params) for c in curves}
     timed = [c for c in curves if offered[c.key]]
     total = sum(len(rank_grid(offered[c.key])) * len(c.layers) for c in timed)
-    with tqdm(total=total, desc="latency table", unit="timing", disable=None if progress else True) as bar:
+    with progress_bar(total=total, desc="latency table", unit="timing", progress=progress) as bar:
         for c in timed:
             if not all(layer.is_plain for layer in c.layers):
                 unpriced.append(c.key)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from onnx_arsvd.graph.layers import WeightKey, find_layers
 from onnx_arsvd.io.models import to_model
@@ -26,6 +25,7 @@ from onnx_arsvd.methods.lowrank.curves import WeightCurve, allocation_plans
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.numerics.allocate import Allocation
 from onnx_arsvd.numerics.padding import real_positions, sequence_outputs, zero_padding
+from onnx_arsvd.progress import progress_bar
 
 __all__ = ["DEFAULT_PROBES", "Response", "layer_responses", "output_distortion"]
 
@@ -77,7 +77,7 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
                 else [_real(outputs, feed, reference.sequence)
                       for outputs, feed in zip(reference.outputs, batches, strict=True)])
     responses: dict[WeightKey, Response] = {}
-    for c in tqdm(curves, desc="layer sensitivity", unit="weight", disable=None if progress else True):
+    for c in progress_bar(curves, desc="layer sensitivity", unit="weight", progress=progress):
         relative = c.curve.relative()
         points: list[tuple[int, float, float]] = []
         for probe in probes:

@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from tqdm.auto import tqdm
 
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.io.arrays import available_memory
@@ -22,6 +21,7 @@ from onnx_arsvd.measure.inputs import generated_batches
 from onnx_arsvd.measure.results import OutputComparison, TaskScores, VerificationReport
 from onnx_arsvd.measure.sessions import make_session, run_session
 from onnx_arsvd.numerics.padding import check_positions, masks, real_positions, sequence_outputs, zero_padding
+from onnx_arsvd.progress import progress_bar
 
 __all__ = [
     "ModelLike",
@@ -128,7 +128,7 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = padded = 0
     per_sample: list[np.ndarray] = []  # real positions compared in each sample, where padding was left out
-    bar = tqdm(total=total, desc="verification", unit="sample", disable=None if progress else True)
+    bar = progress_bar(total=total, desc="verification", unit="sample", progress=progress)
     for feed, expected, actual in runs:
         positions = real_positions(feed)
         for name, seq, e, a in zip(names, sequence, expected, actual, strict=True):
@@ -249,7 +249,7 @@ def verify(
     names, sequence, inputs, provider_used = ([o.name for o in session_a.get_outputs()], _sequence(session_a),
                                               _inputs(session_a), session_a.get_providers()[0])
     feeds = list(batches)
-    bar = tqdm(feeds, desc="verification (original)", unit="batch", disable=None if progress else True)
+    bar = progress_bar(feeds, desc="verification (original)", unit="batch", progress=progress)
     expected = [run_session(session_a, names, feed) for feed in bar]
     del session_a  # its weights go before the compressed model's come
     session_b = make_session(compressed_source, provider)

@@ -19,9 +19,9 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.measure.guard import check_model
@@ -32,6 +32,7 @@ from onnx_arsvd.methods.lowrank.settings import Settings
 from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.numerics.allocate import best_within
 from onnx_arsvd.numerics.rank import EnergyPolicy
+from onnx_arsvd.progress import progress_bar
 from onnx_arsvd.search.judge import Z_95, Judge
 from onnx_arsvd.search.space import AllocationSpace
 from onnx_arsvd.search.steps import SearchStep, bisect_index, bisect_tau
@@ -52,8 +53,14 @@ class Choice:
     """Why a requested quantization was dropped (quantization alone missed the budget), or ""."""
 
 
-def _bar(progress: bool, steps: int, description: str) -> tqdm:
-    return tqdm(total=steps + 1, desc=description, unit="step", disable=None if progress else True)
+def _bar(progress: bool, steps: int, description: str) -> Any:
+    return progress_bar(total=steps + 1, desc=description, unit="step", progress=progress)
+
+
+def _done(bar: Any) -> None:
+    """A bisection that stopped before its last step is done all the same: the bar ends at 100%."""
+    bar.total = bar.n
+    bar.refresh()
 
 
 def by_params(space: AllocationSpace, target: float, quantized: bool) -> Choice:
@@ -76,7 +83,7 @@ def by_accuracy(space: AllocationSpace, judge: Judge, progress: bool) -> Choice:
     for quantized in ([True, False] if quantize is not None else [False]):
         bar = _bar(progress, space.budget.steps, "budget search" + (" (quantized)" if quantized else ""))
 
-        def evaluate(index: int, quantized: bool = quantized, bar: tqdm = bar) -> SearchStep:
+        def evaluate(index: int, quantized: bool = quantized, bar: Any = bar) -> SearchStep:
             step = space.step(index, judge.judge(space.candidate(index), quantized), quantized)
             bar.update()
             bar.set_postfix(point=index, kept=f"{step.params_kept:.1%}", ok=step.feasible)
@@ -84,6 +91,7 @@ def by_accuracy(space: AllocationSpace, judge: Judge, progress: bool) -> Choice:
 
         with bar:
             chosen, tried = bisect_index(evaluate, len(space.points), space.budget.steps)
+            _done(bar)
         steps += tried
         if chosen.feasible or not quantized:
             break
@@ -125,6 +133,7 @@ def by_latency(space: AllocationSpace, target: float, timed: Callable[[int], flo
 
     with bar:
         chosen, steps = bisect_index(evaluate, len(space.points), space.budget.steps, feasible_above=False)
+        _done(bar)
     return Choice(chosen, tuple(steps))
 
 
@@ -172,5 +181,6 @@ def by_threshold(loaded: ir.Model, settings: Settings, judge: Judge | None, targ
 
     with bar:
         chosen, tried = bisect_tau(evaluate, steps, feasible_above=target_params is None)
+        _done(bar)
     assert chosen.tau is not None
     return Choice(chosen, tuple(tried)), dataclasses.replace(settings, policy=EnergyPolicy(chosen.tau)), memo

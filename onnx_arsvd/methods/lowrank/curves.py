@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from onnx_arsvd.errors import UnsupportedModelError
 from onnx_arsvd.graph.layers import Layer, WeightKey
@@ -23,6 +22,7 @@ from onnx_arsvd.numerics.allocate import DENSE, Allocation, Cost, LayerOptions, 
 from onnx_arsvd.numerics.losscurve import LossCurve, loss_curve
 from onnx_arsvd.numerics.rank import break_even_rank
 from onnx_arsvd.numerics.threads import in_jobs
+from onnx_arsvd.progress import progress_bar
 
 __all__ = ["WeightCurve", "allocation_plans", "weight_curves", "weight_options"]
 
@@ -78,7 +78,7 @@ def weight_curves(layers: Sequence[Layer], grams: MutableMapping[WeightKey, Gram
         return WeightCurve(group, made)
 
     groups = group_by_weight(layers)
-    with tqdm(total=len(groups), desc="loss curves", unit="weight", disable=None if progress else True) as bar:
+    with progress_bar(total=len(groups), desc="loss curves", unit="weight", progress=progress) as bar:
         return in_jobs(curve, groups, jobs, lambda _: bar.update())
 
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.graph.layers import Layer, WeightKey
@@ -30,6 +29,7 @@ from onnx_arsvd.numerics.factorize import (
 )
 from onnx_arsvd.numerics.rank import Need, RankPolicy, break_even_rank, energy_kept, energy_rank_bounds
 from onnx_arsvd.numerics.threads import in_jobs
+from onnx_arsvd.progress import progress_bar
 
 if TYPE_CHECKING:
     from onnx_arsvd.io.spill import Spill
@@ -245,8 +245,8 @@ def plan_layers(
         raise InvalidInputError(f"min params must be zero or more, got {min_params}")
     settings = _Settings(policy, max_rank_fraction, min_params, with_factors, grams, cache, lp_power)
     groups = group_by_weight(layers)
-    bar = tqdm(total=sum(group[0].shape[0] * group[0].shape[1] for group in groups), unit="param", unit_scale=True,
-               desc="factoring" if with_factors else "spectra", disable=None if progress else True)
+    bar = progress_bar(total=sum(group[0].shape[0] * group[0].shape[1] for group in groups), unit="param",
+                       unit_scale=True, desc="factoring" if with_factors else "spectra", progress=progress)
 
     def planned(group: list[Layer]) -> WeightPlan:
         plan = _plan_weight(group, settings)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 import scipy.linalg
-from tqdm.auto import tqdm
 
 from onnx_arsvd.graph.layers import Layer, WeightKey, find_layers, node_label
 from onnx_arsvd.io.models import to_model
@@ -28,6 +27,7 @@ from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.numerics.allocate import DENSE, Allocation
 from onnx_arsvd.numerics.losscurve import loss_curve
 from onnx_arsvd.numerics.padding import drop_padding, real_positions
+from onnx_arsvd.progress import progress_bar
 
 __all__ = ["sequential_factors"]
 
@@ -96,8 +96,7 @@ def sequential_factors(model: ir.Model, curves: Sequence[WeightCurve], allocatio
         if layer.weight_key in factored and layer.weight_key not in {k for keys in stages.values() for k in keys}:
             stages.setdefault(_input_name(layer), []).append(layer.weight_key)
     refitted: dict[WeightKey, Factors] = {}
-    for keys in tqdm(list(stages.values()), desc="sequential calibration", unit="stage",
-                     disable=None if progress else True):
+    for keys in progress_bar(list(stages.values()), desc="sequential calibration", unit="stage", progress=progress):
         layers = [layer for layer in find_layers(working)[0] if layer.weight_key in keys]
         grams = _cross_grams(original, working, layers, batches)
         for key in keys:
