@@ -27,9 +27,9 @@ import onnxruntime as ort
 
 from onnx_arsvd.errors import InvalidInputError, OutputError, UnsupportedModelError
 from onnx_arsvd.graph.layers import QUANTIZED_OPS, find_layers
-from onnx_arsvd.io.data import Feed
+from onnx_arsvd.io.data import Feed, load_data
 from onnx_arsvd.io.models import load_model, model_file_bytes, weight_stats
-from onnx_arsvd.measure.inputs import generated_batches
+from onnx_arsvd.measure.inputs import dims_from_data, generated_batches, unset_dims
 from onnx_arsvd.measure.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
 from onnx_arsvd.measure.sessions import ModelSource, make_session
 from onnx_arsvd.measure.verification import too_big_together, verify
@@ -305,11 +305,12 @@ def benchmark_models(
                     if one_at_a_time else "runs interleaved pairwise")
     notes.append(f"sessions: intra-op threads {threads or 'onnxruntime default'}, thread spinning off; "
                  f"3 rounds of fresh sessions per batch size, {interleaving}, at least {min_seconds:g} s in all")
-    inner = {str(d) for arg in make_session(paths["original"]).get_inputs() for d in arg.shape[1:]
-             if not isinstance(d, int)}
-    if unset := sorted(inner - set(dims)):
-        notes.append(f"dynamic dims {', '.join(unset)} set to 1: give `dims` (NAME=VALUE) for the shapes "
-                     "the model really sees (a sequence length of 1 times a different model)")
+    probe = make_session(paths["original"])
+    if accuracy_data is not None:  # time at the shapes the data has, where the user named none
+        dims = {**dims_from_data(probe, load_data(accuracy_data, probe)[0]), **dims}
+    if unset := unset_dims(probe, dims):
+        raise InvalidInputError(f"dynamic dims {', '.join(unset)} have no value to time at (a sequence of one token "
+                                f"times a different model): give `dims` ({unset[0]}=N), or `data` to take them from")
     latency: list[LatencyComparison] = []
     input_shapes: dict[int, dict[str, list[int]]] = {}
     steps = [(p, b) for p in usable for b in batches]

@@ -12,7 +12,7 @@ from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.graph.layers import constant_tensor
 from onnx_arsvd.io.data import Feed
 
-__all__ = ["check_dims", "generated_batches"]
+__all__ = ["check_dims", "dims_from_data", "generated_batches", "unset_dims"]
 
 
 def _input_dtype(node_arg: ort.NodeArg) -> np.dtype:
@@ -43,6 +43,35 @@ def check_dims(dynamic: set[str], dims: Mapping[str, int]) -> None:
     if unknown:
         raise InvalidInputError(f"dimension {', '.join(unknown)}: no dynamic dimension of that name; the model's are: "
                                 f"{', '.join(sorted(dynamic)) or 'none'}")
+
+
+def _declared(source: ort.InferenceSession | ir.Model) -> list[tuple[str, list[int | str | None]]]:
+    """Each input a feed gives (name, dims: an int, a symbolic name, or None)."""
+    if isinstance(source, ir.Model):
+        return [(v.name or "", [d if isinstance(d, int) else (str(d) if str(d) else None) for d in (v.shape or [])])
+                for v in source.graph.inputs if not v.is_initializer()]
+    return [(arg.name, [d if isinstance(d, int) and d >= 0 else d for d in (arg.shape or [])])
+            for arg in source.get_inputs()]
+
+
+def unset_dims(source: ort.InferenceSession | ir.Model, dims: Mapping[str, int]) -> list[str]:
+    """The symbolic dims past each input's first (batch) axis that ``dims`` leaves unset: generated inputs and timings
+    would take 1 for them (a sequence of one token times and behaves like another model)."""
+    return sorted({str(d) for _, shape in _declared(source) for d in shape[1:]
+                   if not isinstance(d, int) and d is not None} - set(dims))
+
+
+def dims_from_data(source: ort.InferenceSession | ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The symbolic dims past the first axis, as the data's arrays have them (the shapes the model really sees)."""
+    found: dict[str, int] = {}
+    for name, shape in _declared(source):
+        array = feed.get(name)
+        if array is None or array.ndim != len(shape):
+            continue
+        for axis, dim in enumerate(shape[1:], start=1):
+            if isinstance(dim, str) and dim:
+                found.setdefault(dim, int(array.shape[axis]))
+    return found
 
 
 def generated_batches(

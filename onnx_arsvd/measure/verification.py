@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from onnx_arsvd.io.arrays import available_memory
 from onnx_arsvd.io.data import Feed, load_labelled, load_labels, split_batches
 from onnx_arsvd.io.models import load_model, to_model, weight_stats
 from onnx_arsvd.measure.agreement import OutputAgreement, rows, scores
-from onnx_arsvd.measure.inputs import generated_batches
+from onnx_arsvd.measure.inputs import generated_batches, unset_dims
 from onnx_arsvd.measure.results import OutputComparison, TaskScores, VerificationReport
 from onnx_arsvd.measure.sessions import make_session, run_session
 from onnx_arsvd.numerics.padding import check_positions, masks, real_positions, sequence_outputs, zero_padding
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+
+logger = logging.getLogger("onnx_arsvd")
 
 DEFAULT_BATCH_SIZE = 64
 """Samples per onnxruntime call in verification: bounds memory by one batch of both models' outputs."""
@@ -239,6 +242,9 @@ def verify(
         if samples < 1:
             raise InvalidInputError(f"samples must be at least 1, got {samples}")
         ir_model = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
+        if unset := unset_dims(session_a, dims or {}):
+            logger.warning(f"generated inputs set the dynamic dims {', '.join(f'{d}=1' for d in unset)}: give `dims` "
+                           f"({unset[0]}=N) for the shapes the model really sees, or `data`")
         batches = generated_batches(session_a, ir_model, dims or {}, samples, seed)
         total = None
         labels = load_labels(labels) if labels is not None else None

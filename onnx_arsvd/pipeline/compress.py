@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_arsvd.config import CompressOptions
-from onnx_arsvd.errors import OutputError
+from onnx_arsvd.errors import InvalidInputError, OutputError
 from onnx_arsvd.io.data import Feed, load_data
 from onnx_arsvd.io.models import (
     DROPPED_FIELDS_KEY,
@@ -31,7 +31,7 @@ from onnx_arsvd.io.paths import check_paths, listed
 from onnx_arsvd.io.spill import spill_into
 from onnx_arsvd.measure.calibration import output_errors
 from onnx_arsvd.measure.guard import LatencyTable, check_model, guarded_plans, observed_rows, regressions
-from onnx_arsvd.measure.inputs import check_dims, generated_batches
+from onnx_arsvd.measure.inputs import check_dims, dims_from_data, generated_batches, unset_dims
 from onnx_arsvd.measure.results import LatencyComparison, VerificationReport
 from onnx_arsvd.measure.sessions import make_session
 from onnx_arsvd.measure.verification import ModelLike, check_files, model_source, verify
@@ -100,8 +100,16 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
     source_files = external_data_files(loaded)
     external_data = True if out.external_data is None and source_files else out.external_data  # keeps external data
     check_dims({str(d) for v in loaded.graph.inputs if v.shape for d in v.shape if not isinstance(d, int)}, dims)
-    read = [path for paths in inputs.values() for path in listed(paths)]
     guard = latency_table.guard if latency_table is not None else options.guard
+    timing_dims = dims
+    if guard is not None:  # time at the shapes the data has, where the user named none
+        if data is not None:
+            timing_dims = {**dims_from_data(loaded, load_data(data, loaded)[0]), **dims}
+        if unset := unset_dims(loaded, timing_dims):
+            raise InvalidInputError(f"the latency guard times the model at its real shapes: dynamic dims "
+                                    f"{', '.join(unset)} have no value (give `dims` ({unset[0]}=N), or `data` to take "
+                                    "them from)")
+    read = [path for paths in inputs.values() for path in listed(paths)]
     table = latency_table if latency_table is not None else LatencyTable(guard) if guard is not None else None
     assert factor.method is not None  # decided
 
@@ -122,7 +130,7 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
         if prepared is not None:
             outcome = run_search(prepared, model, loaded, settings, quantize=quantize,
                                  batch_size=data_options.batch_size,
-                                 latency=table if prepared.budget.prices_latency else None, dims=dims,
+                                 latency=table if prepared.budget.prices_latency else None, dims=timing_dims,
                                  scratch=scratch.path, progress=progress)
             settings, memo, planned, search = outcome.settings, outcome.memo, outcome.planned, outcome.result
             if held_out is not None:  # report on data the search never saw
@@ -131,8 +139,8 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
             planned = plan_model(loaded, settings, with_factors=True, progress=progress, memo=memo, spill=spill)
         if table is not None and provider is not None:
             layers = [layer for plan in planned.plans if plan.factored for layer in plan.layers]
-            rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, dims))
-            planned = planned.with_plans(guarded_plans(planned.plans, table, provider, dims, progress, rows))
+            rows = observed_rows(loaded, layers, _shape_feed(model, loaded, data, timing_dims))
+            planned = planned.with_plans(guarded_plans(planned.plans, table, provider, timing_dims, progress, rows))
         if held_out is not None:
             planned = _with_held_out_errors(loaded, planned, held_out, progress)
         reference = model if isinstance(model, (str, os.PathLike)) or not out.check else to_model(model)
@@ -164,8 +172,8 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
         timed = factored or (search is not None and search.budget.target_latency is not None)
         if guard is not None and provider is not None and timed:
             compressed_source = os.fspath(written_model.path) if written_model is not None else model_source(loaded)[0]
-            latency_check = check_model(guard, model_source(model)[0], compressed_source, provider, dims, loaded,
-                                        progress)
+            latency_check = check_model(guard, model_source(model)[0], compressed_source, provider, timing_dims,
+                                        loaded, progress)
         if out.check:
             verification = verify(reference, compressed, data=data, labels=labels, dims=dims,
                                   samples=data_options.samples, batch_size=data_options.batch_size, progress=progress,
