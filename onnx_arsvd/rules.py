@@ -1,8 +1,10 @@
 """The rules that fill in what the user left open, in one place, so the CLI and the API give the same model.
 
 - With `data`, no `policy` and no `budget`, the ranks are chosen for a budget: at most 1 accuracy point lost when
-  the first output can be scored against labels (given, or the data's own), else a mean output cosine of at
-  least 0.99; a budget given without a target (search settings only) gets the same target.
+  the first output can be scored against labels (given, or the data's own), else at most 0.5% of the decisions
+  flipped when an output decides (class scores, probabilities, a score per sample), else a mean output cosine of
+  at least 0.99 (embeddings, hidden states); a budget given without a target (search settings only) gets the same
+  target.
 - The method is ``whitened`` under a budget with data (its data calibrates), else ``svd``.
 - Layers that feed a graph output (classifier heads) are factored only when real inputs (`data` or
   `calibration`) check them, unless `factor_heads` says otherwise.
@@ -21,20 +23,24 @@ import onnx_ir as ir
 
 from onnx_arsvd.config import CompressOptions, FactorOptions, LatencyGuard
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.graph.outputs import DECISIONS, SCORE, output_kinds
 from onnx_arsvd.io.arrays import open_arrays
 from onnx_arsvd.io.data import label_problem
 from onnx_arsvd.methods.lowrank.settings import CalibrationSource, Settings
 from onnx_arsvd.numerics.rank import EnergyPolicy
 from onnx_arsvd.search.budget import Budget
 
-__all__ = ["DEFAULT_COSINE", "DEFAULT_DROP", "decide", "settings_of"]
+__all__ = ["DEFAULT_COSINE", "DEFAULT_DROP", "DEFAULT_FLIPS", "decide", "settings_of"]
 
 logger = logging.getLogger("onnx_arsvd")
 
 DEFAULT_DROP = 1.0
 """Accuracy points a default budget may lose, when labels score the first output."""
+DEFAULT_FLIPS = 0.005
+"""Share of the original's decisions a default budget may flip, without labels, when an output decides (class
+scores, probabilities, a score per sample): 1 in 200."""
 DEFAULT_COSINE = 0.99
-"""Mean output cosine a default budget keeps, without labels."""
+"""Mean output cosine a default budget keeps, without labels, when no output decides (embeddings, hidden states)."""
 
 
 def _has_labels(options: CompressOptions, model: ir.Model) -> bool:
@@ -68,8 +74,12 @@ def _budget(options: CompressOptions, model: ir.Model) -> Budget | None:
         what = "sequential refits" if budget.sequential else "search settings"
         raise InvalidInputError(f"{what} apply under a budget: give one (`max_drop`, `min_cosine`, "
                                 "`target_params` or `target_latency`), or `data` to choose one for")
-    decided = (dataclasses.replace(budget, max_drop=DEFAULT_DROP) if _has_labels(options, model)
-               else dataclasses.replace(budget, min_cosine=DEFAULT_COSINE))
+    if _has_labels(options, model):
+        decided = dataclasses.replace(budget, max_drop=DEFAULT_DROP)
+    elif any(kind in (DECISIONS, SCORE) for kind in output_kinds(model).values()):
+        decided = dataclasses.replace(budget, max_flips=DEFAULT_FLIPS)
+    else:
+        decided = dataclasses.replace(budget, min_cosine=DEFAULT_COSINE)
     where = "the data" if isinstance(data, Mapping) else os.fspath(data)
     logger.warning(f"no rank policy given: choosing ranks for {decided.describe()} on {where} (give a `policy`, "
                    "`max_drop`, ... to choose yourself)")

@@ -94,7 +94,7 @@ def test_the_rules_decide_what_is_left_open(tmp_path: Path) -> None:
     with np.load(MODELS / "digits_test.npz") as archive:
         unlabelled = {"input": archive["input"]}
     decided = decide(CompressOptions(data=DataOptions(data=unlabelled), budget=Budget(holdout=0.3)), model)
-    assert decided.budget == Budget(min_cosine=0.99, holdout=0.3)
+    assert decided.budget == Budget(max_flips=0.005, holdout=0.3)  # the logits decide: their flips are counted
     chosen = decide(CompressOptions(data=DataOptions(data=unlabelled), factor=FactorOptions(policy=FixedRankPolicy(4))),
                     model)
     assert chosen.budget is None and chosen.factor.method == "svd"

@@ -28,10 +28,33 @@ def rows(array: np.ndarray) -> np.ndarray:
     return np.asarray(array).reshape(array.shape[0] if array.ndim > 1 else 1, -1).astype(np.float64)
 
 
+def _probabilities(scores: np.ndarray, already: bool) -> np.ndarray:
+    """Rows of a distribution: the rows themselves (``already``), else their softmax."""
+    if already:
+        return np.clip(scores, 0.0, None)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _decision_rows(array: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
+    """The output as one row per decision (the last axis), real positions only when ``kept`` (batch x sequence)
+    applies to it; a 2-D batch x sequence output keeps its rows, its padded positions at -inf."""
+    array = np.asarray(array, np.float64)
+    if kept is not None and array.ndim == 2:
+        return np.where(kept, array, -np.inf)
+    if kept is not None:
+        return array.reshape(kept.size, -1, array.shape[-1])[kept.reshape(-1)].reshape(-1, array.shape[-1])
+    return array.reshape(-1, array.shape[-1])
+
+
 class OutputAgreement:
     """How far one output of the compressed model is from the original's, accumulated batch by batch.
 
-    Only running sums and one cosine per sample are kept, so memory does not grow with the outputs' size.
+    Only running sums, one cosine per sample and the decision counts are kept, so memory does not grow with the
+    outputs' size. Besides the cosine and the relative error, an output whose last axis holds scores counts its
+    decisions (argmax) that flip and the KL divergence of its distribution; a score per sample (one value) counts
+    the decisions that cross its threshold (0.5 for a probability, else 0) and its error over its spread.
     """
 
     def __init__(self, name: str) -> None:
@@ -41,9 +64,40 @@ class OutputAgreement:
         self.squared_reference = 0.0
         self.cosines: list[np.ndarray] = []
         self.newly_nonfinite = 0
+        self.decisions = self.flips = 0
+        self.kl_sum = 0.0
+        self.probabilities: bool | None = None  # decided on the first batch: the original's values are probabilities
+        self.scalar_sums = np.zeros(3)  # sum, sum of squares of the original's score, and of the error
 
-    def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
-        """Compare one batch of this output."""
+    def _decide(self, expected: np.ndarray, actual: np.ndarray, kept: np.ndarray | None) -> None:
+        """Count the batch's decisions and flips (and the KL, or the score's spread)."""
+        if expected.ndim >= 1 and expected.size == len(expected):  # one score per sample
+            e, a = expected.reshape(-1).astype(np.float64), actual.reshape(-1).astype(np.float64)
+            if self.probabilities is None:
+                self.probabilities = bool(np.all((e >= 0) & (e <= 1)))
+            threshold = 0.5 if self.probabilities else 0.0
+            self.decisions += e.size
+            self.flips += int(np.sum((e > threshold) != (a > threshold)))
+            self.scalar_sums += (e.sum(), (e * e).sum(), ((a - e) ** 2).sum())
+            return
+        if expected.ndim < 2 or expected.shape[-1] < 2:
+            return
+        e, a = _decision_rows(expected, kept), _decision_rows(actual, kept)
+        if self.probabilities is None:
+            finite = e[np.isfinite(e)]
+            self.probabilities = bool(finite.size and np.all((finite >= 0) & (finite <= 1))
+                                      and np.allclose(np.where(np.isfinite(e), e, 0).sum(axis=1), 1, atol=1e-3))
+        self.decisions += len(e)
+        self.flips += int(np.sum(e.argmax(axis=1) != a.argmax(axis=1)))
+        p, q = _probabilities(e, self.probabilities), _probabilities(a, self.probabilities)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(p > 0, p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None))), 0.0)
+        self.kl_sum += float(np.sum(terms))
+
+    def add(self, expected: np.ndarray, actual: np.ndarray, kept: np.ndarray | None = None) -> None:
+        """Compare one batch of this output; ``kept``: its real positions (batch x sequence) when padding applies
+        (the arrays then hold zeros at the padded ones)."""
+        self._decide(np.asarray(expected), np.asarray(actual), kept)
         rows_e, rows_a = rows(expected), rows(actual)
         diff = rows_a - rows_e
         self.newly_nonfinite += int(np.sum(np.all(np.isfinite(rows_e), axis=1) & ~np.all(np.isfinite(rows_a), axis=1)))
@@ -67,4 +121,15 @@ class OutputAgreement:
             min_cosine=float(np.min(cosines)),
             cosine_stderr=float(np.std(cosines, ddof=1) / np.sqrt(len(cosines))) if len(cosines) > 1 else 0.0,
             newly_nonfinite=self.newly_nonfinite,
+            decisions=self.decisions,
+            flips=self.flips,
+            kl=self.kl_sum / self.decisions if self.decisions and not self.scalar_sums.any() else None,
+            spread_error=self._spread_error(),
         )
+
+    def _spread_error(self) -> float | None:
+        total, squares, errors = self.scalar_sums
+        if not self.decisions or not squares:
+            return None
+        variance = squares / self.decisions - (total / self.decisions) ** 2
+        return float(np.sqrt(errors / self.decisions / variance)) if variance > 0 else None

@@ -35,6 +35,24 @@ class OutputComparison:
     """Standard error of the mean cosine over samples."""
     newly_nonfinite: int = 0
     """Samples whose output holds NaN or Inf in the compressed model but not in the original."""
+    kind: str = "values"
+    """What the output is (:mod:`onnx_arsvd.graph.outputs`): "decisions", "score" or "values"."""
+    decisions: int = 0
+    """Decisions the output makes: the argmax of its last axis at every position (class scores, probabilities,
+    per-token logits), or for a score per sample the side of its threshold; 0 when it makes none (a vector of one
+    value per position is a score, an embedding's argmax is a decision too, so read :attr:`flips` by what the output
+    is)."""
+    flips: int = 0
+    """Decisions the compressed model makes differently."""
+    kl: float | None = None
+    """Mean KL divergence of the compressed model's distribution from the original's over the last axis (softmax of
+    scores, or the probabilities themselves)."""
+    spread_error: float | None = None
+    """For a score per sample: the root-mean-square error over the score's standard deviation on the data."""
+
+    @property
+    def flip_rate(self) -> float | None:
+        return self.flips / self.decisions if self.decisions else None
 
     def cosine_bound(self, z: float = 1.645) -> float:
         """One-sided lower confidence bound on the mean cosine (z = 1.645: 95%)."""
@@ -72,6 +90,13 @@ class VerificationReport:
     :mod:`onnx_arsvd.numerics.padding`)."""
     compared_positions: tuple[int, int, int] | None = None
     """With padding left out: (real positions compared in all, fewest in one sample, most in one sample)."""
+
+    @property
+    def flip_share(self) -> float | None:
+        """The largest share of decisions flipped over the outputs that decide (class scores, a score per sample);
+        None when none does."""
+        shares = [o.flip_rate for o in self.outputs if o.kind in ("decisions", "score") and o.flip_rate is not None]
+        return max(shares) if shares else None
 
     @property
     def accuracy_drop(self) -> float | None:

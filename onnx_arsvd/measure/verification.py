@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,6 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
+from onnx_arsvd.graph.outputs import VALUES, output_kinds
 from onnx_arsvd.io.arrays import available_memory
 from onnx_arsvd.io.data import Feed, load_labelled, load_labels, split_batches
 from onnx_arsvd.io.models import load_model, to_model, weight_stats
@@ -60,8 +62,10 @@ def compare_models(
     inputs: str = "",
     progress: bool = False,
     total: int | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> VerificationReport:
-    """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory.
+    """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory; ``kinds``
+    (:func:`~onnx_arsvd.graph.outputs.output_kinds`) says what each output is.
 
     Outputs laid out batch x sequence x ... (and 2-D ones whose declared second dim is the mask's sequence dim)
     are compared at real token positions only when the feeds carry an attention mask
@@ -74,7 +78,7 @@ def compare_models(
     _check_same_outputs(names, compressed)
     runs = ((feed, run_session(original, names, feed), run_session(compressed, names, feed)) for feed in batches)
     return _compare(names, _sequence(original), runs, original.get_providers()[0], labels=labels, inputs=inputs,
-                    progress=progress, total=total)
+                    progress=progress, total=total, kinds=kinds)
 
 
 def _sequence(session: ort.InferenceSession) -> list[bool]:
@@ -92,17 +96,19 @@ class ReferenceOutputs:
     sequence: list[bool]
     provider: str
     outputs: list[Outputs]
+    kinds: Mapping[str, str] | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(np.asarray(output).nbytes for batch in self.outputs for output in batch)
 
 
-def reference_outputs(original: ort.InferenceSession, batches: Sequence[Feed]) -> ReferenceOutputs:
-    """Every output of ``original`` on each of ``batches``."""
+def reference_outputs(original: ort.InferenceSession, batches: Sequence[Feed],
+                      kinds: Mapping[str, str] | None = None) -> ReferenceOutputs:
+    """Every output of ``original`` on each of ``batches`` (``kinds``: what each output is)."""
     names = [o.name for o in original.get_outputs()]
     outputs = [run_session(original, names, feed) for feed in batches]
-    return ReferenceOutputs(names, _sequence(original), original.get_providers()[0], outputs)
+    return ReferenceOutputs(names, _sequence(original), original.get_providers()[0], outputs, kinds)
 
 
 def compare_with_reference(reference: ReferenceOutputs, compressed: ort.InferenceSession, batches: Sequence[Feed], *,
@@ -114,7 +120,7 @@ def compare_with_reference(reference: ReferenceOutputs, compressed: ort.Inferenc
     runs = ((feed, expected, run_session(compressed, reference.names, feed))
             for feed, expected in zip(batches, reference.outputs, strict=True))
     return _compare(reference.names, reference.sequence, runs, reference.provider, labels=labels, inputs="",
-                    progress=False, total=None)
+                    progress=False, total=None, kinds=reference.kinds)
 
 
 def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> None:
@@ -124,7 +130,8 @@ def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> N
 
 
 def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Feed, Outputs, Outputs]], provider: str,
-             *, labels: np.ndarray | None, inputs: str, progress: bool, total: int | None) -> VerificationReport:
+             *, labels: np.ndarray | None, inputs: str, progress: bool, total: int | None,
+             kinds: Mapping[str, str] | None = None) -> VerificationReport:
     """The report over (feed, original's outputs, compressed model's outputs) for each batch; ``sequence`` flags the
     2-D outputs laid out batch x sequence."""
     agreements = {name: OutputAgreement(name) for name in names}
@@ -135,7 +142,9 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
     for feed, expected, actual in runs:
         positions = real_positions(feed)
         for name, seq, e, a in zip(names, sequence, expected, actual, strict=True):
-            agreements[name].add(*(zero_padding(np.asarray(x), positions, seq) for x in (e, a)))
+            real = positions if masks(np.asarray(e), positions, seq) else None
+            original_output, compressed_output = (zero_padding(np.asarray(x), positions, seq) for x in (e, a))
+            agreements[name].add(original_output, compressed_output, real)
         if positions is not None and any(masks(np.asarray(e), positions, seq)
                                          for e, seq in zip(expected, sequence, strict=True)):
             check_positions(positions, f"verification batch {len(per_sample) + 1}")
@@ -159,7 +168,8 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
         original, compressed = scores(predicted_e, labels), scores(predicted_a, labels)
         flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
     return VerificationReport(provider=provider, inputs=inputs, samples=samples,
-                              outputs=[agreement.result() for agreement in agreements.values()],
+                              outputs=[dataclasses.replace(agreement.result(), kind=(kinds or {}).get(name, VALUES))
+                                       for name, agreement in agreements.items()],
                               original=original, compressed=compressed, flipped=flipped, padded_positions=padded,
                               compared_positions=None if counts is None else
                               (int(counts.sum()), int(counts.min()), int(counts.max())))
@@ -229,6 +239,8 @@ def verify(
     compressed_source, compressed_ir = model_source(compressed)
     if one_at_a_time is None:
         one_at_a_time = too_big_together(_weight_bytes(original, original_ir), _weight_bytes(compressed, compressed_ir))
+    kinds_of = original_ir or (load_model(original) if isinstance(original, (str, os.PathLike)) else None)
+    kinds = output_kinds(kinds_of) if kinds_of is not None else None
     session_a = make_session(original_source, provider)
     if not one_at_a_time:
         session_b = make_session(compressed_source, provider)
@@ -251,7 +263,7 @@ def verify(
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
     if not one_at_a_time:
         return compare_models(session_a, session_b, batches, labels=labels, inputs=described, progress=progress,
-                              total=total)
+                              total=total, kinds=kinds)
     names, sequence, inputs, provider_used = ([o.name for o in session_a.get_outputs()], _sequence(session_a),
                                               _inputs(session_a), session_a.get_providers()[0])
     feeds = list(batches)
@@ -263,7 +275,7 @@ def verify(
     _check_same_outputs(names, session_b)
     runs = ((feed, outputs, run_session(session_b, names, feed)) for feed, outputs in zip(feeds, expected, strict=True))
     return _compare(names, sequence, runs, provider_used, labels=labels, inputs=described + "; one model at a time",
-                    progress=progress, total=total)
+                    progress=progress, total=total, kinds=kinds)
 
 
 def _inputs(session: ort.InferenceSession) -> list[str]:

@@ -15,7 +15,7 @@ from onnx_arsvd.measure.results import LatencyComparison, VerificationReport
 from onnx_arsvd.methods.lowrank.settings import CalibrationSource
 from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.report.model_report import Report
-from onnx_arsvd.rules import DEFAULT_COSINE, DEFAULT_DROP
+from onnx_arsvd.rules import DEFAULT_COSINE, DEFAULT_DROP, DEFAULT_FLIPS
 from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.run import SearchResult
 
@@ -86,6 +86,9 @@ def held_out_miss(verification: VerificationReport | None, search: SearchResult 
     drop = verification.accuracy_drop
     if budget.max_drop is not None and drop is not None and drop > budget.max_drop:
         return f"the budget ({budget.describe()}) is missed on the held-out data: {drop:.2f} points lost"
+    flips = verification.flip_share
+    if budget.max_flips is not None and flips is not None and flips > budget.max_flips:
+        return f"the budget ({budget.describe()}) is missed on the held-out data: {flips:.2%} of decisions flipped"
     worst = min((o.mean_cosine for o in verification.outputs), default=1.0)
     if budget.min_cosine is not None and worst < budget.min_cosine:
         return f"the budget ({budget.describe()}) is missed on the held-out data: mean output cosine {worst:.4f}"
@@ -96,8 +99,9 @@ def far_from_original(verification: VerificationReport | None, budget: Budget | 
     """How a run with a rank policy (no budget) misses, on real data, what the default budget keeps, or "".
 
     The floor is the default budget's own target (:data:`~onnx_arsvd.rules.DEFAULT_DROP` accuracy points with
-    labels, else a mean cosine of :data:`~onnx_arsvd.rules.DEFAULT_COSINE` on every output): what this tool calls
-    close to the original when the user names nothing.
+    labels, else :data:`~onnx_arsvd.rules.DEFAULT_FLIPS` of the decisions flipped when an output decides, else a mean
+    cosine of :data:`~onnx_arsvd.rules.DEFAULT_COSINE` on every output): what this tool calls close to the original
+    when the user names nothing.
     """
     if budget is not None or verification is None or not real_data:
         return ""
@@ -108,6 +112,13 @@ def far_from_original(verification: VerificationReport | None, budget: Budget | 
         return (f"the written model loses {drop:.2f} accuracy points on `data`, more than the default budget allows "
                 f"({DEFAULT_DROP:g}): give `max_drop` {DEFAULT_DROP:g} instead of a rank `policy` to choose ranks "
                 "that keep it")
+    flips = verification.flip_share
+    if flips is not None:
+        if flips <= DEFAULT_FLIPS:
+            return ""
+        return (f"the written model flips {flips:.2%} of the original's decisions on `data`, more than the default "
+                f"budget allows ({DEFAULT_FLIPS:.1%}): give `max_flips` {DEFAULT_FLIPS:.1%} instead of a rank "
+                "`policy` to choose ranks that keep them")
     worst = min(verification.outputs, key=lambda o: o.mean_cosine, default=None)
     if worst is None or worst.mean_cosine >= DEFAULT_COSINE:
         return ""

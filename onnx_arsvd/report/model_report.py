@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from onnx_arsvd.graph.layers import Skipped
-from onnx_arsvd.measure.results import LatencyComparison, VerificationReport
+from onnx_arsvd.measure.results import LatencyComparison, OutputComparison, VerificationReport
 from onnx_arsvd.methods.lowrank.decision import LayerDecision
 
 __all__ = ["Report", "format_report", "format_verification", "nothing_factored_note", "report_to_json",
@@ -190,17 +190,29 @@ def _positions_line(verification: VerificationReport) -> str:
             f"{verification.padded_positions} padded positions (attention mask 0) left out")
 
 
+def _decisions_cell(output: OutputComparison) -> str:
+    """The decisions an output flips, with its KL (class scores) or its error over its spread (a score)."""
+    if output.kind == "values" or not output.decisions:
+        return ""
+    detail = (f"KL {output.kl:.3g}" if output.kl is not None else
+              f"err/spread {output.spread_error:.3g}" if output.spread_error is not None else "")
+    return f"{output.flips} of {output.decisions} ({output.flips / output.decisions:.2%})" + (
+        f", {detail}" if detail else "")
+
+
 def format_verification(verification: VerificationReport, markdown: bool = False) -> str:
     """Per-output errors and, with labels, accuracy and macro-F1 of both models."""
     style = "github" if markdown else "simple"
-    rows = [[o.name, f"{o.max_abs_error:.3g}", f"{o.relative_error:.3g}", f"{o.mean_cosine:.6f}", f"{o.min_cosine:.6f}"]
-            for o in verification.outputs]
+    deciding = any(o.kind != "values" and o.decisions for o in verification.outputs)
+    rows = [[o.name, o.kind, f"{o.max_abs_error:.3g}", f"{o.relative_error:.3g}", f"{o.mean_cosine:.6f}",
+             f"{o.min_cosine:.6f}", *([_decisions_cell(o)] if deciding else [])] for o in verification.outputs]
     lines = [
         f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})"
         + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (give `data`)"
            if verification.inputs.startswith("generated") else "")
         + _positions_line(verification),
-        tabulate(rows, ["output", "max abs err", "rel err", "cosine (mean)", "cosine (min)"], tablefmt=style),
+        tabulate(rows, ["output", "kind", "max abs err", "rel err", "cosine (mean)", "cosine (min)",
+                        *(["decisions flipped"] if deciding else [])], tablefmt=style),
     ]
     if verification.original is not None and verification.compressed is not None:
         o, c = verification.original, verification.compressed
@@ -249,10 +261,12 @@ def _budget_text(budget: dict, style: str) -> str:
     if budget.get("frontier"):
         original = budget["frontier"][0]["model_bytes"]
         table = [[r["variant"], f"{r['model_bytes'] / original:.3f}", f"{r['params_kept']:.1%}",
-                  f"{r['mean_cosine']:.4f}", *([f"{r['accuracy_drop']:+.2f}"] if "accuracy_drop" in r else [])]
+                  f"{r['mean_cosine']:.4f}", *([f"{r['accuracy_drop']:+.2f}"] if "accuracy_drop" in r else []),
+                  *([f"{r['flip_share']:.2%}"] if "flip_share" in r else [])]
                  for r in budget["frontier"]]
         head = ["variant", "size (serialized, x original)", "dense params kept", "output cosine (mean)",
-                *(["accuracy drop (pts)"] if "accuracy_drop" in budget["frontier"][0] else [])]
+                *(["accuracy drop (pts)"] if "accuracy_drop" in budget["frontier"][0] else []),
+                *(["decisions flipped"] if "flip_share" in budget["frontier"][0] else [])]
         lines += [f"frontier on the {samples['held_out']} held-out samples:",
                   tabulate(table, head, tablefmt=style, disable_numparse=True)]
     lines += [f"NOTE: {note}" for note in budget.get("notes", [])]

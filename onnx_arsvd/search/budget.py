@@ -13,16 +13,28 @@ ALLOCATIONS = ("global", "threshold")
 COSTS = ("params", "latency")
 
 
+def _share(text: str) -> float:
+    """A share given as ``0.5%`` or ``0.005``."""
+    try:
+        return float(text.removesuffix("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise InvalidInputError(f"`max_flips` expects a share such as 0.5% or 0.005, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class Budget:
     """One of: at most ``max_drop`` accuracy points lost (needs labels), a mean output cosine of at
-    least ``min_cosine``, at most ``target_params`` of the dense parameters kept, or a whole-model latency of
-    at most ``target_latency`` times the original's (measured on the latency guard's provider and batch sizes)."""
+    least ``min_cosine``, at most ``max_flips`` of the decisions flipped, at most ``target_params`` of the dense
+    parameters kept, or a whole-model latency of at most ``target_latency`` times the original's (measured on the
+    latency guard's provider and batch sizes)."""
 
     max_drop: float | None = option(None, "at most this many accuracy points lost (needs labels: in `data`, or "
                                     "`labels`)", metavar="POINTS", default_text="")
     min_cosine: float | None = option(None, "the mean cosine of every output with the original's at least this",
                                       default_text="")
+    max_flips: float | None = option(None, "at most this share of the model's decisions flipped (the argmax of class "
+                                     "scores per sample or position, or a score's side of its threshold), e.g. 0.5% "
+                                     "or 0.005", metavar="SHARE", parse=_share, default_text="")
     target_params: float | None = option(None, "keep at most this fraction of the dense-layer parameters, as "
                                          "accurately as possible", metavar="F", default_text="")
     target_latency: float | None = option(None, "the whole model at most F times the original's latency on the "
@@ -48,10 +60,12 @@ class Budget:
                            "the dense layers' latency measured by the latency guard", choices=COSTS)
 
     def __post_init__(self) -> None:
-        given = sum(v is not None for v in (self.max_drop, self.min_cosine, self.target_params))
+        given = sum(v is not None for v in (self.max_drop, self.min_cosine, self.max_flips, self.target_params))
         if given > 1:
-            raise InvalidInputError("give one budget: `max_drop`, `min_cosine` or `target_params`, or "
-                                    "`target_latency` (alone or with `max_drop` or `min_cosine`)")
+            raise InvalidInputError("give one budget: `max_drop`, `min_cosine`, `max_flips` or `target_params`, or "
+                                    "`target_latency` (alone or with an accuracy budget)")
+        if self.max_flips is not None and not 0.0 <= self.max_flips < 1.0:
+            raise InvalidInputError(f"`max_flips` must be a share in [0, 1), got {self.max_flips}")
         if self.target_params is not None and self.target_latency is not None:
             raise InvalidInputError("a parameter target and a latency target cannot both be met as accurately as "
                                     "possible: give one")
@@ -78,8 +92,8 @@ class Budget:
         if self.minimize not in COSTS:
             raise InvalidInputError(f"unknown cost to minimize {self.minimize!r}; choose one of: {', '.join(COSTS)}")
         if self.minimize == "latency" and self.target_params is not None:
-            raise InvalidInputError("minimizing latency needs an accuracy budget (max_drop or min_cosine), "
-                                    "not a parameter target")
+            raise InvalidInputError("minimizing latency needs an accuracy budget (`max_drop`, `min_cosine` or "
+                                    "`max_flips`), not a parameter target")
         if self.minimize == "latency" and self.allocation != "global":
             raise InvalidInputError("minimizing latency needs the global allocation")
         if self.sequential and self.allocation != "global":
@@ -97,7 +111,7 @@ class Budget:
     @property
     def judges_outputs(self) -> bool:
         """Whether each search step compares the candidate's outputs with the original's (an accuracy budget)."""
-        return self.max_drop is not None or self.min_cosine is not None
+        return self.max_drop is not None or self.min_cosine is not None or self.max_flips is not None
 
     @property
     def measure(self) -> str | None:
@@ -106,6 +120,8 @@ class Budget:
             return "accuracy drop, 95% upper prediction bound for the held-out part (points)"
         if self.min_cosine is not None:
             return "mean output cosine, 95% lower prediction bound"
+        if self.max_flips is not None:
+            return "share of decisions flipped, 95% upper prediction bound, the output that decides worst"
         if self.target_latency is not None:
             return "whole-model latency (x the original's), 95% upper prediction bound, slowest batch size"
         return None
@@ -113,7 +129,8 @@ class Budget:
     @property
     def auto(self) -> bool:
         """Whether no target was given: :func:`onnx_arsvd.rules.decide` chooses one from the data."""
-        return all(v is None for v in (self.max_drop, self.min_cosine, self.target_params, self.target_latency))
+        return all(v is None for v in (self.max_drop, self.min_cosine, self.max_flips, self.target_params,
+                                       self.target_latency))
 
     def describe(self) -> str:
         if self.auto:
@@ -124,6 +141,8 @@ class Budget:
             accuracy = f"at most {self.max_drop:g} accuracy points lost"
         elif self.min_cosine is not None:
             accuracy = f"mean output cosine at least {self.min_cosine:g}"
+        elif self.max_flips is not None:
+            accuracy = f"at most {self.max_flips:.2%} of decisions flipped"
         elif self.target_params is not None:
             accuracy = f"at most {self.target_params:.1%} of the dense parameters"
         else:

@@ -25,13 +25,17 @@ def held_out_frontier(space: AllocationSpace, chosen: SearchStep, held: Judge) -
     for label, point, quantized in variants:
         result, nbytes = held.measure(space.candidate(point), quantized)
         rows.append(FrontierRow(label, nbytes, space.kept(point), min(o.mean_cosine for o in result.outputs),
-                                result.accuracy_drop))
+                                result.accuracy_drop, result.flip_share))
     shipped = rows[-1 if chosen.quantized else (2 if quantize is not None else 1)]
     notes = []
     drop = shipped.accuracy_drop
     if budget.max_drop is not None and drop is not None and drop > budget.max_drop:
         notes.append(f"MISSED on the held-out part: {shipped.variant} loses {drop:.2f} points "
                      f"(budget {budget.max_drop:g})")
+    flips = shipped.flip_share
+    if budget.max_flips is not None and flips is not None and flips > budget.max_flips:
+        notes.append(f"MISSED on the held-out part: {shipped.variant} flips {flips:.2%} of its decisions "
+                     f"(budget {budget.max_flips:.2%})")
     if budget.min_cosine is not None and shipped.mean_cosine < budget.min_cosine:
         notes.append(f"MISSED on the held-out part: {shipped.variant} has mean output cosine "
                      f"{shipped.mean_cosine:.4f} (budget {budget.min_cosine:g})")

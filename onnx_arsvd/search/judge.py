@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnx_arsvd.graph.outputs import DECISIONS, SCORE
 from onnx_arsvd.io.data import Feed
 from onnx_arsvd.measure.results import VerificationReport
 from onnx_arsvd.measure.sessions import make_session, model_session
@@ -22,7 +23,7 @@ from onnx_arsvd.measure.verification import ReferenceOutputs, compare_with_refer
 from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.search.budget import Budget
 
-__all__ = ["Z_95", "Judge", "prediction_z", "verdict"]
+__all__ = ["Z_95", "Judge", "flip_bound", "prediction_z", "verdict"]
 
 Z_95 = 1.645
 """One-sided 95% normal quantile."""
@@ -36,13 +37,32 @@ def prediction_z(judged_samples: int, held_samples: int, z: float = Z_95) -> flo
     return float(z * (np.sqrt(1.0 + judged_samples / held_samples) if held_samples else 1.0))
 
 
+def flip_bound(flips: int, decisions: int, held_decisions: float) -> float:
+    """A one-sided 95% upper prediction bound of the share of decisions the held-out part will see flipped, from
+    ``flips`` of ``decisions`` judged: the exact (Clopper-Pearson) binomial bound at the effective count of a
+    difference of two shares, 1 / (1/n + 1/n_held), so that few flips (or none) still bound honestly."""
+    from scipy.stats import beta
+
+    effective = 1.0 / (1.0 / decisions + 1.0 / held_decisions) if held_decisions > 0 else float(decisions)
+    flipped = flips * effective / decisions
+    return float(beta.ppf(0.95, flipped + 1.0, effective - flipped)) if flipped < effective else 1.0
+
+
 def verdict(budget: Budget, result: VerificationReport, held_samples: int) -> tuple[float | None, bool]:
     """The measured bound on ``result`` and whether it is within ``budget``: the accuracy drop's upper prediction
-    bound for ``max_drop``, else the lowest mean cosine's lower prediction bound over the outputs."""
+    bound for ``max_drop``, the share of flipped decisions' for ``max_flips`` (the output that decides worst), else
+    the lowest mean cosine's lower prediction bound over the outputs."""
     z = prediction_z(result.samples, held_samples)
     if budget.max_drop is not None:
         bound = result.accuracy_drop_bound(z)
         return (None, False) if bound is None else (float(bound), bool(bound <= budget.max_drop))
+    if budget.max_flips is not None:
+        deciding = [o for o in result.outputs if o.kind in (DECISIONS, SCORE) and o.decisions]
+        if not deciding:
+            return None, False
+        share = held_samples / result.samples if result.samples else 0.0
+        worst = max(flip_bound(o.flips, o.decisions, o.decisions * share) for o in deciding)
+        return worst, bool(worst <= budget.max_flips)
     cosine = float(min(o.cosine_bound(z) for o in result.outputs))
     return cosine, bool(cosine >= (budget.min_cosine or 0.0))
 

@@ -20,6 +20,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.graph.outputs import output_kinds
 from onnx_arsvd.io.data import Feed, load_data, load_labels, sample_count, split_batches
 from onnx_arsvd.measure.sessions import make_session, run_session
 from onnx_arsvd.measure.verification import ModelLike, ReferenceOutputs, model_source, reference_outputs
@@ -149,7 +150,9 @@ def feeds(model: ModelLike, parts: DataParts, batch_size: int, *, judge: bool, r
           held_out: bool) -> Feeds:
     """The parts' feeds; the original's outputs on the judge part (``judge``), on the samples the layer responses
     run on (``responses``) and on the held-out part (``held_out``)."""
-    original = make_session(model_source(model)[0])
+    source, loaded = model_source(model)
+    original = make_session(source)
+    kinds = output_kinds(loaded) if loaded is not None else None
 
     def batches(part: Mapping[str, np.ndarray]) -> list[Feed]:
         inputs = {name: array for name, array in part.items() if name != "labels"}
@@ -160,8 +163,8 @@ def feeds(model: ModelLike, parts: DataParts, batch_size: int, *, judge: bool, r
     response = response_batches(original, judged) if responses else None
     held = batches(parts.held_out) if held_out and parts.held_out is not None else None
     return Feeds(judged, fit,
-                 judge_reference=reference_outputs(original, judged) if judge else None,
+                 judge_reference=reference_outputs(original, judged, kinds) if judge else None,
                  response=response,
-                 response_reference=reference_outputs(original, response) if response is not None else None,
+                 response_reference=reference_outputs(original, response, kinds) if response is not None else None,
                  held=held,
-                 held_reference=reference_outputs(original, held) if held is not None else None)
+                 held_reference=reference_outputs(original, held, kinds) if held is not None else None)

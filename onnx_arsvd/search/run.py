@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.errors import InvalidInputError
+from onnx_arsvd.graph.outputs import DECISIONS, SCORE, output_kinds
 from onnx_arsvd.measure.guard import LatencyTable
 from onnx_arsvd.measure.verification import ModelLike
 from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo
@@ -56,6 +57,9 @@ def prepare_search(budget: Budget, model: ir.Model, data: str | os.PathLike | Ma
         raise InvalidInputError(f"{what} needs the latency guard: its provider and batch sizes")
     if budget.prices_latency and method == "lp":
         raise InvalidInputError(f"{what} needs the global allocation, which l_p factors do not have")
+    if budget.max_flips is not None and not any(kind in (DECISIONS, SCORE) for kind in output_kinds(model).values()):
+        raise InvalidInputError("`max_flips` needs an output that decides (class scores, probabilities or a score per "
+                                "sample); this model's outputs are values: give `min_cosine` instead")
     parts = split_parts(budget, model, data, labels, method, calibration)
     return PreparedSearch(budget, parts, budget.allocation if method != "lp" else "threshold")
 

@@ -36,13 +36,18 @@ class FrontierRow:
     params_kept: float
     mean_cosine: float
     accuracy_drop: float | None = None
+    flip_share: float | None = None
+    """The largest share of decisions flipped over the outputs that decide."""
 
     def as_dict(self) -> dict[str, object]:
-        """The row as the report shows it (no accuracy_drop key without labels)."""
+        """The row as the report shows it (no accuracy_drop key without labels, no flip_share without a deciding
+        output)."""
         row: dict[str, object] = {"variant": self.variant, "model_bytes": self.model_bytes,
                                   "params_kept": self.params_kept, "mean_cosine": self.mean_cosine}
         if self.accuracy_drop is not None:
             row["accuracy_drop"] = self.accuracy_drop
+        if self.flip_share is not None:
+            row["flip_share"] = self.flip_share
         return row
 
 
