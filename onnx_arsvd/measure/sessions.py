@@ -108,8 +108,15 @@ def _open(model: str | bytes, options: ort.SessionOptions, providers: list[str])
     try:
         return ort.InferenceSession(model, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line}") from error
+        raise UnsupportedModelError(f"onnxruntime cannot load the model: {_said(error)}") from error
+
+
+def _said(error: Exception) -> str:
+    """onnxruntime's message on one line: its lines joined (a first line that ends in ':' is cut just before the part
+    that explains it), at most 400 characters."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines) if lines else type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def run_session(session: ort.InferenceSession, names: list[str] | None, feed: dict) -> list:
@@ -119,5 +126,4 @@ def run_session(session: ort.InferenceSession, names: list[str] | None, feed: di
     try:
         return session.run(names, one_call(feed, input_specs(session)))
     except Exception as error:  # onnxruntime raises Fail, InvalidArgument, RuntimeException, ...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InvalidInputError(f"onnxruntime failed on the data: {first_line}") from error
+        raise InvalidInputError(f"onnxruntime failed on the data: {_said(error)}") from error
