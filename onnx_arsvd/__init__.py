@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from onnx_arsvd.api import BudgetMissedError, compress, inspect_model
-    from onnx_arsvd.config import LatencyGuard
+    from onnx_arsvd.config import CompressOptions, DataOptions, FactorOptions, LatencyGuard, OutputOptions
     from onnx_arsvd.errors import ArsvdError, InvalidInputError, UnsupportedModelError
     from onnx_arsvd.io.data import CalibrationDataReader
     from onnx_arsvd.measure.results import VerificationReport
@@ -29,17 +29,21 @@ if TYPE_CHECKING:
     from onnx_arsvd.search.budget import Budget
 
 _HOMES = {
-    "METHODS": "methods.lowrank.settings",
-    "POLICIES": "numerics.rank",
-    "CalibrationDataReader": "io.data",
     "ArsvdError": "errors",
-    "BudgetMissedError": "api",
     "Budget": "search.budget",
+    "BudgetMissedError": "api",
+    "CalibrationDataReader": "io.data",
+    "CompressOptions": "config",
+    "DataOptions": "config",
     "EnergyPolicy": "numerics.rank",
     "EntropyPolicy": "numerics.rank",
+    "FactorOptions": "config",
     "FixedRankPolicy": "numerics.rank",
     "InvalidInputError": "errors",
     "LatencyGuard": "config",
+    "METHODS": "methods.lowrank.settings",
+    "OutputOptions": "config",
+    "POLICIES": "numerics.rank",
     "RatioPolicy": "numerics.rank",
     "Report": "report.model_report",
     "UnsupportedModelError": "errors",
@@ -54,15 +58,19 @@ _HOMES = {
 
 __all__ = [
     "ArsvdError",
-    "BudgetMissedError",
     "Budget",
+    "BudgetMissedError",
     "CalibrationDataReader",
+    "CompressOptions",
+    "DataOptions",
     "EnergyPolicy",
     "EntropyPolicy",
+    "FactorOptions",
     "FixedRankPolicy",
     "InvalidInputError",
     "LatencyGuard",
     "METHODS",
+    "OutputOptions",
     "POLICIES",
     "RatioPolicy",
     "Report",
