@@ -48,6 +48,9 @@ def compress(model: ModelLike, output: str | os.PathLike | None = None, options:
     - ``method="whitened"`` factors each layer to minimise its output error on the ``calibration`` inputs (an
       ``.npz``, arrays, or a ``CalibrationDataReader``); ``method="lp"`` fits each weight's rows with the robust l_p
       subspace. Embedding tables (``Gather`` on a constant) are factored only with an ``embedding_policy``.
+    - ``data`` is an ``.npz`` path or arrays keyed by input name (samples on the first axis), or one feed per call
+      (a folder of ``.npz`` files, a ``CalibrationDataReader``, a list of feed dicts; :mod:`onnx_arsvd.io.calls`)
+      for a model whose batch axis is not the first or that has none: each call then counts as one sample.
     - With a ``budget`` (or with ``data`` and no ``policy``: a default budget), ``data`` is split into a calibration
       part that chooses the ranks (:mod:`onnx_arsvd.search`) and a held-out part that the final verification
       reports on.

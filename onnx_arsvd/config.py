@@ -23,15 +23,10 @@ from onnx_arsvd.numerics.rank import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARA
 from onnx_arsvd.search.budget import Budget
 
 if TYPE_CHECKING:
-    from onnx_arsvd.io.data import CalibrationDataReader
-
-    CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader
+    from onnx_arsvd.io.calls import DataInput
 
 __all__ = ["CompressOptions", "DataOptions", "FactorOptions", "LatencyGuard", "OutputOptions", "option_names",
            "parse_dims"]
-
-DataSource = str | os.PathLike | Mapping[str, np.ndarray]
-
 
 @dataclass(frozen=True)
 class FactorOptions:
@@ -51,8 +46,9 @@ class FactorOptions:
     embedding_policy: RankPolicy | None = option(None, "also factor embedding tables (Gather on a constant) at this "
                                                  "energy threshold; they usually need a higher one than dense layers",
                                                  flag="--embedding-tau", metavar="TAU", cli=False)
-    calibration: CalibrationSource | None = option(None, "inputs for the whitened method: arrays keyed by input name, "
-                                                   "first axis = samples", metavar="NPZ")
+    calibration: DataInput | None = option(None, "inputs for the whitened method: arrays keyed by input name, "
+                                           "first axis = samples, or a folder of .npz files, one feed per call",
+                                           metavar="NPZ|DIR")
     factor_heads: bool | None = option(None, "also factor layers that feed a graph output (classifier heads)",
                                        kind="switch", default_text="only when real inputs (`data` or `calibration`) "
                                        "check them")
@@ -79,9 +75,10 @@ def parse_dims(pairs: tuple[str, ...]) -> dict[str, int]:
 class DataOptions:
     """The inputs that check (and, under a budget, choose) the result: real data, or generated inputs."""
 
-    data: DataSource | None = option(None, ".npz of arrays keyed by input name (first axis = samples; an input of a "
-                                     "fixed shape that takes one value per call may be given once), optional "
-                                     "'labels'", metavar="NPZ")
+    data: DataInput | None = option(None, ".npz of arrays keyed by input name (first axis = samples; an input of a "
+                                    "fixed shape that takes one value per call may be given once), optional "
+                                    "'labels'; or a folder of .npz files, one feed per call, for inputs whose "
+                                    "batch axis is not the first or that have no sample axis", metavar="NPZ|DIR")
     labels: np.ndarray | str | os.PathLike | None = option(None, ".npy of integer labels: adds top-1 accuracy and "
                                                            "macro-F1", metavar="NPY")
     dims: Mapping[str, int] = option(help="value of a dynamic dimension for generated inputs (default 1; "
@@ -104,8 +101,9 @@ class OutputOptions:
     check: bool = option(True, "skip the onnxruntime comparison of the written model with the original",
                          flag="--no-verify", kind="off")
     strict: bool = option(False, "fail (nothing written) when a run with a rank policy, checked on real `data`, misses "
-                          "what the default budget keeps (1 accuracy point lost with labels, else a mean output "
-                          "cosine of 0.99); without it, a warning", kind="switch")
+                          "what the default budget keeps (1 accuracy point lost with labels, else 0.5% of the "
+                          "decisions flipped where an output decides, else a mean output cosine of 0.99); without "
+                          "it, a warning", kind="switch")
     progress: bool = option(False, "progress bars", cli=False)
 
 

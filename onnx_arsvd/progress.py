@@ -47,7 +47,7 @@ class _Phase:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            logger.info(f"{self.desc}: {self.n:,} {self.unit}{'' if self.n == 1 else 's'} in "
+            logger.info(f"{self.desc}: {self.n:,} {_plural(self.unit, self.n)} in "
                         f"{time.perf_counter() - self._start:.1f} s")
 
     def __enter__(self) -> _Phase:
@@ -55,6 +55,12 @@ class _Phase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _plural(unit: str, count: float) -> str:
+    if count == 1:
+        return unit
+    return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, progress: bool, desc: str, unit: str,

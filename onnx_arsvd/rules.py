@@ -25,6 +25,7 @@ from onnx_arsvd.config import CompressOptions, FactorOptions, LatencyGuard
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.graph.outputs import DECISIONS, SCORE, output_kinds
 from onnx_arsvd.io.arrays import open_arrays
+from onnx_arsvd.io.calls import Calls, described
 from onnx_arsvd.io.data import label_problem
 from onnx_arsvd.methods.lowrank.settings import CalibrationSource, Settings
 from onnx_arsvd.numerics.rank import EnergyPolicy
@@ -49,6 +50,10 @@ def _has_labels(options: CompressOptions, model: ir.Model) -> bool:
     if data.labels is not None:
         return True
     if data.data is None or label_problem(model):
+        return False
+    if isinstance(data.data, Calls):  # per-call data, read once by the run before this
+        return data.data.labels is not None
+    if not isinstance(data.data, (str, os.PathLike, Mapping)):
         return False
     if isinstance(data.data, Mapping):
         return "labels" in data.data
@@ -80,9 +85,8 @@ def _budget(options: CompressOptions, model: ir.Model) -> Budget | None:
         decided = dataclasses.replace(budget, max_flips=DEFAULT_FLIPS)
     else:
         decided = dataclasses.replace(budget, min_cosine=DEFAULT_COSINE)
-    where = "the data" if isinstance(data, Mapping) else os.fspath(data)
-    logger.warning(f"no rank policy given: choosing ranks for {decided.describe()} on {where} (give a `policy`, "
-                   "`max_drop`, ... to choose yourself)")
+    logger.warning(f"no rank policy given: choosing ranks for {decided.describe()} on {described(data)} (give a "
+                   "`policy`, `max_drop`, ... to choose yourself)")
     return decided
 
 

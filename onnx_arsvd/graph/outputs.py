@@ -52,12 +52,23 @@ def _per_sample(value: ir.Value) -> int | None:
     return math.prod(fixed) if len(fixed) == len(dims) else None
 
 
+def _unbatched(value: ir.Value, batch_dims: set[int | str]) -> bool:
+    """Whether ``value`` is one vector of a fixed length that no input's first axis shares: the class scores of a
+    model without a sample axis (a [10] output of an [64] input), not ten samples' scores."""
+    if value.shape is None or len(value.shape) != 1:
+        return False
+    (dim,) = value.shape
+    return isinstance(dim, int) and dim > 1 and dim not in batch_dims
+
+
 def output_kinds(model: ir.Model) -> dict[str, str]:
     """Each graph output's kind, by name."""
+    batch_dims = {value.shape[0] if isinstance(value.shape[0], int) else str(value.shape[0])
+                  for value in model.graph.inputs if value.shape is not None and len(value.shape)}
     kinds = {}
     for value in model.graph.outputs:
         kind = VALUES
         if value.dtype is not None and value.dtype.is_floating_point() and _decides(_maker(value)):
-            kind = SCORE if _per_sample(value) == 1 else DECISIONS
+            kind = SCORE if _per_sample(value) == 1 and not _unbatched(value, batch_dims) else DECISIONS
         kinds[value.name or ""] = kind
     return kinds

@@ -38,6 +38,7 @@ __all__ = [
     "CheckedReader",
     "Feed",
     "InputSpec",
+    "Session",
     "check_feed",
     "check_labels",
     "input_specs",
@@ -77,7 +78,7 @@ class InputSpec:
         return f"{self.dtype} ({dims})"
 
 
-class _Session(Protocol):
+class Session(Protocol):
     """What of an onnxruntime session describes its inputs."""
 
     def get_inputs(self) -> list: ...
@@ -88,7 +89,7 @@ class _Session(Protocol):
 _ORT_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
 
 
-def _session_specs(session: _Session) -> list[InputSpec]:
+def _session_specs(session: Session) -> list[InputSpec]:
     specs = []
     for arg in session.get_inputs():
         name = arg.type.removeprefix("tensor(").removesuffix(")")
@@ -101,7 +102,7 @@ def _session_specs(session: _Session) -> list[InputSpec]:
     return specs
 
 
-def input_specs(model: ir.Model | _Session) -> list[InputSpec]:
+def input_specs(model: ir.Model | Session) -> list[InputSpec]:
     """The inputs a feed must hold: graph inputs that are not initializers (IR 3 lists those too).
 
     ``model`` is an ``onnx_ir.Model`` or an onnxruntime session.
@@ -222,7 +223,7 @@ def load_labels(labels: np.ndarray | str | os.PathLike) -> np.ndarray:
     return loaded
 
 
-def _first_output(model: ir.Model | _Session) -> tuple[str, bool | None, tuple[int | None, ...] | None]:
+def _first_output(model: ir.Model | Session) -> tuple[str, bool | None, tuple[int | None, ...] | None]:
     """Name, whether it is a float tensor (None: unknown), and dims of the first output."""
     if isinstance(model, ir.Model):
         output = model.graph.outputs[0]
@@ -234,7 +235,7 @@ def _first_output(model: ir.Model | _Session) -> tuple[str, bool | None, tuple[i
     return arg.name, arg.type in ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"), shape
 
 
-def _classes(model: ir.Model | _Session) -> int | None:
+def _classes(model: ir.Model | Session) -> int | None:
     """How many classes the first output's argmax picks from (None if not known); error if it cannot."""
     name, is_float, shape = _first_output(model)
     if is_float is False:
@@ -257,7 +258,7 @@ def _classes(model: ir.Model | _Session) -> int | None:
     return None
 
 
-def label_problem(model: ir.Model | _Session) -> str:
+def label_problem(model: ir.Model | Session) -> str:
     """Why the model's first output cannot be scored against labels, or "" when it can."""
     try:
         _classes(model)
@@ -266,7 +267,7 @@ def label_problem(model: ir.Model | _Session) -> str:
     return ""
 
 
-def check_labels(labels: np.ndarray, samples: int, model: ir.Model | _Session, where: str = "labels") -> np.ndarray:
+def check_labels(labels: np.ndarray, samples: int, model: ir.Model | Session, where: str = "labels") -> np.ndarray:
     """1-D integer labels, one per sample, in range of the first output's classes."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
@@ -280,7 +281,7 @@ def check_labels(labels: np.ndarray, samples: int, model: ir.Model | _Session, w
     return labels
 
 
-def load_data(data: DataSource, model: ir.Model | _Session) -> tuple[Feed, np.ndarray | None]:
+def load_data(data: DataSource, model: ir.Model | Session) -> tuple[Feed, np.ndarray | None]:
     """The checked feed for ``model``'s inputs and the optional ``labels`` array (not yet checked); no other
     array of the data is read."""
     where = "data" if isinstance(data, Mapping) else os.fspath(data)
@@ -289,7 +290,7 @@ def load_data(data: DataSource, model: ir.Model | _Session) -> tuple[Feed, np.nd
 
 
 def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | None,
-                  model: ir.Model | _Session, *, warn: bool = True) -> tuple[Feed, np.ndarray | None]:
+                  model: ir.Model | Session, *, warn: bool = True) -> tuple[Feed, np.ndarray | None]:
     """The checked feed and its checked labels: ``labels`` when given (an array or ``.npy`` path), else
     the data's own ``labels`` array (left out, with a warning unless ``warn`` is false, when the first output
     cannot take labels), else None."""
@@ -305,7 +306,7 @@ def load_labelled(data: DataSource, labels: np.ndarray | str | os.PathLike | Non
     return feed, check_labels(given, sample_count(feed), model)
 
 
-def split_batches(feed: Feed, model: ir.Model | _Session | list[InputSpec], batch_size: int) -> Iterator[Feed]:
+def split_batches(feed: Feed, model: ir.Model | Session | list[InputSpec], batch_size: int) -> Iterator[Feed]:
     """Slices of the data along the first axis; a fixed batch dim in the model sets the slice size."""
     specs = model if isinstance(model, list) else input_specs(model)
     fixed = next((s.shape[0] for s in specs if s.shape and s.shape[0] and s.name in feed
@@ -320,7 +321,7 @@ def split_batches(feed: Feed, model: ir.Model | _Session | list[InputSpec], batc
 class ArrayReader:
     """A ``CalibrationDataReader`` over an ``.npz`` or a mapping of arrays, in batches of ``batch_size``."""
 
-    def __init__(self, data: DataSource, model: ir.Model | _Session | list[InputSpec], batch_size: int = 256,
+    def __init__(self, data: DataSource, model: ir.Model | Session | list[InputSpec], batch_size: int = 256,
                  what: str = "calibration") -> None:
         where = "calibration arrays" if isinstance(data, Mapping) else os.fspath(data)
         specs = model if isinstance(model, list) else input_specs(model)
@@ -335,7 +336,7 @@ class ArrayReader:
 class CheckedReader:
     """A user's ``CalibrationDataReader`` whose every feed is checked like an array file's."""
 
-    def __init__(self, reader: CalibrationDataReader, model: ir.Model | _Session | list[InputSpec]) -> None:
+    def __init__(self, reader: CalibrationDataReader, model: ir.Model | Session | list[InputSpec]) -> None:
         if not callable(getattr(reader, "get_next", None)):
             raise InvalidInputError("calibration data must be an .npz path or have get_next(), got "
                                     f"{type(reader).__name__}")

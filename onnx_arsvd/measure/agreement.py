@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnx_arsvd.graph.outputs import DECISIONS, VALUES
 from onnx_arsvd.measure.results import OutputComparison, TaskScores
 
 __all__ = ["OutputAgreement", "macro_f1", "rows", "scores"]
@@ -57,8 +58,8 @@ class OutputAgreement:
     the decisions that cross its threshold (0.5 for a probability, else 0) and its error over its spread.
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, kind: str = VALUES) -> None:
+        self.name, self.kind = name, kind
         self.max_abs_error = 0.0
         self.squared_error = 0.0
         self.squared_reference = 0.0
@@ -71,7 +72,9 @@ class OutputAgreement:
 
     def _decide(self, expected: np.ndarray, actual: np.ndarray, kept: np.ndarray | None) -> None:
         """Count the batch's decisions and flips (and the KL, or the score's spread)."""
-        if expected.ndim >= 1 and expected.size == len(expected):  # one score per sample
+        if self.kind == DECISIONS and expected.ndim == 1:  # the class scores of a model without a sample axis
+            expected, actual = expected.reshape(1, -1), actual.reshape(1, -1)
+        elif expected.ndim >= 1 and expected.size == len(expected):  # one score per sample
             e, a = expected.reshape(-1).astype(np.float64), actual.reshape(-1).astype(np.float64)
             if self.probabilities is None:
                 self.probabilities = bool(np.all((e >= 0) & (e <= 1)))

@@ -27,7 +27,8 @@ import onnxruntime as ort
 
 from onnx_arsvd.errors import InvalidInputError, OutputError, UnsupportedModelError
 from onnx_arsvd.graph.layers import QUANTIZED_OPS, find_layers
-from onnx_arsvd.io.data import Feed, load_data
+from onnx_arsvd.io.calls import is_per_call, read_calls
+from onnx_arsvd.io.data import Feed, input_specs, load_data
 from onnx_arsvd.io.models import load_model, model_file_bytes, weight_stats
 from onnx_arsvd.measure.inputs import dims_from_data, generated_batches, unset_dims
 from onnx_arsvd.measure.results import BenchmarkResult, LatencyComparison, LatencyStats, MemoryStats
@@ -307,7 +308,9 @@ def benchmark_models(
                  f"3 rounds of fresh sessions per batch size, {interleaving}, at least {min_seconds:g} s in all")
     probe = make_session(paths["original"])
     if accuracy_data is not None:  # time at the shapes the data has, where the user named none
-        dims = {**dims_from_data(probe, load_data(accuracy_data, probe)[0]), **dims}
+        first = (read_calls(accuracy_data, input_specs(probe)).feeds[0] if is_per_call(accuracy_data)
+                 else load_data(accuracy_data, probe)[0])
+        dims = {**dims_from_data(probe, first), **dims}
     if unset := unset_dims(probe, dims):
         raise InvalidInputError(f"dynamic dims {', '.join(unset)} have no value to time at (a sequence of one token "
                                 f"times a different model): give `dims` ({unset[0]}=N), or `data` to take them from")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -24,7 +24,8 @@ import onnx_ir as ir
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.graph.capture import exposed_model
 from onnx_arsvd.graph.layers import Layer, WeightKey
-from onnx_arsvd.io.data import ArrayReader, CalibrationDataReader, CheckedReader
+from onnx_arsvd.io.calls import Calls, DataInput, is_per_call, read_calls
+from onnx_arsvd.io.data import ArrayReader, CalibrationDataReader, CheckedReader, input_specs
 from onnx_arsvd.measure.sessions import make_session, run_session
 from onnx_arsvd.numerics.losscurve import OutputGram
 from onnx_arsvd.numerics.padding import drop_padding, real_positions
@@ -61,8 +62,8 @@ class _Capture:
         return [(layer, _rows(layer, outputs[self.by_node[id(layer.node)]], positions)) for layer in self.layers]
 
 
-Source = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader
-"""Calibration inputs: an ``.npz`` path, a mapping of arrays, or a ``CalibrationDataReader``."""
+Source = DataInput
+"""Calibration inputs: an ``.npz`` path, a mapping of arrays, or one feed per call (:mod:`onnx_arsvd.io.calls`)."""
 
 
 def curve_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
@@ -130,10 +131,13 @@ def _accumulate(model: ir.Model, layers: Sequence[Layer], data: Source, term: Ca
     """The sum over all feeds of ``term(layer, rows of its input)``, per weight (see :func:`capture_grams`)."""
     if not layers:
         return {}
-    if isinstance(data, (str, os.PathLike, Mapping)):
-        reader: CalibrationDataReader = ArrayReader(data, model)
-    else:
-        reader = CheckedReader(data, model)
+    reader: CalibrationDataReader
+    if isinstance(data, (str, os.PathLike, list, tuple, Calls)) and is_per_call(data):  # a folder, a list of feeds
+        reader = read_calls(data, input_specs(model)).reader()
+    elif isinstance(data, (str, os.PathLike, Mapping)):
+        reader = ArrayReader(data, model)
+    else:  # a reader: checked feed by feed as it streams
+        reader = CheckedReader(cast(CalibrationDataReader, data), model)
     capture = _Capture(model, layers)
     sums: dict[WeightKey, Term] = {}
     batches = 0

@@ -85,6 +85,10 @@ class VerificationReport:
     compressed: TaskScores | None = None
     flipped: int | None = None
     """Samples one model classifies correctly and the other not (the discordant pairs)."""
+    labelled: int | None = None
+    """Labels scored (the samples, or for per-call data each call's rows)."""
+    per_call: bool = False
+    """Whether each sample is one call's feed (:mod:`onnx_arsvd.io.calls`)."""
     padded_positions: int = 0
     """Token positions the attention mask marks as padding, left out of every comparison (see
     :mod:`onnx_arsvd.numerics.padding`)."""
@@ -111,9 +115,10 @@ class VerificationReport:
         The two models are scored on the same samples, so the drop's standard error comes from the
         discordant pairs alone: sqrt(flipped) / n, a slight overestimate (it omits -(b - c)^2 / n^3).
         """
-        if self.accuracy_drop is None or self.flipped is None or not self.samples:
+        scored = self.labelled or self.samples
+        if self.accuracy_drop is None or self.flipped is None or not scored:
             return None
-        return self.accuracy_drop + z * 100.0 * float(np.sqrt(self.flipped)) / self.samples
+        return self.accuracy_drop + z * 100.0 * float(np.sqrt(self.flipped)) / scored
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from onnx_arsvd.errors import InvalidInputError, UnsupportedModelError
 from onnx_arsvd.graph.outputs import VALUES, output_kinds
 from onnx_arsvd.io.arrays import available_memory
+from onnx_arsvd.io.calls import DataInput, as_arrays, is_per_call, load_calls
 from onnx_arsvd.io.data import Feed, load_labelled, load_labels, split_batches
 from onnx_arsvd.io.models import load_model, to_model, weight_stats
 from onnx_arsvd.measure.agreement import OutputAgreement, rows, scores
@@ -63,9 +64,11 @@ def compare_models(
     progress: bool = False,
     total: int | None = None,
     kinds: Mapping[str, str] | None = None,
+    per_call: bool = False,
 ) -> VerificationReport:
     """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory; ``kinds``
-    (:func:`~onnx_arsvd.graph.outputs.output_kinds`) says what each output is.
+    (:func:`~onnx_arsvd.graph.outputs.output_kinds`) says what each output is; ``per_call``: each batch is one
+    call's feed (:mod:`onnx_arsvd.io.calls`), counted as one sample.
 
     Outputs laid out batch x sequence x ... (and 2-D ones whose declared second dim is the mask's sequence dim)
     are compared at real token positions only when the feeds carry an attention mask
@@ -78,7 +81,7 @@ def compare_models(
     _check_same_outputs(names, compressed)
     runs = ((feed, run_session(original, names, feed), run_session(compressed, names, feed)) for feed in batches)
     return _compare(names, _sequence(original), runs, original.get_providers()[0], labels=labels, inputs=inputs,
-                    progress=progress, total=total, kinds=kinds)
+                    progress=progress, total=total, kinds=kinds, per_call=per_call)
 
 
 def _sequence(session: ort.InferenceSession) -> list[bool]:
@@ -97,6 +100,8 @@ class ReferenceOutputs:
     provider: str
     outputs: list[Outputs]
     kinds: Mapping[str, str] | None = None
+    per_call: bool = False
+    """Whether each batch is one call's feed, counted as one sample."""
 
     @property
     def nbytes(self) -> int:
@@ -104,11 +109,12 @@ class ReferenceOutputs:
 
 
 def reference_outputs(original: ort.InferenceSession, batches: Sequence[Feed],
-                      kinds: Mapping[str, str] | None = None) -> ReferenceOutputs:
-    """Every output of ``original`` on each of ``batches`` (``kinds``: what each output is)."""
+                      kinds: Mapping[str, str] | None = None, per_call: bool = False) -> ReferenceOutputs:
+    """Every output of ``original`` on each of ``batches`` (``kinds``: what each output is; ``per_call``: each
+    batch is one call)."""
     names = [o.name for o in original.get_outputs()]
     outputs = [run_session(original, names, feed) for feed in batches]
-    return ReferenceOutputs(names, _sequence(original), original.get_providers()[0], outputs, kinds)
+    return ReferenceOutputs(names, _sequence(original), original.get_providers()[0], outputs, kinds, per_call)
 
 
 def compare_with_reference(reference: ReferenceOutputs, compressed: ort.InferenceSession, batches: Sequence[Feed], *,
@@ -120,7 +126,7 @@ def compare_with_reference(reference: ReferenceOutputs, compressed: ort.Inferenc
     runs = ((feed, expected, run_session(compressed, reference.names, feed))
             for feed, expected in zip(batches, reference.outputs, strict=True))
     return _compare(reference.names, reference.sequence, runs, reference.provider, labels=labels, inputs="",
-                    progress=False, total=None, kinds=reference.kinds)
+                    progress=False, total=None, kinds=reference.kinds, per_call=reference.per_call)
 
 
 def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> None:
@@ -131,14 +137,14 @@ def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> N
 
 def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Feed, Outputs, Outputs]], provider: str,
              *, labels: np.ndarray | None, inputs: str, progress: bool, total: int | None,
-             kinds: Mapping[str, str] | None = None) -> VerificationReport:
+             kinds: Mapping[str, str] | None = None, per_call: bool = False) -> VerificationReport:
     """The report over (feed, original's outputs, compressed model's outputs) for each batch; ``sequence`` flags the
-    2-D outputs laid out batch x sequence."""
-    agreements = {name: OutputAgreement(name) for name in names}
+    2-D outputs laid out batch x sequence; ``per_call``: a batch is one call, one sample."""
+    agreements = {name: OutputAgreement(name, (kinds or {}).get(name, VALUES)) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = padded = 0
     per_sample: list[np.ndarray] = []  # real positions compared in each sample, where padding was left out
-    bar = progress_bar(total=total, desc="verification", unit="sample", progress=progress)
+    bar = progress_bar(total=total, desc="verification", unit="call" if per_call else "sample", progress=progress)
     for feed, expected, actual in runs:
         positions = real_positions(feed)
         for name, seq, e, a in zip(names, sequence, expected, actual, strict=True):
@@ -153,7 +159,7 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
         if labels is not None:
             for kept, first in zip(predictions, (expected[0], actual[0]), strict=True):
                 kept.append(rows(np.asarray(first)).argmax(axis=1))
-        count = len(next(iter(feed.values()))) if feed else 1
+        count = 1 if per_call or not feed else len(next(iter(feed.values())))
         samples += count
         bar.update(count)
     bar.close()
@@ -168,6 +174,7 @@ def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Fe
         original, compressed = scores(predicted_e, labels), scores(predicted_a, labels)
         flipped = int(np.sum((predicted_e == labels) != (predicted_a == labels)))
     return VerificationReport(provider=provider, inputs=inputs, samples=samples,
+                              labelled=len(labels) if labels is not None else None, per_call=per_call,
                               outputs=[dataclasses.replace(agreement.result(), kind=(kinds or {}).get(name, VALUES))
                                        for name, agreement in agreements.items()],
                               original=original, compressed=compressed, flipped=flipped, padded_positions=padded,
@@ -202,9 +209,9 @@ def model_source(model: ModelLike) -> tuple[str | bytes | ir.Model, ir.Model | N
 
 
 def check_files(**paths: object) -> None:
-    """Fail before any work when a named input file is missing."""
+    """Fail before any work when a named input file is missing (data may be a folder: one file per call)."""
     for kind, path in paths.items():
-        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file() and not is_per_call(path):
             raise InvalidInputError(f"{os.fspath(path)}: no such {kind} file")
 
 
@@ -212,7 +219,7 @@ def verify(
     original: ModelLike,
     compressed: ModelLike,
     *,
-    data: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    data: DataInput | None = None,
     labels: np.ndarray | str | os.PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 16,
@@ -224,7 +231,9 @@ def verify(
 ) -> VerificationReport:
     """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
 
-    ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``).
+    ``data`` is an ``.npz`` path or a mapping of arrays keyed by input name (optional ``labels``), or data given
+    one feed per call (a folder of ``.npz`` files, a ``CalibrationDataReader``, a list of mappings: see
+    :mod:`onnx_arsvd.io.calls`), each call holding its own ``labels``.
     Both models run ``batch_size`` samples at a time and only per-sample summaries are kept, so
     memory is bounded by one batch's outputs, plus both models' weights (onnxruntime copies them
     into its own memory). ``one_at_a_time`` runs the original on every batch first, keeps its outputs,
@@ -245,11 +254,19 @@ def verify(
     if not one_at_a_time:
         session_b = make_session(compressed_source, provider)
         _check_same_inputs(_inputs(session_a), session_b)
-    if data is not None:
-        feed, labels = load_labelled(data, labels, session_a)
-        batches: Iterable[Feed] = split_batches(feed, session_a, batch_size)
+    per_call = data is not None and is_per_call(data)
+    if per_call:
+        calls = load_calls(data, labels, session_a)
+        batches: Iterable[Feed] = calls.feeds
+        total: int | None = len(calls)
+        labels = calls.all_labels()
+        described = f"{calls.where}, one feed per call"
+    elif data is not None:
+        arrays = as_arrays(data)
+        feed, labels = load_labelled(arrays, labels, session_a)
+        batches = split_batches(feed, session_a, batch_size)
         total = len(next(iter(feed.values()))) if feed else None
-        described = "given arrays" if isinstance(data, Mapping) else os.fspath(data)
+        described = "given arrays" if isinstance(arrays, Mapping) else os.fspath(arrays)
     else:
         if samples < 1:
             raise InvalidInputError(f"samples must be at least 1, got {samples}")
@@ -263,7 +280,7 @@ def verify(
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
     if not one_at_a_time:
         return compare_models(session_a, session_b, batches, labels=labels, inputs=described, progress=progress,
-                              total=total, kinds=kinds)
+                              total=total, kinds=kinds, per_call=per_call)
     names, sequence, inputs, provider_used = ([o.name for o in session_a.get_outputs()], _sequence(session_a),
                                               _inputs(session_a), session_a.get_providers()[0])
     feeds = list(batches)
@@ -275,7 +292,7 @@ def verify(
     _check_same_outputs(names, session_b)
     runs = ((feed, outputs, run_session(session_b, names, feed)) for feed, outputs in zip(feeds, expected, strict=True))
     return _compare(names, sequence, runs, provider_used, labels=labels, inputs=described + "; one model at a time",
-                    progress=progress, total=total, kinds=kinds)
+                    progress=progress, total=total, kinds=kinds, per_call=per_call)
 
 
 def _inputs(session: ort.InferenceSession) -> list[str]:

@@ -10,7 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.errors import OutputError
-from onnx_arsvd.io.data import ArrayReader, DataSource, load_labelled, load_labels
+from onnx_arsvd.io.arrays import DataSource
+from onnx_arsvd.io.calls import Calls, is_per_call, read_calls
+from onnx_arsvd.io.data import ArrayReader, input_specs, load_labelled, load_labels
 from onnx_arsvd.measure.results import LatencyComparison, VerificationReport
 from onnx_arsvd.methods.lowrank.settings import CalibrationSource
 from onnx_arsvd.methods.quantize.configs import Quantization
@@ -35,16 +37,20 @@ class BudgetMissedError(OutputError):
         self.model = model
 
 
-def checked_data(loaded: ir.Model, data: DataSource | None, labels: np.ndarray | str | os.PathLike | None,
+def checked_data(loaded: ir.Model, data: DataSource | Calls | None, labels: np.ndarray | str | os.PathLike | None,
                   calibration: CalibrationSource | None, *, verified_on_data: bool) -> np.ndarray | None:
     """Check the data, labels and calibration arrays against the model before any work; the labels array
     (those given, else the data's own). Labels the model cannot take are warned about here unless
     ``verified_on_data``: the verification reads the same data again and says it then."""
-    if data is not None:
+    if isinstance(data, Calls):  # checked as they were read
+        labels = data.all_labels()
+    elif data is not None:
         labels = load_labelled(data, labels, loaded, warn=not verified_on_data)[1]
     elif labels is not None:
         labels = load_labels(labels)
-    if isinstance(calibration, (str, os.PathLike, Mapping)):
+    if isinstance(calibration, (str, os.PathLike, list, tuple)) and is_per_call(calibration):
+        read_calls(calibration, input_specs(loaded))
+    elif isinstance(calibration, (str, os.PathLike, Mapping)):
         ArrayReader(calibration, loaded)
     return labels
 
@@ -59,8 +65,15 @@ def check_result(verification: VerificationReport | None, search: SearchResult |
         if search.budget.target_latency is not None and not search.budget.judges_outputs:
             raise OutputError(f"the budget ({search.budget.describe()}) is not met even by the fastest allocation "
                               "searched; nothing written")
+        value = search.chosen.value
+        bound = f" (its 95% bound: {value:.4g})" if value is not None else ""
+        few = ""
+        if search.budget.max_flips is not None and value is not None:  # with no flip at all the bound is ~3 / n
+            few = (f"; a share of flips is bounded by about 3 / (decisions judged) even when none flip: "
+                   f"{search.budget.max_flips:.2%} needs some {math.ceil(3 / search.budget.max_flips):,} decisions "
+                   "on the calibration part, so give more data or a looser `max_flips`")
         raise OutputError(f"the budget ({search.budget.describe()}) is not met even with every layer's full output "
-                          "energy kept; nothing written")
+                          f"energy kept{bound}{few}; nothing written")
     for output in verification.outputs if verification is not None else ():
         if output.newly_nonfinite:
             raise OutputError(f"output {output.name!r} of the compressed model is NaN or Inf on "

@@ -11,12 +11,13 @@ import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnx_arsvd.config import CompressOptions
 from onnx_arsvd.errors import InvalidInputError, OutputError
+from onnx_arsvd.io.arrays import DataSource
+from onnx_arsvd.io.calls import Calls, DataInput, as_arrays, is_per_call, load_calls
 from onnx_arsvd.io.data import Feed, load_data
 from onnx_arsvd.io.models import (
     DROPPED_FIELDS_KEY,
@@ -50,6 +51,7 @@ from onnx_arsvd.pipeline.reporting import Written, build_report
 from onnx_arsvd.pipeline.staging import PendingOutput, scratch_folder
 from onnx_arsvd.report.model_report import Report
 from onnx_arsvd.rules import decide, settings_of
+from onnx_arsvd.search.parts import Part, part_inputs
 from onnx_arsvd.search.run import SearchResult, prepare_search, run_search
 
 __all__ = ["inspect_run", "run_compress"]
@@ -74,8 +76,9 @@ def _input_files(model: ModelLike, loaded: ir.Model, options: CompressOptions) -
     def path(value: object) -> str | os.PathLike | None:
         return value if isinstance(value, (str, os.PathLike)) else None
 
+    data = options.data.data
     return {"input model": path(model), "input model's external data": external_data_files(loaded),
-            "`data`": path(options.data.data), "`labels`": path(options.data.labels),
+            "`data`": data.files if isinstance(data, Calls) else path(data), "`labels`": path(options.data.labels),
             "`calibration`": path(options.factor.calibration)}
 
 
@@ -86,6 +89,9 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
     check_files(data=options.data.data, labels=options.data.labels)
     loaded = to_model(model)
     size_before = model_file_bytes(model, loaded) if isinstance(model, (str, os.PathLike)) else None
+    if options.data.data is not None and is_per_call(options.data.data):  # read once: a reader cannot be read again
+        calls = load_calls(options.data.data, options.data.labels, loaded, warn=not options.output.check)
+        options = options.replace(data=calls)
     options = decide(options, loaded)
     factor, data_options, out = options.factor, options.data, options.output
     inputs = _input_files(model, loaded, options)
@@ -93,7 +99,7 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
     if options.quantize is not None:
         check_quantizable(loaded)
     budget, quantize, progress = options.budget, options.quantize, out.progress
-    data, dims = data_options.data, dict(data_options.dims)
+    data, dims = _arrays_or_calls(data_options.data), dict(data_options.dims)
     labels = checked_data(loaded, data, data_options.labels,
                           factor.calibration if factor.method == "whitened" else None,
                           verified_on_data=out.check and budget is None)
@@ -104,7 +110,7 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
     timing_dims = dims
     if guard is not None:  # time at the shapes the data has, where the user named none
         if data is not None:
-            timing_dims = {**dims_from_data(loaded, load_data(data, loaded)[0]), **dims}
+            timing_dims = {**dims_from_data(loaded, _first_feed(data, loaded)), **dims}
         if unset := unset_dims(loaded, timing_dims):
             raise InvalidInputError(f"the latency guard times the model at its real shapes: dynamic dims "
                                     f"{', '.join(unset)} have no value (give `dims` ({unset[0]}=N), or `data` to take "
@@ -205,14 +211,13 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
     return result, report
 
 
-def _with_held_out_errors(loaded: ir.Model, planned: ModelPlan, held_out: Mapping[str, np.ndarray],
-                          progress: bool) -> ModelPlan:
+def _with_held_out_errors(loaded: ir.Model, planned: ModelPlan, held_out: Part, progress: bool) -> ModelPlan:
     """The plan with each factored layer's relative output error on the held-out part's activations."""
     factored = [plan for plan in planned.plans
                 if plan.factored and plan.factors is not None and not plan.layers[0].is_embedding]
     if not factored:
         return planned
-    inputs = {k: v for k, v in held_out.items() if k != "labels"}
+    inputs = part_inputs(held_out)
     factors = {plan.layers[0].weight_key: plan.factors for plan in factored if plan.factors is not None}
     errors = output_errors(loaded, [layer for plan in factored for layer in plan.layers], factors, inputs,
                            progress=progress)
@@ -223,8 +228,20 @@ def _with_held_out_errors(loaded: ir.Model, planned: ModelPlan, held_out: Mappin
                                for plan, error in zip(planned.plans, errors_of, strict=True)])
 
 
-def _shape_feed(source: ModelLike, model: ir.Model, data: object, dims: Mapping[str, int]) -> Feed:
-    """A few samples the model really sees (the data's first 8), or one generated one: to observe activation shapes."""
+def _arrays_or_calls(data: DataInput | None) -> DataSource | Calls | None:
+    """The run's data as arrays or calls (per-call data was read into :class:`Calls` first)."""
+    return data if data is None or isinstance(data, Calls) else as_arrays(data)
+
+
+def _first_feed(data: DataSource | Part, model: ir.Model) -> Feed:
+    """A few samples the model really sees: the data's first 8, or its first call."""
+    if isinstance(data, Calls):
+        return data.feeds[0]
+    return {name: array[:8] for name, array in load_data(data, model)[0].items()}  # labels are not read
+
+
+def _shape_feed(source: ModelLike, model: ir.Model, data: DataSource | Part | None, dims: Mapping[str, int]) -> Feed:
+    """A few samples the model really sees (:func:`_first_feed`), or one generated one: to observe activation shapes."""
     if data is not None:
-        return {name: array[:8] for name, array in load_data(data, model)[0].items()}  # type: ignore[arg-type]
+        return _first_feed(data, model)
     return generated_batches(make_session(model_source(source)[0]), model, dims, samples=1)[0]

@@ -207,7 +207,8 @@ def format_verification(verification: VerificationReport, markdown: bool = False
     rows = [[o.name, o.kind, f"{o.max_abs_error:.3g}", f"{o.relative_error:.3g}", f"{o.mean_cosine:.6f}",
              f"{o.min_cosine:.6f}", *([_decisions_cell(o)] if deciding else [])] for o in verification.outputs]
     lines = [
-        f"verification on {verification.provider}, {verification.samples} samples ({verification.inputs})"
+        f"verification on {verification.provider}, {verification.samples} "
+        f"{'calls' if verification.per_call else 'samples'} ({verification.inputs})"
         + ("\nthese inputs are generated: they check the rewrite, not accuracy on real data (give `data`)"
            if verification.inputs.startswith("generated") else "")
         + _positions_line(verification),
@@ -226,7 +227,7 @@ def format_verification(verification: VerificationReport, markdown: bool = False
 
 
 def _budget_text(budget: dict, style: str) -> str:
-    samples, measure = budget["samples"], budget["measure"]
+    samples, measure, unit = budget["samples"], budget["measure"], budget.get("unit", "samples")
     by_threshold = budget["tau"] is not None
     chosen_with = (f"tau = {budget['tau']:.4f} (energy of each layer's output)" if by_threshold
                    else budget.get("allocation", "a global allocation"))
@@ -235,13 +236,13 @@ def _budget_text(budget: dict, style: str) -> str:
     fit = samples.get("fit")
     if budget.get("timed"):
         chosen = "chosen by timing each candidate's whole model against the original" + (
-            f" (factors fitted on {fit} samples)" if fit else "")
+            f" (factors fitted on {fit} {unit})" if fit else "")
     elif measure:
-        chosen = f"chosen on {samples['calibration']} calibration samples" + (
+        chosen = f"chosen on {samples['calibration']} calibration {unit}" + (
             f" (factors fitted on {fit} others)" if fit else "")
     else:
         chosen = "chosen by the parameter count alone"
-    verified = (f"verified below on {samples['held_out']} held-out samples" if samples["held_out"]
+    verified = (f"verified below on {samples['held_out']} held-out {unit}" if samples["held_out"]
                 else "no held-out data")
     steps = budget["steps"]
     latency = any(s.get("latency") is not None for s in steps)
@@ -267,7 +268,7 @@ def _budget_text(budget: dict, style: str) -> str:
         head = ["variant", "size (serialized, x original)", "dense params kept", "output cosine (mean)",
                 *(["accuracy drop (pts)"] if "accuracy_drop" in budget["frontier"][0] else []),
                 *(["decisions flipped"] if "flip_share" in budget["frontier"][0] else [])]
-        lines += [f"frontier on the {samples['held_out']} held-out samples:",
+        lines += [f"frontier on the {samples['held_out']} held-out {unit}:",
                   tabulate(table, head, tablefmt=style, disable_numparse=True)]
     lines += [f"NOTE: {note}" for note in budget.get("notes", [])]
     return "\n".join(lines)

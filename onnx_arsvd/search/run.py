@@ -14,6 +14,8 @@ import onnx_ir as ir
 from onnx_arsvd.config import LatencyGuard
 from onnx_arsvd.errors import InvalidInputError
 from onnx_arsvd.graph.outputs import DECISIONS, SCORE, output_kinds
+from onnx_arsvd.io.arrays import DataSource
+from onnx_arsvd.io.calls import Calls
 from onnx_arsvd.measure.guard import LatencyTable
 from onnx_arsvd.measure.verification import ModelLike
 from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo
@@ -22,7 +24,7 @@ from onnx_arsvd.methods.quantize.configs import Quantization
 from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.frontier import held_out_frontier
 from onnx_arsvd.search.judge import Judge
-from onnx_arsvd.search.parts import DataParts, Feeds, feeds, split_parts
+from onnx_arsvd.search.parts import DataParts, Feeds, feeds, part_labels, split_parts
 from onnx_arsvd.search.space import AllocationSpace, allocation_space
 from onnx_arsvd.search.steps import FrontierRow, SearchStep
 from onnx_arsvd.search.strategies import (
@@ -48,7 +50,7 @@ class PreparedSearch:
     allocation: str
 
 
-def prepare_search(budget: Budget, model: ir.Model, data: str | os.PathLike | Mapping[str, np.ndarray] | None,
+def prepare_search(budget: Budget, model: ir.Model, data: DataSource | Calls | None,
                    labels: np.ndarray | str | os.PathLike | None, method: str, calibration: CalibrationSource | None,
                    latency: LatencyGuard | None) -> PreparedSearch:
     """Check that the budget can be searched with this method and guard, and split the data for it."""
@@ -82,6 +84,8 @@ class SearchResult:
     quantize: str | None = None
     quantize_dropped: str = ""
     """Why the requested quantization was dropped, or ""."""
+    unit: str = "samples"
+    """What the data's parts count: samples, or calls for data given one feed per call."""
 
     @property
     def met(self) -> bool:
@@ -92,6 +96,7 @@ class SearchResult:
         return {"budget": self.budget.describe(), "measure": self.budget.measure,
                 "timed": self.budget.target_latency is not None and not self.budget.judges_outputs,
                 "latency_bound": self.latency_bound, "met": self.met, "tau": self.chosen.tau, "samples": self.samples,
+                "unit": self.unit,
                 "allocation": self.allocation, "quantize": self.quantize,
                 "steps": [dataclasses.asdict(step) for step in self.steps],
                 "frontier": [row.as_dict() for row in self.frontier], "notes": list(self.notes)}
@@ -117,7 +122,7 @@ def _judge(prepared: PreparedSearch, data: Feeds, quantize: Quantization | None,
         return None
     part = parts.held_out if held else parts.calibration_part
     return Judge(prepared.budget, reference, (data.held if held else data.judge) or [],
-                 part.get("labels") if part is not None else None, parts.held_samples, quantize, scratch)
+                 part_labels(part), parts.held_samples, quantize, scratch)
 
 
 def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, settings: Settings, *,
@@ -134,11 +139,12 @@ def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, set
                   held_out=global_) if parts.calibration_part else None)
     judge = _judge(prepared, data, quantize, scratch) if data is not None else None
     quantized_with = quantize.describe() if quantize is not None else None
+    unit = "calls" if parts.per_call else "samples"
     if not global_:
         choice, settings, memo = by_threshold(loaded, settings, judge, budget.target_params, budget.steps, progress,
                                               quantize is not None)
         result = SearchResult(budget, "threshold", parts.samples(), choice.chosen, choice.steps,
-                              notes=(*parts.notes, *choice.notes), quantize=quantized_with)
+                              notes=(*parts.notes, *choice.notes), quantize=quantized_with, unit=unit)
         return SearchOutcome(settings, memo, None, result)
     space = allocation_space(loaded, settings, budget, data, latency=latency, dims=dims, progress=progress)
     choice = _choose(space, budget, judge, model, latency, quantize, scratch, dims, progress)
@@ -150,7 +156,8 @@ def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, set
     if held is not None:
         frontier, missed = held_out_frontier(space, choice.chosen, held)
     result = SearchResult(budget, space.describe(), parts.samples(), choice.chosen, choice.steps, tuple(frontier),
-                          (*parts.notes, *choice.notes, *missed), choice.latency_bound, quantized_with, choice.dropped)
+                          (*parts.notes, *choice.notes, *missed), choice.latency_bound, quantized_with, choice.dropped,
+                          unit)
     return SearchOutcome(settings, space.memo, planned, result)
 
 

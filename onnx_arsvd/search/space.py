@@ -186,7 +186,7 @@ def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: 
     if budget.prices_latency:
         assert latency is not None and data is not None  # the search checked both
         layers = [layer for c in curves for layer in c.layers]
-        rows = observed_rows(model, layers, first_samples(data.judge, 8)[0])
+        rows = observed_rows(model, layers, first_samples(data.judge, 8, data.per_call)[0])
         costs = latency_costs(curves, latency, latency.guard.provider(), rows, dims, multiple=budget.rank_multiple,
                               max_rank_fraction=settings.max_rank_fraction, min_params=settings.min_params,
                               progress=progress)

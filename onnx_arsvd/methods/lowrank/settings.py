@@ -7,10 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.io.data import CalibrationDataReader
+from onnx_arsvd.io.calls import Calls, DataInput
 from onnx_arsvd.methods.lowrank.decision import DEFAULT_MAX_RANK_FRACTION, DEFAULT_MIN_PARAMS
 from onnx_arsvd.numerics.rank import EnergyPolicy, RankPolicy
 from onnx_arsvd.numerics.threads import job_count
@@ -19,8 +17,8 @@ __all__ = ["METHODS", "CalibrationSource", "Settings"]
 
 METHODS = ("svd", "whitened", "lp")
 
-CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | CalibrationDataReader
-"""An ``.npz`` path, arrays keyed by input name, or a ``CalibrationDataReader``."""
+CalibrationSource = DataInput
+"""An ``.npz`` path, arrays keyed by input name, or one feed per call (a folder, a ``CalibrationDataReader``)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,8 @@ class Settings:
         if self.method != "whitened" and self.calibration is not None:
             raise InvalidInputError("calibration inputs are only used by the whitened method")
         job_count(self.jobs)
-        if isinstance(self.calibration, (str, os.PathLike)) and not Path(self.calibration).is_file():
+        if isinstance(self.calibration, (str, os.PathLike)) and not (Path(self.calibration).is_file()
+                                                                     or Path(self.calibration).is_dir()):
             raise InvalidInputError(f"{os.fspath(self.calibration)}: no such calibration file")
 
     def describe(self) -> str:
@@ -67,6 +66,8 @@ class Settings:
             source = os.fspath(self.calibration)
         elif isinstance(self.calibration, Mapping):
             source = f"{len(next(iter(self.calibration.values())))} samples of the data"
+        elif isinstance(self.calibration, Calls):
+            source = f"{len(self.calibration)} calls of the data"
         else:
             source = "a reader"
         return f"whitened (calibration: {source})"
