@@ -419,3 +419,18 @@ def test_a_quantized_model_has_no_multiply_add_limit_and_compress_bench_verifies
     assert printed.count("verification on CPUExecutionProvider") == 1
     assert "limit: none, the compressed model has quantized layers" in printed
     assert dense_flop_ratio(ir.load(MODELS / "digits_mlp.onnx"), ir.load(out)) is None
+
+
+def test_the_peak_memory_probe_works_without_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no /proc (macOS, Windows) the peak comes from the platform's own counter: at least the resident
+    set now, and not beyond the machine's memory."""
+    import psutil
+
+    from onnx_arsvd.measure import memory_probe
+
+    with_proc = memory_probe.peak_resident()
+    monkeypatch.setattr(memory_probe, "_STATUS", tmp_path / "no-proc" / "status")
+    without = memory_probe.peak_resident()
+    current = memory_probe.resident()
+    assert current <= without <= psutil.virtual_memory().total
+    assert 0.5 < without / with_proc < 2.0  # the same peak counted two ways (ru_maxrss is never reset)

@@ -19,15 +19,11 @@ DataSource = str | os.PathLike | Mapping[str, np.ndarray]
 
 
 def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable on Linux, else free pages)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Bytes of memory available to new allocations without swapping, on any platform (psutil: MemAvailable on
+    Linux)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 class _Archive(Mapping[str, np.ndarray]):

@@ -3,8 +3,9 @@
 Run as ``python -m onnx_arsvd.measure.memory_probe MODEL PROVIDER FEED.npz THREADS``: it prints one JSON
 line with the resident set size before the session is created (after importing onnxruntime and
 reading the feed) and the peak while creating it and running the feed three times. The kernel's
-high-water mark is reset first (``/proc/self/clear_refs``), because importing onnxruntime alone
-peaks higher than a small model adds. Each model gets its own process, so two models never share a
+high-water mark is reset first where the kernel allows it (Linux's ``/proc/self/clear_refs``), because
+importing onnxruntime alone peaks higher than a small model adds; elsewhere the peak includes the import and
+the increase is not reported. Each model gets its own process, so two models never share a
 heap and the high-water mark belongs to one model alone.
 """
 
@@ -17,20 +18,41 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 
 
-def _status_bytes(field: str) -> int:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"{field} missing from {_STATUS}")
-
-
 def reset_peak() -> bool:
-    """Reset the peak resident set size to the current one; False where the kernel does not allow it."""
+    """Reset the peak resident set size to the current one; False where the kernel does not allow it (only Linux
+    does, through ``/proc/self/clear_refs``)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def resident() -> int:
+    """This process's resident set size in bytes (psutil: any platform)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_resident() -> int:
+    """This process's peak resident set size in bytes: Linux's ``VmHWM`` (which :func:`reset_peak` resets), else
+    the peak working set on Windows, else ``ru_maxrss`` (kilobytes on Linux, bytes on macOS)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    import psutil
+
+    info = psutil.Process().memory_info()
+    if hasattr(info, "peak_wset"):
+        return int(info.peak_wset)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def main(argv: list[str]) -> int:
@@ -42,11 +64,11 @@ def main(argv: list[str]) -> int:
     with np.load(feed_path) as archive:
         feed = {name: archive[name] for name in archive.files}
     exact = reset_peak()
-    baseline = _status_bytes("VmRSS")
+    baseline = resident()
     session = make_session(model, provider, int(threads), cpu_fallback=True)
     for _ in range(3):
         session.run(None, feed)
-    print(json.dumps({"baseline": baseline, "peak": _status_bytes("VmHWM"), "peak_reset": exact}))
+    print(json.dumps({"baseline": baseline, "peak": peak_resident(), "peak_reset": exact}))
     return 0
 
 
