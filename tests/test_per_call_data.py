@@ -207,3 +207,13 @@ def test_a_flip_budget_too_tight_for_the_data_says_how_much_data_it_needs(recurr
     err = capsys.readouterr().err
     assert "0.50% needs some 600 decisions on the calibration part" in err and "--max-flips" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_policy_run_scores_each_call_against_its_own_labels(recurrent: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    calls = _recurrent_calls(10, labels=True)
+    assert main(["compress", str(recurrent), "-o", str(tmp_path / "o.onnx"), "--data", str(_folder(tmp_path, calls)),
+                 "--tau", "0.99", "--min-params", "0", "--json", "-q"]) == 0
+    verification = json.loads(capsys.readouterr().out)["verification"]
+    assert verification["samples"] == 10 and verification["labelled"] == sum(len(c["labels"]) for c in calls)
+    assert verification["original"] is not None and verification["compressed"] is not None

@@ -168,9 +168,9 @@ def read_calls(data: object, specs: list[InputSpec]) -> Calls:
     return Calls(tuple(feeds), tuple(labels) if labels else None, where, files)
 
 
-def load_calls(data: object, labels: object, model: ir.Model | Session, *, warn: bool = True) -> Calls:
+def load_calls(data: object, labels: object, model: ir.Model | Session) -> Calls:
     """The per-call ``data`` checked for ``model``, with its calls' own labels checked against the first output, or
-    left out with a warning (unless ``warn`` is false) when that output cannot take labels."""
+    left out with a warning when that output cannot take labels."""
     if labels is not None:
         raise InvalidInputError("per-call data holds each call's labels in the call itself (a 'labels' array in "
                                 "each file or feed): labels given apart cannot be split by call")
@@ -178,8 +178,7 @@ def load_calls(data: object, labels: object, model: ir.Model | Session, *, warn:
     if (given := calls.all_labels()) is None:
         return calls
     if problem := label_problem(model):
-        if warn:
-            logger.warning(f"{calls.where}: its calls' 'labels' arrays are left out: {problem}")
+        logger.warning(f"{calls.where}: its calls' 'labels' arrays are left out: {problem}")
         return calls.without_labels()
     check_labels(given, len(given), model, calls.where)
     return calls

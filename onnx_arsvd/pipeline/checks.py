@@ -40,10 +40,10 @@ class BudgetMissedError(OutputError):
 def checked_data(loaded: ir.Model, data: DataSource | Calls | None, labels: np.ndarray | str | os.PathLike | None,
                   calibration: CalibrationSource | None, *, verified_on_data: bool) -> np.ndarray | None:
     """Check the data, labels and calibration arrays against the model before any work; the labels array
-    (those given, else the data's own). Labels the model cannot take are warned about here unless
-    ``verified_on_data``: the verification reads the same data again and says it then."""
-    if isinstance(data, Calls):  # checked as they were read
-        labels = data.all_labels()
+    (those given, else the data's own; None for calls, which carry their own). Labels the model cannot take are
+    warned about here unless ``verified_on_data``: the verification reads the same data again and says it then."""
+    if isinstance(data, Calls):  # checked as they were read; each call keeps its own labels
+        labels = None
     elif data is not None:
         labels = load_labelled(data, labels, loaded, warn=not verified_on_data)[1]
     elif labels is not None:

@@ -90,7 +90,7 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
     loaded = to_model(model)
     size_before = model_file_bytes(model, loaded) if isinstance(model, (str, os.PathLike)) else None
     if options.data.data is not None and is_per_call(options.data.data):  # read once: a reader cannot be read again
-        calls = load_calls(options.data.data, options.data.labels, loaded, warn=not options.output.check)
+        calls = load_calls(options.data.data, options.data.labels, loaded)  # warns of labels it leaves out
         options = options.replace(data=calls)
     options = decide(options, loaded)
     factor, data_options, out = options.factor, options.data, options.output
