@@ -110,4 +110,4 @@ def settings_of(factor: FactorOptions, calibration: CalibrationSource | None = N
     assert factor.method is not None and factor.factor_heads is not None  # decided
     return Settings(factor.policy or EnergyPolicy(), factor.include, factor.exclude, factor.max_rank_fraction,
                     factor.min_params, factor.method, calibration if calibration is not None else factor.calibration,
-                    factor.lp_power, factor.embedding_policy, factor.factor_heads, factor.jobs)
+                    factor.lp_power, factor.embedding_policy, factor.factor_heads, factor.jobs, factor.width)

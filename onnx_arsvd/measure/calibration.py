@@ -29,9 +29,11 @@ from onnx_arsvd.io.data import ArrayReader, CalibrationDataReader, CheckedReader
 from onnx_arsvd.measure.sessions import make_session, run_session
 from onnx_arsvd.numerics.losscurve import OutputGram
 from onnx_arsvd.numerics.padding import drop_padding, real_positions
+from onnx_arsvd.numerics.width import Moments
 from onnx_arsvd.progress import progress_bar
 
-__all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams", "output_errors"]
+__all__ = ["ArrayReader", "CalibrationDataReader", "Gram", "capture_grams", "curve_grams", "input_moments",
+           "output_errors"]
 
 Gram = np.ndarray | OutputGram
 """A weight's input Gram matrix X^T X (m x m), or its output Gram (m > n, from :func:`curve_grams`)."""
@@ -98,6 +100,15 @@ def capture_grams(model: ir.Model, layers: Sequence[Layer], data: Source, *,
     return {key: gram for key, gram in grams.items() if np.trace(gram) > 0}
 
 
+def input_moments(model: ir.Model, layers: Sequence[Layer], data: Source, *,
+                  progress: bool = False) -> dict[WeightKey, Moments]:
+    """sum(x x^T), sum(x) and the row count of every layer's input rows (what a width unit's exit needs), keyed
+    and captured as :func:`capture_grams` does."""
+    moments = _accumulate(model, _dense_only(layers), data,
+                          lambda _, x: Moments(x.T @ x, x.sum(axis=0), float(len(x))), progress=progress)
+    return {key: value for key, value in moments.items() if value.rows > 0 and np.trace(value.gram) > 0}
+
+
 def _dense_only(layers: Sequence[Layer]) -> Sequence[Layer]:
     """The layers, refused if one is an embedding table: a lookup has no input activations to take a Gram of
     (MiniLM's word table would ask for a 30522 x 30522 one)."""
@@ -123,7 +134,7 @@ def output_errors(model: ir.Model, layers: Sequence[Layer], factors: Mapping[Wei
     return {key: float(np.sqrt(max(error, 0.0) / energy)) for key, (error, energy) in sums.items() if energy > 0}
 
 
-Term = TypeVar("Term", np.ndarray, Gram)
+Term = TypeVar("Term", np.ndarray, Gram, Moments)
 
 
 def _accumulate(model: ir.Model, layers: Sequence[Layer], data: Source, term: Callable[[Layer, np.ndarray], Term],

@@ -12,10 +12,11 @@ gain) overrated the layers whose response saturates, and starved them at small b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import WeightKey, find_layers
 from onnx_arsvd.io.models import to_model
@@ -23,11 +24,12 @@ from onnx_arsvd.measure.sessions import make_session, run_session
 from onnx_arsvd.measure.verification import Feed, ModelLike, ReferenceOutputs
 from onnx_arsvd.methods.lowrank.curves import WeightCurve, allocation_plans
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
+from onnx_arsvd.methods.width.method import UnitCurve, Width
 from onnx_arsvd.numerics.allocate import Allocation
 from onnx_arsvd.numerics.padding import real_positions, sequence_outputs, zero_padding
 from onnx_arsvd.progress import progress_bar
 
-__all__ = ["DEFAULT_PROBES", "Response", "layer_responses", "output_distortion"]
+__all__ = ["DEFAULT_PROBES", "Response", "layer_responses", "output_distortion", "width_responses"]
 
 DEFAULT_PROBES = (0.01, 0.1)
 
@@ -64,6 +66,42 @@ class Response:
         return self.scale * np.power(np.clip(relative, 0.0, None), self.power)
 
 
+def _expected(base: ir.Model, batches: Sequence[Feed], reference: ReferenceOutputs | None) -> list[list[np.ndarray]]:
+    """The original's outputs on ``batches`` (from ``reference`` when the caller has them)."""
+    if reference is None:
+        return _outputs(make_session(base), batches)
+    return [_real(outputs, feed, reference.sequence) for outputs, feed in zip(reference.outputs, batches, strict=True)]
+
+
+@dataclass(frozen=True)
+class _Probed:
+    """What a response is measured for: a unit's relative error at each setting it may take (index = setting), the
+    settings allowed, and how to apply one to a clone of the model."""
+
+    key: Hashable
+    relative: np.ndarray
+    settings: Sequence[int]
+    apply: Callable[[ir.Model, int], None]
+
+
+def _responses(base: ir.Model, expected: list[list[np.ndarray]], probed: Sequence[_Probed], batches: Sequence[Feed],
+               probes: Sequence[float], progress: bool, description: str) -> dict[Hashable, Response]:
+    responses: dict[Hashable, Response] = {}
+    for unit in progress_bar(probed, desc=description, unit="unit", progress=progress):
+        points: list[tuple[int, float, float]] = []
+        allowed = np.asarray(unit.settings)
+        for probe in probes:
+            setting = int(allowed[np.argmin(np.abs(unit.relative[allowed] - probe))]) if len(allowed) else 0
+            if not len(allowed) or unit.relative[setting] <= 0 or any(s == setting for s, _, _ in points):
+                continue
+            candidate = base.clone()
+            unit.apply(candidate, setting)
+            outputs = _outputs(make_session(candidate), batches)  # the session is gone before the next opens
+            points.append((setting, float(unit.relative[setting]), output_distortion(expected, outputs)))
+        responses[unit.key] = _fit(points)
+    return responses
+
+
 def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Sequence[Feed], *,
                     probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False,
                     reference: ReferenceOutputs | None = None) -> dict[WeightKey, Response]:
@@ -73,24 +111,34 @@ def layer_responses(model: ModelLike, curves: Sequence[WeightCurve], batches: Se
     else the model runs once for them.
     """
     base = to_model(model)  # loaded once; each probe rewrites a clone
-    expected = (_outputs(make_session(base), batches) if reference is None
-                else [_real(outputs, feed, reference.sequence)
-                      for outputs, feed in zip(reference.outputs, batches, strict=True)])
-    responses: dict[WeightKey, Response] = {}
-    for c in progress_bar(curves, desc="layer sensitivity", unit="weight", progress=progress):
-        relative = c.curve.relative()
-        points: list[tuple[int, float, float]] = []
-        for probe in probes:
-            rank = c.curve.rank_nearest(probe)
-            if relative[rank] <= 0 or any(r == rank for r, _, _ in points):
-                continue
-            candidate = base.clone()
+
+    def factor(c: WeightCurve) -> Callable[[ir.Model, int], None]:
+        def apply(candidate: ir.Model, rank: int) -> None:
             apply_plans(candidate, allocation_plans(find_layers(candidate)[0], [c], Allocation({c.key: rank}, 0.0, 0.0),
                                                     min_params=0))
-            outputs = _outputs(make_session(candidate), batches)  # the session is gone before the next opens
-            points.append((rank, float(relative[rank]), output_distortion(expected, outputs)))
-        responses[c.key] = _fit(points)
-    return responses
+        return apply
+
+    probed = [_Probed(c.key, c.curve.relative(), range(1, len(c.curve.relative())), factor(c)) for c in curves]
+    return _responses(base, _expected(base, batches, reference), probed, batches, probes, progress,
+                      "layer sensitivity")  # type: ignore[return-value]
+
+
+def width_responses(model: ModelLike, units: Sequence[UnitCurve], batches: Sequence[Feed], *, multiple: int,
+                    probes: Sequence[float] = DEFAULT_PROBES, progress: bool = False,
+                    reference: ReferenceOutputs | None = None) -> dict[Hashable, Response]:
+    """Every width unit's response, as :func:`layer_responses` measures a weight's: the model with only that unit
+    narrowed, at the widths of its grid whose relative error at the exit is nearest the probes. Measured on data
+    the refit never saw, it also prices how far the refit carries beyond its own calibration data."""
+    base = to_model(model)
+    method = Width(multiple)
+
+    def narrow(c: UnitCurve) -> Callable[[ir.Model, int], None]:
+        def apply(candidate: ir.Model, width: int) -> None:
+            method.rewrite(method.plan(candidate, {c.key: width}, [c]))(candidate)
+        return apply
+
+    probed = [_Probed(c.key, c.curve.relative(), range(multiple, c.unit.width, multiple), narrow(c)) for c in units]
+    return _responses(base, _expected(base, batches, reference), probed, batches, probes, progress, "width sensitivity")
 
 
 def _fit(points: list[tuple[int, float, float]]) -> Response:

@@ -145,7 +145,7 @@ def advice(report: Report, search: SearchResult | None, quantize: Quantization |
     """What the user should know on stderr: nothing changed, a requested quantization dropped (and how to ship
     quantization alone when the held-out part shows it nearly meets the budget)."""
     lines = []
-    if report.factored == 0 and quantized_with is None:
+    if report.factored == 0 and report.narrowed == 0 and quantized_with is None:
         lines.append("nothing was changed: no layer was factored and nothing quantized (the report's note says why); "
                      "try a lower threshold, a `policy` ratio, or `data` for a budget")
     if quantize is None or quantized_with is not None:

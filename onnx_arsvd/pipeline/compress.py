@@ -39,6 +39,7 @@ from onnx_arsvd.measure.verification import ModelLike, check_files, model_source
 from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.methods.quantize.quantizers import check_quantizable
+from onnx_arsvd.methods.width.rewrite import NarrowPass
 from onnx_arsvd.pipeline.checks import (
     BudgetMissedError,
     advice,
@@ -151,7 +152,8 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
             planned = _with_held_out_errors(loaded, planned, held_out, progress)
         reference = model if isinstance(model, (str, os.PathLike)) or not out.check else to_model(model)
         weights_before = weight_stats(loaded)
-        if apply_plans(loaded, planned.plans, spill):
+        NarrowPass(planned.narrowed)(loaded)
+        if apply_plans(loaded, planned.plans, spill) or planned.narrowed:
             loaded.metadata_props["onnx_arsvd.policy"] = settings.policy.describe()
         planned = planned.without_factors()  # they are in the graph now: the report reads the decisions only
         quantized_with = None  # what this run quantized with (an input written by this tool may carry the tag)
@@ -161,7 +163,7 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
             quantized.meta.update(loaded.meta)
             quantized.metadata_props["onnx_arsvd.quantize"] = quantized_with
             loaded = quantized
-        factored = any(plan.factored for plan in planned.plans)
+        factored = any(plan.factored for plan in planned.plans) or bool(planned.narrowed)
         latency_check: list[LatencyComparison] = []
         verification: VerificationReport | None = None
 

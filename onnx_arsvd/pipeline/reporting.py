@@ -66,7 +66,7 @@ def build_report(
         verification=verification,
         latency_check=list(latency_check),
         budget=search.summary() if search is not None else None,
-        notes=[*([] if any(layer.factored for layer in layers) else [nothing_factored_note(layers)]), *planned.notes,
+        notes=[*([] if any(layer.changed for layer in layers) else [nothing_factored_note(layers)]), *planned.notes,
                *(f"WARNING: {text}" for text in regressions(latency_check)),
                *(f"dropped from the output: {field} (onnx_ir does not carry it)" for field in dropped),
                *([f"note: quantized with onnxruntime: {quantized_with}"] if quantized_with is not None else [])],

@@ -109,6 +109,10 @@ class Report:
     def factored(self) -> int:
         return sum(layer.factored for layer in self.layers)
 
+    @property
+    def narrowed(self) -> int:
+        return sum(layer.narrowed_to is not None for layer in self.layers)
+
 
 def report_to_json(report: Report) -> str:
     """The report as JSON, with derived totals spelled out for machines."""
@@ -123,6 +127,7 @@ def report_to_json(report: Report) -> str:
         embedding_params_after=report.embedding_params_after,
         factorable_share=report.factorable_share,
         factored_layers=report.factored,
+        narrowed_layers=report.narrowed,
     )
     if report.verification is not None:
         data["verification"] = verification_to_dict(report.verification)
@@ -164,15 +169,16 @@ def _layer_rows(layers: list[LayerDecision], whitened: bool) -> list[list[str]]:
     guarded = any(layer.timings for layer in layers)
     measured = any(layer.measured_error is not None for layer in layers)
     for layer in layers:
-        action = ("factor" if layer.factored else f"keep: {layer.reason}") + (f" ({layer.note})" if layer.note else "")
+        action = ("factor" if layer.factored else layer.reason if layer.narrowed_to else f"keep: {layer.reason}")
+        action += f" ({layer.note})" if layer.note else ""
         rows.append([
             layer.name + (f" (shares weight x{layer.shared_by})" if layer.shared_by > 1 else ""),
             layer.op_type,
             f"{layer.shape[0]}x{layer.shape[1]}",
             _count(layer.params),
             f"{layer.break_even:.1f}",
-            f"{layer.rank}/{layer.full_rank}",
-            f"{layer.energy_kept:.4f}",
+            f"{layer.rank}/{layer.full_rank}" if layer.narrowed_to is None else "-",
+            f"{layer.energy_kept:.4f}" if layer.narrowed_to is None else "-",
             f"{layer.saving:+.1%}",
             *([_guard_cell(layer)] if guarded else []),
             *([_error_cell(layer, whitened)] if measured else []),
@@ -301,7 +307,8 @@ def format_report(report: Report, markdown: bool = False) -> str:
                                                    ["node", "op", "reason"], tablefmt=style))
     before, after = report.dense_params_before, report.dense_params_after
     totals = [
-        f"layers factored: {report.factored} of {len(report.layers)}",
+        f"layers factored: {report.factored} of {len(report.layers)}"
+        + (f"; narrowed: {report.narrowed}" if report.narrowed else ""),
         _share_line(report),
         _share("dense-layer parameters", before, after),
         _share("embedding-table parameters", report.embedding_params_before, report.embedding_params_after),

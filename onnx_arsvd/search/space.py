@@ -11,17 +11,17 @@ weights the calibration data cannot judge are kept dense and out of the frontier
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import WeightKey
-from onnx_arsvd.measure.calibration import curve_grams
+from onnx_arsvd.measure.calibration import curve_grams, input_moments
 from onnx_arsvd.measure.guard import LatencyTable, observed_rows
 from onnx_arsvd.measure.latency_cost import LatencyCosts, latency_costs
-from onnx_arsvd.measure.sensitivity import DEFAULT_PROBES, Response, layer_responses
+from onnx_arsvd.measure.sensitivity import DEFAULT_PROBES, Response, layer_responses, width_responses
 from onnx_arsvd.methods.lowrank.curves import WeightCurve, weight_curves
 from onnx_arsvd.methods.lowrank.decision import LayerDecision, dense_decision
 from onnx_arsvd.methods.lowrank.method import LowRank, LowRankStatistics
@@ -37,7 +37,10 @@ from onnx_arsvd.methods.lowrank.model_plan import (
 from onnx_arsvd.methods.lowrank.plan import plan_layers
 from onnx_arsvd.methods.lowrank.sequential import sequential_factors
 from onnx_arsvd.methods.lowrank.settings import Settings
+from onnx_arsvd.methods.width.method import UnitCurve, Width, unit_curves
+from onnx_arsvd.methods.width.units import find_width_units
 from onnx_arsvd.numerics.allocate import DENSE, Allocation, LayerOptions, frontier, param_cost
+from onnx_arsvd.numerics.choices import group_overlapping
 from onnx_arsvd.search.budget import Budget
 from onnx_arsvd.search.parts import Feeds, first_samples
 from onnx_arsvd.search.steps import SearchStep
@@ -86,6 +89,8 @@ class AllocationSpace:
     memo: PlanMemo
     fit_batches: list = field(default_factory=list)
     refits: dict[int, Factors] = field(default_factory=dict)
+    widths: tuple[UnitCurve, ...] = ()
+    """The width units the allocation may narrow (alternatives to factoring the weights they claim)."""
 
     @property
     def dense_point(self) -> int:
@@ -100,19 +105,31 @@ class AllocationSpace:
         tables by their policy; with ``refitted``, the point's sequential refits when the budget asks for them."""
         selection = _select(model, self.settings, self.unjudged)
         factors = self.refitted(index) if refitted else None
-        plans = self.method.plan(model, self.points[index].ranks, self.curves, factors)
+        settings = self.points[index].ranks
+        narrowed = Width(self.budget.rank_multiple).plan(model, settings, self.widths)
+        claimed = self._claimed(index)
+        plans = [plan for plan in self.method.plan(model, settings, self.curves, factors)
+                 if plan.layers[0].weight_key not in claimed]
         if selection.embeddings and self.settings.embedding_policy is not None:
             plans += plan_layers(selection.embeddings, self.settings.embedding_policy,
                                  max_rank_fraction=self.settings.max_rank_fraction,
                                  min_params=self.settings.min_params, cache=self.memo.spectra)
         excluded = tuple((layer, dense_decision(layer, reason)) for layer, reason in selection.excluded)
-        return ModelPlan(tuple(plans), excluded, tuple(selection.skipped), selection.order)
+        return ModelPlan(tuple(plans), excluded, tuple(selection.skipped), selection.order,
+                         narrowed=tuple(narrowed))
+
+    def _claimed(self, index: int) -> set[WeightKey]:
+        """The weights of the width units a point narrows."""
+        settings = self.points[index].ranks
+        return {key for c in self.widths if settings.get(c.key, DENSE) != DENSE for key in c.claims}
 
     def candidate(self, index: int, *, refitted: bool = True) -> ir.Model:
         """A clone of the model rewritten at a point: it shares the original's weights, so no candidate reloads
         or copies them."""
         candidate = self.model.clone()
-        self.method.rewrite(self.plan(index, candidate, refitted=refitted).plans)(candidate)
+        planned = self.plan(index, candidate, refitted=refitted)
+        Width(self.budget.rank_multiple).rewrite(planned.narrowed)(candidate)
+        self.method.rewrite(planned.plans)(candidate)
         return candidate
 
     def refitted(self, index: int) -> Factors | None:
@@ -126,8 +143,10 @@ class AllocationSpace:
 
     def kept(self, index: int) -> float:
         """Share of the dense parameters a point keeps."""
-        ranks = self.points[index].ranks
-        allocated = sum(param_cost(c.curve.shape, ranks.get(c.key, DENSE)) for c in self.curves)
+        ranks, claimed = self.points[index].ranks, self._claimed(index)
+        allocated = sum(param_cost(c.curve.shape, ranks.get(c.key, DENSE)) for c in self.curves
+                        if c.key not in claimed)
+        allocated += sum(c.unit.params(ranks[c.key]) for c in self.widths if ranks.get(c.key, DENSE) != DENSE)
         return (allocated + self.fixed) / self.total
 
     def step(self, index: int, measured: tuple[float | None, bool, int | None] | None, quantized: bool) -> SearchStep:
@@ -142,7 +161,9 @@ class AllocationSpace:
         weighting = "measured end-to-end responses" if self.responses_measured else "relative output errors"
         cost = f", cost: {self.costs.description}" if self.costs is not None else ""
         refits = ", refitted sequentially" if self.refits else ""
-        return (f"global (knapsack over every layer's loss curve, {weighting}, ranks in multiples of "
+        widths = (f", and the widths of {len(self.widths)} hidden layer(s) (units removed, the next product refitted)"
+                  if self.widths else "")
+        return (f"global (knapsack over every layer's loss curve{widths}, {weighting}, ranks in multiples of "
                 f"{self.budget.rank_multiple}{cost}{refits})")
 
 
@@ -198,15 +219,38 @@ def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: 
                                     reference=data.response_reference)
     unjudged = _unjudged(curves, reached, responses)
     curves = [c for c in curves if c.key not in unjudged]
-    grouping = LowRank(settings, budget.rank_multiple).choices(curves, _options(curves, settings, budget, costs,
-                                                                             responses))
+    widths = (_width_curves(model, selection, curves, settings, progress)
+              if settings.width and reached is not None and costs is None and not budget.sequential else [])
+    narrowing: Mapping[Hashable, Response] = {}
+    if widths and responses:
+        assert data is not None and data.response is not None  # responses were measured on it
+        narrowing = width_responses(model, widths, data.response, multiple=budget.rank_multiple, progress=progress,
+                                    reference=data.response_reference)
+    options = _options(curves, settings, budget, costs, responses)
+    width_options = Width(budget.rank_multiple).options(widths, narrowing)
+    claims: dict[Hashable, frozenset[Hashable]] = {**{c.key: c.claims for c in curves},
+                                                   **{c.key: c.claims for c in widths}}
+    dense: dict[Hashable, float] = {c.key: float(np.prod(c.curve.shape)) for c in curves}
+    grouping = group_overlapping([*options, *width_options], claims, dense)
     points = tuple(grouping.expand(point) for point in frontier(grouping.options))
     space = AllocationSpace(model, settings, budget, tuple(curves), unjudged, points, total=1.0, fixed=0.0,
                             costs=costs, responses_measured=data is not None and data.response_reference is not None,
-                            memo=PlanMemo(), fit_batches=data.fit if data is not None else [])
+                            memo=PlanMemo(), fit_batches=data.fit if data is not None else [], widths=tuple(widths))
     total = sum(d.params for d in _dense_decisions(space, space.dense_point))
     fixed = sum(d.params_after for d in _dense_decisions(space, 0, outside=True))
     return dataclasses.replace(space, total=total, fixed=fixed)
+
+
+def _width_curves(model: ir.Model, selection: LayerSelection, curves: list[WeightCurve], settings: Settings,
+                  progress: bool) -> list[UnitCurve]:
+    """The loss curves of the width units whose every weight the allocation chooses (none set aside)."""
+    chosen = {c.key for c in curves}
+    units = [unit for unit in find_width_units(selection.dense)[0] if unit.claims <= chosen]
+    if not units:
+        return []
+    assert settings.calibration is not None  # widths are offered with whitened curves, which have calibration
+    moments = input_moments(model, [unit.exit for unit in units], settings.calibration, progress=progress)
+    return unit_curves(units, moments)
 
 
 def _dense_decisions(space: AllocationSpace, index: int, outside: bool = False) -> list[LayerDecision]:

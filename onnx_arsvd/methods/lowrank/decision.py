@@ -37,6 +37,8 @@ class LayerDecision:
     """Relative output error ||X(W - AB)|| / ||XW|| on held-out activations, when a budget measured it."""
     solver: str = ""
     """How the spectrum was computed (LAPACK driver or randomized basis size, and the dtype)."""
+    narrowed_to: tuple[int, int] | None = None
+    """The weight's (in, out) shape after width reduction removed hidden units, when it did."""
     note: str = ""
     """What the reader should know of this row: a rank chosen on a randomized spectrum that may differ
     from the exact one (and by how much at most), an l_p fit stopped at its iteration cap."""
@@ -51,13 +53,22 @@ class LayerDecision:
         return self.shape[0] * self.shape[1]
 
     @property
+    def changed(self) -> bool:
+        """Whether the layer is rewritten: factored or narrowed."""
+        return self.factored or self.narrowed_to is not None
+
+    @property
     def params_after(self) -> int:
+        if self.narrowed_to is not None:
+            return self.narrowed_to[0] * self.narrowed_to[1]
         return self.rank * sum(self.shape) if self.factored else self.params
 
     @property
     def saving(self) -> float:
         """Fraction of the weight's parameters that factors at ``rank`` remove (whether or not factored;
-        negative when they would be larger)."""
+        negative when they would be larger); for a narrowed layer, the share narrowing removes."""
+        if self.narrowed_to is not None:
+            return 1.0 - self.params_after / self.params
         return 1.0 - self.rank * sum(self.shape) / self.params
 
 

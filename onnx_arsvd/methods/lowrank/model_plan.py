@@ -26,6 +26,7 @@ from onnx_arsvd.numerics.factorize import Spectrum
 
 if TYPE_CHECKING:
     from onnx_arsvd.io.spill import Spill
+    from onnx_arsvd.methods.width.rewrite import WidthPlan
 
 __all__ = ["HEAD_REASON", "UNREACHED_REASON", "LayerSelection", "ModelPlan", "PlanMemo", "feeds_graph_output",
            "plan_model", "select_layers"]
@@ -88,13 +89,15 @@ class PlanMemo:
 @dataclass(frozen=True)
 class ModelPlan:
     """Plans of the layers considered, the layers excluded by name, nodes skipped, and the graph order (a node's
-    position by ``id``). A later stage that changes the plans makes a new value (:meth:`with_plans`)."""
+    position by ``id``); ``narrowed``: the width units a search narrowed (their weights have no plan in ``plans``).
+    A later stage that changes the plans makes a new value (:meth:`with_plans`)."""
 
     plans: tuple[WeightPlan, ...]
     excluded: tuple[tuple[Layer, LayerDecision], ...]
     skipped: tuple[Skipped, ...]
     order: Mapping[int, int]
     notes: tuple[str, ...] = ()
+    narrowed: tuple[WidthPlan, ...] = ()
 
     def with_plans(self, plans: Sequence[WeightPlan]) -> ModelPlan:
         return dataclasses.replace(self, plans=tuple(plans))
@@ -108,6 +111,7 @@ class ModelPlan:
         rows = [(layer, decision) for plan in self.plans
                 for layer, decision in zip(plan.layers, plan.decisions, strict=True)]
         rows += self.excluded
+        rows += [row for plan in self.narrowed for row in zip(plan.layers, plan.decisions, strict=True)]
         rows.sort(key=lambda row: self.order[id(row[0].node)])
         return [decision for _, decision in rows]
 
@@ -115,6 +119,7 @@ class ModelPlan:
         """Share of the dense layers' parameters the plan keeps, each weight once (embedding tables apart)."""
         firsts = [(plan.layers[0], plan.decisions[0]) for plan in self.plans] + list(self.excluded)
         decisions = [decision for layer, decision in firsts if not layer.is_embedding]
+        decisions += [decision for plan in self.narrowed for decision in plan.decisions]
         return sum(d.params_after for d in decisions) / sum(d.params for d in decisions) if decisions else 1.0
 
 

@@ -1,0 +1,127 @@
+"""A hidden layer's output error at every width, from one greedy pass over its input moments; pure numpy.
+
+A width unit is a hidden layer of h units between entry products and one exit product Y = H W + b (W: h x d,
+H: the hidden activations, N rows). Keeping the units S only and refitting the exit on them *with an intercept*
+gives Y ~ (H_S - mu_S) B + mu W + b: the removed units' mean contribution moves into the bias, and B is the
+least-squares fit of the centred target (H - mu) W on the centred kept units (FLAP-style compensation, done
+optimally). With C the centred covariance of H (h x h) the fit's error is tr(W^T C W) minus the energy the kept
+units explain, so everything comes from the moments sum(x x^T), sum(x) and N of the exit's input rows.
+
+The units are chosen greedily, forward: each step takes the unit whose residual (after the units already kept)
+explains the most of the residual target, a Cholesky step in Gram space (orthogonal matching pursuit with a
+matrix target). The gains of one pass give the error at every width: ``losses[k]`` = tr(W^T C W) - sum of the
+first k gains, and the order gives every width's kept set. A small ridge (``ridge`` x the mean variance) keeps
+near-duplicate units from being chosen for noise and the refit well-posed.
+
+Losses are normalised like a rank curve's (:mod:`onnx_arsvd.numerics.losscurve`): by ||X W||^2, the exit's
+output energy without its bias, so the two kinds of curve of one exit weight compare directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DEFAULT_WIDTH_RIDGE", "Moments", "WidthCurve", "refit", "width_curve"]
+
+DEFAULT_WIDTH_RIDGE = 1e-4
+
+
+@dataclass(frozen=True)
+class Moments:
+    """The first two moments of an exit product's input rows: sum(x x^T) (h x h), sum(x) (h) and the row count."""
+
+    gram: np.ndarray
+    total: np.ndarray
+    rows: float
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.gram + other.gram, self.total + other.total, self.rows + other.rows)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.rows
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """The centred second moment sum((x - mu)(x - mu)^T)."""
+        gram = (self.gram + self.gram.T) / 2
+        return gram - np.outer(self.total, self.total) / self.rows
+
+
+@dataclass(frozen=True)
+class WidthCurve:
+    """The units in the order they are kept, the output error at every width k = 0 .. h (``losses[h]`` = 0) and
+    the output energy the losses are relative to."""
+
+    order: np.ndarray
+    losses: np.ndarray
+    energy: float
+
+    @property
+    def width(self) -> int:
+        return len(self.order)
+
+    def relative(self) -> np.ndarray:
+        """losses / output energy at every width (zeros for a silent exit)."""
+        return self.losses / self.energy if self.energy > 0 else np.zeros_like(self.losses)
+
+    def kept(self, width: int) -> np.ndarray:
+        """The units kept at ``width``, in ascending order."""
+        if not 1 <= width <= self.width:
+            raise ValueError(f"width must be in [1, {self.width}], got {width}")
+        return np.sort(self.order[:width])
+
+
+def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WIDTH_RIDGE) -> WidthCurve:
+    """The greedy order of the exit ``weight``'s (h x d) input units and the refitted output error at every width."""
+    w = np.asarray(weight, dtype=np.float64)
+    h = w.shape[0]
+    if moments.gram.shape != (h, h) or moments.total.shape != (h,):
+        raise ValueError(f"moments of {moments.gram.shape[0]} units do not fit an exit weight of shape {w.shape}")
+    exact = moments.covariance
+    covariance = _regularised(exact, ridge)
+    residual_target = exact @ w  # (C W): what each unit's residual correlates with the residual target
+    residual_variance = np.diag(covariance).copy()
+    basis = np.zeros((h, h))
+    chosen = np.zeros(h, dtype=bool)
+    order = np.empty(h, dtype=np.int64)
+    gains = np.empty(h)
+    floor = 1e-12 * max(float(np.max(residual_variance)), np.finfo(np.float64).tiny)
+    for step in range(h):
+        variance = np.where(chosen | (residual_variance <= floor), np.inf, residual_variance)
+        scores = np.einsum("ij,ij->i", residual_target, residual_target) / variance
+        unit = int(np.argmax(scores)) if np.isfinite(variance).any() else int(np.flatnonzero(~chosen)[0])
+        order[step], chosen[unit] = unit, True
+        if not np.isfinite(variance[unit]):  # a unit the others already explain (or a dead one): no gain
+            gains[step] = 0.0
+            continue
+        gains[step] = scores[unit]
+        column = (covariance[:, unit] - basis[:, :step] @ basis[unit, :step]) / np.sqrt(residual_variance[unit])
+        residual_target -= np.outer(column, residual_target[unit] / np.sqrt(residual_variance[unit]))
+        residual_variance -= column * column
+        basis[:, step] = column
+    target = float(np.einsum("ij,ij->", w, exact @ w))
+    losses = np.clip(target - np.concatenate([[0.0], np.cumsum(gains)]), 0.0, None)
+    losses = np.minimum.accumulate(losses)
+    losses[-1] = 0.0  # every unit kept: the exit is unchanged
+    energy = float(np.einsum("ij,ij->", w, ((moments.gram + moments.gram.T) / 2) @ w))
+    return WidthCurve(order, losses, energy)
+
+
+def refit(weight: np.ndarray, bias: np.ndarray | None, moments: Moments, kept: np.ndarray,
+          ridge: float = DEFAULT_WIDTH_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """The exit weight (len(kept) x d) and bias (d) refitted on the ``kept`` units: the least-squares fit of the
+    centred output on the centred kept units, the removed units' mean moved into the bias."""
+    w = np.asarray(weight, dtype=np.float64)
+    exact = moments.covariance
+    fitted = np.linalg.solve(_regularised(exact, ridge)[np.ix_(kept, kept)], (exact @ w)[kept])
+    mean = moments.mean
+    shift = mean @ w - mean[kept] @ fitted
+    return fitted, (shift if bias is None else np.asarray(bias, dtype=np.float64) + shift)
+
+
+def _regularised(covariance: np.ndarray, ridge: float) -> np.ndarray:
+    shift = ridge * max(float(np.mean(np.diag(covariance))), np.finfo(np.float64).tiny)
+    return covariance + shift * np.eye(covariance.shape[0])
