@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_arsvd import compress
+from onnx_arsvd import compress, inspect_model
 from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.calibration import input_moments
 from onnx_arsvd.methods.width.method import Width, unit_curves
@@ -149,7 +149,17 @@ def test_a_hidden_value_used_elsewhere_is_refused_with_its_reason() -> None:
     assert any(r.name == "down" and "used outside" in r.reason for r in refused)
 
 
-def test_a_normalisation_between_products_is_refused() -> None:
+def test_inspect_names_the_width_units_and_counts_the_refusals(tmp_path) -> None:
+    source = tmp_path / "leaky.onnx"
+    onnx.save(_ffn_model("leaky"), source)
+    report = inspect_model(source)
+    assert any("no hidden layer can be narrowed" in n and "1 x a hidden value is used outside" in n
+               for n in report.notes)
+    report = inspect_model(MODELS / "fashion_mlp.onnx")
+    assert any("2 hidden layer(s) can be narrowed" in n and "/fc2/Gemm: 512 units" in n for n in report.notes)
+
+
+def test_chained_mlp_units_share_their_middle_weight() -> None:
     model = ir.load(MODELS / "fashion_mlp.onnx")
     units, _ = find_width_units(find_layers(model)[0])
     assert len(units) == 2  # Gemm -> Relu -> Gemm, twice (the middle Gemm is exit of one, entry of the next)

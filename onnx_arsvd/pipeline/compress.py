@@ -6,6 +6,7 @@ Every stage returns a value; the report is built once from them. The model file 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo, plan_mode
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.methods.quantize.quantizers import check_quantizable
 from onnx_arsvd.methods.width.rewrite import NarrowPass
+from onnx_arsvd.methods.width.units import describe_units, find_width_units
 from onnx_arsvd.pipeline.checks import (
     BudgetMissedError,
     advice,
@@ -66,6 +68,9 @@ def inspect_run(model: ModelLike, options: CompressOptions) -> Report:
     options = decide(options, loaded)
     settings = settings_of(options.factor)
     planned = plan_model(loaded, settings, with_factors=False, progress=options.output.progress, allow_empty=True)
+    if settings.width:
+        dense = [layer for plan in planned.plans for layer in plan.layers if not layer.is_embedding]
+        planned = dataclasses.replace(planned, notes=(*planned.notes, describe_units(*find_width_units(dense))))
     size = model_file_bytes(model, loaded) if isinstance(model, (str, os.PathLike)) else None
     weights = weight_stats(loaded)
     return build_report(model, settings, planned, weights, weights, written=Written(file_bytes_before=size),

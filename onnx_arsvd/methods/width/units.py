@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import Layer, Skipped, WeightKey, constant_tensor
 
-__all__ = ["WidthUnit", "find_width_units"]
+__all__ = ["WidthUnit", "describe_units", "find_width_units"]
 
 _ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Neg", "Abs", "Exp", "Sqrt", "Reciprocal", "Erf", "Tanh",
@@ -179,3 +179,17 @@ def find_width_units(layers: Sequence[Layer]) -> tuple[list[WidthUnit], list[Ski
         else:
             units.append(found)
     return units, refused
+
+
+def describe_units(units: Sequence[WidthUnit], refused: Sequence[Skipped]) -> str:
+    """One line for ``inspect``: the width units (what a budget with data may narrow) and why other products end
+    none, counted by reason."""
+    found = (f"{len(units)} hidden layer(s) can be narrowed under a budget with data ("
+             + ", ".join(f"{u.name}: {u.width} units" for u in units[:3]) + (", ..." if len(units) > 3 else "") + ")"
+             if units else "no hidden layer can be narrowed")
+    reasons: dict[str, int] = {}
+    for skipped in refused:
+        reason = skipped.reason.removeprefix("not narrowed: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    others = "; ".join(f"{count} x {reason}" for reason, count in sorted(reasons.items(), key=lambda r: -r[1]))
+    return f"note: width: {found}" + (f"; other products end no width unit: {others}" if others else "")
