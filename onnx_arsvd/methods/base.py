@@ -3,13 +3,15 @@
 A method offers for each of its *units* a few settings with their cost and the loss it predicts from activation
 statistics (:class:`~onnx_arsvd.numerics.allocate.LayerOptions`, its dense setting included), plans the settings
 the knapsack picked as frozen values that know their report rows, and supplies the ``onnx_ir`` pass that applies
-them. A unit *claims* the weights it changes: units of any methods whose claims overlap are alternatives of one
-choice in the knapsack (:mod:`onnx_arsvd.numerics.choices`). ``docs/methods.md`` walks through the low-rank
-method (:class:`onnx_arsvd.methods.lowrank.method.LowRank`) as the example.
+them. A unit *claims* the weights it changes: the search groups every method's options where claims overlap, so
+such units are alternatives of one choice in the knapsack (:mod:`onnx_arsvd.numerics.choices`).
+``docs/methods.md`` walks through the low-rank method (:class:`onnx_arsvd.methods.lowrank.method.LowRank`) and
+width reduction (:class:`onnx_arsvd.methods.width.method.Width`).
 
-Finding the units and gathering their statistics is still each method's own code (for low rank:
-:func:`~onnx_arsvd.methods.lowrank.model_plan.select_layers` and
-:func:`~onnx_arsvd.methods.lowrank.curves.weight_curves`, whose nodes passed over are the :class:`Refusal` rows).
+Finding the units and gathering their statistics is still each method's own code (low rank:
+:func:`~onnx_arsvd.methods.lowrank.model_plan.select_layers`, :func:`~onnx_arsvd.methods.lowrank.curves.weight_curves`;
+width: :func:`~onnx_arsvd.methods.width.units.find_width_units`, :func:`~onnx_arsvd.methods.width.method.unit_curves`;
+the nodes passed over are the :class:`Refusal` rows).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import onnx_ir as ir
 from onnx_arsvd.graph.layers import Skipped
 from onnx_arsvd.methods.lowrank.decision import LayerDecision
 from onnx_arsvd.numerics.allocate import LayerOptions
-from onnx_arsvd.numerics.choices import Grouping
 
 __all__ = ["Method", "Refusal", "Unit", "UnitPlan"]
 
@@ -58,10 +59,6 @@ class Method(Protocol):
     def options(self, units: Sequence[Any], statistics: Any) -> list[LayerOptions]:
         """Each unit's settings (dense included) with their costs and predicted losses, from ``statistics`` (the
         activation statistics the method gathered: input Gram matrices, measured responses, latency prices)."""
-        ...
-
-    def choices(self, units: Sequence[Any], options: Sequence[LayerOptions]) -> Grouping:
-        """The knapsack's choices: ``options`` grouped where the units' claims overlap."""
         ...
 
     def plan(self, model: ir.Model, settings: Mapping[Hashable, Any], units: Sequence[Any]) -> Sequence[UnitPlan]:

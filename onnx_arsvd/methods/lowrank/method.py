@@ -18,7 +18,6 @@ from onnx_arsvd.methods.lowrank.plan import WeightPlan
 from onnx_arsvd.methods.lowrank.rewrite import FactorLayersPass
 from onnx_arsvd.methods.lowrank.settings import Settings
 from onnx_arsvd.numerics.allocate import Allocation, Cost, LayerOptions
-from onnx_arsvd.numerics.choices import Grouping, group_overlapping
 
 __all__ = ["LowRank", "LowRankStatistics"]
 
@@ -49,11 +48,6 @@ class LowRank:
         return weight_options(units, responses=statistics.responses,  # type: ignore[arg-type]
                               multiple=self.rank_multiple, max_rank_fraction=self.settings.max_rank_fraction,
                               min_params=self.settings.min_params, costs=statistics.costs)
-
-    def choices(self, units: Sequence[WeightCurve], options: Sequence[LayerOptions]) -> Grouping:
-        """The knapsack's choices: a weight's unit claims that weight alone."""
-        dense: dict[Hashable, float] = {c.key: float(np.prod(c.curve.shape)) for c in units}
-        return group_overlapping(options, {c.key: c.claims for c in units}, dense)
 
     def plan(self, model: ir.Model, settings: Mapping[Hashable, int], units: Sequence[WeightCurve],
              factors: Factors | None = None) -> list[WeightPlan]:
