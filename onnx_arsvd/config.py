@@ -52,8 +52,9 @@ class FactorOptions:
     factor_heads: bool | None = option(None, "also factor layers that feed a graph output (classifier heads)",
                                        kind="switch", default_text="only when real inputs (`data` or `calibration`) "
                                        "check them")
-    width: bool = option(True, "under a budget with data, never narrow hidden layers (remove FFN units and refit the "
-                         "next product): factor only", flag="--no-width", kind="off")
+    width: bool = option(False, "under a budget with data, also offer to narrow hidden layers (remove FFN units, "
+                         "refit the next product) beside factoring; off by default: on MiniLM it lost to rank only "
+                         "at equal parameters (benchmarks/results/width_table.md)", kind="switch")
     jobs: int = option(1, "factor N weights at once, one BLAS thread each, N capped at the cores; the output is the "
                        "same whatever N", metavar="N")
     include: tuple[str, ...] = option((), "only layers whose node or weight name matches (repeatable)",

@@ -187,15 +187,15 @@ def test_the_search_narrows_where_width_is_cheaper_and_says_so(tmp_path) -> None
     onnx.save(_half_dead_ffn(), source)
     data = {"x": np.random.default_rng(1).normal(size=(600, 32)).astype(np.float32)}
     out = tmp_path / "narrow.onnx"
-    _, report = compress(source, out, data=data, budget=Budget(target_params=0.55))
+    _, report = compress(source, out, data=data, budget=Budget(target_params=0.55), width=True)
     assert report.narrowed == 2 and report.factored == 0
     assert report.budget is not None and "widths of 1 hidden layer" in report.budget["allocation"]
     assert report.verification is not None and report.verification.outputs[0].min_cosine > 0.99999
     proto = onnx.load(out)
     stored = sum(int(np.prod(i.dims)) for i in proto.graph.initializer if len(i.dims) == 2)
     assert stored == report.dense_params_after <= 0.55 * report.dense_params_before
-    _, plain = compress(source, tmp_path / "plain.onnx", data=data, budget=Budget(target_params=0.55), width=False)
-    assert plain.narrowed == 0 and "widths" not in plain.budget["allocation"]
+    _, plain = compress(source, tmp_path / "plain.onnx", data=data, budget=Budget(target_params=0.55))
+    assert plain.narrowed == 0 and "widths" not in plain.budget["allocation"]  # off by default
     assert plain.verification.outputs[0].mean_cosine < report.verification.outputs[0].mean_cosine
 
 

@@ -68,9 +68,8 @@ def inspect_run(model: ModelLike, options: CompressOptions) -> Report:
     options = decide(options, loaded)
     settings = settings_of(options.factor)
     planned = plan_model(loaded, settings, with_factors=False, progress=options.output.progress, allow_empty=True)
-    if settings.width:
-        dense = [layer for plan in planned.plans for layer in plan.layers if not layer.is_embedding]
-        planned = dataclasses.replace(planned, notes=(*planned.notes, describe_units(*find_width_units(dense))))
+    dense = [layer for plan in planned.plans for layer in plan.layers if not layer.is_embedding]
+    planned = dataclasses.replace(planned, notes=(*planned.notes, describe_units(*find_width_units(dense))))
     size = model_file_bytes(model, loaded) if isinstance(model, (str, os.PathLike)) else None
     weights = weight_stats(loaded)
     return build_report(model, settings, planned, weights, weights, written=Written(file_bytes_before=size),

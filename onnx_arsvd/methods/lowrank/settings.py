@@ -38,8 +38,8 @@ class Settings:
     """Factor layers that feed a graph output (classifier heads); without real data to check them, don't."""
     jobs: int = 1
     """Weights factored at once (threads, one BLAS thread each, capped at the cores); results do not depend on it."""
-    width: bool = True
-    """Under a budget with calibration data, offer to narrow hidden layers (FFN units) beside factoring."""
+    width: bool = False
+    """Under a budget with calibration data, also offer to narrow hidden layers (FFN units) beside factoring."""
     unreached_dense: bool = False
     """With whitened factors, keep dense a weight the calibration data never reached (else it gets plain factors):
     a budget judged on that data could not see what factoring it does."""

@@ -184,7 +184,7 @@ def find_width_units(layers: Sequence[Layer]) -> tuple[list[WidthUnit], list[Ski
 def describe_units(units: Sequence[WidthUnit], refused: Sequence[Skipped]) -> str:
     """One line for ``inspect``: the width units (what a budget with data may narrow) and why other products end
     none, counted by reason."""
-    found = (f"{len(units)} hidden layer(s) can be narrowed under a budget with data ("
+    found = (f"{len(units)} hidden layer(s) can be narrowed under a budget with data and `width` ("
              + ", ".join(f"{u.name}: {u.width} units" for u in units[:3]) + (", ..." if len(units) > 3 else "") + ")"
              if units else "no hidden layer can be narrowed")
     reasons: dict[str, int] = {}
