@@ -85,6 +85,15 @@ SCRIPTS = (
            runs=((), ("--responses", "--out", "benchmarks/results/minilm_budget_responses.md"),
                  ("--cosine", "0.99", "--responses", "--quantize", "none", "--out",
                   "benchmarks/results/minilm_budget_099.md"))),
+    Script("width_table", ("width_table.md",), "1112 s (load 2.0-2.5)"),
+    Script("width_latency", ("width_latency.md",), "not timed: minutes (three narrowed models timed)"),
+    Script("width_additivity", ("width_additivity.md",), "not timed: minutes (two search spaces built)"),
+    Script("onnxsim_table", ("onnxsim_table.md",), "412 s (load 1.7-3.0); needs onnxsim 0.8.1 in a venv of its own "
+           "(see the script): under this interpreter it stops, saying so"),
+    Script("mpnet_table", ("mpnet_table.md",), "268 s with the tool's run reused, 2105 s for that run (load 1.4-6; "
+           "needs models/build_mpnet.py)", minilm=False),
+    Script("smollm2_table", ("smollm2_table.md",), "569 s (load 1.4-2.4; needs models/build_smollm2.py)",
+           minilm=False),
 )
 
 

@@ -4,7 +4,8 @@ Every weight is decomposed once into its loss curve (output error at every rank,
 :mod:`onnx_arsvd.numerics.losscurve`); each layer's end-to-end gain is measured once
 (:mod:`onnx_arsvd.measure.sensitivity`); the knapsack frontier of (cost, predicted loss) over every layer's ranks
 and "dense" (:mod:`onnx_arsvd.numerics.allocate`) is then what the strategies (:mod:`onnx_arsvd.search.strategies`)
-search. The
+search. With ``width``, the hidden layers' widths (:mod:`onnx_arsvd.methods.width`) join the same knapsack as
+alternatives to factoring the weights they claim. The
 weights the calibration data cannot judge are kept dense and out of the frontier.
 """
 
