@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 __all__ = ["DEFAULT_WIDTH_RIDGE", "Moments", "WidthCurve", "refit", "width_curve"]
 
@@ -82,7 +83,8 @@ def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WID
         raise ValueError(f"moments of {moments.gram.shape[0]} units do not fit an exit weight of shape {w.shape}")
     exact = moments.covariance
     covariance = _regularised(exact, ridge)
-    residual_target = exact @ w  # (C W): what each unit's residual correlates with the residual target
+    # (C W): what each unit's residual correlates with the residual target; Fortran order for BLAS's in-place update
+    residual_target = np.asfortranarray(exact @ w)
     residual_variance = np.diag(covariance).copy()
     basis = np.zeros((h, h))
     chosen = np.zeros(h, dtype=bool)
@@ -99,7 +101,8 @@ def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WID
             continue
         gains[step] = scores[unit]
         column = (covariance[:, unit] - basis[:, :step] @ basis[unit, :step]) / np.sqrt(residual_variance[unit])
-        residual_target -= np.outer(column, residual_target[unit] / np.sqrt(residual_variance[unit]))
+        explained = residual_target[unit] / np.sqrt(residual_variance[unit])
+        residual_target = _rank_one_update(residual_target, column, explained)
         residual_variance -= column * column
         basis[:, step] = column
     target = float(np.einsum("ij,ij->", w, exact @ w))
@@ -120,6 +123,11 @@ def refit(weight: np.ndarray, bias: np.ndarray | None, moments: Moments, kept: n
     mean = moments.mean
     shift = mean @ w - mean[kept] @ fitted
     return fitted, (shift if bias is None else np.asarray(bias, dtype=np.float64) + shift)
+
+
+def _rank_one_update(matrix: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``matrix - outer(left, right)``, in place (BLAS ``dger`` on a Fortran-ordered float64 matrix)."""
+    return scipy.linalg.blas.dger(-1.0, left, right, a=matrix, overwrite_a=True)
 
 
 def _regularised(covariance: np.ndarray, ridge: float) -> np.ndarray:
