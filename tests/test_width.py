@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_arsvd import compress, inspect_model
+from onnx_arsvd.cli.main import main
 from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.calibration import input_moments
 from onnx_arsvd.methods.width.method import Width, unit_curves
@@ -197,6 +198,18 @@ def test_the_search_narrows_where_width_is_cheaper_and_says_so(tmp_path) -> None
     _, plain = compress(source, tmp_path / "plain.onnx", data=data, budget=Budget(target_params=0.55))
     assert plain.narrowed == 0 and "widths" not in plain.budget["allocation"]  # off by default
     assert plain.verification.outputs[0].mean_cosine < report.verification.outputs[0].mean_cosine
+
+
+def test_the_cli_narrows_with_width_and_says_so(tmp_path, capsys) -> None:
+    source, data = tmp_path / "ffn.onnx", tmp_path / "data.npz"
+    onnx.save(_half_dead_ffn(), source)
+    np.savez(data, x=np.random.default_rng(1).normal(size=(600, 32)).astype(np.float32))
+    out = tmp_path / "narrow.onnx"
+    assert main(["compress", str(source), "-o", str(out), "--data", str(data), "--target-params", "0.55",
+                 "--width"]) == 0
+    printed = capsys.readouterr().out
+    assert "narrowed: 128 of 256 hidden units kept" in printed and "layers factored: 0 of 2; narrowed: 2" in printed
+    assert out.exists()
 
 
 @pytest.mark.transformer
