@@ -50,6 +50,23 @@ def test_curve_and_refit_match_least_squares_with_an_intercept(width: int) -> No
     assert curve.losses[-1] == 0.0 and np.all(np.diff(curve.losses) <= 0)
 
 
+@pytest.mark.parametrize("width", [1, 5, 20, 38, 39])
+def test_out_of_sample_curve_is_the_refit_error_on_the_check_rows(width: int) -> None:
+    x, check = _hidden(seed=7), _hidden(n=900, seed=8)
+    x[:, 5] = 0.0  # dead on the fit rows, alive on the check rows: the greedy skips it
+    w, bias = np.random.default_rng(9).normal(size=(H, D)), np.random.default_rng(10).normal(size=D)
+    moments = Moments(x.T @ x, x.sum(axis=0), len(x))
+    curve = width_curve(w, moments, check=Moments(check.T @ check, check.sum(axis=0), len(check)))
+    kept = curve.kept(width)
+    weight, refitted = refit(w, bias, moments, kept)
+    assert curve.losses[width] == pytest.approx(float(np.sum((check[:, kept] @ weight + refitted
+                                                                - check @ w - bias) ** 2)), rel=1e-8)
+    assert curve.energy == pytest.approx(float(np.sum((check @ w) ** 2)))
+    in_sample = width_curve(w, moments)
+    assert np.array_equal(curve.order, in_sample.order)
+    assert curve.losses[20] > in_sample.losses[20]  # a refit fits its own rows best
+
+
 def test_greedy_choice_beats_random_and_norm_selection() -> None:
     x, w = _hidden(seed=2), np.random.default_rng(3).normal(size=(H, D))
     moments = Moments(x.T @ x, x.sum(axis=0), len(x))

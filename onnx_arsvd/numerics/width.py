@@ -75,8 +75,14 @@ class WidthCurve:
         return np.sort(self.order[:width])
 
 
-def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WIDTH_RIDGE) -> WidthCurve:
-    """The greedy order of the exit ``weight``'s (h x d) input units and the refitted output error at every width."""
+def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WIDTH_RIDGE,
+                check: Moments | None = None) -> WidthCurve:
+    """The greedy order of the exit ``weight``'s (h x d) input units and the refitted output error at every width:
+    on the rows the moments came from, or with ``check`` (the moments of other rows) on those, out of sample.
+
+    Out of sample matters: with few rows per unit the refit fits its own rows far better than any others (on
+    MiniLM, 60 sentences per 1536 units, 3-4x better where most units are kept), and a search that read the
+    in-sample error would narrow where it should not."""
     w = np.asarray(weight, dtype=np.float64)
     h = w.shape[0]
     if moments.gram.shape != (h, h) or moments.total.shape != (h,):
@@ -87,6 +93,7 @@ def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WID
     residual_target = np.asfortranarray(exact @ w)
     residual_variance = np.diag(covariance).copy()
     basis = np.zeros((h, h))
+    explained = np.zeros((h, w.shape[1]))  # per step: the target the new unit explains, in its orthonormal direction
     chosen = np.zeros(h, dtype=bool)
     order = np.empty(h, dtype=np.int64)
     gains = np.empty(h)
@@ -101,16 +108,44 @@ def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WID
             continue
         gains[step] = scores[unit]
         column = (covariance[:, unit] - basis[:, :step] @ basis[unit, :step]) / np.sqrt(residual_variance[unit])
-        explained = residual_target[unit] / np.sqrt(residual_variance[unit])
-        residual_target = _rank_one_update(residual_target, column, explained)
+        explained[step] = residual_target[unit] / np.sqrt(residual_variance[unit])
+        residual_target = _rank_one_update(residual_target, column, explained[step])
         residual_variance -= column * column
         basis[:, step] = column
-    target = float(np.einsum("ij,ij->", w, exact @ w))
-    losses = np.clip(target - np.concatenate([[0.0], np.cumsum(gains)]), 0.0, None)
-    losses = np.minimum.accumulate(losses)
+    if check is not None:
+        losses = _held_out_losses(w, moments.mean, check, order, basis, explained)
+        energy = float(np.einsum("ij,ij->", w, ((check.gram + check.gram.T) / 2) @ w))
+    else:
+        target = float(np.einsum("ij,ij->", w, exact @ w))
+        losses = np.minimum.accumulate(np.clip(target - np.concatenate([[0.0], np.cumsum(gains)]), 0.0, None))
+        energy = float(np.einsum("ij,ij->", w, ((moments.gram + moments.gram.T) / 2) @ w))
     losses[-1] = 0.0  # every unit kept: the exit is unchanged
-    energy = float(np.einsum("ij,ij->", w, ((moments.gram + moments.gram.T) / 2) @ w))
     return WidthCurve(order, losses, energy)
+
+
+def _held_out_losses(w: np.ndarray, mean: np.ndarray, check: Moments, order: np.ndarray, basis: np.ndarray,
+                     explained: np.ndarray) -> np.ndarray:
+    """sum over the ``check`` rows x of ||(x_S - mu_S) B_k - (x - mu) W||^2 at every width k, B_k the refit on the
+    first k units of ``order`` (mu: the fit rows' mean, as the refit's intercept uses it).
+
+    With L the greedy's Cholesky factor (``basis`` rows in ``order``: C_SS + ridge = L L^T) and z its explained
+    rows, B_k = G_k z_k with G = L^-T, whose leading blocks are the prefixes' own; so with P the second moment of
+    x - mu on the check rows, the error is tr(W^T P W) - 2 sum_i<k z_i . (G^T P W)_i + sum_i,j<k (z_i . z_j)
+    (G^T P G)_ij, every k at once by prefix sums. Units the greedy skipped (no gain) keep a zero row."""
+    h = len(order)
+    active = np.flatnonzero(basis[order, np.arange(h)] != 0)  # a step's diagonal: zero where the greedy skipped
+    units = order[active]
+    factor = basis[np.ix_(units, active)]  # lower triangular, positive diagonal
+    g = scipy.linalg.solve_triangular(factor, np.eye(len(active)), lower=True).T
+    gram = (check.gram + check.gram.T) / 2
+    shifted = (gram - np.outer(check.total, mean) - np.outer(mean, check.total) + check.rows * np.outer(mean, mean))
+    z = explained[active]
+    quadratic = (g.T @ shifted[np.ix_(units, units)] @ g) * (z @ z.T)
+    linear = np.einsum("ij,ij->i", z, g.T @ (shifted[units] @ w))
+    steps = 2.0 * np.tril(quadratic, -1).sum(axis=1) + np.diag(quadratic) - 2.0 * linear
+    by_active = float(np.einsum("ij,ij->", w, shifted @ w)) + np.concatenate([[0.0], np.cumsum(steps)])
+    counts = np.concatenate([[0], np.cumsum(np.isin(np.arange(h), active))])  # active steps among the first k
+    return np.clip(by_active[counts], 0.0, None)
 
 
 def refit(weight: np.ndarray, bias: np.ndarray | None, moments: Moments, kept: np.ndarray,

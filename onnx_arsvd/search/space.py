@@ -220,7 +220,7 @@ def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: 
                                     reference=data.response_reference)
     unjudged = _unjudged(curves, reached, responses)
     curves = [c for c in curves if c.key not in unjudged]
-    widths = (_width_curves(model, selection, curves, settings, progress)
+    widths = (_width_curves(model, selection, curves, settings, data.judge if data is not None else None, progress)
               if settings.width and reached is not None and costs is None and not budget.sequential else [])
     narrowing: Mapping[Hashable, Response] = {}
     if widths and responses:
@@ -243,15 +243,18 @@ def allocation_space(model: ir.Model, settings: Settings, budget: Budget, data: 
 
 
 def _width_curves(model: ir.Model, selection: LayerSelection, curves: list[WeightCurve], settings: Settings,
-                  progress: bool) -> list[UnitCurve]:
-    """The loss curves of the width units whose every weight the allocation chooses (none set aside)."""
+                  judged: list | None, progress: bool) -> list[UnitCurve]:
+    """The loss curves of the width units whose every weight the allocation chooses (none set aside): fitted on
+    the fit part, their errors measured out of sample on the judged part when it is another."""
     chosen = {c.key for c in curves}
     units = [unit for unit in find_width_units(selection.dense)[0] if unit.claims <= chosen]
     if not units:
         return []
     assert settings.calibration is not None  # widths are offered with whitened curves, which have calibration
-    moments = input_moments(model, [unit.exit for unit in units], settings.calibration, progress=progress)
-    return unit_curves(units, moments)
+    exits = [unit.exit for unit in units]
+    moments = input_moments(model, exits, settings.calibration, progress=progress)
+    check = input_moments(model, exits, judged, progress=progress) if judged else None
+    return unit_curves(units, moments, check)
 
 
 def _dense_decisions(space: AllocationSpace, index: int, outside: bool = False) -> list[LayerDecision]:

@@ -44,11 +44,12 @@ class UnitCurve:
         return self.unit.claims
 
 
-def unit_curves(units: Sequence[WidthUnit], moments: Mapping[WeightKey, Moments]) -> list[UnitCurve]:
-    """The loss curve of every unit whose exit the data reached."""
-    return [UnitCurve(unit, moments[unit.exit.weight_key],
-                      width_curve(unit.exit.matrix(), moments[unit.exit.weight_key]))
-            for unit in units if unit.exit.weight_key in moments]
+def unit_curves(units: Sequence[WidthUnit], moments: Mapping[WeightKey, Moments],
+                check: Mapping[WeightKey, Moments] | None = None) -> list[UnitCurve]:
+    """The loss curve of every unit whose exit the data reached; with ``check`` (moments of other data), its error
+    out of sample, on that data."""
+    return [UnitCurve(unit, moments[key], width_curve(unit.exit.matrix(), moments[key], check=(check or {}).get(key)))
+            for unit in units if (key := unit.exit.weight_key) in moments]
 
 
 def exit_bias(unit: WidthUnit) -> np.ndarray | None:
