@@ -53,8 +53,8 @@ class FactorOptions:
                                        kind="switch", default_text="only when real inputs (`data` or `calibration`) "
                                        "check them")
     width: bool = option(False, "under a budget with data, also offer to narrow hidden layers (remove FFN units, "
-                         "refit the next product) beside factoring; off by default: on MiniLM it lost to rank only "
-                         "at equal parameters (benchmarks/results/width_table.md)", kind="switch")
+                         "refit the next product) beside factoring, in the same search; off by default until the "
+                         "default budgets are measured with it", kind="switch")
     jobs: int = option(1, "factor N weights at once, one BLAS thread each, N capped at the cores; the output is the "
                        "same whatever N", metavar="N")
     include: tuple[str, ...] = option((), "only layers whose node or weight name matches (repeatable)",
