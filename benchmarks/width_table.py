@@ -10,7 +10,11 @@ refitted by the tool (greedy on the least-squares loss, exit refitted with an in
 selection by weight norm x activation norm (as onnxsim's Wanda-style pruning scores units) with and without the
 refit.
 
-Usage: python benchmarks/width_table.py [--targets 0.85 0.7 0.5] [--out benchmarks/results/width_table.md]
+With ``--model mpnet`` (all-mpnet-base-v2, built by ``models/build_mpnet.py``, the same texts tokenized for it) the
+reconstruction part runs alone by default: one search on it takes over half an hour here.
+
+Usage: python benchmarks/width_table.py [--model minilm|mpnet] [--targets 0.85 0.7 0.5] [--shares 0.75 0.5 0.25]
+       [--out benchmarks/results/width_table.md]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from benchmarks.results_io import compress_studied, package_versions, write_result
-from benchmarks.text_eval import MINILM, cosine_rows, load_text_set, minilm_built
+from benchmarks.text_eval import BUILD, MINILM, cosine_rows
 from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.calibration import input_moments
 from onnx_arsvd.measure.verification import make_session
@@ -42,7 +46,18 @@ from onnx_arsvd.methods.width.units import find_width_units
 from onnx_arsvd.numerics.width import refit
 from onnx_arsvd.search.budget import Budget
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "width_table.md"
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {  # name -> (export, calibration set, unseen set, default targets of the search, result file)
+    "minilm": (MINILM, "polarity", "newsgroups", [0.85, 0.7, 0.5], RESULTS / "width_table.md"),
+    "mpnet": (BUILD / "mpnet.onnx", "mpnet_polarity", "mpnet_newsgroups", [], RESULTS / "width_table_mpnet.md"),
+}
+
+
+def _text_set(name: str) -> dict[str, np.ndarray]:
+    """The token arrays of ``models/build/<name>.npz`` (labels left out), trimmed to the longest real sequence."""
+    with np.load(BUILD / f"{name}.npz") as archive:
+        length = int(archive["attention_mask"].sum(axis=1).max())
+        return {k: archive[k][:, :length] for k in archive.files if k != "labels"}
 
 
 def _outputs(model: str | os.PathLike | bytes, feed: dict[str, np.ndarray], batch: int = 25) -> np.ndarray:
@@ -55,10 +70,10 @@ def _outputs(model: str | os.PathLike | bytes, feed: dict[str, np.ndarray], batc
 class Scorer:
     """Token and sentence cosines of a model's outputs with the original's, on the unseen posts."""
 
-    def __init__(self, feed: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: Path, feed: dict[str, np.ndarray]) -> None:
         self.feed = feed
         self.mask = feed["attention_mask"].astype(bool)
-        self.reference = _outputs(MINILM, feed)
+        self.reference = _outputs(model, feed)
 
     def __call__(self, model: str | os.PathLike | bytes) -> tuple[float, float]:
         out = _outputs(model, self.feed)
@@ -68,9 +83,10 @@ class Scorer:
         return float(tokens.mean()), float(cosine_rows(*pooled).mean())
 
 
-def reconstruction_rows(calibration: dict[str, np.ndarray], score: Scorer, shares: list[float]) -> list[str]:
+def reconstruction_rows(source: Path, calibration: dict[str, np.ndarray], score: Scorer,
+                        shares: list[float]) -> list[str]:
     """Every FFN narrowed to each share of its units: the tool's choice and refit against plain selection."""
-    model = ir.load(MINILM)
+    model = ir.load(source)
     units = find_width_units(find_layers(model)[0])[0]
     moments = input_moments(model, [unit.exit for unit in units], calibration)
     curves = {c.key: c for c in unit_curves(units, moments)}
@@ -105,15 +121,16 @@ def reconstruction_rows(calibration: dict[str, np.ndarray], score: Scorer, share
     return lines
 
 
-def search_rows(calibration: dict[str, np.ndarray], score: Scorer, targets: list[float], folder: Path) -> list[str]:
+def search_rows(source: Path, calibration: dict[str, np.ndarray], score: Scorer, targets: list[float],
+                folder: Path) -> list[str]:
     """Rank only against width + rank at each target, float and INT8; INT8 and INT4 alone."""
     int8 = quantization("int8")
     lines = ["| target | method | dense params kept | layers factored / narrowed | file x original |"
              " token cosine | sentence cosine | s |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    original_bytes = MINILM.stat().st_size
+    original_bytes = source.stat().st_size
     for label, mode in (("INT8 alone", "int8"), ("INT4 alone (MatMulNBits, block 32)", "int4")):
         path = folder / f"{mode}.onnx"
-        path.write_bytes(quantization(mode).apply(ir.load(MINILM), folder).SerializeToString())
+        path.write_bytes(quantization(mode).apply(ir.load(source), folder).SerializeToString())
         token, sentence = score(path)
         lines.append(f"| - | {label} | 100.0% | - | {path.stat().st_size / original_bytes:.3f} | {token:.4f} |"
                      f" {sentence:.4f} | - |")
@@ -122,7 +139,7 @@ def search_rows(calibration: dict[str, np.ndarray], score: Scorer, targets: list
         for label, width in (("rank only", False), ("width + rank (`width`)", True)):
             output = folder / f"{target}_{width}.onnx"
             started = time.perf_counter()
-            report, _ = compress_studied(MINILM, output, budget=Budget(target_params=target), data=calibration,
+            report, _ = compress_studied(source, output, budget=Budget(target_params=target), data=calibration,
                                          width=width, check=False)
             seconds = time.perf_counter() - started
             kept = report.dense_params_after / report.dense_params_before
@@ -141,33 +158,39 @@ def search_rows(calibration: dict[str, np.ndarray], score: Scorer, targets: list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.85, 0.7, 0.5])
+    parser.add_argument("--model", choices=list(MODELS), default="minilm")
+    parser.add_argument("--targets", type=float, nargs="*", default=None,
+                        help="dense-parameter targets of the search (default: 0.85 0.7 0.5 on MiniLM, none on mpnet)")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.75, 0.5, 0.25])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not minilm_built():
+    source, calibration_set, unseen_set, default_targets, default_out = MODELS[args.model]
+    targets = default_targets if args.targets is None else args.targets
+    if not source.exists():
+        print(f"{source} missing: run python models/build_{args.model}.py first", file=sys.stderr)
         return 1
     started = time.perf_counter()
-    calibration, unseen = load_text_set("polarity")[0], load_text_set("newsgroups")[0]
-    score = Scorer(unseen)
+    calibration, score = _text_set(calibration_set), Scorer(source, _text_set(unseen_set))
     parts = [
-        "# Width reduction on all-MiniLM-L6-v2: reconstruction, and the search at equal parameters",
+        f"# Width reduction on {source.stem}: reconstruction, and the search at equal parameters",
         "",
-        f"- command: `python benchmarks/width_table.py --targets {' '.join(map(str, args.targets))} --shares"
-        f" {' '.join(map(str, args.shares))}`; date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"- command: `python benchmarks/width_table.py --model {args.model} --targets {' '.join(map(str, targets))}"
+        f" --shares {' '.join(map(str, args.shares))}`;"
+        f" date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f};"
         f" {package_versions()}",
         "- calibration: the 200 polarity sentences; quality: the 200 newsgroups posts, which no run saw (token"
         " cosine = mean over real tokens of the cosine of `last_hidden_state` with the original's; sentence cosine"
         " = the same for attention-mask mean pooling)",
         "", "## Reconstruction: every FFN narrowed alike", "",
-        *reconstruction_rows(calibration, score, args.shares),
-        "", "## The search at equal dense parameters (`Budget(target_params=T)`)", "",
+        *reconstruction_rows(source, calibration, score, args.shares),
     ]
-    with tempfile.TemporaryDirectory(prefix="width_table_") as folder:
-        parts += search_rows(calibration, score, args.targets, Path(folder))
+    if targets:
+        parts += ["", "## The search at equal dense parameters (`Budget(target_params=T)`)", ""]
+        with tempfile.TemporaryDirectory(prefix="width_table_") as folder:
+            parts += search_rows(source, calibration, score, targets, Path(folder))
     parts += ["", f"Wall time {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}."]
-    write_result("\n".join(parts) + "\n", args.out)
+    write_result("\n".join(parts) + "\n", args.out or default_out)
     return 0
 
 
