@@ -23,10 +23,11 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def load_text_set(name: str, build: Path = BUILD) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Token arrays of ``<name>.npz``, trimmed to the longest real sequence, and the labels."""
+    """Token arrays of ``<name>.npz`` (every array but the labels: MiniLM's three inputs, or the two an
+    ``mpnet_<set>.npz`` holds), trimmed to the longest real sequence, and the labels."""
     with np.load(build / f"{name}.npz") as archive:
         length = int(archive["attention_mask"].sum(axis=1).max())
-        return {k: archive[k][:, :length] for k in INPUTS}, archive["labels"]
+        return {k: archive[k][:, :length] for k in archive.files if k != "labels"}, archive["labels"]
 
 
 def sentence_embeddings(model: str | os.PathLike | bytes, feed: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from benchmarks.results_io import compress_studied, package_versions, write_result
-from benchmarks.text_eval import BUILD, MINILM, cosine_rows
+from benchmarks.text_eval import BUILD, MINILM, cosine_rows, load_text_set
 from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.calibration import input_moments
 from onnx_arsvd.measure.verification import make_session
@@ -51,13 +51,6 @@ MODELS = {  # name -> (export, calibration set, unseen set, default targets of t
     "minilm": (MINILM, "polarity", "newsgroups", [0.85, 0.7, 0.5], RESULTS / "width_table.md"),
     "mpnet": (BUILD / "mpnet.onnx", "mpnet_polarity", "mpnet_newsgroups", [], RESULTS / "width_table_mpnet.md"),
 }
-
-
-def _text_set(name: str) -> dict[str, np.ndarray]:
-    """The token arrays of ``models/build/<name>.npz`` (labels left out), trimmed to the longest real sequence."""
-    with np.load(BUILD / f"{name}.npz") as archive:
-        length = int(archive["attention_mask"].sum(axis=1).max())
-        return {k: archive[k][:, :length] for k in archive.files if k != "labels"}
 
 
 def _outputs(model: str | os.PathLike | bytes, feed: dict[str, np.ndarray], batch: int = 25) -> np.ndarray:
@@ -170,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{source} missing: run python models/build_{args.model}.py first", file=sys.stderr)
         return 1
     started = time.perf_counter()
-    calibration, score = _text_set(calibration_set), Scorer(source, _text_set(unseen_set))
+    calibration, score = load_text_set(calibration_set)[0], Scorer(source, load_text_set(unseen_set)[0])
     parts = [
         f"# Width reduction on {source.stem}: reconstruction, and the search at equal parameters",
         "",
