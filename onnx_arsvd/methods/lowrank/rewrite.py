@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import Layer, constant_tensor, node_label
+from onnx_arsvd.graph.naming import Namer
 from onnx_arsvd.methods.lowrank.layer_math import folded_bias, stored_factors
 from onnx_arsvd.methods.lowrank.plan import WeightPlan
 
@@ -30,26 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["FactorLayersPass", "apply_plans"]
 
 _DROPPABLE_PRODUCERS = frozenset({"Constant", "Transpose", "Cast", "Reshape", "Identity"})
-
-
-class _Namer:
-    """Hands out value and node names not yet used anywhere in the model (subgraphs included)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self._taken: set[str] = set()
-        for scope in (graph, *graph.subgraphs()):
-            self._taken.update(v.name for v in (*scope.inputs, *scope.outputs) if v.name)
-            self._taken.update(scope.initializers)
-        for node in graph.all_nodes():
-            self._taken.add(node.name or "")
-            self._taken.update(v.name for v in node.outputs if v.name)
-
-    def __call__(self, base: str) -> str:
-        name, suffix = base, 1
-        while name in self._taken:
-            name, suffix = f"{base}_{suffix}", suffix + 1
-        self._taken.add(name)
-        return name
 
 
 def _graph_of(node: ir.Node) -> ir.Graph:
@@ -68,7 +49,7 @@ class _Rewriter:
 
     def __init__(self, model: ir.Model, spill: Spill | None = None) -> None:
         self.main = model.graph
-        self.name = _Namer(model.graph)
+        self.name = Namer(model.graph)
         self.initializers_are_inputs = model.ir_version < 4  # IR 3 requires it of every main-graph initializer
         self.spill = spill
 

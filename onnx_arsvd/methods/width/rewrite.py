@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import Layer, constant_tensor, find_layers
+from onnx_arsvd.graph.naming import Namer
 from onnx_arsvd.methods.lowrank.decision import LayerDecision
 from onnx_arsvd.methods.width.units import WidthUnit, find_width_units
 
@@ -37,26 +38,10 @@ class WidthPlan:
         return self.decisions
 
 
-class _Names:
-    """Value names not yet used in the main graph."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.taken = {v.name for v in (*graph.inputs, *graph.outputs) if v.name} | set(graph.initializers)
-        self.taken |= {v.name for node in graph.all_nodes() for v in node.outputs if v.name}
-        self.taken |= {node.name for node in graph.all_nodes() if node.name}
-
-    def __call__(self, base: str) -> str:
-        name, suffix = base, 1
-        while name in self.taken:
-            name, suffix = f"{base}_{suffix}", suffix + 1
-        self.taken.add(name)
-        return name
-
-
 class _Narrower:
     def __init__(self, model: ir.Model) -> None:
         self.graph = model.graph
-        self.names = _Names(model.graph)
+        self.names = Namer(model.graph)
         self.inputs_too = model.ir_version < 4  # IR 3 lists every initializer among the graph's inputs
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
