@@ -12,6 +12,7 @@ with its reason (``inspect`` lists them).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -187,9 +188,6 @@ def describe_units(units: Sequence[WidthUnit], refused: Sequence[Skipped]) -> st
     found = (f"{len(units)} hidden layer(s) can be narrowed under a budget with data and `width` ("
              + ", ".join(f"{u.name}: {u.width} units" for u in units[:3]) + (", ..." if len(units) > 3 else "") + ")"
              if units else "no hidden layer can be narrowed")
-    reasons: dict[str, int] = {}
-    for skipped in refused:
-        reason = skipped.reason.removeprefix("not narrowed: ")
-        reasons[reason] = reasons.get(reason, 0) + 1
-    others = "; ".join(f"{count} x {reason}" for reason, count in sorted(reasons.items(), key=lambda r: -r[1]))
+    reasons = Counter(skipped.reason.removeprefix("not narrowed: ") for skipped in refused)
+    others = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
     return f"note: width: {found}" + (f"; other products end no width unit: {others}" if others else "")
