@@ -30,8 +30,8 @@ from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.io.models import weight_stats
 from onnx_arsvd.measure.benchmark import benchmark_models
 from onnx_arsvd.measure.calibration import input_moments
+from onnx_arsvd.methods.width.find import find_width_units
 from onnx_arsvd.methods.width.method import Width, unit_curves
-from onnx_arsvd.methods.width.units import find_width_units
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "width_latency.md"
 BATCHES = (1, 32)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     load = os.getloadavg()[0]
     model = ir.load(MINILM)
-    units = find_width_units(find_layers(model)[0])[0]
+    units = [u for u in find_width_units(find_layers(model)[0])[0] if u.group == 1]  # the FFNs
     curves = unit_curves(units, input_moments(model, [u.exit for u in units], load_text_set("polarity")[0]))
     dims = {str(d): SEQUENCE for v in model.graph.inputs if v.shape for d in v.shape[1:] if not isinstance(d, int)}
     dense = _dense_params(model)

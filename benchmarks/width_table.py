@@ -1,14 +1,15 @@
 """Width reduction against rank only, INT8 alone and INT4 alone, at equal dense parameters, on a real transformer.
 
 ``compress(..., budget=Budget(target_params=T))`` on all-MiniLM-L6-v2 with the 200 polarity sentences as the
-calibration data, (a) factoring only (the default) and (b) the search over FFN widths and ranks together
-(``width=True``); each written model is also quantized with onnxruntime's ``quantize_dynamic`` (the tool's ``int8``
-config). Quality is measured on the 200 newsgroups posts, which no run saw: the mean cosine of each real token's
-``last_hidden_state`` with the original's, and the sentence-embedding cosine (attention-mask mean pooling).
+calibration data, (a) factoring only (the default) and (b) the search over widths (FFN units and attention
+heads) and ranks together (``width=True``); each written model is also quantized with onnxruntime's
+``quantize_dynamic`` (the tool's ``int8`` config). Quality is measured on the 200 newsgroups posts, which no run
+saw: the mean cosine of each real token's ``last_hidden_state`` with the original's, and the sentence-embedding
+cosine (attention-mask mean pooling).
 A first part measures the reconstruction alone: every FFN narrowed to the same share of its units, chosen and
 refitted by the tool (greedy on the least-squares loss, exit refitted with an intercept) against plain
 selection by weight norm x activation norm (as onnxsim's Wanda-style pruning scores units) with and without the
-refit.
+refit; then the same for every attention block's heads (a head's score the sum of its columns').
 
 With ``--model mpnet`` (all-mpnet-base-v2, built by ``models/build_mpnet.py``, the same texts tokenized for it) the
 reconstruction part runs alone by default: one search on it takes over half an hour here.
@@ -40,9 +41,9 @@ from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.calibration import input_moments
 from onnx_arsvd.measure.verification import make_session
 from onnx_arsvd.methods.quantize.configs import quantization
+from onnx_arsvd.methods.width.find import find_width_units
 from onnx_arsvd.methods.width.method import exit_bias, unit_curves
 from onnx_arsvd.methods.width.rewrite import NarrowPass, WidthPlan
-from onnx_arsvd.methods.width.units import find_width_units
 from onnx_arsvd.numerics.width import refit
 from onnx_arsvd.search.budget import Budget
 
@@ -76,29 +77,34 @@ class Scorer:
         return float(tokens.mean()), float(cosine_rows(*pooled).mean())
 
 
-def reconstruction_rows(source: Path, calibration: dict[str, np.ndarray], score: Scorer,
-                        shares: list[float]) -> list[str]:
-    """Every FFN narrowed to each share of its units: the tool's choice and refit against plain selection."""
+def reconstruction_rows(source: Path, calibration: dict[str, np.ndarray], score: Scorer, shares: list[float],
+                        heads: bool = False) -> list[str]:
+    """Every FFN (or with ``heads``, every attention block) narrowed to each share of its units (heads): the
+    tool's choice and refit against plain selection."""
     model = ir.load(source)
-    units = find_width_units(find_layers(model)[0])[0]
+    units = [u for u in find_width_units(find_layers(model)[0])[0] if (u.group > 1) == heads]
     moments = input_moments(model, [unit.exit for unit in units], calibration)
     curves = {c.key: c for c in unit_curves(units, moments)}
 
     def wanda(unit_key: object) -> np.ndarray:
+        """Units by weight norm x activation norm, a head's score the sum of its columns'."""
         c = curves[unit_key]
         activation = np.sqrt(np.diag(c.moments.gram) / c.moments.rows)
-        return np.argsort(-(np.linalg.norm(c.unit.exit.matrix(), axis=1) * activation))
+        scores = np.linalg.norm(c.unit.exit.matrix(), axis=1) * activation
+        return np.argsort(-scores.reshape(c.unit.units, c.unit.group).sum(axis=1))
 
-    lines = ["| FFN units kept | units chosen by | exit refitted | token cosine | sentence cosine |",
-             "|---:|---|---|---:|---:|"]
+    kind = "heads kept" if heads else "FFN units kept"
+    lines = [f"| {kind} | {'heads' if heads else 'units'} chosen by | exit refitted | token cosine |"
+             " sentence cosine |", "|---:|---|---|---:|---:|"]
     for share in shares:
         for chooser in ("greedy least squares (the tool)", "weight norm x activation norm"):
             for refitted in (True, False):
                 narrowed = model.clone()
                 plans = []
                 for c in curves.values():
-                    width = int(round(share * c.unit.width))
-                    kept = c.curve.kept(width) if chooser.startswith("greedy") else np.sort(wanda(c.key)[:width])
+                    count = int(round(share * c.unit.units))
+                    chosen = c.curve.kept(count) if chooser.startswith("greedy") else np.sort(wanda(c.key)[:count])
+                    kept = c.unit.columns(chosen)
                     exit_matrix, bias = c.unit.exit.matrix(), exit_bias(c.unit)
                     if refitted:
                         weight, bias = refit(exit_matrix, bias, c.moments, kept)
@@ -178,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         "", "## Reconstruction: every FFN narrowed alike", "",
         *reconstruction_rows(source, calibration, score, args.shares),
     ]
+    if args.model == "minilm":
+        parts += ["", "## Reconstruction: every attention block's heads narrowed alike", "",
+                  *reconstruction_rows(source, calibration, score, args.shares, heads=True)]
     if targets:
         parts += ["", "## The search at equal dense parameters (`Budget(target_params=T)`)", ""]
         with tempfile.TemporaryDirectory(prefix="width_table_") as folder:

@@ -14,7 +14,7 @@ import pytest
 
 from onnx_arsvd import compress
 from onnx_arsvd.graph.layers import find_layers
-from onnx_arsvd.methods.width.units import find_width_units
+from onnx_arsvd.methods.width.find import find_width_units
 from onnx_arsvd.search.budget import Budget
 
 torch = pytest.importorskip("torch")
@@ -78,8 +78,10 @@ def test_llama_layers_and_swiglu_units_are_found(llama: Path) -> None:
     shapes = sorted({layer.shape for layer in products})
     assert (HIDDEN, HIDDEN // 2) in shapes  # grouped-query K and V: 2 of 4 heads' width
     assert (HIDDEN, VOCAB) in shapes
-    units, _ = find_width_units(layers)
+    units, refused = find_width_units(layers)
     assert len(units) == BLOCKS and all(len(u.entries) == 2 and u.width == FFN for u in units)
+    # rotary embeddings and shared key/value heads: the heads are refused, each with its reason
+    assert sum("not narrowed as heads" in r.reason for r in refused) == BLOCKS
 
 
 def test_mpnet_gelu_units_are_found(mpnet: Path) -> None:
@@ -87,7 +89,8 @@ def test_mpnet_gelu_units_are_found(mpnet: Path) -> None:
     # the exporter passes MPNet's biases through Identity nodes: the exit's bias Add is not read as one (narrowing
     # then adds its own bias after the product), the entry's bias is a per-unit constant behind an Identity
     assert len(units) == BLOCKS and all(len(u.entries) == 1 and u.exit_bias is None for u in units)
-    assert refused  # q, k, v, o: their inputs come from a normalisation or a reshape
+    # q, k, v: their inputs come from a normalisation; o: the relative position bias is per head
+    assert sum("broadcast over heads" in r.reason for r in refused) == BLOCKS
 
 
 @pytest.mark.parametrize("name", ["llama", "mpnet"])

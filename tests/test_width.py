@@ -13,8 +13,8 @@ from onnx_arsvd import compress, inspect_model
 from onnx_arsvd.cli.main import main
 from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.calibration import input_moments
+from onnx_arsvd.methods.width.find import find_width_units
 from onnx_arsvd.methods.width.method import Width, unit_curves
-from onnx_arsvd.methods.width.units import find_width_units
 from onnx_arsvd.numerics.width import Moments, refit, width_curve
 from onnx_arsvd.search.budget import Budget
 from tests.conftest import MODELS, run
@@ -171,10 +171,10 @@ def test_inspect_names_the_width_units_and_counts_the_refusals(tmp_path) -> None
     source = tmp_path / "leaky.onnx"
     onnx.save(_ffn_model("leaky"), source)
     report = inspect_model(source)
-    assert any("no hidden layer can be narrowed" in n and "1 x a hidden value is used outside" in n
+    assert any("nothing can be narrowed" in n and "1 x a hidden value is used outside" in n
                for n in report.notes)
     report = inspect_model(MODELS / "fashion_mlp.onnx")
-    assert any("2 hidden layer(s) can be narrowed" in n and "/fc2/Gemm: 512 units" in n for n in report.notes)
+    assert any("2 unit(s) can be narrowed" in n and "/fc2/Gemm: 512 hidden units" in n for n in report.notes)
 
 
 def test_chained_mlp_units_share_their_middle_weight() -> None:
@@ -230,8 +230,9 @@ def test_the_cli_narrows_with_width_and_says_so(tmp_path, capsys) -> None:
 
 
 @pytest.mark.transformer
-def test_minilm_has_one_unit_per_block(minilm) -> None:
+def test_minilm_has_an_ffn_and_an_attention_unit_per_block(minilm) -> None:
     units, refused = find_width_units(find_layers(ir.load(minilm))[0])
-    assert len(units) == 6 and {u.width for u in units} == {1536}
-    assert all(u.exit_bias is not None and len(u.region) == 6 for u in units)
-    assert len(refused) == 30
+    ffn = [u for u in units if u.group == 1]
+    assert len(ffn) == 6 and {u.width for u in ffn} == {1536}
+    assert all(u.exit_bias is not None and len(u.region) == 6 for u in ffn)
+    assert len(units) == 12 and len(refused) == 24  # the heads of every block are the other 6

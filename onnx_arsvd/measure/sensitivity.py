@@ -137,7 +137,7 @@ def width_responses(model: ModelLike, units: Sequence[UnitCurve], batches: Seque
             method.rewrite(method.plan(candidate, {c.key: width}, [c]))(candidate)
         return apply
 
-    probed = [_Probed(c.key, c.curve.relative(), range(multiple, c.unit.width, multiple), narrow(c)) for c in units]
+    probed = [_Probed(c.key, c.curve.relative(), c.unit.settings(multiple), narrow(c)) for c in units]
     return _responses(base, _expected(base, batches, reference), probed, batches, probes, progress, "width sensitivity")
 
 

@@ -40,8 +40,8 @@ from onnx_arsvd.measure.verification import ModelLike, check_files, model_source
 from onnx_arsvd.methods.lowrank.model_plan import ModelPlan, PlanMemo, plan_model
 from onnx_arsvd.methods.lowrank.rewrite import apply_plans
 from onnx_arsvd.methods.quantize.quantizers import check_quantizable
+from onnx_arsvd.methods.width.find import describe_units, find_width_units
 from onnx_arsvd.methods.width.rewrite import NarrowPass
-from onnx_arsvd.methods.width.units import describe_units, find_width_units
 from onnx_arsvd.pipeline.checks import (
     BudgetMissedError,
     advice,

@@ -38,8 +38,8 @@ from onnx_arsvd.methods.lowrank.model_plan import (
 from onnx_arsvd.methods.lowrank.plan import plan_layers
 from onnx_arsvd.methods.lowrank.sequential import sequential_factors
 from onnx_arsvd.methods.lowrank.settings import Settings
+from onnx_arsvd.methods.width.find import find_width_units
 from onnx_arsvd.methods.width.method import UnitCurve, Width, unit_curves
-from onnx_arsvd.methods.width.units import find_width_units
 from onnx_arsvd.numerics.allocate import DENSE, Allocation, LayerOptions, frontier, param_cost
 from onnx_arsvd.numerics.choices import group_overlapping
 from onnx_arsvd.search.budget import Budget

@@ -18,11 +18,12 @@ import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import Layer, WeightKey, constant_tensor, find_layers
 from onnx_arsvd.methods.lowrank.decision import LayerDecision
+from onnx_arsvd.methods.width.find import find_width_units
 from onnx_arsvd.methods.width.rewrite import NarrowPass, WidthPlan
-from onnx_arsvd.methods.width.units import WidthUnit, find_width_units
+from onnx_arsvd.methods.width.units import WidthUnit
 from onnx_arsvd.numerics.allocate import DENSE, LayerOptions, hull_options
 from onnx_arsvd.numerics.rank import break_even_rank
-from onnx_arsvd.numerics.width import Moments, WidthCurve, refit, width_curve
+from onnx_arsvd.numerics.width import Moments, WidthCurve, group_curve, refit, width_curve
 
 __all__ = ["UnitCurve", "Width", "exit_bias", "unit_curves"]
 
@@ -48,8 +49,14 @@ def unit_curves(units: Sequence[WidthUnit], moments: Mapping[WeightKey, Moments]
                 check: Mapping[WeightKey, Moments] | None = None) -> list[UnitCurve]:
     """The loss curve of every unit whose exit the data reached; with ``check`` (moments of other data), its error
     out of sample, on that data."""
-    return [UnitCurve(unit, moments[key], width_curve(unit.exit.matrix(), moments[key], check=(check or {}).get(key)))
+    return [UnitCurve(unit, moments[key], _curve(unit, moments[key], (check or {}).get(key)))
             for unit in units if (key := unit.exit.weight_key) in moments]
+
+
+def _curve(unit: WidthUnit, moments: Moments, check: Moments | None) -> WidthCurve:
+    if unit.group == 1:
+        return width_curve(unit.exit.matrix(), moments, check=check)
+    return group_curve(unit.exit.matrix(), moments, unit.group, check=check)
 
 
 def exit_bias(unit: WidthUnit) -> np.ndarray | None:
@@ -69,9 +76,10 @@ def exit_bias(unit: WidthUnit) -> np.ndarray | None:
     return np.broadcast_to(array, (exit_.shape[1],)).copy()
 
 
-def _rows(unit: WidthUnit, width: int) -> tuple[LayerDecision, ...]:
-    """The report rows of the unit's layers narrowed to ``width`` of its units."""
-    reason = f"narrowed: {width} of {unit.width} hidden units kept"
+def _rows(unit: WidthUnit, count: int) -> tuple[LayerDecision, ...]:
+    """The report rows of the unit's layers narrowed to ``count`` of its units."""
+    reason = f"narrowed: {count} of {unit.units} {unit.kind} kept"
+    width = count * unit.group
 
     def row(layer: Layer, shape: tuple[int, int]) -> LayerDecision:
         return LayerDecision(name=layer.name, op_type=layer.op_type, weight=layer.weight_name, shape=layer.shape,
@@ -91,32 +99,32 @@ class Width:
 
     def options(self, units: Sequence[UnitCurve],
                 statistics: Mapping[Hashable, Callable[[np.ndarray], np.ndarray]] | None) -> list[LayerOptions]:
-        """Each unit's widths (multiples of the grid below its full width) at their parameters and predicted loss
+        """Each unit's widths (hidden units on multiples of the grid, or every head count, below the full width) at
+        their parameters and predicted loss
         (``statistics``: the units' measured responses, relative output error at the exit to end-to-end loss)."""
         options = []
         for c in units:
             relative = c.curve.relative()
             response = (statistics or {}).get(c.key)
             losses = response(relative) if response is not None else relative
-            widths = range(self.multiple, c.unit.width, self.multiple)
-            points = [(c.unit.params(k), float(losses[k]), k) for k in widths]
-            points.append((c.unit.params(c.unit.width), 0.0, DENSE))
+            points = [(c.unit.params(k), float(losses[k]), k) for k in c.unit.settings(self.multiple)]
+            points.append((c.unit.params(c.unit.units), 0.0, DENSE))
             options.append(hull_options(c.key, points))
         return options
 
     def plan(self, model: ir.Model, settings: Mapping[Hashable, int], units: Sequence[UnitCurve]) -> list[WidthPlan]:
-        """The plans of the units narrowed in ``settings`` (``DENSE`` or absent: left whole), for ``model`` (the
-        original or a copy: units are matched by key)."""
+        """The plans of the units narrowed in ``settings`` (units kept; ``DENSE`` or absent: left whole), for
+        ``model`` (the original or a copy: units are matched by key)."""
         found = {unit.key: unit for unit in find_width_units(find_layers(model)[0])[0]}
         plans = []
         for c in units:
-            width = settings.get(c.key, DENSE)
-            if width == DENSE or c.key not in found:
+            count = settings.get(c.key, DENSE)
+            if count == DENSE or c.key not in found:
                 continue
             unit = found[c.key]
-            kept = c.curve.kept(width)
+            kept = unit.columns(c.curve.kept(count))
             weight, bias = refit(unit.exit.matrix(), exit_bias(unit), c.moments, kept)
-            plans.append(WidthPlan(c.key, kept, weight, bias, (*unit.entries, unit.exit), _rows(unit, width)))
+            plans.append(WidthPlan(c.key, kept, weight, bias, (*unit.entries, unit.exit), _rows(unit, count)))
         return plans
 
     def rewrite(self, plans: Sequence[WidthPlan]) -> NarrowPass:

@@ -13,7 +13,8 @@ import onnx_ir as ir
 from onnx_arsvd.graph.layers import Layer, constant_tensor, find_layers
 from onnx_arsvd.graph.naming import Namer
 from onnx_arsvd.methods.lowrank.decision import LayerDecision
-from onnx_arsvd.methods.width.units import WidthUnit, find_width_units
+from onnx_arsvd.methods.width.find import find_width_units
+from onnx_arsvd.methods.width.units import WidthUnit
 
 __all__ = ["NarrowPass", "WidthPlan"]
 
@@ -99,10 +100,18 @@ class _Narrower:
             self.replace(*unit.exit_bias, bias)
         else:
             self.add_bias(exit_, bias)
+        for node, index, position in unit.shape_constants:
+            value = node.inputs[index]
+            assert value is not None
+            target = _stored_value(value).copy()
+            target.reshape(-1)[position] = target.reshape(-1)[position] * len(kept) // width
+            self.replace(node, index, target)
         for node in [*(e.node for e in unit.entries), *unit.region]:
             for output in node.outputs:
                 if output.shape is not None and len(output.shape) and output.shape[-1] == width:
                     output.shape = ir.Shape([*output.shape[:-1], len(kept)])
+                elif unit.group > 1 and node in unit.region:
+                    output.shape = None  # a head axis somewhere: let shape inference find it again
 
     def add_bias(self, exit_: Layer, bias: np.ndarray) -> None:
         """An ``Add`` of ``bias`` after a MatMul exit that had none; its output takes over the product's uses."""

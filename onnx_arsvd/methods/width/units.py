@@ -12,16 +12,15 @@ with its reason (``inspect`` lists them).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_arsvd.graph.layers import Layer, Skipped, WeightKey, constant_tensor
+from onnx_arsvd.graph.layers import Layer, WeightKey, constant_tensor
 
-__all__ = ["WidthUnit", "describe_units", "find_width_units"]
+__all__ = ["WidthUnit", "bias_add", "hidden_unit", "per_unit_kind", "plain_reason"]
 
 _ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Neg", "Abs", "Exp", "Sqrt", "Reciprocal", "Erf", "Tanh",
@@ -34,15 +33,22 @@ _DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
 
 @dataclass(frozen=True, eq=False)
 class WidthUnit:
-    """One hidden layer: its ``entries`` (products into it), ``region`` (elementwise nodes), ``exit`` (the product
-    out of it), the region's per-unit constant inputs as (node, input index), and the exit's bias ``Add`` (a node
-    adding a constant d-vector to the exit's output, the exit's only use) when it has one."""
+    """One hidden layer: its ``entries`` (products into it), ``region`` (the nodes between them and the exit),
+    ``exit`` (the product out of it), the region's per-unit constant inputs as (node, input index), and the exit's
+    bias ``Add`` (a node adding a constant d-vector to the exit's output, the exit's only use) when it has one.
+
+    A unit removed is ``group`` adjacent columns of the entries and rows of the exit: 1 for an FFN's hidden unit,
+    the head size for an attention head (:mod:`onnx_arsvd.methods.width.heads`). ``shape_constants`` are the shape
+    entries that name the width, as (node, input index, position): a head count or the merged width, each scaled
+    by the share of units kept (a ``-1`` there needs no entry)."""
 
     entries: tuple[Layer, ...]
     exit: Layer
     region: tuple[ir.Node, ...]
     per_unit: tuple[tuple[ir.Node, int], ...]
     exit_bias: tuple[ir.Node, int] | None
+    group: int = 1
+    shape_constants: tuple[tuple[ir.Node, int, int], ...] = ()
 
     @property
     def key(self) -> Hashable:
@@ -55,22 +61,42 @@ class WidthUnit:
 
     @property
     def width(self) -> int:
+        """The hidden width in columns (the exit's input features)."""
         return self.exit.shape[0]
+
+    @property
+    def units(self) -> int:
+        """How many units can be removed: hidden units, or heads."""
+        return self.width // self.group
+
+    @property
+    def kind(self) -> str:
+        return "hidden units" if self.group == 1 else "heads"
 
     @property
     def name(self) -> str:
         return self.exit.name
 
-    def params(self, width: int) -> float:
-        """The weights' parameters at ``width`` hidden units (biases aside, as low rank counts them)."""
-        return float(width * (sum(entry.shape[0] for entry in self.entries) + self.exit.shape[1]))
+    def settings(self, multiple: int) -> range:
+        """The unit counts offered below the full one: multiples of ``multiple`` hidden units, or every head count."""
+        step = multiple if self.group == 1 else 1
+        return range(step, self.units, step)
+
+    def columns(self, kept: np.ndarray) -> np.ndarray:
+        """The hidden columns of the ``kept`` units, ascending."""
+        kept = np.sort(np.asarray(kept, dtype=np.int64))
+        return (kept[:, None] * self.group + np.arange(self.group)[None, :]).reshape(-1)
+
+    def params(self, count: int) -> float:
+        """The weights' parameters with ``count`` units kept (biases aside, as low rank counts them)."""
+        return float(count * self.group * (sum(entry.shape[0] for entry in self.entries) + self.exit.shape[1]))
 
 
 def _is_constant(value: ir.Value) -> bool:
     return constant_tensor(value) is not None
 
 
-def _per_unit(value: ir.Value, width: int) -> bool | None:
+def per_unit_kind(value: ir.Value, width: int) -> bool | None:
     """Whether a constant holds one entry per unit (True), one for all (False), or neither (None)."""
     tensor = constant_tensor(value)
     assert tensor is not None
@@ -82,7 +108,7 @@ def _per_unit(value: ir.Value, width: int) -> bool | None:
     return None
 
 
-def _simple(layer: Layer) -> str:
+def plain_reason(layer: Layer) -> str:
     """Why a layer cannot take part in a width unit, or ""."""
     if layer.in_subgraph or layer.weight_scope:
         return "inside a subgraph"
@@ -95,7 +121,7 @@ def _simple(layer: Layer) -> str:
     return ""
 
 
-def _bias_add(exit_: Layer) -> tuple[ir.Node, int] | None:
+def bias_add(exit_: Layer) -> tuple[ir.Node, int] | None:
     """The ``Add`` of a constant d-vector that is the exit's output's only use (a MatMul's bias), if any."""
     if exit_.op_type != "MatMul":
         return None
@@ -114,9 +140,9 @@ def _bias_add(exit_: Layer) -> tuple[ir.Node, int] | None:
     return node, other
 
 
-def _unit(exit_: Layer, entries_by_node: dict[int, Layer]) -> WidthUnit | str:
+def hidden_unit(exit_: Layer, entries_by_node: dict[int, Layer]) -> WidthUnit | str:
     """The unit behind ``exit_``, or why there is none."""
-    if reason := _simple(exit_):
+    if reason := plain_reason(exit_):
         return f"not narrowed: {reason}"
     width = exit_.shape[0]
     hidden = exit_.node.inputs[0]
@@ -134,7 +160,7 @@ def _unit(exit_: Layer, entries_by_node: dict[int, Layer]) -> WidthUnit | str:
             continue
         if id(producer) in entries_by_node:
             entry = entries_by_node[id(producer)]
-            if reason := _simple(entry):
+            if reason := plain_reason(entry):
                 return f"not narrowed: entry {entry.name!r} is {reason}"
             if entry.shape[1] != width:
                 return f"not narrowed: entry {entry.name!r} has {entry.shape[1]} outputs, the exit {width} inputs"
@@ -147,7 +173,7 @@ def _unit(exit_: Layer, entries_by_node: dict[int, Layer]) -> WidthUnit | str:
             if operand is None:
                 continue
             if _is_constant(operand):
-                kind = _per_unit(operand, width)
+                kind = per_unit_kind(operand, width)
                 if kind is None:
                     return f"not narrowed: {producer.op_type} takes a constant that is neither scalar nor per unit"
                 if kind:
@@ -162,32 +188,7 @@ def _unit(exit_: Layer, entries_by_node: dict[int, Layer]) -> WidthUnit | str:
             if output.is_graph_output() or any(id(user) not in inside for user, _ in output.uses()):
                 return "not narrowed: a hidden value is used outside the layer"
     for entry in entries.values():
-        if entry.bias is not None and _per_unit(entry.bias, width) is None:
+        if entry.bias is not None and per_unit_kind(entry.bias, width) is None:
             return f"not narrowed: entry {entry.name!r} has a bias that is neither scalar nor per unit"
     ordered = tuple(sorted(entries.values(), key=lambda e: e.name))
-    return WidthUnit(ordered, exit_, tuple(region.values()), tuple(per_unit), _bias_add(exit_))
-
-
-def find_width_units(layers: Sequence[Layer]) -> tuple[list[WidthUnit], list[Skipped]]:
-    """The width units among ``layers`` (dense layers of one model), and each product that ends none, with why."""
-    by_node = {id(layer.node): layer for layer in layers if not layer.is_embedding}
-    units: list[WidthUnit] = []
-    refused: list[Skipped] = []
-    for layer in by_node.values():
-        found = _unit(layer, by_node)
-        if isinstance(found, str):
-            refused.append(Skipped(layer.name, layer.op_type, found))
-        else:
-            units.append(found)
-    return units, refused
-
-
-def describe_units(units: Sequence[WidthUnit], refused: Sequence[Skipped]) -> str:
-    """One line for ``inspect``: the width units (what a budget with data may narrow) and why other products end
-    none, counted by reason."""
-    found = (f"{len(units)} hidden layer(s) can be narrowed under a budget with data and `width` ("
-             + ", ".join(f"{u.name}: {u.width} units" for u in units[:3]) + (", ..." if len(units) > 3 else "") + ")"
-             if units else "no hidden layer can be narrowed")
-    reasons = Counter(skipped.reason.removeprefix("not narrowed: ") for skipped in refused)
-    others = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
-    return f"note: width: {found}" + (f"; other products end no width unit: {others}" if others else "")
+    return WidthUnit(ordered, exit_, tuple(region.values()), tuple(per_unit), bias_add(exit_))
