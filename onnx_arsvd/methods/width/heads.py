@@ -99,7 +99,7 @@ class _Match:
         while node is not None and node.op_type in _PASSING:
             self.region.append(node)
             node = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if node is None or node.op_type != "Softmax" or node.attributes.get_int("axis", -1) not in (-1, 3):
+        if node is None or node.op_type != "Softmax" or _softmax_axis(node) not in (-1, 3):
             raise _Refused(f"{node.op_type if node else 'a graph input'} where a softmax over the keys was expected")
         self.region.append(node)
         value = node.inputs[0]
@@ -210,9 +210,11 @@ class _Match:
                     raise _Refused("a value inside the attention block is used outside it")
 
 
-def _op(value: ir.Value | None) -> str:
-    node = value.producer() if value is not None else None
-    return node.op_type if node is not None else ""
+def _softmax_axis(node: ir.Node) -> int:
+    """The axis a Softmax normalises over: its attribute, else the default (-1 from opset 13, 1 before: all axes
+    from the second, heads included)."""
+    opset = node.graph.opset_imports.get("", 13) if node.graph is not None else 13
+    return node.attributes.get_int("axis", -1 if opset >= 13 else 1)
 
 
 def _perm(node: ir.Node) -> tuple[int, ...]:
