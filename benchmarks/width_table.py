@@ -48,6 +48,7 @@ from onnx_arsvd.numerics.width import refit
 from onnx_arsvd.search.budget import Budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TITLES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
 MODELS = {  # name -> (export, calibration set, unseen set, default targets of the search, result file)
     "minilm": (MINILM, "polarity", "newsgroups", [0.85, 0.7, 0.5], RESULTS / "width_table.md"),
     "mpnet": (BUILD / "mpnet.onnx", "mpnet_polarity", "mpnet_newsgroups", [], RESULTS / "width_table_mpnet.md"),
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     calibration, score = load_text_set(calibration_set)[0], Scorer(source, load_text_set(unseen_set)[0])
     parts = [
-        f"# Width reduction on {source.stem}: reconstruction, and the search at equal parameters",
+        f"# Width reduction on {TITLES[args.model]}: reconstruction, and the search at equal parameters",
         "",
         f"- command: `python benchmarks/width_table.py --model {args.model} --targets {' '.join(map(str, targets))}"
         f" --shares {' '.join(map(str, args.shares))}`;"
