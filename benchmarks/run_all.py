@@ -89,6 +89,8 @@ SCRIPTS = (
            "(needs models/build_mpnet.py)", runs=((), ("--model", "mpnet"))),
     Script("width_latency", ("width_latency.md",), "not timed: minutes (three narrowed models timed)"),
     Script("width_additivity", ("width_additivity.md",), "not timed: minutes (two search spaces built)"),
+    Script("factor_rounding", ("factor_rounding.md",), "not timed: a minute (three budgets on the Fashion MLP)",
+           minilm=False),
     Script("onnxsim_table", ("onnxsim_table.md",), "412 s (load 1.7-3.0); needs onnxsim 0.8.1 in a venv of its own "
            "(see the script): under this interpreter it stops, saying so"),
     Script("mpnet_table", ("mpnet_table.md",), "268 s with the tool's run reused, 2105 s for that run (load 1.4-6; "
