@@ -87,6 +87,9 @@ class DataOptions:
     dims: Mapping[str, int] = option(help="value of a dynamic dimension for generated inputs (default 1; "
                                      "repeatable)", flag="--dim", metavar="NAME=VALUE", kind="repeat",
                                      parse=parse_dims, factory=dict, default_text="")
+    score_threshold: float | None = option(None, "where an output of one score per sample decides (its flips, and "
+                                           "`max_flips`)", metavar="T",
+                                           default_text="0.5 for a probability, else 0")
     samples: int = option(16, "generated input batches")
     batch_size: int = option(64, "samples per onnxruntime call when verifying data (bounds memory)", metavar="N")
     one_at_a_time: bool | None = option(None, "hold one model in onnxruntime at a time: verification keeps the "

@@ -72,6 +72,38 @@ def test_flips_are_counted_per_sample_for_a_score_and_per_position_for_class_sco
     assert score.mean_cosine == pytest.approx(1.0)  # what a cosine budget would have read: nothing
 
 
+def test_a_score_decides_at_the_threshold_the_user_gives(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A detector that fires above 0.65, not 0.5: flips are counted at 0.65 in the verification, the search's judge
+    and the CLI's `verify`, and the report says which threshold read them. (A flip budget on a model given as a
+    ModelProto used to fail: the search read its outputs as values.)"""
+    from onnx_arsvd.cli.main import main
+
+    x = np.random.default_rng(3).standard_normal((400, 64)).astype(np.float32)
+    options = {"policy": FixedRankPolicy(2), "min_params": 0, "factor_heads": True, "data": {"X": x}}
+    _, default = compress(_wake_word(), **options)
+    _, strict = compress(_wake_word(), score_threshold=0.65, **options)
+    (at_half,), (at_high,) = default.verification.outputs, strict.verification.outputs
+    assert (at_half.threshold, at_high.threshold) == (0.5, 0.65)
+    original = run_scores(_wake_word(), x)
+    assert at_high.decisions == 400 and at_high.flips != at_half.flips  # read at another threshold
+    assert 0 < np.mean(original > 0.65) < np.mean(original > 0.5)  # both thresholds split this data
+    source, data = tmp_path / "wake.onnx", tmp_path / "x.npz"
+    onnx.save(_wake_word(), source)
+    np.savez(data, X=x)
+    assert main(["verify", str(source), str(source), "--data", str(data), "--score-threshold", "0.65"]) == 0
+    assert "0 of 400 (0.00%), at 0.65" in capsys.readouterr().out
+    many = np.random.default_rng(4).standard_normal((2000, 64)).astype(np.float32)
+    _, searched = compress(_wake_word(), data={"X": many}, budget=Budget(max_flips=0.05), score_threshold=0.65,
+                           min_params=0)
+    assert searched.verification.outputs[0].threshold == 0.65
+
+
+def run_scores(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    from tests.conftest import run
+
+    return run(model, {"X": x})[0].reshape(-1)
+
+
 def test_the_flip_bound_is_an_exact_binomial_prediction_bound() -> None:
     assert flip_bound(0, 1000, 0) == pytest.approx(1 - 0.05 ** (1 / 1000), rel=1e-6)  # no flip: the rule of three
     assert flip_bound(0, 1000, 1000) == pytest.approx(1 - 0.05 ** (1 / 500), rel=1e-6)  # a held part as large

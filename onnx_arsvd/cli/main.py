@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "execution provider")
     bench.add_argument("original", help="the reference model")
     bench.add_argument("compressed", help="the model to compare with it")
-    add_options(bench.add_argument_group("data"), DataOptions, skip=("batch_size",))
+    add_options(bench.add_argument_group("data"), DataOptions, skip=("batch_size", "score_threshold"))
     _add_bench(bench)
     _add_printing(bench)
     return parser
@@ -261,7 +261,8 @@ def _run(args: argparse.Namespace) -> int:
         data = DataOptions(**given(args, DataOptions))
         verifications = [api.verify(args.original, args.compressed, data=data.data, labels=data.labels, dims=data.dims,
                                     samples=data.samples, batch_size=data.batch_size, provider=provider,
-                                    progress=not args.quiet, one_at_a_time=data.one_at_a_time)
+                                    progress=not args.quiet, one_at_a_time=data.one_at_a_time,
+                                    score_threshold=data.score_threshold)
                          for provider in providers]
         _emit(args, "\n\n".join(format_verification(v) for v in verifications),
               "\n\n".join(format_verification(v, True) for v in verifications),

@@ -55,11 +55,12 @@ class OutputAgreement:
     Only running sums, one cosine per sample and the decision counts are kept, so memory does not grow with the
     outputs' size. Besides the cosine and the relative error, an output whose last axis holds scores counts its
     decisions (argmax) that flip and the KL divergence of its distribution; a score per sample (one value) counts
-    the decisions that cross its threshold (0.5 for a probability, else 0) and its error over its spread.
+    the decisions that cross its threshold (``threshold`` when given, else 0.5 for a probability and 0 for a
+    logit) and its error over its spread.
     """
 
-    def __init__(self, name: str, kind: str = VALUES) -> None:
-        self.name, self.kind = name, kind
+    def __init__(self, name: str, kind: str = VALUES, threshold: float | None = None) -> None:
+        self.name, self.kind, self.threshold = name, kind, threshold
         self.max_abs_error = 0.0
         self.squared_error = 0.0
         self.squared_reference = 0.0
@@ -69,6 +70,7 @@ class OutputAgreement:
         self.kl_sum = 0.0
         self.probabilities: bool | None = None  # decided on the first batch: the original's values are probabilities
         self.scalar_sums = np.zeros(3)  # sum, sum of squares of the original's score, and of the error
+        self.scored = False  # the output held one score per sample
 
     def _decide(self, expected: np.ndarray, actual: np.ndarray, kept: np.ndarray | None) -> None:
         """Count the batch's decisions and flips (and the KL, or the score's spread)."""
@@ -78,9 +80,11 @@ class OutputAgreement:
             e, a = expected.reshape(-1).astype(np.float64), actual.reshape(-1).astype(np.float64)
             if self.probabilities is None:
                 self.probabilities = bool(np.all((e >= 0) & (e <= 1)))
-            threshold = 0.5 if self.probabilities else 0.0
+            if self.threshold is None:
+                self.threshold = 0.5 if self.probabilities else 0.0
+            self.scored = True
             self.decisions += e.size
-            self.flips += int(np.sum((e > threshold) != (a > threshold)))
+            self.flips += int(np.sum((e > self.threshold) != (a > self.threshold)))
             self.scalar_sums += (e.sum(), (e * e).sum(), ((a - e) ** 2).sum())
             return
         if expected.ndim < 2 or expected.shape[-1] < 2:
@@ -128,6 +132,7 @@ class OutputAgreement:
             flips=self.flips,
             kl=self.kl_sum / self.decisions if self.decisions and not self.scalar_sums.any() else None,
             spread_error=self._spread_error(),
+            threshold=self.threshold if self.scored else None,
         )
 
     def _spread_error(self) -> float | None:

@@ -49,6 +49,8 @@ class OutputComparison:
     scores, or the probabilities themselves)."""
     spread_error: float | None = None
     """For a score per sample: the root-mean-square error over the score's standard deviation on the data."""
+    threshold: float | None = None
+    """For a score per sample: the threshold its decisions were read at."""
 
     @property
     def flip_rate(self) -> float | None:

@@ -65,10 +65,12 @@ def compare_models(
     total: int | None = None,
     kinds: Mapping[str, str] | None = None,
     per_call: bool = False,
+    threshold: float | None = None,
 ) -> VerificationReport:
     """Run both sessions batch by batch (one at a time) and compare every output, in bounded memory; ``kinds``
     (:func:`~onnx_arsvd.graph.outputs.output_kinds`) says what each output is; ``per_call``: each batch is one
-    call's feed (:mod:`onnx_arsvd.io.calls`), counted as one sample.
+    call's feed (:mod:`onnx_arsvd.io.calls`), counted as one sample; ``threshold``: where a score per sample
+    decides (default 0.5 for a probability, else 0).
 
     Outputs laid out batch x sequence x ... (and 2-D ones whose declared second dim is the mask's sequence dim)
     are compared at real token positions only when the feeds carry an attention mask
@@ -81,7 +83,7 @@ def compare_models(
     _check_same_outputs(names, compressed)
     runs = ((feed, run_session(original, names, feed), run_session(compressed, names, feed)) for feed in batches)
     return _compare(names, _sequence(original), runs, original.get_providers()[0], labels=labels, inputs=inputs,
-                    progress=progress, total=total, kinds=kinds, per_call=per_call)
+                    progress=progress, total=total, kinds=kinds, per_call=per_call, threshold=threshold)
 
 
 def _sequence(session: ort.InferenceSession) -> list[bool]:
@@ -102,6 +104,8 @@ class ReferenceOutputs:
     kinds: Mapping[str, str] | None = None
     per_call: bool = False
     """Whether each batch is one call's feed, counted as one sample."""
+    threshold: float | None = None
+    """Where a score per sample decides (None: 0.5 for a probability, else 0)."""
 
     @property
     def nbytes(self) -> int:
@@ -109,12 +113,14 @@ class ReferenceOutputs:
 
 
 def reference_outputs(original: ort.InferenceSession, batches: Sequence[Feed],
-                      kinds: Mapping[str, str] | None = None, per_call: bool = False) -> ReferenceOutputs:
+                      kinds: Mapping[str, str] | None = None, per_call: bool = False,
+                      threshold: float | None = None) -> ReferenceOutputs:
     """Every output of ``original`` on each of ``batches`` (``kinds``: what each output is; ``per_call``: each
-    batch is one call)."""
+    batch is one call; ``threshold``: where a score decides)."""
     names = [o.name for o in original.get_outputs()]
     outputs = [run_session(original, names, feed) for feed in batches]
-    return ReferenceOutputs(names, _sequence(original), original.get_providers()[0], outputs, kinds, per_call)
+    return ReferenceOutputs(names, _sequence(original), original.get_providers()[0], outputs, kinds, per_call,
+                            threshold)
 
 
 def compare_with_reference(reference: ReferenceOutputs, compressed: ort.InferenceSession, batches: Sequence[Feed], *,
@@ -126,7 +132,8 @@ def compare_with_reference(reference: ReferenceOutputs, compressed: ort.Inferenc
     runs = ((feed, expected, run_session(compressed, reference.names, feed))
             for feed, expected in zip(batches, reference.outputs, strict=True))
     return _compare(reference.names, reference.sequence, runs, reference.provider, labels=labels, inputs="",
-                    progress=False, total=None, kinds=reference.kinds, per_call=reference.per_call)
+                    progress=False, total=None, kinds=reference.kinds, per_call=reference.per_call,
+                    threshold=reference.threshold)
 
 
 def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> None:
@@ -137,10 +144,11 @@ def _check_same_outputs(names: list[str], compressed: ort.InferenceSession) -> N
 
 def _compare(names: list[str], sequence: Sequence[bool], runs: Iterable[tuple[Feed, Outputs, Outputs]], provider: str,
              *, labels: np.ndarray | None, inputs: str, progress: bool, total: int | None,
-             kinds: Mapping[str, str] | None = None, per_call: bool = False) -> VerificationReport:
+             kinds: Mapping[str, str] | None = None, per_call: bool = False,
+             threshold: float | None = None) -> VerificationReport:
     """The report over (feed, original's outputs, compressed model's outputs) for each batch; ``sequence`` flags the
     2-D outputs laid out batch x sequence; ``per_call``: a batch is one call, one sample."""
-    agreements = {name: OutputAgreement(name, (kinds or {}).get(name, VALUES)) for name in names}
+    agreements = {name: OutputAgreement(name, (kinds or {}).get(name, VALUES), threshold) for name in names}
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     samples = padded = 0
     per_sample: list[np.ndarray] = []  # real positions compared in each sample, where padding was left out
@@ -228,6 +236,7 @@ def verify(
     provider: str = "CPUExecutionProvider",
     progress: bool = False,
     one_at_a_time: bool | None = None,
+    score_threshold: float | None = None,
 ) -> VerificationReport:
     """Compare ``compressed`` with ``original`` in onnxruntime on ``data`` or generated inputs.
 
@@ -239,7 +248,8 @@ def verify(
     into its own memory). ``one_at_a_time`` runs the original on every batch first, keeps its outputs,
     closes it, and only then opens the compressed model: memory then holds one model's weights and all of
     the original's outputs. ``None`` chooses it when both models' weights together exceed half the
-    memory available.
+    memory available. ``score_threshold``: where an output of one score per sample decides (default 0.5 for a
+    probability, else 0).
     """
     if batch_size < 1:
         raise InvalidInputError(f"batch size must be at least 1, got {batch_size}")
@@ -280,7 +290,7 @@ def verify(
         described = f"generated, seed {seed}" + (f", dims {dict(dims)}" if dims else "")
     if not one_at_a_time:
         return compare_models(session_a, session_b, batches, labels=labels, inputs=described, progress=progress,
-                              total=total, kinds=kinds, per_call=per_call)
+                              total=total, kinds=kinds, per_call=per_call, threshold=score_threshold)
     names, sequence, inputs, provider_used = ([o.name for o in session_a.get_outputs()], _sequence(session_a),
                                               _inputs(session_a), session_a.get_providers()[0])
     feeds = list(batches)
@@ -292,7 +302,7 @@ def verify(
     _check_same_outputs(names, session_b)
     runs = ((feed, outputs, run_session(session_b, names, feed)) for feed, outputs in zip(feeds, expected, strict=True))
     return _compare(names, sequence, runs, provider_used, labels=labels, inputs=described + "; one model at a time",
-                    progress=progress, total=total, kinds=kinds, per_call=per_call)
+                    progress=progress, total=total, kinds=kinds, per_call=per_call, threshold=score_threshold)
 
 
 def _inputs(session: ort.InferenceSession) -> list[str]:

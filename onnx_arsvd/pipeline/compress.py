@@ -142,7 +142,8 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
             outcome = run_search(prepared, model, loaded, settings, quantize=quantize,
                                  batch_size=data_options.batch_size,
                                  latency=table if prepared.budget.prices_latency else None, dims=timing_dims,
-                                 scratch=scratch.path, progress=progress)
+                                 scratch=scratch.path, progress=progress,
+                                 score_threshold=data_options.score_threshold)
             settings, memo, planned, search = outcome.settings, outcome.memo, outcome.planned, outcome.result
             if held_out is not None:  # report on data the search never saw
                 data, labels = held_out, None
@@ -189,7 +190,8 @@ def run_compress(model: ModelLike, output: str | os.PathLike | None, options: Co
         if out.check:
             verification = verify(reference, compressed, data=data, labels=labels, dims=dims,
                                   samples=data_options.samples, batch_size=data_options.batch_size, progress=progress,
-                                  one_at_a_time=data_options.one_at_a_time)
+                                  one_at_a_time=data_options.one_at_a_time,
+                                  score_threshold=data_options.score_threshold)
         check_result(verification, search)
         if missed := held_out_miss(verification, search, held_out is not None, latency_check):
             raise BudgetMissedError(f"{missed}; nothing written", make_report(Written()), loaded)

@@ -202,6 +202,8 @@ def _decisions_cell(output: OutputComparison) -> str:
         return ""
     detail = (f"KL {output.kl:.3g}" if output.kl is not None else
               f"err/spread {output.spread_error:.3g}" if output.spread_error is not None else "")
+    if output.threshold is not None:
+        detail = f"at {output.threshold:g}" + (f", {detail}" if detail else "")
     return f"{output.flips} of {output.decisions} ({output.flips / output.decisions:.2%})" + (
         f", {detail}" if detail else "")
 

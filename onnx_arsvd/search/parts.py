@@ -183,12 +183,14 @@ class Feeds:
 
 
 def feeds(model: ModelLike, parts: DataParts, batch_size: int, *, judge: bool, responses: bool,
-          held_out: bool) -> Feeds:
+          held_out: bool, threshold: float | None = None, kinds: Mapping[str, str] | None = None) -> Feeds:
     """The parts' feeds; the original's outputs on the judge part (``judge``), on the samples the layer responses
-    run on (``responses``) and on the held-out part (``held_out``)."""
+    run on (``responses``) and on the held-out part (``held_out``), each output read as ``kinds`` says (default:
+    from the model, when it is a path or an IR model), a score per sample deciding at ``threshold``."""
     source, loaded = model_source(model)
     original = make_session(source)
-    kinds = output_kinds(loaded) if loaded is not None else None
+    if kinds is None and loaded is not None:
+        kinds = output_kinds(loaded)
 
     per_call = parts.per_call
 
@@ -199,7 +201,7 @@ def feeds(model: ModelLike, parts: DataParts, batch_size: int, *, judge: bool, r
         return list(split_batches(load_data(inputs, original)[0], original, batch_size))
 
     def outputs(part: list[Feed] | None) -> ReferenceOutputs | None:
-        return reference_outputs(original, part, kinds, per_call) if part is not None else None
+        return reference_outputs(original, part, kinds, per_call, threshold) if part is not None else None
 
     judged = batches(parts.calibration_part)
     fit = batches(parts.fit_part) if parts.fit_part else judged

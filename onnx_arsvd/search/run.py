@@ -128,15 +128,17 @@ def _judge(prepared: PreparedSearch, data: Feeds, quantize: Quantization | None,
 def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, settings: Settings, *,
                quantize: Quantization | None = None, batch_size: int, latency: LatencyTable | None = None,
                dims: Mapping[str, int] | None = None, scratch: Path | None = None,
-               progress: bool = False) -> SearchOutcome:
+               progress: bool = False, score_threshold: float | None = None) -> SearchOutcome:
     """Search under the budget; each candidate (unless the budget is on parameters alone) checked in onnxruntime.
 
-    ``model`` is the original as given (timed against), ``loaded`` its IR (never rewritten: candidates are clones).
+    ``model`` is the original as given (timed against), ``loaded`` its IR (never rewritten: candidates are clones);
+    ``score_threshold``: where an output of one score per sample decides.
     """
     budget, parts, dims = prepared.budget, prepared.parts, dict(dims or {})
     global_ = prepared.allocation == "global"
     data = (feeds(model, parts, batch_size, judge=budget.judges_outputs, responses=global_ and budget.sensitivity,
-                  held_out=global_) if parts.calibration_part else None)
+                  held_out=global_, threshold=score_threshold, kinds=output_kinds(loaded))
+            if parts.calibration_part else None)
     judge = _judge(prepared, data, quantize, scratch) if data is not None else None
     quantized_with = quantize.describe() if quantize is not None else None
     unit = "calls" if parts.per_call else "samples"
