@@ -59,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             session = make_session(ir.to_proto(space.candidate(index)).SerializeToString())
             measured = {part: output_distortion(expected[part], _outputs(session, getattr(data, part)))
                         for part in expected}
-            narrowed = sum(1 for c in space.widths if chosen.ranks.get(c.key, DENSE) != DENSE)
+            units = [c.unit for c in space.widths if chosen.ranks.get(c.key, DENSE) != DENSE]
+            narrowed = f"{sum(u.group == 1 for u in units)} / {sum(u.group > 1 for u in units)}"
             rows.append((f"{target:.0%}", "widths + ranks" if width else "rank only", f"{space.kept(index):.3f}",
                          narrowed, f"{chosen.loss:.4f}", f"{measured['judge']:.4f}", f"{measured['held']:.4f}",
                          f"{measured['judge'] / chosen.loss:.2f}"))
             print(rows[-1], file=sys.stderr, flush=True)
-    columns = ["target", "search", "dense params kept", "FFNs narrowed", "predicted loss", "measured, judge part",
+    columns = ["target", "search", "dense params kept", "FFNs / attentions narrowed", "predicted loss",
+               "measured, judge part",
                "measured, held-out part", "measured / predicted (judge)"]
     notes = ["loss = relative squared output error of `last_hidden_state` at real tokens, summed over the units "
              "(predicted) or measured on the model",
