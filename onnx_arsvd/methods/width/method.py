@@ -100,8 +100,8 @@ class Width:
     def options(self, units: Sequence[UnitCurve],
                 statistics: Mapping[Hashable, Callable[[np.ndarray], np.ndarray]] | None) -> list[LayerOptions]:
         """Each unit's widths (hidden units on multiples of the grid, or every head count, below the full width) at
-        their parameters and predicted loss
-        (``statistics``: the units' measured responses, relative output error at the exit to end-to-end loss)."""
+        their parameters and predicted loss (``statistics``: the units' measured responses, relative output error
+        at the exit to end-to-end loss)."""
         options = []
         for c in units:
             relative = c.curve.relative()
