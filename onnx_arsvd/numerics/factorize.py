@@ -33,18 +33,8 @@ import scipy.sparse
 
 from onnx_arsvd.numerics.rank import Need
 
-__all__ = [
-    "EVERY_VALUE",
-    "SOLVERS",
-    "LpFit",
-    "Spectrum",
-    "decompose",
-    "factors_at_rank",
-    "lp_factors",
-    "seed_for",
-    "spectrum",
-    "whitened_spectrum",
-]
+__all__ = ["EVERY_VALUE", "SOLVERS", "LpFit", "Spectrum", "decompose", "factors_at_rank", "lp_factors", "seed_for",
+           "spectrum", "whitened_spectrum"]
 
 EVERY_VALUE = Need()
 """What a policy that reads every singular value needs: the default of the solvers."""
@@ -61,11 +51,10 @@ POWER_ITERATIONS = 3
 rank-k error stays under 1% on the shipped models and on flat and decaying synthetic spectra (tests). Two
 crossed 1% on MiniLM's weights in an exploratory run while the solver was tuned (not kept as a benchmark)."""
 FLAT_TAIL = 1.5
-"""A cut in a flat stretch of the spectrum: the k-th value of the randomized basis's spectrum under ``FLAT_TAIL``
-times its last (oversampled) one. There the basis must resolve directions whose values barely differ, and the
-range finder's power iterations set how well it does (a 2048 x 2048 rank-256 signal plus noise, cut at 128 or
-512: +0.94% over the optimal error with 3 iterations, +0.21-0.31% with 5, +0.03-0.08% with 8). Slow decays
-(trained transformer weights) look flat at any cut too, so the refinement costs them about half again the time."""
+"""A cut in a flat stretch of the spectrum: the basis's k-th value under ``FLAT_TAIL`` times its last one. Its
+directions barely differ there, and the power iterations set how well they are told apart (a rank-256 signal plus
+noise, 2048 x 2048, cut at 128 or 512: +0.94% over the optimal error with 3, +0.21-0.31% with 5, +0.03-0.08% with
+8). Slow decays (trained weights) look flat at any cut too: the refinement costs them half again the time."""
 FLAT_EXTRA_ITERATIONS = 2
 """Power iterations added, from the basis found, where the cut is in a flat stretch (:data:`FLAT_TAIL`)."""
 SKETCH_NONZEROS = 8
