@@ -45,10 +45,23 @@ class Moments:
         return self.total / self.rows
 
     @property
+    def symmetric(self) -> np.ndarray:
+        """sum(x x^T), its rounding asymmetry averaged away."""
+        return (self.gram + self.gram.T) / 2
+
+    @property
     def covariance(self) -> np.ndarray:
         """The centred second moment sum((x - mu)(x - mu)^T)."""
-        gram = (self.gram + self.gram.T) / 2
-        return gram - np.outer(self.total, self.total) / self.rows
+        return self.symmetric - np.outer(self.total, self.total) / self.rows
+
+    def about(self, mean: np.ndarray) -> np.ndarray:
+        """The second moment about another rows' ``mean``: sum((x - mean)(x - mean)^T)."""
+        return (self.symmetric - np.outer(self.total, mean) - np.outer(mean, self.total)
+                + self.rows * np.outer(mean, mean))
+
+    def energy(self, weight: np.ndarray) -> float:
+        """sum ||x W||^2: the output energy of ``weight`` on these rows."""
+        return float(np.einsum("ij,ij->", weight, self.symmetric @ weight))
 
 
 @dataclass(frozen=True)
@@ -114,13 +127,11 @@ def width_curve(weight: np.ndarray, moments: Moments, ridge: float = DEFAULT_WID
         basis[:, step] = column
     if check is not None:
         losses = _held_out_losses(w, moments.mean, check, order, basis, explained)
-        energy = float(np.einsum("ij,ij->", w, ((check.gram + check.gram.T) / 2) @ w))
     else:
         target = float(np.einsum("ij,ij->", w, exact @ w))
         losses = np.minimum.accumulate(np.clip(target - np.concatenate([[0.0], np.cumsum(gains)]), 0.0, None))
-        energy = float(np.einsum("ij,ij->", w, ((moments.gram + moments.gram.T) / 2) @ w))
     losses[-1] = 0.0  # every unit kept: the exit is unchanged
-    return WidthCurve(order, losses, energy)
+    return WidthCurve(order, losses, (check if check is not None else moments).energy(w))
 
 
 def _held_out_losses(w: np.ndarray, mean: np.ndarray, check: Moments, order: np.ndarray, basis: np.ndarray,
@@ -137,8 +148,7 @@ def _held_out_losses(w: np.ndarray, mean: np.ndarray, check: Moments, order: np.
     units = order[active]
     factor = basis[np.ix_(units, active)]  # lower triangular, positive diagonal
     g = scipy.linalg.solve_triangular(factor, np.eye(len(active)), lower=True).T
-    gram = (check.gram + check.gram.T) / 2
-    shifted = (gram - np.outer(check.total, mean) - np.outer(mean, check.total) + check.rows * np.outer(mean, mean))
+    shifted = check.about(mean)
     z = explained[active]
     quadratic = (g.T @ shifted[np.ix_(units, units)] @ g) * (z @ z.T)
     linear = np.einsum("ij,ij->i", z, g.T @ (shifted[units] @ w))
@@ -159,44 +169,36 @@ def group_curve(weight: np.ndarray, moments: Moments, group: int, ridge: float =
         raise ValueError(f"moments of {moments.gram.shape[0]} columns do not fit groups of {group} in {w.shape}")
     count = h // group
     exact = moments.covariance
-    residual = _regularised(exact, ridge)
-    residual_target = exact @ w
+    regularised = _regularised(exact, ridge)
+    correlation = exact @ w  # C W: what the refit on any kept columns fits
+    residual, residual_target = regularised, correlation
     blocks = [slice(g * group, (g + 1) * group) for g in range(count)]
     order: list[int] = []
     for _ in range(count):
         gains = np.full(count, -np.inf)
+        floor = _tiny(residual) * np.eye(group)
         for g in set(range(count)) - set(order):
             block = blocks[g]
-            factor = scipy.linalg.cho_factor(residual[block, block] + _tiny(residual) * np.eye(group))
+            factor = scipy.linalg.cho_factor(residual[block, block] + floor)
             gains[g] = float(np.einsum("ij,ij->", residual_target[block],
                                        scipy.linalg.cho_solve(factor, residual_target[block])))
         best = int(np.argmax(gains))
         order.append(best)
         block = blocks[best]
-        step = np.linalg.solve(residual[block, block] + _tiny(residual) * np.eye(group),
-                               np.hstack([residual[block], residual_target[block]]))
+        step = np.linalg.solve(residual[block, block] + floor, np.hstack([residual[block], residual_target[block]]))
         residual_target = residual_target - residual[:, block] @ step[:, h:]
         residual = residual - residual[:, block] @ step[:, :h]
-    mean = moments.mean
-    if check is not None:
-        gram = (check.gram + check.gram.T) / 2
-        target = (gram - np.outer(check.total, mean) - np.outer(mean, check.total)
-                  + check.rows * np.outer(mean, mean))
-        energy = float(np.einsum("ij,ij->", w, gram @ w))
-    else:
-        target = exact
-        energy = float(np.einsum("ij,ij->", w, ((moments.gram + moments.gram.T) / 2) @ w))
+    target = check.about(moments.mean) if check is not None else exact
     losses = np.empty(count + 1)
     losses[0] = float(np.einsum("ij,ij->", w, target @ w))
-    fitted_target = exact @ w
     for k in range(1, count + 1):
         columns = np.concatenate([np.arange(blocks[g].start, blocks[g].stop) for g in order[:k]])
-        fitted = np.linalg.solve(_regularised(exact, ridge)[np.ix_(columns, columns)], fitted_target[columns])
+        fitted = np.linalg.solve(regularised[np.ix_(columns, columns)], correlation[columns])
         cross = target[columns] @ w
         losses[k] = max(losses[0] - 2.0 * float(np.einsum("ij,ij->", fitted, cross))
                         + float(np.einsum("ij,ij->", fitted, target[np.ix_(columns, columns)] @ fitted)), 0.0)
     losses[-1] = 0.0
-    return WidthCurve(np.asarray(order, dtype=np.int64), losses, energy)
+    return WidthCurve(np.asarray(order, dtype=np.int64), losses, (check if check is not None else moments).energy(w))
 
 
 def _tiny(covariance: np.ndarray) -> float:
