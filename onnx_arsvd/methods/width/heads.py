@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import Layer, constant_tensor
-from onnx_arsvd.methods.width.units import WidthUnit, bias_add, per_unit_kind, plain_reason
+from onnx_arsvd.methods.width.units import WidthUnit, bias_add, leaks, per_unit_kind, plain_reason
 
 __all__ = ["head_unit"]
 
@@ -75,7 +75,8 @@ class _Match:
         heads = width // self.head_size
         self.merge_width(merged, width)
         self.check_head_counts(heads)
-        self.check_closed(entries)
+        if leaks(entries, self.region, self.exit):
+            raise _Refused("a value inside the attention block is used outside it")
         return WidthUnit(tuple(sorted(entries, key=lambda e: e.name)), self.exit, tuple(self.region),
                          tuple(self.per_unit), bias_add(self.exit), group=self.head_size,
                          shape_constants=tuple(self.shape_constants))
@@ -145,8 +146,8 @@ class _Match:
             elif node.op_type in _SCALARS and _scalar_operand(node) is not None:
                 pass
             elif node.op_type == "Add" and split is not None and (bias := self.bias(node)) is not None:
-                if per_unit_kind(bias[0].inputs[bias[1]], self.exit.shape[0]):  # type: ignore[arg-type]
-                    self.per_unit.append(bias)
+                if bias[2]:
+                    self.per_unit.append(bias[:2])
             else:
                 raise _Refused(f"{node.op_type} on the {role} path (rotary embeddings or shared key/value heads?)")
             self.region.append(node)
@@ -158,16 +159,16 @@ class _Match:
             raise _Refused(f"the {role} projection is {reason}")
         return layer
 
-    def bias(self, node: ir.Node) -> tuple[ir.Node, int] | None:
-        """Where a bias ``Add``'s per-unit (or scalar) constant is: the Add's operand, or the input of the
-        ``Identity`` it passes through (which joins the region)."""
+    def bias(self, node: ir.Node) -> tuple[ir.Node, int, bool] | None:
+        """Where a bias ``Add``'s per-unit (True) or scalar (False) constant is: the Add's operand, or the input of
+        the ``Identity`` it passes through (which joins the region)."""
         for index, operand in enumerate(node.inputs):
-            source = operand.producer() if operand is not None else None
-            if source is not None and source.op_type == "Identity" and constant_tensor(source.inputs[0]) is not None:
-                node, index, operand = source, 0, source.inputs[0]
-                self.region.append(source)
+            if operand is not None and (identity := _identity_of_constant(operand)) is not None:
+                node, index, operand = identity, 0, identity.inputs[0]
+                self.region.append(identity)
             if operand is not None and constant_tensor(operand) is not None:
-                return (node, index) if per_unit_kind(operand, self.exit.shape[0]) is not None else None
+                kind = per_unit_kind(operand, self.exit.shape[0])
+                return (node, index, kind) if kind is not None else None
         return None
 
     # -- the shapes ------------------------------------------------------------------------------------------
@@ -202,13 +203,6 @@ class _Match:
         if any(count != heads for count in self.written_counts):
             raise _Refused("a head split's head count does not match the projections' width")
 
-    def check_closed(self, entries: tuple[Layer, ...]) -> None:
-        inside = {id(node) for node in self.region} | {id(self.exit.node)}
-        for node in [*(e.node for e in entries), *self.region]:
-            for output in node.outputs:
-                if output.is_graph_output() or any(id(user) not in inside for user, _ in output.uses()):
-                    raise _Refused("a value inside the attention block is used outside it")
-
 
 def _softmax_axis(node: ir.Node) -> int:
     """The axis a Softmax normalises over: its attribute, else the default (-1 from opset 13, 1 before: all axes
@@ -239,10 +233,16 @@ def _scalar_operand(node: ir.Node) -> int | None:
 
 def _inner(node: ir.Node) -> ir.Value | None:
     """The non-constant operand of a binary node with one constant operand (maybe behind an ``Identity``)."""
-    others = [v for v in node.inputs if v is not None and constant_tensor(v) is None and not (
-        (source := v.producer()) is not None and source.op_type == "Identity"
-        and constant_tensor(source.inputs[0]) is not None)]
+    others = [v for v in node.inputs
+              if v is not None and constant_tensor(v) is None and _identity_of_constant(v) is None]
     return others[0] if len(others) == 1 else None
+
+
+def _identity_of_constant(value: ir.Value) -> ir.Node | None:
+    """The ``Identity`` node that passes a constant on as ``value`` (exporters write MPNet's biases so)."""
+    source = value.producer()
+    return source if source is not None and source.op_type == "Identity" and constant_tensor(
+        source.inputs[0]) is not None else None
 
 
 def _trailing(reshape: ir.Node, count: int) -> list[tuple[int, ir.Node, int, int]] | None:

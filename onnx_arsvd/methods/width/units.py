@@ -12,7 +12,7 @@ with its reason (``inspect`` lists them).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnx_arsvd.graph.layers import Layer, WeightKey, constant_tensor
 
-__all__ = ["WidthUnit", "bias_add", "hidden_unit", "per_unit_kind", "plain_reason"]
+__all__ = ["WidthUnit", "bias_add", "hidden_unit", "leaks", "per_unit_kind", "plain_reason"]
 
 _ELEMENTWISE = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Neg", "Abs", "Exp", "Sqrt", "Reciprocal", "Erf", "Tanh",
@@ -140,6 +140,15 @@ def bias_add(exit_: Layer) -> tuple[ir.Node, int] | None:
     return node, other
 
 
+def leaks(entries: Iterable[Layer], region: Iterable[ir.Node], exit_: Layer) -> bool:
+    """Whether a value the entries or the region compute is a graph output or used by a node outside the region
+    and the exit: removing units would then change what that node sees."""
+    region = list(region)
+    inside = {*map(id, region), id(exit_.node)}
+    return any(output.is_graph_output() or any(id(user) not in inside for user, _ in output.uses())
+               for node in [*(e.node for e in entries), *region] for output in node.outputs)
+
+
 def hidden_unit(exit_: Layer, entries_by_node: dict[int, Layer]) -> WidthUnit | str:
     """The unit behind ``exit_``, or why there is none."""
     if reason := plain_reason(exit_):
@@ -182,11 +191,8 @@ def hidden_unit(exit_: Layer, entries_by_node: dict[int, Layer]) -> WidthUnit | 
                 pending.append(operand)
     if not entries:
         return "not narrowed: no product computes its hidden units"
-    inside = {*region, id(exit_.node)}
-    for node in [*(e.node for e in entries.values()), *region.values()]:
-        for output in node.outputs:
-            if output.is_graph_output() or any(id(user) not in inside for user, _ in output.uses()):
-                return "not narrowed: a hidden value is used outside the layer"
+    if leaks(entries.values(), region.values(), exit_):
+        return "not narrowed: a hidden value is used outside the layer"
     for entry in entries.values():
         if entry.bias is not None and per_unit_kind(entry.bias, width) is None:
             return f"not narrowed: entry {entry.name!r} has a bias that is neither scalar nor per unit"
