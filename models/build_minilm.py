@@ -43,8 +43,9 @@ import pickle
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # Never reach for the Hugging Face hub: everything is loaded from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,6 +170,23 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> float:
 
     onnx.checker.check_model(str(path))
     return elapsed
+
+
+Checked = TypeVar("Checked")
+
+
+def place_checked(check_path: Path, onnx_path: Path, fresh: bool, check: Callable[[], Checked]) -> Checked:
+    """``check()`` the export at ``check_path``; a fresh export (``fresh``: written to a temporary name) is removed
+    when the check fails and moved to ``onnx_path`` when it passes, so a failed run never leaves a bad model."""
+    try:
+        result = check()
+    except Exception:
+        if fresh:
+            check_path.unlink(missing_ok=True)
+        raise
+    if fresh:
+        check_path.replace(onnx_path)
+    return result
 
 
 def verify_onnx(model: Any, tokenizer: Any, path: Path) -> float:
@@ -365,15 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{onnx_path} exists, skipping export")
         print("checking onnxruntime against PyTorch:")
-        try:
-            diff = verify_onnx(model, tokenizer, check_path)
-        except Exception:
-            if need_export:
-                check_path.unlink(missing_ok=True)
-            raise
+        diff = place_checked(check_path, onnx_path, need_export, lambda: verify_onnx(model, tokenizer, check_path))
         print(f"max abs diff {diff:.3e} (limit {MAX_ABS_DIFF:g})")
-        if need_export:
-            check_path.replace(onnx_path)
     else:
         print(f"{onnx_path} exists, skipping export")
 

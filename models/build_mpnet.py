@@ -58,7 +58,12 @@ if not __package__:  # run as a file: import the MiniLM builder's text readers f
 
 import numpy as np  # noqa: E402
 
-from models.build_minilm import gensim_test_data_dir, load_newsgroups, load_polarity  # noqa: E402
+from models.build_minilm import (  # noqa: E402
+    gensim_test_data_dir,
+    load_newsgroups,
+    load_polarity,
+    place_checked,
+)
 
 ONNX_NAME = "mpnet.onnx"
 DATA_NAMES = {"polarity": "mpnet_polarity.npz", "newsgroups": "mpnet_newsgroups.npz"}
@@ -282,15 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"exported {onnx_path} ({check_path.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s")
             print("checking onnxruntime against PyTorch on real sentences:")
             batches = [texts["polarity"][0][:4], texts["newsgroups"][0][:2], texts["polarity"][0][4:5]]
-            try:
-                diff = verify_onnx(model, tokenizer, check_path, batches)
-            except Exception:
-                if need_export:
-                    check_path.unlink(missing_ok=True)
-                raise
+            diff = place_checked(check_path, onnx_path, need_export,
+                                 lambda: verify_onnx(model, tokenizer, check_path, batches))
             print(f"max abs diff {diff:.3e} (limit {MAX_ABS_DIFF:g})")
-            if need_export:
-                check_path.replace(onnx_path)
             del model
         else:
             print(f"{onnx_path} exists, skipping export")

@@ -72,7 +72,7 @@ if not __package__:  # run as a file: import the MiniLM builder's gensim locator
 
 import numpy as np  # noqa: E402
 
-from models.build_minilm import gensim_test_data_dir  # noqa: E402
+from models.build_minilm import gensim_test_data_dir, place_checked  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ONNX_NAME = "smollm2.onnx"
@@ -429,15 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds = export_onnx(model, tokenizer, check_path)
             print(f"exported {onnx_path} ({check_path.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s")
         print("checking onnxruntime against PyTorch:")
-        try:
-            diff, agreement = verify_onnx(model, tokenizer, check_path, text)
-        except Exception:
-            if need_export:
-                check_path.unlink(missing_ok=True)
-            raise
+        diff, agreement = place_checked(check_path, onnx_path, need_export,
+                                        lambda: verify_onnx(model, tokenizer, check_path, text))
         print(f"max abs logit diff {diff:.3e} (limit {MAX_ABS_DIFF:g}), argmax agreement {agreement:.4%}")
-        if need_export:
-            check_path.replace(onnx_path)
     else:
         print(f"{onnx_path} exists, skipping export")
     return 0
