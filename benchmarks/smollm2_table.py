@@ -113,52 +113,35 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def build_variants(folder: Path, calibration: dict[str, np.ndarray], responses: bool) -> list[Variant]:
-    """Write (b), (c) and (d) into ``folder``; a variant whose making fails keeps its error and no file."""
+    """Write (b) to (g) into ``folder``; a variant whose making fails keeps its error and no file."""
     variants = [Variant("original (fp32)", SMOLLM2, "torch.onnx export of the dequantized GGUF")]
-    int8, int4 = Int8Dynamic(), Int4WeightOnly(block_size=32)
-    for name, config, file in (("INT8 dynamic", int8, "int8.onnx"), ("INT4 MatMulNBits", int4, "int4.onnx")):
-        variant = Variant(name, folder / file, config.describe())
-        start = time.perf_counter()
-        try:
-            onnx.save_model(config.apply(onnx.load(SMOLLM2), scratch=folder), variant.path)
-        except Exception as error:  # noqa: BLE001 - a failed variant is a result of the table
-            variant.path, variant.error = None, f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-        variant.seconds = time.perf_counter() - start
-        variants.append(variant)
-        gc.collect()
+    for name, config, file in (("INT8 dynamic", Int8Dynamic(), "int8.onnx"),
+                               ("INT4 MatMulNBits", Int4WeightOnly(block_size=32), "int4.onnx")):
+        variants.append(_made(Variant(name, folder / file, config.describe()),
+                              lambda path, config=config: onnx.save_model(
+                                  config.apply(onnx.load(SMOLLM2), scratch=folder), path)))
     budget = Budget(target_params=TARGET_PARAMS, sensitivity=responses)
     for name, file, exclude in ((f"onnx-arsvd, target_params={TARGET_PARAMS:g}", "arsvd.onnx", ()),
                                 (f"onnx-arsvd, target_params={TARGET_PARAMS:g}, lm_head kept dense",
                                  "arsvd_blocks.onnx", ("*lm_head*",))):
-        variant = Variant(name, folder / file)
-        start = time.perf_counter()
-        try:
-            report, missed = compress_studied(SMOLLM2, variant.path, budget=budget, data=calibration, batch_size=4,
-                                              exclude=exclude)
-            variant.note = (describe_report(report) + f"; the tool's own check: {held_out_quality(report)}"
-                            + (" (missed its budget on the tool's held-out part)" if missed else ""))
-        except Exception as error:  # noqa: BLE001
-            variant.path, variant.error = None, f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-        variant.seconds = time.perf_counter() - start
-        variants.append(variant)
-        gc.collect()
+        variants.append(_made(Variant(name, folder / file),
+                              lambda path, exclude=exclude: _searched(path, budget, calibration, exclude)))
     variants.append(_made(Variant(f"FFN width alone, {FFN_KEPT} of 1536 units", folder / "width.onnx"),
                           lambda path: _narrow_every_ffn(calibration, path)))
     target = _block_cut_target()
     variants.append(_made(Variant(f"onnx-arsvd, width + rank, target_params={target:.4f}, lm_head kept dense",
                                   folder / "width_rank.onnx"),
                           lambda path: _searched(path, Budget(target_params=target, sensitivity=responses),
-                                                 calibration)))
+                                                 calibration, ("*lm_head*",), width=True)))
     return variants
 
 
 def _made(variant: Variant, make: Any) -> Variant:
-    """``variant`` with its file made by ``make(path)`` (which returns a note), timed; its error if that fails."""
+    """``variant`` with its file made by ``make(path)`` (which may return a note), timed; its error if that
+    fails."""
     start = time.perf_counter()
     try:
-        variant.note = make(variant.path)
+        variant.note = make(variant.path) or variant.note
     except Exception as error:  # noqa: BLE001 - a failed variant is a result of the table
         variant.path, variant.error = None, f"{type(error).__name__}: {error}"
         traceback.print_exc()
@@ -185,11 +168,13 @@ def _block_cut_target() -> float:
     return (total - BLOCK_CUT * blocks) / total
 
 
-def _searched(path: Path, budget: Budget, calibration: dict[str, np.ndarray]) -> str:
-    report, missed = compress_studied(SMOLLM2, path, budget=budget, data=calibration, batch_size=4,
-                                      exclude=("*lm_head*",), width=True)
-    return (describe_report(report) + f", {report.narrowed} narrowed; the tool's own check: "
-            f"{held_out_quality(report)}" + (" (missed its budget on the tool's held-out part)" if missed else ""))
+def _searched(path: Path, budget: Budget, calibration: dict[str, np.ndarray], exclude: tuple[str, ...],
+              width: bool = False) -> str:
+    report, missed = compress_studied(SMOLLM2, path, budget=budget, data=calibration, batch_size=4, exclude=exclude,
+                                      width=width)
+    return (describe_report(report) + (f", {report.narrowed} narrowed" if width else "")
+            + f"; the tool's own check: {held_out_quality(report)}"
+            + (" (missed its budget on the tool's held-out part)" if missed else ""))
 
 
 def describe_report(report: Any) -> str:
