@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from benchmarks.results_io import header, markdown_table, write_result
 from benchmarks.text_eval import MINILM, load_text_set, minilm_built
+from onnx_arsvd.graph.outputs import output_kinds
 from onnx_arsvd.measure.sensitivity import _outputs, output_distortion
 from onnx_arsvd.measure.sessions import make_session
 from onnx_arsvd.methods.lowrank.settings import Settings
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ir.load(MINILM)
     budget = Budget(target_params=max(args.targets))
     prepared = prepare_search(budget, model, load_text_set("polarity")[0], None, "whitened", None, None)
-    data = feeds(MINILM, prepared.parts, 64, judge=False, responses=True, held_out=True)
+    data = feeds(MINILM, prepared.parts, 64, judge=False, responses=True, held_out=True, kinds=output_kinds(model))
     assert data.held is not None
     original = make_session(MINILM)
     expected = {"judge": _outputs(original, data.judge), "held": _outputs(original, data.held)}

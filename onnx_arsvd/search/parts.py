@@ -20,7 +20,6 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_arsvd.errors import InvalidInputError
-from onnx_arsvd.graph.outputs import output_kinds
 from onnx_arsvd.io.arrays import DataSource
 from onnx_arsvd.io.calls import Calls, count
 from onnx_arsvd.io.data import Feed, load_data, load_labels, sample_count, split_batches
@@ -183,14 +182,12 @@ class Feeds:
 
 
 def feeds(model: ModelLike, parts: DataParts, batch_size: int, *, judge: bool, responses: bool,
-          held_out: bool, threshold: float | None = None, kinds: Mapping[str, str] | None = None) -> Feeds:
+          held_out: bool, kinds: Mapping[str, str], threshold: float | None = None) -> Feeds:
     """The parts' feeds; the original's outputs on the judge part (``judge``), on the samples the layer responses
-    run on (``responses``) and on the held-out part (``held_out``), each output read as ``kinds`` says (default:
-    from the model, when it is a path or an IR model), a score per sample deciding at ``threshold``."""
-    source, loaded = model_source(model)
-    original = make_session(source)
-    if kinds is None and loaded is not None:
-        kinds = output_kinds(loaded)
+    run on (``responses``) and on the held-out part (``held_out``), each output read as ``kinds``
+    (:func:`~onnx_arsvd.graph.outputs.output_kinds` of the model) says, a score per sample deciding at
+    ``threshold``."""
+    original = make_session(model_source(model)[0])
 
     per_call = parts.per_call
 

@@ -137,7 +137,7 @@ def run_search(prepared: PreparedSearch, model: ModelLike, loaded: ir.Model, set
     budget, parts, dims = prepared.budget, prepared.parts, dict(dims or {})
     global_ = prepared.allocation == "global"
     data = (feeds(model, parts, batch_size, judge=budget.judges_outputs, responses=global_ and budget.sensitivity,
-                  held_out=global_, threshold=score_threshold, kinds=output_kinds(loaded))
+                  held_out=global_, kinds=output_kinds(loaded), threshold=score_threshold)
             if parts.calibration_part else None)
     judge = _judge(prepared, data, quantize, scratch) if data is not None else None
     quantized_with = quantize.describe() if quantize is not None else None
