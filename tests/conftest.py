@@ -136,6 +136,18 @@ def run(model: onnx.ModelProto | str | Path, feed: dict[str, np.ndarray]) -> lis
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
+def constant(name: str, array: object, dtype: type = np.float32) -> onnx.TensorProto:
+    """An initializer named ``name`` holding ``array`` as ``dtype``."""
+    return numpy_helper.from_array(np.asarray(array).astype(dtype), name)
+
+
+def least_squares_error(x: np.ndarray, w: np.ndarray, kept: np.ndarray) -> float:
+    """min over B, c of ||x_S B + c - x W||^2, by numpy's lstsq on the ``kept`` columns and a constant one."""
+    design = np.hstack([x[:, kept], np.ones((len(x), 1))])
+    solution = np.linalg.lstsq(design, x @ w, rcond=None)[0]
+    return float(np.sum((design @ solution - x @ w) ** 2))
+
+
 def initializer_names(model: onnx.ModelProto) -> set[str]:
     return {t.name for t in model.graph.initializer}
 

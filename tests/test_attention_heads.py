@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnx_arsvd.graph.layers import find_layers
 from onnx_arsvd.measure.calibration import input_moments
@@ -17,15 +17,9 @@ from onnx_arsvd.methods.width.method import Width, unit_curves
 from onnx_arsvd.methods.width.rewrite import WidthPlan
 from onnx_arsvd.methods.width.units import WidthUnit
 from onnx_arsvd.numerics.width import Moments, group_curve, refit
-from tests.conftest import run
+from tests.conftest import constant, least_squares_error, run
 
 MODEL, HEADS, SIZE = 24, 4, 6
-
-
-def _least_squares_error(x: np.ndarray, w: np.ndarray, kept: np.ndarray) -> float:
-    design = np.hstack([x[:, kept], np.ones((len(x), 1))])
-    solution = np.linalg.lstsq(design, x @ w, rcond=None)[0]
-    return float(np.sum((design @ solution - x @ w) ** 2))
 
 
 def _grouped(n: int, seed: int) -> np.ndarray:
@@ -39,9 +33,9 @@ def test_group_curve_is_the_refit_error_of_its_kept_groups(count: int) -> None:
     moments = Moments(x.T @ x, x.sum(axis=0), len(x))
     curve = group_curve(w, moments, group=6, ridge=1e-12)
     kept = np.sort(np.concatenate([np.arange(g * 6, g * 6 + 6) for g in curve.order[:count]]))
-    assert curve.losses[count] == pytest.approx(_least_squares_error(x, w, kept), rel=1e-6)
+    assert curve.losses[count] == pytest.approx(least_squares_error(x, w, kept), rel=1e-6)
     assert curve.losses[-1] == 0.0 and np.all(np.diff(curve.losses) <= 1e-9 * curve.losses[0])
-    singles = [_least_squares_error(x, w, np.arange(g * 6, g * 6 + 6)) for g in range(5)]
+    singles = [least_squares_error(x, w, np.arange(g * 6, g * 6 + 6)) for g in range(5)]
     assert curve.order[0] == int(np.argmin(singles))  # the first step is the best single head
 
 
@@ -56,10 +50,6 @@ def test_group_curve_out_of_sample_is_the_refit_error_on_the_check_rows() -> Non
     assert curve.losses[3] == pytest.approx(expected, rel=1e-8)
 
 
-def _const(name: str, array: np.ndarray, dtype: type = np.float32) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(array).astype(dtype), name)
-
-
 def _attention(kind: str = "written", seed: int = 0) -> onnx.ModelProto:
     """x [b, s, MODEL], mask [b, s] -> one unfused multi-head attention block -> y [b, s, MODEL].
 
@@ -68,21 +58,22 @@ def _attention(kind: str = "written", seed: int = 0) -> onnx.ModelProto:
     ``per_head_mask``: a computed score input with a head axis."""
     rng = np.random.default_rng(seed)
     width = HEADS * SIZE
-    inits = [_const(f"w{p}", rng.normal(size=(MODEL, width)) / np.sqrt(MODEL)) for p in "qkv"]
-    inits += [_const(f"b{p}", rng.normal(size=width) / 3) for p in "qkv"]
-    inits += [_const("wo", rng.normal(size=(width, MODEL)) / np.sqrt(width)), _const("bo", rng.normal(size=MODEL)),
-              _const("scale", np.array(1 / np.sqrt(SIZE))), _const("one", np.array(1.0)),
-              _const("big", np.array(-1e4)), _const("axes1", [1], np.int64), _const("axes2", [2], np.int64)]
+    inits = [constant(f"w{p}", rng.normal(size=(MODEL, width)) / np.sqrt(MODEL)) for p in "qkv"]
+    inits += [constant(f"b{p}", rng.normal(size=width) / 3) for p in "qkv"]
+    inits += [constant("wo", rng.normal(size=(width, MODEL)) / np.sqrt(width)), constant("bo", rng.normal(size=MODEL)),
+              constant("scale", np.array(1 / np.sqrt(SIZE))), constant("one", np.array(1.0)),
+              constant("big", np.array(-1e4)), constant("axes1", [1], np.int64), constant("axes2", [2], np.int64)]
     nodes = [helper.make_node("Unsqueeze", ["mask", "axes1"], ["m1"]),
              helper.make_node("Unsqueeze", ["m1", "axes2"], ["m2"]),
              helper.make_node("Cast", ["m2"], ["mf"], to=TensorProto.FLOAT),
              helper.make_node("Sub", ["one", "mf"], ["inv"]), helper.make_node("Mul", ["inv", "big"], ["additive"])]
     if kind == "concat":
-        inits += [_const("minus", [-1], np.int64), _const("size", [SIZE], np.int64), _const("zeros", [0, 0], np.int64)]
+        inits += [constant("minus", [-1], np.int64), constant("size", [SIZE], np.int64),
+                  constant("zeros", [0, 0], np.int64)]
         nodes += [helper.make_node("Concat", ["zeros", "minus", "size"], ["split"], axis=0),
                   helper.make_node("Concat", ["zeros", "minus"], ["merge"], axis=0)]
     else:
-        inits += [_const("split", [0, 0, HEADS, SIZE], np.int64), _const("merge", [0, 0, width], np.int64)]
+        inits += [constant("split", [0, 0, HEADS, SIZE], np.int64), constant("merge", [0, 0, width], np.int64)]
     for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
         nodes += [helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"], name=f"{p}_proj"),
                   helper.make_node("Add", [f"b{p}", f"{p}0"], [f"{p}1"]),
@@ -91,7 +82,7 @@ def _attention(kind: str = "written", seed: int = 0) -> onnx.ModelProto:
     nodes += [helper.make_node("MatMul", ["qh", "kh"], ["s0"]), helper.make_node("Mul", ["s0", "scale"], ["s1"])]
     scores = "s1"
     if kind == "alibi":
-        inits.append(_const("slopes", rng.normal(size=(HEADS, 1, 1))))
+        inits.append(constant("slopes", rng.normal(size=(HEADS, 1, 1))))
         nodes.append(helper.make_node("Add", ["s1", "slopes"], ["s1b"]))
         scores = "s1b"
     if kind == "per_head_mask":
@@ -131,7 +122,7 @@ def _zeroed(proto: onnx.ModelProto, unit: WidthUnit, plan: WidthPlan) -> onnx.Mo
     zeroed.CopyFrom(proto)
     for init in zeroed.graph.initializer:
         if init.name in (unit.exit.weight_name, bias_name):
-            init.CopyFrom(_const(init.name, weight if init.name == unit.exit.weight_name else plan.exit_bias))
+            init.CopyFrom(constant(init.name, weight if init.name == unit.exit.weight_name else plan.exit_bias))
     return zeroed
 
 

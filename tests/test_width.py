@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnx_arsvd import compress, inspect_model
 from onnx_arsvd.cli.main import main
@@ -17,7 +17,7 @@ from onnx_arsvd.methods.width.find import find_width_units
 from onnx_arsvd.methods.width.method import Width, unit_curves
 from onnx_arsvd.numerics.width import Moments, refit, width_curve
 from onnx_arsvd.search.budget import Budget
-from tests.conftest import MODELS, run
+from tests.conftest import MODELS, constant, least_squares_error, run
 
 D, H = 12, 40
 
@@ -28,13 +28,6 @@ def _hidden(n: int = 600, h: int = H, seed: int = 0) -> np.ndarray:
     return np.maximum(rng.normal(size=(n, h)) @ rng.normal(size=(h, h)) * 0.3 + rng.normal(size=h), 0.0)
 
 
-def _least_squares_error(x: np.ndarray, w: np.ndarray, kept: np.ndarray) -> float:
-    """min over B, c of ||x_S B + c - x W||^2, by numpy's lstsq on the kept columns and a constant one."""
-    design = np.hstack([x[:, kept], np.ones((len(x), 1))])
-    solution = np.linalg.lstsq(design, x @ w, rcond=None)[0]
-    return float(np.sum((design @ solution - x @ w) ** 2))
-
-
 @pytest.mark.parametrize("width", [1, 5, 20, 39])
 def test_curve_and_refit_match_least_squares_with_an_intercept(width: int) -> None:
     x = _hidden()
@@ -42,7 +35,7 @@ def test_curve_and_refit_match_least_squares_with_an_intercept(width: int) -> No
     moments = Moments(x.T @ x, x.sum(axis=0), len(x))
     curve = width_curve(w, moments, ridge=1e-12)
     kept = curve.kept(width)
-    exact = _least_squares_error(x, w, kept)
+    exact = least_squares_error(x, w, kept)
     assert curve.losses[width] == pytest.approx(exact, rel=1e-6)
     weight, bias = refit(w, np.zeros(D), moments, kept, ridge=1e-12)
     assert np.sum((x[:, kept] @ weight + bias - x @ w) ** 2) == pytest.approx(exact, rel=1e-6)
@@ -74,9 +67,9 @@ def test_greedy_choice_beats_random_and_norm_selection() -> None:
     rng = np.random.default_rng(4)
     for _ in range(5):
         random = np.sort(rng.choice(H, 10, replace=False))
-        assert curve.losses[10] <= _least_squares_error(x, w, random) * (1 + 1e-6)
+        assert curve.losses[10] <= least_squares_error(x, w, random) * (1 + 1e-6)
     norms = np.argsort(-(np.linalg.norm(w, axis=1) * np.sqrt((x * x).mean(axis=0))))[:10]
-    assert curve.losses[10] <= _least_squares_error(x, w, np.sort(norms)) * (1 + 1e-6)
+    assert curve.losses[10] <= least_squares_error(x, w, np.sort(norms)) * (1 + 1e-6)
 
 
 def test_dead_and_duplicate_units_are_chosen_last() -> None:
@@ -88,30 +81,27 @@ def test_dead_and_duplicate_units_are_chosen_last() -> None:
     assert np.isfinite(curve.losses).all()
 
 
-def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(array.astype(np.float32), name)
-
-
 def _ffn_model(kind: str, seed: int = 0) -> onnx.ModelProto:
     """x [b, s, D] -> FFN -> y, in one of several spellings."""
     rng = np.random.default_rng(seed)
-    inits = [_const("w1", rng.normal(size=(D, H)) / 3), _const("b1", rng.normal(size=H) / 3),
-             _const("w2", rng.normal(size=(H, D)) / 6)]
+    inits = [constant("w1", rng.normal(size=(D, H)) / 3), constant("b1", rng.normal(size=H) / 3),
+             constant("w2", rng.normal(size=(H, D)) / 6)]
     if kind != "swiglu":  # SwiGLU's down-projection has no bias: narrowing adds one
-        inits.append(_const("b2", rng.normal(size=D) / 3))
+        inits.append(constant("b2", rng.normal(size=D) / 3))
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["u"], name="up"), helper.make_node("Add", ["u", "b1"], ["a"])]
     if kind == "erf_gelu":
-        inits += [_const("sqrt2", np.array(1.41421356)), _const("one", np.array(1.0)), _const("half", np.array(0.5))]
+        inits += [constant("sqrt2", np.array(1.41421356)), constant("one", np.array(1.0)),
+                  constant("half", np.array(0.5))]
         nodes += [helper.make_node("Div", ["a", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
                   helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["a", "e1"], ["m"]),
                   helper.make_node("Mul", ["m", "half"], ["hidden"])]
     elif kind == "swiglu":
-        inits.append(_const("wg", rng.normal(size=(D, H)) / 3))
+        inits.append(constant("wg", rng.normal(size=(D, H)) / 3))
         nodes += [helper.make_node("MatMul", ["x", "wg"], ["g"], name="gate"),
                   helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["silu"]),
                   helper.make_node("Mul", ["silu", "a"], ["hidden"])]
     elif kind == "scaled_relu":  # a per-unit scale inside the region, and a consumer outside it
-        inits.append(_const("scale", rng.uniform(0.5, 2.0, size=H)))
+        inits.append(constant("scale", rng.uniform(0.5, 2.0, size=H)))
         nodes += [helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Mul", ["r", "scale"], ["hidden"])]
     elif kind == "leaky":
         nodes += [helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Identity", ["r"], ["hidden"])]
@@ -188,8 +178,8 @@ def _half_dead_ffn(d: int = 32, h: int = 256, seed: int = 0) -> onnx.ModelProto:
     """x -> Relu(x W1 + b1) W2 + b2 with half the hidden units never active (their bias far below any input)."""
     rng = np.random.default_rng(seed)
     bias = np.where(np.arange(h) % 2 == 0, 0.1, -50.0)
-    inits = [_const("w1", rng.normal(size=(d, h)) / np.sqrt(d)), _const("b1", bias),
-             _const("w2", rng.normal(size=(h, d)) / np.sqrt(h)), _const("b2", rng.normal(size=d))]
+    inits = [constant("w1", rng.normal(size=(d, h)) / np.sqrt(d)), constant("b1", bias),
+             constant("w2", rng.normal(size=(h, d)) / np.sqrt(h)), constant("b2", rng.normal(size=d))]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["u"]), helper.make_node("Add", ["u", "b1"], ["a"]),
              helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y0"]),
              helper.make_node("Add", ["y0", "b2"], ["y"])]
